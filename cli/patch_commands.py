@@ -1,0 +1,176 @@
+"""``inspect``, ``apply``, ``revert`` and ``verify``: working with existing patches."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from nmke_patch.patch import Patch
+from nmke_patch.sources import resolve_patches
+from nmke_patch.stack import PatchStack
+
+from .common import DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, ModelOpt, OutOpt, PatchesArg, console
+
+
+def patch_summary(patch: Patch) -> dict[str, Any]:
+    """What ``inspect --json`` prints for one patch."""
+    m = patch.manifest
+    return {
+        "name": m.name,
+        "id": patch.id,
+        "path": str(patch.path) if patch.path else None,
+        "created_at": m.created_at,
+        "tool_version": m.tool_version,
+        "base_model": m.base_model,
+        "method": m.method,
+        "parents": [{"name": p.name, "id": p.id} for p in m.parents],
+        "tensors": [
+            {
+                "name": d.name,
+                "neurons": d.num_neurons,
+                "of_neurons": d.shape[d.neuron_axis],
+                "share": d.num_neurons / d.shape[d.neuron_axis],
+                "bytes": d.nbytes,
+                "dtype": str(d.original.dtype).removeprefix("torch."),
+            }
+            for d in patch.deltas
+        ],
+        "total_neurons": patch.num_neurons,
+        "payload_bytes": patch.nbytes,
+        "requests": m.requests,
+        "metrics": m.metrics,
+    }
+
+
+def _print_summary(patch: Patch) -> None:
+    s = patch_summary(patch)
+    console.print(
+        f"[bold]{s['name']}[/]  id {s['id'][:16]}  created {s['created_at']} (nmke-patch {s['tool_version']})"
+    )
+    base = s["base_model"]
+    console.print(
+        f"base: {base.get('name_or_path')} [{base.get('architecture')}]  method: {s['method'].get('name')}"
+    )
+    if s["parents"]:
+        console.print("parents: " + ", ".join(f"{p['name']} ({p['id'][:12]})" for p in s["parents"]))
+    table = Table(title="edited tensors")
+    for col in ("tensor", "neurons", "share", "bytes", "dtype"):
+        table.add_column(col, justify="left" if col == "tensor" else "right")
+    for t in s["tensors"]:
+        table.add_row(
+            t["name"], f"{t['neurons']}/{t['of_neurons']}", f"{t['share']:.1%}", f"{t['bytes']:,}", t["dtype"]
+        )
+    console.print(table)
+    console.print(
+        f"total: {s['total_neurons']} neuron value vectors, {s['payload_bytes']:,} bytes of payload"
+    )
+    metrics = {int(x.get("index", i)): x for i, x in enumerate(s["metrics"])}
+    facts = Table(title=f"facts ({len(s['requests'])})")
+    for col in ("#", "prompt", "new target", "P(new) before", "P(new) after"):
+        facts.add_column(col)
+    for i, r in enumerate(s["requests"]):
+        mx = metrics.get(i, {})
+        fmt = lambda v: "" if v is None else f"{float(v):.3f}"  # noqa: E731
+        facts.add_row(
+            str(i),
+            str(r.get("prompt", "")).replace("{}", str(r.get("subject", ""))),
+            str(r.get("target_new", "")),
+            fmt(mx.get("p_new_before")),
+            fmt(mx.get("p_new_after")),
+        )
+    console.print(facts)
+
+
+def inspect(patches: PatchesArg, as_json: JsonOpt = False) -> None:
+    """Show what a patch edits: tensors, neurons touched, bytes, base model, method and the facts."""
+    resolved = resolve_patches(patches)
+    if as_json:
+        out = [patch_summary(p) for p in resolved]
+        typer.echo(json.dumps(out[0] if len(out) == 1 else out, indent=2, default=str))
+        return
+    for p in resolved:
+        _print_summary(p)
+
+
+def _load(model: str | None, device: str | None, dtype: str | None) -> tuple[Any, Any]:
+    from nmke_patch.models import load_base
+
+    with console.status("loading model"):
+        loaded, tokenizer, _ = load_base(model, device=device, dtype=dtype)
+    return loaded, tokenizer
+
+
+def _save(model: Any, tokenizer: Any, out: Path, applied: list[Patch]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with console.status(f"saving to {out}"):
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        (out / "nmke_patches.json").write_text(
+            json.dumps({"applied": [{"name": p.name, "id": p.id} for p in applied]}, indent=2) + "\n"
+        )
+
+
+def apply(
+    patches: PatchesArg,
+    out: OutOpt,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Apply patches in order to a base model and save the merged model (loadable by plain transformers)."""
+    resolved = resolve_patches(patches)  # validate every patch before loading anything
+    loaded, tokenizer = _load(model, device, dtype)
+    stack = PatchStack.for_model(loaded)
+    for p in resolved:
+        for o in stack.apply(p, force=force):
+            console.print(
+                f"[yellow]overlap:[/] {p.name} and {o.other} both touch {o.num_neurons} neurons of {o.tensor}"
+            )
+    _save(loaded, tokenizer, out, resolved)
+    console.print(f"applied {len(resolved)} patch(es); merged model saved to {out}")
+
+
+def revert(
+    patches: PatchesArg,
+    model: Annotated[str, typer.Option("--model", "-m", help="The merged model directory (from `apply`).")],
+    out: OutOpt,
+    force: ForceOpt = False,
+) -> None:
+    """Exactly revert patches from a saved merged model: the result is bit-identical to the base."""
+    resolved = resolve_patches(patches)
+    loaded, tokenizer = _load(model, None, None)
+    stack = PatchStack.for_model(loaded)
+    stack.adopt(resolved, force=force)
+    stack.unload_all()
+    _save(loaded, tokenizer, out, [])
+    console.print(f"reverted {len(resolved)} patch(es); base model saved to {out}")
+
+
+def verify(
+    patches: PatchesArg,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Check that patches fit a base model (applied in order, in memory; nothing is saved)."""
+    resolved = resolve_patches(patches)
+    loaded, _ = _load(model, device, dtype)
+    stack = PatchStack.for_model(loaded)
+    for p in resolved:
+        stack.check(p, fingerprints=True)
+        stack.apply(p)
+        console.print(
+            f"[green]ok[/] {p.describe()}: {len(p.deltas)} tensors, {p.num_neurons} neurons match the base"
+        )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("inspect")(inspect)
+    app.command("apply")(apply)
+    app.command("revert")(revert)
+    app.command("verify")(verify)

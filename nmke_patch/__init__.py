@@ -1,0 +1,56 @@
+"""nmke-patch: sparse, neuron-masked knowledge edits as portable, stackable, exactly revertible patches.
+
+Quick start::
+
+    from nmke_patch import load_model, PatchStack
+    model, tokenizer = load_model(patches=["capitals.nmke"])   # embedded default model + one patch
+    PatchStack.for_model(model).unload_all()                    # back to the base, bit for bit
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import NmkePatchError
+from .patch import Patch, load_patch
+from .sources import PatchSource, resolve_patches
+from .stack import PatchStack
+from .version import __version__
+
+__all__ = ["NmkePatchError", "Patch", "PatchStack", "__version__", "load_model", "load_patch"]
+
+
+def load_model(
+    model: str | os.PathLike[str] | None = None,
+    patches: Iterable[PatchSource] = (),
+    *,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    force: bool = False,
+) -> tuple[nn.Module, Any]:
+    """Load a base model and apply ``patches`` in order.
+
+    Args:
+        model: ``None`` for the embedded default model, a local directory or a Hub model id.
+        patches: patch directories, edit packs, ``hf://user/pack@rev`` references or :class:`Patch` objects.
+            All are read and validated before the model is loaded.
+        device, dtype, device_map: where and how to load the model (see :func:`nmke_patch.models.load_base`).
+        force: apply even where a patch's recorded originals differ from the model.
+
+    Returns:
+        ``(model, tokenizer)``; ``PatchStack.for_model(model)`` lists, unloads and adds patches.
+    """
+    from .models import load_base
+
+    resolved = resolve_patches(patches)
+    loaded, tokenizer, _ = load_base(model, device=device, dtype=dtype, device_map=device_map)
+    stack = PatchStack.for_model(loaded)
+    for patch in resolved:
+        stack.apply(patch, force=force)
+    return loaded, tokenizer

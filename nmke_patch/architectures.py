@@ -1,0 +1,113 @@
+"""Architecture table: where the edited MLP output projection lives and how it is oriented.
+
+Architecture knowledge is data (``_data/architectures.json``), keyed by ``config.model_type``; nothing
+here guesses orientation from tensor shapes. To support a new architecture, add an entry to that file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any, Literal
+
+from torch import nn
+
+from .errors import UnsupportedArchitectureError
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """Where NMKE's edited weights live in one model family."""
+
+    model_type: str
+    layers: str
+    """Dotted path (from the model) of the list of decoder layers."""
+    mlp_out: str
+    """Dotted path (from one decoder layer) of the MLP output projection."""
+    mlp_norm: str
+    """Dotted path (from one decoder layer) of the norm in front of the MLP; its input is the residual
+    stream after attention."""
+    final_norm: str
+    lm_head: str
+    module_kind: Literal["linear", "conv1d"]
+    neuron_axis: int
+    """Axis of the output projection's weight that indexes MLP neurons."""
+    default_start_fraction: float
+    default_count: int
+
+    def weight_name(self, layer: int) -> str:
+        """Parameter name of the edited weight of ``layer``."""
+        return f"{self.layers}.{layer}.{self.mlp_out}.weight"
+
+    def default_layers(self, num_layers: int) -> list[int]:
+        """The default run of consecutive edited layers for a model of ``num_layers`` layers."""
+        count = min(self.default_count, num_layers)
+        start = min(round(self.default_start_fraction * num_layers), num_layers - count)
+        return list(range(start, start + count))
+
+
+@cache
+def _table() -> dict[str, dict[str, Any]]:
+    text = resources.files("nmke_patch").joinpath("_data/architectures.json").read_text()
+    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+
+
+def supported_model_types() -> list[str]:
+    """Model types nmke-patch can edit."""
+    return sorted(_table())
+
+
+def spec_for_model_type(model_type: str) -> ArchitectureSpec:
+    """Look up the architecture spec of ``model_type``.
+
+    Raises:
+        UnsupportedArchitectureError: with instructions for adding the architecture.
+    """
+    entry = _table().get(model_type)
+    if entry is None:
+        raise UnsupportedArchitectureError(
+            f"unsupported architecture {model_type!r} (supported: {', '.join(supported_model_types())}); "
+            "to add it, describe where its MLP output projection lives in "
+            "nmke_patch/_data/architectures.json (see docs/architectures.md)"
+        )
+    return ArchitectureSpec(
+        model_type=model_type,
+        layers=entry["layers"],
+        mlp_out=entry["mlp_out"],
+        mlp_norm=entry["mlp_norm"],
+        final_norm=entry["final_norm"],
+        lm_head=entry["lm_head"],
+        module_kind=entry["module_kind"],
+        neuron_axis=int(entry["neuron_axis"]),
+        default_start_fraction=float(entry["default_layers"]["start_fraction"]),
+        default_count=int(entry["default_layers"]["count"]),
+    )
+
+
+def spec_for_model(model: nn.Module) -> ArchitectureSpec:
+    """Architecture spec of a loaded transformers model."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if not isinstance(model_type, str):
+        raise UnsupportedArchitectureError("model has no config.model_type; is it a transformers model?")
+    return spec_for_model_type(model_type)
+
+
+def get_submodule(root: nn.Module, dotted: str) -> nn.Module:
+    """``root.get_submodule`` with a clear error naming the path."""
+    try:
+        return root.get_submodule(dotted)
+    except AttributeError as exc:
+        raise UnsupportedArchitectureError(
+            f"model has no module {dotted!r}; its architecture entry does not match it"
+        ) from exc
+
+
+def decoder_layers(model: nn.Module, spec: ArchitectureSpec) -> nn.ModuleList:
+    """The model's list of decoder layers."""
+    layers = get_submodule(model, spec.layers)
+    if not isinstance(layers, nn.ModuleList):
+        raise UnsupportedArchitectureError(f"{spec.layers!r} is not a list of layers")
+    return layers

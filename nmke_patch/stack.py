@@ -1,0 +1,288 @@
+"""Apply patches to a live model in order, unload any of them, and restore the base bit-exactly.
+
+This is the only module that writes model weights. Exactness does not rely on subtracting deltas
+(which is not exact in floating point): the stack snapshots the base values of every touched neuron the
+first time a patch touches it, and re-derives touched neurons from that snapshot by replaying the
+remaining patches in order with :func:`nmke_patch.delta.add_delta`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .architectures import ArchitectureSpec, decoder_layers, spec_for_model
+from .delta import TensorDelta, add_delta, gather_neurons, scatter_neurons
+from .errors import PatchMismatchError, PatchNotAppliedError
+from .models import tensor_fingerprint
+from .patch import Patch
+
+logger = logging.getLogger(__name__)
+_ATTR = "_nmke_patch_stack"
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """Neurons of one tensor touched by both a newly applied patch and one already applied."""
+
+    tensor: str
+    other: str
+    num_neurons: int
+
+
+@dataclass
+class _Snapshot:
+    indices: torch.Tensor  # long, sorted, on CPU
+    values: torch.Tensor  # [n, d], weight dtype and device
+
+
+def _lower_precision(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    return a if torch.finfo(a).bits < torch.finfo(b).bits else b
+
+
+class PatchStack:
+    """The patches applied to one live model, in order.
+
+    Example:
+        >>> stack = PatchStack.for_model(model)
+        >>> stack.apply(load_patch("capitals.nmke"))
+        >>> stack.unload_all()  # weights are torch.equal to before
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.spec: ArchitectureSpec = spec_for_model(model)
+        self._params = dict(model.named_parameters(remove_duplicate=False))
+        num_layers = len(decoder_layers(model, self.spec))
+        self._editable = {self.spec.weight_name(i) for i in range(num_layers)}
+        self._applied: list[Patch] = []
+        self._base: dict[str, _Snapshot] = {}
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> PatchStack:
+        """The stack attached to ``model`` (created on first use)."""
+        stack = model.__dict__.get(_ATTR)
+        if stack is None:
+            stack = cls(model)
+            model.__dict__[_ATTR] = stack
+        return stack
+
+    @property
+    def applied(self) -> list[Patch]:
+        """Applied patches, oldest first (a copy)."""
+        return list(self._applied)
+
+    # -- checks ---------------------------------------------------------------------------------
+
+    def _param(self, patch: Patch, delta: TensorDelta) -> torch.Tensor:
+        if delta.name not in self._editable:
+            raise PatchMismatchError(
+                f"patch {patch.describe()}: tensor {delta.name!r} is not an editable MLP output projection of this "
+                f"{self.spec.model_type} model (wrong model?)"
+            )
+        param = self._params[delta.name]
+        if tuple(param.shape) != tuple(delta.shape):
+            raise PatchMismatchError(
+                f"patch {patch.describe()}: tensor {delta.name!r} has shape {list(param.shape)} in the model but "
+                f"{list(delta.shape)} in the patch (wrong model?)"
+            )
+        if delta.neuron_axis != self.spec.neuron_axis:
+            raise PatchMismatchError(
+                f"patch {patch.describe()}: tensor {delta.name!r} says neuron axis {delta.neuron_axis}, but "
+                f"{self.spec.model_type} models keep neurons on axis {self.spec.neuron_axis}"
+            )
+        return param
+
+    def _base_values(self, name: str, param: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Base values at ``indices`` (from the snapshot where touched, else the live weight)."""
+        idx = indices.to(torch.long)
+        values = gather_neurons(param.detach(), self.spec.neuron_axis, idx)
+        snap = self._base.get(name)
+        if snap is not None and snap.indices.numel():
+            pos = torch.searchsorted(snap.indices, idx).clamp_max(snap.indices.numel() - 1)
+            hit = snap.indices[pos] == idx
+            if bool(hit.any()):
+                values[hit.to(values.device)] = snap.values[pos[hit].to(snap.values.device)]
+        return values
+
+    def _replay(
+        self, name: str, indices: torch.Tensor, values: torch.Tensor, patches: Iterable[Patch]
+    ) -> torch.Tensor:
+        """``values`` at ``indices`` with the deltas of ``patches`` added in order."""
+        idx = indices.to(torch.long)
+        for p in patches:
+            for d in p.deltas:
+                if d.name != name:
+                    continue
+                q_idx = d.indices.to(torch.long)
+                mask = torch.isin(q_idx, idx)
+                if not bool(mask.any()):
+                    continue
+                pos = torch.searchsorted(idx, q_idx[mask]).to(values.device)
+                values[pos] = add_delta(values[pos], d.delta[mask])
+        return values
+
+    def check(self, patch: Patch, *, force: bool = False, fingerprints: bool = False) -> list[Overlap]:
+        """Raise :class:`PatchMismatchError` if ``patch`` does not fit this model's current stack.
+
+        Checks: not already applied, tensor names, shapes and orientation, parents applied, and the
+        recorded originals against the state the patch was made on (base + its parents). With ``force``
+        only the structural checks remain. With ``fingerprints`` the whole-tensor fingerprint is compared
+        too where it can be (untouched tensor, same dtype).
+
+        Returns:
+            The overlaps with already applied patches (neurons both touch; their deltas add up).
+        """
+        if any(p.id == patch.id for p in self._applied):
+            raise PatchMismatchError(f"patch {patch.describe()} is already applied")
+        applied_ids = [p.id for p in self._applied]
+        missing = [ref.name for ref in patch.manifest.parents if ref.id not in applied_ids]
+        if missing and not force:
+            raise PatchMismatchError(
+                f"patch {patch.describe()} was made on top of {', '.join(missing)}, which is not applied; "
+                "apply its parents first (or force)"
+            )
+        parents = [p for p in self._applied if p.id in set(patch.parent_ids)]
+        overlaps: list[Overlap] = []
+        for delta in patch.deltas:
+            param = self._param(patch, delta)
+            if force:
+                continue
+            expected = self._replay(
+                delta.name, delta.indices, self._base_values(delta.name, param, delta.indices), parents
+            )
+            dtype = _lower_precision(expected.dtype, delta.original.dtype)
+            recorded = delta.original.to(device=expected.device, dtype=dtype)
+            actual = expected.to(dtype)
+            if not torch.equal(recorded, actual):
+                differ = (recorded != actual).any(dim=1)
+                worst = float((recorded.float() - actual.float()).abs().max())
+                raise PatchMismatchError(
+                    f"patch {patch.describe()}: tensor {delta.name!r}: {int(differ.sum())} of {delta.num_neurons} "
+                    f"touched neurons differ from the values the patch was made on (max abs diff {worst:.3g}); "
+                    "wrong base model? (force to apply anyway)"
+                )
+            if fingerprints and delta.fingerprint and not parents and delta.name not in self._base:
+                if param.dtype == delta.original.dtype and tensor_fingerprint(param) != delta.fingerprint:
+                    raise PatchMismatchError(
+                        f"patch {patch.describe()}: tensor {delta.name!r} matches at the touched neurons but differs "
+                        "elsewhere from the tensor the patch was made on (fingerprint mismatch)"
+                    )
+        for delta in patch.deltas:
+            idx = delta.indices.to(torch.long)
+            for other in self._applied:
+                for od in other.deltas:
+                    if od.name == delta.name:
+                        n = int(torch.isin(idx, od.indices.to(torch.long)).sum())
+                        if n:
+                            overlaps.append(Overlap(delta.name, other.describe(), n))
+        return overlaps
+
+    # -- mutation -------------------------------------------------------------------------------
+
+    def _snapshot(
+        self, name: str, param: torch.Tensor, indices: torch.Tensor, values: torch.Tensor | None = None
+    ) -> None:
+        """Remember base values for ``indices`` not yet remembered (live values unless given)."""
+        idx = indices.to(torch.long)
+        snap = self._base.get(name)
+        new = idx if snap is None else idx[~torch.isin(idx, snap.indices)]
+        if not new.numel():
+            return
+        if values is None:
+            new_values = gather_neurons(param.detach(), self.spec.neuron_axis, new)
+        else:
+            new_values = values[torch.searchsorted(idx, new).to(values.device)].to(param.dtype)
+        if snap is None:
+            self._base[name] = _Snapshot(new, new_values)
+            return
+        all_idx = torch.cat([snap.indices, new])
+        order = torch.argsort(all_idx)
+        all_vals = torch.cat([snap.values, new_values.to(snap.values.device)])
+        self._base[name] = _Snapshot(all_idx[order], all_vals[order.to(all_vals.device)])
+
+    def apply(self, patch: Patch, *, force: bool = False) -> list[Overlap]:
+        """Apply ``patch`` on top of the stack. All checks run before any weight changes.
+
+        Returns:
+            Overlaps with already applied patches (also logged as a warning).
+        """
+        overlaps = self.check(patch, force=force)
+        for o in overlaps:
+            logger.warning(
+                "patch %s overlaps %s on %d neurons of %s; their deltas add up",
+                patch.describe(),
+                o.other,
+                o.num_neurons,
+                o.tensor,
+            )
+        for delta in patch.deltas:
+            param = self._params[delta.name]
+            self._snapshot(delta.name, param, delta.indices)
+            current = gather_neurons(param.detach(), self.spec.neuron_axis, delta.indices)
+            scatter_neurons(param.data, self.spec.neuron_axis, delta.indices, add_delta(current, delta.delta))
+        self._applied.append(patch)
+        return overlaps
+
+    def _find(self, patch: Patch | str) -> int:
+        key = patch.id if isinstance(patch, Patch) else patch
+        for i, p in enumerate(self._applied):
+            if key in (p.id, p.name):
+                return i
+        raise PatchNotAppliedError(f"patch {key!r} is not applied to this model")
+
+    def unload(self, patch: Patch | str) -> Patch:
+        """Remove one patch (by object, id or name) from any position; later patches keep their effect.
+
+        The touched neurons are rebuilt from the base snapshot by replaying the remaining patches in
+        order, so the result is bit-identical to applying only those patches to the base.
+        """
+        removed = self._applied.pop(self._find(patch))
+        for delta in removed.deltas:
+            param = self._params[delta.name]
+            values = self._base_values(delta.name, param, delta.indices)
+            values = self._replay(delta.name, delta.indices, values, self._applied)
+            scatter_neurons(param.data, self.spec.neuron_axis, delta.indices, values)
+        if not self._applied:
+            self._base.clear()
+        return removed
+
+    def unload_all(self) -> list[Patch]:
+        """Remove every patch and restore the base weights exactly. Returns the removed patches."""
+        for name, snap in self._base.items():
+            scatter_neurons(self._params[name].data, self.spec.neuron_axis, snap.indices, snap.values)
+        removed, self._applied = self._applied, []
+        self._base.clear()
+        return removed
+
+    def adopt(self, patches: Iterable[Patch], *, force: bool = False) -> None:
+        """Declare that ``patches`` are already merged into the live weights (e.g. a saved merged model).
+
+        The base values are taken from the patches' recorded originals; then replaying the patches
+        must reproduce the live weights exactly, or :class:`PatchMismatchError` is raised (unless ``force``)
+        and nothing is adopted. Afterwards :meth:`unload_all` gives back the base.
+        """
+        if self._applied:
+            raise PatchMismatchError("adopt() needs a stack with no patches applied")
+        patches = list(patches)
+        for patch in patches:
+            for delta in patch.deltas:
+                self._param(patch, delta)
+        for patch in patches:
+            for delta in patch.deltas:
+                self._snapshot(delta.name, self._params[delta.name], delta.indices, delta.original)
+        if not force:
+            for name, snap in self._base.items():
+                replayed = self._replay(name, snap.indices, snap.values.clone(), patches)
+                live = gather_neurons(self._params[name].detach(), self.spec.neuron_axis, snap.indices)
+                if not torch.equal(replayed, live):
+                    self._base.clear()
+                    raise PatchMismatchError(
+                        f"tensor {name!r} is not the base plus these patches in this order "
+                        f"({int((replayed != live).any(dim=1).sum())} neurons differ); cannot revert exactly"
+                    )
+        self._applied = patches

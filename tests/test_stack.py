@@ -1,0 +1,142 @@
+"""PatchStack: apply, unload at any position, unload_all, exactness in fp32/bf16/fp16, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import MODEL_FACTORIES, assert_state_equal, random_patch, state_copy
+
+from nmke_patch.delta import add_delta, gather_neurons
+from nmke_patch.errors import PatchMismatchError, PatchNotAppliedError
+from nmke_patch.stack import PatchStack
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def saved(patch, tmp_path, name=None):
+    return patch.save(tmp_path / f"{name or patch.name}.nmke")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
+def test_apply_changes_weights_and_unload_all_is_bit_exact(arch, dtype, tmp_path):
+    model = MODEL_FACTORIES[arch](dtype=dtype)
+    before = state_copy(model)
+    patches = [saved(random_patch(model, seed=s, name=f"p{s}", neurons=7), tmp_path) for s in range(3)]
+    stack = PatchStack.for_model(model)
+    for p in patches:
+        stack.apply(p, force=True)
+    name = patches[0].deltas[0].name
+    assert not torch.equal(model.state_dict()[name], before[name])
+    stack.unload_all()
+    assert_state_equal(model, before)
+    assert stack.applied == []
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
+def test_unload_middle_equals_applying_the_others(arch, dtype, tmp_path):
+    model = MODEL_FACTORIES[arch](dtype=dtype)
+    # overlapping neurons on purpose: patches 0 and 2 share neurons 1..4
+    a = saved(random_patch(model, seed=1, name="a", indices=[0, 1, 2, 3, 4]), tmp_path)
+    b = saved(random_patch(model, seed=2, name="b", indices=[3, 4, 5, 6]), tmp_path)
+    c = saved(random_patch(model, seed=3, name="c", indices=[1, 2, 3, 4, 9]), tmp_path)
+    reference = MODEL_FACTORIES[arch](dtype=dtype)
+    ref_stack = PatchStack.for_model(reference)
+    ref_stack.apply(a)
+    ref_stack.apply(c, force=True)
+
+    stack = PatchStack.for_model(model)
+    stack.apply(a)
+    overlaps = stack.apply(b)  # originals of b are base values, checked against the base, not base + a
+    assert {o.other for o in overlaps} == {a.describe()}
+    stack.apply(c)
+    stack.unload(b)
+    assert [p.name for p in stack.applied] == ["a", "c"]
+    assert_state_equal(model, reference.state_dict())
+
+
+def test_overlapping_deltas_add_up(tmp_path):
+    model = MODEL_FACTORIES["llama"]()
+    a = random_patch(model, seed=1, name="a", indices=[2, 3], layers=(1,))
+    b = random_patch(model, seed=2, name="b", indices=[3, 4], layers=(1,))
+    name = a.deltas[0].name
+    w = dict(model.named_parameters())[name]
+    base3 = gather_neurons(w.detach(), 1, torch.tensor([3]))
+    stack = PatchStack.for_model(model)
+    stack.apply(a)
+    stack.apply(b)
+    expected = add_delta(add_delta(base3, a.deltas[0].delta[1:2]), b.deltas[0].delta[0:1])
+    assert torch.equal(gather_neurons(w.detach(), 1, torch.tensor([3])), expected)
+
+
+def test_wrong_base_is_refused_naming_patch_and_tensor(tmp_path):
+    made_on = MODEL_FACTORIES["llama"](seed=0)
+    other = MODEL_FACTORIES["llama"](seed=1)
+    before = state_copy(other)
+    patch = saved(random_patch(made_on, name="capitals"), tmp_path)
+    with pytest.raises(
+        PatchMismatchError, match=r"capitals.*model\.layers\.1\.mlp\.down_proj\.weight.*differ"
+    ):
+        PatchStack.for_model(other).apply(patch)
+    assert_state_equal(other, before)
+    PatchStack.for_model(other).apply(patch, force=True)
+    assert not torch.equal(other.state_dict()[patch.deltas[0].name], before[patch.deltas[0].name])
+
+
+def test_wrong_architecture_or_shape_refused_even_with_force(tmp_path):
+    llama, gpt2 = MODEL_FACTORIES["llama"](), MODEL_FACTORIES["gpt2"]()
+    before = state_copy(gpt2)
+    patch = saved(random_patch(llama), tmp_path)
+    with pytest.raises(PatchMismatchError, match="not an editable MLP output projection"):
+        PatchStack.for_model(gpt2).apply(patch, force=True)
+    assert_state_equal(gpt2, before)
+
+
+def test_patch_is_checked_against_its_parents_state(tmp_path):
+    model = MODEL_FACTORIES["gpt2"]()
+    before = state_copy(model)
+    stack = PatchStack.for_model(model)
+    parent = saved(random_patch(model, name="parent", indices=[1, 2, 3]), tmp_path)
+    stack.apply(parent)
+    child = saved(random_patch(model, name="child", indices=[2, 3, 4], parents=(parent,), seed=5), tmp_path)
+    stack.unload_all()
+    with pytest.raises(PatchMismatchError, match="made on top of parent"):
+        stack.apply(child)
+    assert_state_equal(model, before)
+    stack.apply(parent)
+    stack.apply(child)
+    stack.unload(parent)  # child stays with the same effect on its own neurons
+    stack.unload_all()
+    assert_state_equal(model, before)
+
+
+def test_double_apply_and_unknown_unload_refused(tmp_path):
+    model = MODEL_FACTORIES["llama"]()
+    p = saved(random_patch(model), tmp_path)
+    stack = PatchStack.for_model(model)
+    stack.apply(p)
+    with pytest.raises(PatchMismatchError, match="already applied"):
+        stack.apply(p)
+    with pytest.raises(PatchNotAppliedError):
+        stack.unload("nope")
+
+
+def test_adopt_then_unload_all_reverts_a_merged_model(tmp_path):
+    model = MODEL_FACTORIES["llama"](dtype=torch.bfloat16)
+    base = state_copy(model)
+    a = saved(random_patch(model, name="a", indices=[1, 2]), tmp_path)
+    b = saved(random_patch(model, name="b", indices=[2, 3], seed=3), tmp_path)
+    stack = PatchStack.for_model(model)
+    stack.apply(a)
+    stack.apply(b)
+    merged = state_copy(model)
+
+    fresh = MODEL_FACTORIES["llama"](dtype=torch.bfloat16)
+    fresh.load_state_dict(merged)
+    with pytest.raises(PatchMismatchError, match="not the base plus these patches"):
+        PatchStack(fresh).adopt([b, a])  # wrong order cannot reproduce the merged weights
+    s2 = PatchStack(fresh)
+    s2.adopt([a, b])
+    s2.unload_all()
+    assert_state_equal(fresh, base)
