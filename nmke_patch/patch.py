@@ -333,7 +333,7 @@ def load_patch(path: str | os.PathLike[str]) -> Patch:
                 raise InvalidPatchError(
                     f"{where}: {DELTAS_FILE} tensors do not match the manifest (unexpected {extra[:3]}, missing {missing[:3]})"
                 )
-            for (name, shape, axis, dtype, k), entry in zip(entries, data["tensors"]):
+            for (name, shape, axis, dtype, k), entry in zip(entries, data["tensors"], strict=True):
                 indices = fh.get_tensor(_tensor_key(name, "indices"))
                 delta = fh.get_tensor(_tensor_key(name, "delta"))
                 original = fh.get_tensor(_tensor_key(name, "original"))
