@@ -166,13 +166,16 @@ class PatchStack:
                     f"touched neurons differ from the values the patch was made on (max abs diff {worst:.3g}); "
                     "wrong base model? (force to apply anyway)"
                 )
-            comparable = delta.fingerprint and not parents and delta.name not in self._base
-            if fingerprints and comparable and param.dtype == delta.original.dtype:
-                if tensor_fingerprint(param) != delta.fingerprint:
-                    raise PatchMismatchError(
-                        f"patch {patch.describe()}: tensor {delta.name!r} matches at the touched neurons but differs "
-                        "elsewhere from the tensor the patch was made on (fingerprint mismatch)"
-                    )
+            comparable = fingerprints and delta.fingerprint and not parents and delta.name not in self._base
+            if (
+                comparable
+                and param.dtype == delta.original.dtype
+                and tensor_fingerprint(param) != delta.fingerprint
+            ):
+                raise PatchMismatchError(
+                    f"patch {patch.describe()}: tensor {delta.name!r} matches at the touched neurons but differs "
+                    "elsewhere from the tensor the patch was made on (fingerprint mismatch)"
+                )
         for delta in patch.deltas:
             idx = delta.indices.to(torch.long)
             for other in self._applied:
