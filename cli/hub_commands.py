@@ -1,0 +1,64 @@
+"""``push`` and ``pull``: share edit packs on the Hugging Face Hub."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from nmke_patch.hub import pull_pack, push_pack, read_pack_json
+
+from .common import console
+
+TokenOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--token", help="Hugging Face token (default: HF_TOKEN or the token saved by `hf auth login`)."
+    ),
+]
+RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Branch, tag or commit on the Hub.")]
+
+
+def push(
+    sources: Annotated[
+        list[str],
+        typer.Argument(metavar="PATCH_OR_PACK", help="Patch directories or edit packs, in order."),
+    ],
+    repo_id: Annotated[
+        str, typer.Argument(metavar="REPO_ID", help="Hub repository, e.g. user/capitals-pack.")
+    ],
+    private: Annotated[bool, typer.Option("--private", help="Create the repository as private.")] = False,
+    revision: Annotated[
+        str | None, typer.Option("--revision", help="Branch to push to (created from main if missing).")
+    ] = None,
+    token: TokenOpt = None,
+    with_peft: Annotated[
+        bool, typer.Option("--with-peft", help="Also upload the pack as a LoRA adapter under peft/.")
+    ] = False,
+) -> None:
+    """Upload patches as an edit pack (patches, pack.json, model card) to a Hub model repository."""
+    url = push_pack(sources, repo_id, private=private, revision=revision, token=token, with_peft=with_peft)
+    console.print(f"pushed {len(sources)} source(s) to {repo_id}: {url}", highlight=False, soft_wrap=True)
+
+
+def pull(
+    repo_id: Annotated[
+        str, typer.Argument(metavar="REPO_ID", help="user/pack, hf://user/pack or hf://user/pack@rev.")
+    ],
+    revision: RevisionOpt = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Download into this folder instead of the Hub cache.")
+    ] = None,
+    token: TokenOpt = None,
+) -> None:
+    """Download an edit pack and verify every patch in it (paths, schema, sha256)."""
+    folder = pull_pack(repo_id, revision=revision, local_dir=out, token=token)
+    for entry in read_pack_json(folder):  # already verified by pull_pack
+        console.print(f"[green]ok[/] {entry['name']} ({entry['id'][:12]})", highlight=False)
+    typer.echo(str(folder))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("push")(push)
+    app.command("pull")(pull)

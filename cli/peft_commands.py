@@ -1,0 +1,73 @@
+"""``export-peft``: write patches as a PEFT adapter (LoRA or SHiRA) for ``PeftModel.from_pretrained``."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated
+
+import typer
+
+from nmke_patch.export.peft import export_peft
+from nmke_patch.sources import resolve_patches
+
+from .common import OutOpt, PatchesArg, console
+
+
+class PeftFormatChoice(str, Enum):
+    lora = "lora"
+    shira = "shira"
+
+
+def export_peft_command(
+    patches: PatchesArg,
+    out: OutOpt,
+    fmt: Annotated[
+        PeftFormatChoice,
+        typer.Option(
+            "--format", help="lora: exact, any architecture. shira: exact sparse, nn.Linear models only."
+        ),
+    ] = PeftFormatChoice.lora,
+    rank: Annotated[
+        int | None,
+        typer.Option(
+            "--rank",
+            min=1,
+            help="LoRA only: truncate each module to this rank by SVD (lossy; error reported).",
+        ),
+    ] = None,
+    base_model: Annotated[
+        str | None,
+        typer.Option(
+            "--base-model",
+            help="base_model_name_or_path to record in the adapter config (default: the patches').",
+        ),
+    ] = None,
+) -> None:
+    """Export patches (composed in order) as a PEFT adapter directory, loadable without nmke-patch."""
+    resolved = resolve_patches(patches)
+    report = export_peft(
+        resolved,
+        out,
+        fmt="shira" if fmt is PeftFormatChoice.shira else "lora",
+        rank=rank,
+        base_model_name_or_path=base_model,
+    )
+    ranks = sorted(set(report.ranks.values()))
+    rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]} (per module)"
+    console.print(
+        f"exported {len(resolved)} patch(es) as {report.format.upper()} to {report.path}: "
+        f"{len(report.modules)} modules, rank {rank_text}, {report.adapter_bytes:,} bytes"
+    )
+    if report.relative_error is None:
+        console.print("exact: merge_and_unload() reproduces the patched fp32 weights")
+    else:
+        worst = max(report.module_errors.items(), key=lambda kv: kv[1])
+        console.print(
+            f"[yellow]lossy:[/] relative Frobenius error {report.relative_error:.3g} overall "
+            f"(worst {worst[1]:.3g} in {worst[0]})"
+        )
+    console.print(f"load with: PeftModel.from_pretrained(base_model, {str(report.path)!r})", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export-peft")(export_peft_command)

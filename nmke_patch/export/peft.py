@@ -1,0 +1,315 @@
+"""Export patches as PEFT adapters (LoRA or SHiRA) that load with plain ``PeftModel.from_pretrained``.
+
+A neuron-masked delta touching ``k`` neurons of an MLP output projection is exactly a rank-``k`` LoRA:
+``lora_A`` holds ``k`` one-hot rows selecting those neurons (input features), ``lora_B`` holds the ``k``
+value-vector changes as columns, and ``r = lora_alpha = k`` gives scaling 1. ``B @ A`` then reproduces the
+delta bit for bit, so ``merge_and_unload()`` gives the same fp32 weights as applying the patch. SHiRA
+stores the same entries as a sparse (index, value) list. ``rank`` asks for a smaller, lossy LoRA
+(truncated SVD per module). See ``docs/peft.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import save_file
+
+from ..architectures import spec_for_model_type
+from ..delta import TensorDelta
+from ..errors import ExportError
+from ..patch import Patch
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_BASE_KEYS = ("name_or_path", "revision", "architecture", "model_type")
+
+PeftFormat = Literal["lora", "shira"]
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What :func:`export_peft` wrote.
+
+    Attributes:
+        path: the adapter directory.
+        format: ``"lora"`` or ``"shira"``.
+        modules: target module names, e.g. ``model.layers.4.mlp.down_proj``.
+        ranks: rank per module (LoRA: neurons touched, or the truncated rank; SHiRA: the common ``r``).
+        rank: the config's ``r`` (LoRA: the largest per-module rank).
+        adapter_bytes: size of ``adapter_model.safetensors``.
+        relative_error: for a lossy (``rank``) export, ``||approx - delta||_F / ||delta||_F`` over all
+            modules together; ``None`` for exact exports.
+        module_errors: the same per module (lossy exports only).
+    """
+
+    path: Path
+    format: str
+    modules: tuple[str, ...]
+    ranks: dict[str, int]
+    rank: int
+    adapter_bytes: int
+    relative_error: float | None = None
+    module_errors: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def exact(self) -> bool:
+        return self.relative_error is None
+
+
+@dataclass(frozen=True)
+class _Composed:
+    """The summed delta of all patches for one weight."""
+
+    module: str
+    d_ff: int
+    d_model: int
+    indices: torch.Tensor  # long [k], ascending
+    delta: torch.Tensor  # float32 [k, d_model]
+
+
+def _check_same_base(patches: Sequence[Patch]) -> dict[str, Any]:
+    first = patches[0]
+    base = first.manifest.base_model
+    for p in patches[1:]:
+        other = p.manifest.base_model
+        for key in ("model_type", "architecture"):
+            if other.get(key) != base.get(key):
+                raise ExportError(
+                    f"patches {first.describe()} and {p.describe()} are for different architectures "
+                    f"({base.get(key)!r} vs {other.get(key)!r}); export patches of one base model together"
+                )
+        for key in ("name_or_path", "revision"):
+            if other.get(key) != base.get(key):
+                raise ExportError(
+                    f"patches {first.describe()} and {p.describe()} were made on different base models "
+                    f"({key} {base.get(key)!r} vs {other.get(key)!r}); export patches of one base model together"
+                )
+    if not isinstance(base.get("model_type"), str):
+        raise ExportError(f"patch {first.describe()} does not record its base model's model_type")
+    return base
+
+
+def _compose(patches: Sequence[Patch], model_type: str) -> list[_Composed]:
+    """Sum the deltas of ``patches`` per weight, in patch order (overlapping neurons add up)."""
+    spec = spec_for_model_type(model_type)
+    suffix = f".{spec.mlp_out}.weight"
+    by_name: dict[str, list[TensorDelta]] = {}
+    for p in patches:
+        for d in p.deltas:
+            if not d.name.endswith(suffix) or d.neuron_axis != spec.neuron_axis:
+                raise ExportError(
+                    f"patch {p.describe()}: tensor {d.name!r} (neuron axis {d.neuron_axis}) is not a "
+                    f"{model_type} MLP output projection ({suffix[1:]}, neuron axis {spec.neuron_axis})"
+                )
+            group = by_name.setdefault(d.name, [])
+            if group and group[0].shape != d.shape:
+                raise ExportError(
+                    f"tensor {d.name!r} has shape {list(group[0].shape)} in one patch and {list(d.shape)} in "
+                    f"{p.describe()}; the patches are for different models"
+                )
+            group.append(d)
+    composed = []
+    for name, group in by_name.items():
+        union = torch.unique(torch.cat([d.indices.to(torch.long) for d in group]), sorted=True)
+        if not union.numel():
+            continue
+        d_model = group[0].value_dim
+        acc = torch.zeros(union.numel(), d_model, dtype=torch.float32)
+        for d in group:
+            pos = torch.searchsorted(union, d.indices.to(torch.long))
+            acc[pos] = acc[pos] + d.delta.to(torch.float32)
+        composed.append(
+            _Composed(
+                module=name.removesuffix(".weight"),
+                d_ff=int(group[0].shape[spec.neuron_axis]),
+                d_model=d_model,
+                indices=union,
+                delta=acc,
+            )
+        )
+    if not composed:
+        raise ExportError("the patches change no weights; nothing to export")
+    return composed
+
+
+def _one_hot(indices: torch.Tensor, d_ff: int) -> torch.Tensor:
+    a = torch.zeros(indices.numel(), d_ff, dtype=torch.float32)
+    a[torch.arange(indices.numel()), indices] = 1.0
+    return a
+
+
+def _truncated(c: _Composed, rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Rank-``rank`` LoRA factors of ``c`` by SVD, with squared residual and squared norm (float64)."""
+    m = c.delta.t().to(torch.float64)  # [d_model, k]
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    r = min(rank, int(s.numel()))
+    b = (u[:, :r] * s[:r]).to(torch.float32).contiguous()
+    a_small = vh[:r].to(torch.float32)
+    residual = float(((b.double() @ a_small.double()) - m).square().sum())
+    a = torch.zeros(r, c.d_ff, dtype=torch.float32)
+    a[:, c.indices] = a_small
+    return a, b, residual, float(m.square().sum())
+
+
+def _lora(
+    composed: list[_Composed], rank: int | None
+) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, float], float | None]:
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    errors: dict[str, float] = {}
+    total_residual = total_norm = 0.0
+    for c in composed:
+        k = int(c.indices.numel())
+        if rank is None or rank >= k:
+            a, b = _one_hot(c.indices, c.d_ff), c.delta.t().contiguous()
+            residual, norm = 0.0, float(c.delta.double().square().sum())
+        else:
+            a, b, residual, norm = _truncated(c, rank)
+        tensors[f"{_PREFIX}{c.module}.lora_A.weight"] = a
+        tensors[f"{_PREFIX}{c.module}.lora_B.weight"] = b
+        ranks[c.module] = int(a.shape[0])
+        if rank is not None:
+            errors[c.module] = math.sqrt(residual / norm) if norm > 0 else 0.0
+            total_residual += residual
+            total_norm += norm
+    overall = None
+    if rank is not None:
+        overall = math.sqrt(total_residual / total_norm) if total_norm > 0 else 0.0
+    return tensors, ranks, errors, overall
+
+
+def _shira(composed: list[_Composed]) -> tuple[dict[str, torch.Tensor], int]:
+    """SHiRA values and indices; one ``r`` for all modules, padded with zeros at untouched positions."""
+    r = 1
+    for c in composed:
+        r = max(r, math.ceil(c.indices.numel() * c.d_model / (c.d_ff + c.d_model)))
+    tensors: dict[str, torch.Tensor] = {}
+    for c in composed:
+        n = r * (c.d_ff + c.d_model)
+        if n > c.d_ff * c.d_model:
+            raise ExportError(
+                f"{c.module}: SHiRA needs r*(in+out) <= in*out, but r={r} (set by the densest module) gives "
+                f"{n} > {c.d_ff * c.d_model} entries; too dense for SHiRA, export as lora instead"
+            )
+        k = int(c.indices.numel())
+        out_idx = torch.arange(c.d_model).repeat(k)
+        in_idx = c.indices.repeat_interleave(c.d_model)
+        pad = n - k * c.d_model
+        free = torch.ones(c.d_ff, dtype=torch.bool)
+        free[c.indices] = False
+        pos = torch.arange(pad)
+        pad_in = torch.nonzero(free).flatten()[pos // c.d_model]
+        pad_out = pos % c.d_model
+        indices = torch.stack([torch.cat([out_idx, pad_out]), torch.cat([in_idx, pad_in])])
+        values = torch.cat([c.delta.reshape(-1), torch.zeros(pad, dtype=torch.float32)])
+        tensors[f"{_PREFIX}{c.module}.shira_indices"] = indices.to(torch.int32).contiguous()
+        tensors[f"{_PREFIX}{c.module}.shira_weight"] = values.contiguous()
+    return tensors, r
+
+
+def _write(out: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], provenance: str) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    weights, cfg = out / WEIGHTS_FILE, out / CONFIG_FILE
+    tmp_weights, tmp_cfg = out / f".{WEIGHTS_FILE}.tmp", out / f".{CONFIG_FILE}.tmp"
+    try:
+        save_file(tensors, str(tmp_weights), metadata={"format": "pt", "nmke_patches": provenance})
+        tmp_cfg.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp_weights, weights)
+        os.replace(tmp_cfg, cfg)
+    finally:
+        tmp_weights.unlink(missing_ok=True)
+        tmp_cfg.unlink(missing_ok=True)
+    return weights.stat().st_size
+
+
+def export_peft(
+    patches: Sequence[Patch],
+    out_dir: str | os.PathLike[str],
+    *,
+    fmt: PeftFormat = "lora",
+    rank: int | None = None,
+    base_model_name_or_path: str | None = None,
+) -> ExportReport:
+    """Write the composed effect of ``patches`` (deltas summed per weight, in order) as a PEFT adapter.
+
+    Args:
+        patches: patches of one base model, in the order they would be applied.
+        out_dir: adapter directory (created; ``adapter_config.json`` and ``adapter_model.safetensors``
+            in it are replaced).
+        fmt: ``"lora"`` (exact, any architecture) or ``"shira"`` (exact, ``nn.Linear`` models only).
+        rank: LoRA only: truncate each module's delta to rank ``min(rank, k)`` by SVD (lossy; the error
+            is reported).
+        base_model_name_or_path: recorded in the config; default: the patches' base model.
+
+    Raises:
+        ExportError: mixed base models or architectures, SHiRA on a Conv1D model, a bad ``rank``.
+    """
+    patches = list(patches)
+    if not patches:
+        raise ExportError("no patches to export")
+    if fmt not in ("lora", "shira"):
+        raise ExportError(f"unknown PEFT format {fmt!r}; use 'lora' or 'shira'")
+    if rank is not None and (fmt != "lora" or rank < 1):
+        raise ExportError(
+            "rank applies to lora exports only" if fmt != "lora" else f"rank must be >= 1, got {rank}"
+        )
+    base = _check_same_base(patches)
+    model_type = base["model_type"]
+    spec = spec_for_model_type(model_type)
+    if fmt == "shira" and spec.module_kind != "linear":
+        raise ExportError(
+            f"SHiRA supports nn.Linear layers only; {model_type} keeps its MLP output projection in a "
+            f"{spec.module_kind} module; export as lora instead"
+        )
+    composed = _compose(patches, model_type)
+    modules = [c.module for c in composed]
+    config: dict[str, Any] = {
+        "peft_type": fmt.upper(),
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path or base.get("name_or_path"),
+        "revision": None if base_model_name_or_path else base.get("revision"),
+        "inference_mode": True,
+        "target_modules": modules,
+        "fan_in_fan_out": spec.module_kind == "conv1d",
+    }
+    errors: dict[str, float] = {}
+    overall: float | None = None
+    if fmt == "lora":
+        tensors, ranks, errors, overall = _lora(composed, rank)
+        r = max(ranks.values())
+        config.update(
+            r=r,
+            lora_alpha=r,
+            rank_pattern=dict(ranks),
+            alpha_pattern=dict(ranks),
+            lora_dropout=0.0,
+            bias="none",
+            use_rslora=False,
+            use_dora=False,
+            init_lora_weights=True,
+        )
+    else:
+        tensors, r = _shira(composed)
+        ranks = dict.fromkeys(modules, r)
+        config.update(r=r, mask_type="random", random_seed=None, init_weights=True)
+    provenance = json.dumps([{"name": p.name, "id": p.id} for p in patches])
+    out = Path(out_dir)
+    size = _write(out, config, tensors, provenance)
+    return ExportReport(
+        path=out,
+        format=fmt,
+        modules=tuple(modules),
+        ranks=ranks,
+        rank=r,
+        adapter_bytes=size,
+        relative_error=overall,
+        module_errors=errors,
+    )

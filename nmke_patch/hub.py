@@ -1,0 +1,557 @@
+"""Share edit packs on the Hugging Face Hub: build a pack folder, push it, pull it back (verified).
+
+A pack is a Hub model repository laid out as::
+
+    pack.json                  {"format": "nmke-pack", "format_version": 1, "patches": [{path, name, id}, ...]}
+    README.md                  model card (base model, facts edited, measured metrics)
+    patches/NAME.nmke/         one patch directory per patch, in application order
+    peft/                      optional LoRA adapter of the whole pack (``push --with-peft``)
+
+Whatever comes from the Hub is untrusted: :func:`pull_pack` checks ``pack.json``, every path it lists
+(inside the pack, no ``..``, no absolute paths, no symlinks leading out), and loads every patch with
+:func:`nmke_patch.patch.load_patch` (schema and sha256) before returning. See ``docs/hub.md``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from .errors import HubError, InvalidPatchError
+from .patch import CARD_FILE, DELTAS_FILE, MANIFEST_FILE, PATCH_SUFFIX, Patch, load_patch
+from .sources import HF_PREFIX, PACK_FILE, PatchSource, resolve_patches
+
+logger = logging.getLogger(__name__)
+
+PACK_FORMAT = "nmke-pack"
+PACK_FORMAT_VERSION = 1
+PATCHES_DIR = "patches"
+PEFT_DIR = "peft"
+LIBRARY_NAME = "nmke-patch"
+TAGS = ["knowledge-editing", "model-patching", "nmke-patch"]
+MAX_PACK_JSON_BYTES = 4 * 1024 * 1024
+_REPO_TYPE = "model"
+_ID_RE = re.compile(r"[0-9a-f]{64}")
+_REPO_ID_RE = re.compile(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}")
+_HUB_MODEL_RE = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+_TRUE = {"1", "ON", "YES", "TRUE"}
+
+
+# -- configuration read at call time ------------------------------------------------------------------
+
+
+def hub_endpoint(endpoint: str | None = None) -> str:
+    """The Hub endpoint: ``endpoint``, else ``$NMKE_PATCH_HF_ENDPOINT``, else ``$HF_ENDPOINT``, else the default.
+
+    Read at call time (``huggingface_hub`` reads ``HF_ENDPOINT`` once, at import).
+    """
+    from huggingface_hub import constants
+
+    value = endpoint or os.environ.get("NMKE_PATCH_HF_ENDPOINT") or os.environ.get("HF_ENDPOINT")
+    value = (value or constants.ENDPOINT).rstrip("/")
+    if not value.startswith(("http://", "https://")):
+        raise HubError(f"invalid Hub endpoint {value!r}: expected an http:// or https:// URL")
+    return value
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE
+
+
+def _cache_dir() -> str | None:
+    """``$HF_HUB_CACHE`` or ``$HF_HOME/hub`` as set now (None: huggingface_hub's import-time default)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
+    return None
+
+
+def parse_ref(ref: str, revision: str | None = None) -> tuple[str, str | None]:
+    """``hf://user/pack@rev``, ``hf://user/pack`` or ``user/pack`` -> ``(repo_id, revision)``."""
+    text = ref.removeprefix(HF_PREFIX)
+    repo_id, sep, rev = text.partition("@")
+    repo_id = repo_id.strip("/")
+    if sep and not rev:
+        raise HubError(f"{ref!r}: empty revision after '@'; use hf://user/pack@REVISION")
+    if not _REPO_ID_RE.fullmatch(repo_id) or ".." in repo_id:
+        raise HubError(f"{ref!r} is not a Hub repository id; expected hf://user/pack[@revision]")
+    if rev and revision and rev != revision:
+        raise HubError(f"{ref!r} names revision {rev!r} but {revision!r} was also given; pass only one")
+    return repo_id, rev or revision
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """Whether a base model's ``name_or_path`` reads as a Hub model id (``org/name``), not a local path."""
+    return bool(_HUB_MODEL_RE.fullmatch(name)) and ".." not in name and not os.path.exists(name)
+
+
+# -- building ----------------------------------------------------------------------------------------
+
+
+def _dir_name(name: str, taken: set[str]) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-")[:64] or "patch"
+    candidate, n = stem, 1
+    while candidate.lower() in taken:
+        n += 1
+        candidate = f"{stem}-{n}"
+    taken.add(candidate.lower())
+    return candidate + PATCH_SUFFIX
+
+
+def _write_patch(patch: Patch, target: Path) -> Patch:
+    """Copy a saved patch's files verbatim (its id is the hash of those bytes), else save it."""
+    if patch.path is None:
+        return patch.save(target)
+    target.mkdir(parents=True)
+    for fname in (MANIFEST_FILE, DELTAS_FILE, CARD_FILE):
+        src = Path(patch.path) / fname
+        if src.is_file():
+            shutil.copyfile(src, target / fname)
+    copied = load_patch(target)
+    if copied.id != patch.id:
+        raise InvalidPatchError(f"{patch.path}: changed on disk while building the pack")
+    return copied
+
+
+def _base_names(patches: Sequence[Patch]) -> list[str]:
+    names: list[str] = []
+    for p in patches:
+        name = str(p.manifest.base_model.get("name_or_path") or "?")
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def _cell(value: Any) -> str:
+    return str(value).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").replace("`", "'")
+
+
+def _fmt(value: Any) -> str:
+    try:
+        return "" if value is None else f"{float(value):.3f}"
+    except (TypeError, ValueError):
+        return ""
+
+
+def pack_card(patches: Sequence[Patch], *, repo_id: str | None = None, with_peft: bool = False) -> str:
+    """The model card (``README.md``) of a pack: Hub metadata, usage, patches and the facts edited."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    bases = _base_names(patches)
+    hub_bases = [b for b in bases if looks_like_hub_id(b)]
+    declared = hub_bases[0] if len(hub_bases) == 1 == len(bases) else (hub_bases or None)
+    card_data = ModelCardData(base_model=declared, library_name=LIBRARY_NAME, tags=list(TAGS))
+    ref = f"hf://{repo_id}" if repo_id else "hf://USER/PACK"
+    base_text = ", ".join(f"`{_cell(b)}`" for b in bases)
+    model_arg = f'"{bases[0]}"' if len(hub_bases) == 1 == len(bases) else "BASE_MODEL"
+    lines = [
+        f"# {repo_id.split('/')[-1] if repo_id else 'nmke-patch edit pack'}",
+        "",
+        f"An edit pack of {len(patches)} [nmke-patch](https://pypi.org/project/nmke-patch/) knowledge-editing"
+        f" patch(es) for {base_text}. Each patch is a sparse, neuron-masked weight delta: apply the patches in"
+        " order, unload any of them, or revert to the base weights bit for bit.",
+        "",
+    ]
+    if not declared or len(hub_bases) != len(bases):
+        lines += [
+            f"The base model ({base_text}) is not a Hugging Face Hub model id, so no `base_model` is declared"
+            " in this card's metadata. The patches fit only the exact weights they were made on (every edited"
+            " tensor is fingerprinted in the patch manifests).",
+            "",
+        ]
+    lines += [
+        "## Use",
+        "",
+        "```bash",
+        f"nmke-patch apply {ref} --out merged-model/"
+        + ("" if model_arg == "BASE_MODEL" else f" --model {bases[0]}"),
+        "```",
+        "",
+        "```python",
+        "from nmke_patch import load_model",
+        "",
+        f'model, tokenizer = load_model({model_arg}, patches=["{ref}"])',
+        "```",
+        "",
+        "Pulled packs are verified before anything touches a model: `pack.json` and every path it lists,"
+        " and each patch's manifest and sha256.",
+        "",
+    ]
+    if with_peft:
+        lines += [
+            f"`{PEFT_DIR}/` holds the whole pack as one LoRA adapter for PEFT: "
+            f'`PeftModel.from_pretrained(model, "{repo_id or "USER/PACK"}", subfolder="{PEFT_DIR}")`.',
+            "",
+        ]
+    lines += [
+        "## Patches (applied in this order)",
+        "",
+        "| # | patch | id | method | tensors | neurons | parents |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for i, p in enumerate(patches):
+        parents = ", ".join(_cell(x.name) for x in p.manifest.parents) or "none"
+        method = _cell(p.manifest.method.get("name", "?"))
+        lines.append(
+            f"| {i} | {_cell(p.name)} | `{p.id[:12]}` | {method} | {len(p.deltas)} | {p.num_neurons} | {parents} |"
+        )
+    lines += [
+        "",
+        "## Facts edited",
+        "",
+        "| patch | # | prompt | new target | P(new) before | P(new) after |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in patches:
+        metrics: dict[int, dict[str, Any]] = {}
+        for i, m in enumerate(p.manifest.metrics):
+            if isinstance(m, dict):
+                index = m.get("index", i)
+                metrics[int(index) if isinstance(index, int) else i] = m
+        for i, r in enumerate(p.manifest.requests):
+            r = r if isinstance(r, dict) else {}
+            prompt = str(r.get("prompt", "")).replace("{}", str(r.get("subject", "")))
+            mx = metrics.get(i, {})
+            lines.append(
+                f"| {_cell(p.name)} | {i} | {_cell(prompt)} | {_cell(r.get('target_new', ''))} |"
+                f" {_fmt(mx.get('p_new_before'))} | {_fmt(mx.get('p_new_after'))} |"
+            )
+    body = "\n".join(lines)
+    template = "---\n{{ card_data }}\n---\n\n{{ body }}\n"
+    return str(ModelCard.from_template(card_data, template_str=template, body=body))
+
+
+def build_pack(
+    patches: Sequence[Patch],
+    folder: str | os.PathLike[str],
+    *,
+    repo_id: str | None = None,
+    with_peft: bool = False,
+) -> Path:
+    """Lay out a pack folder: ``patches/NAME.nmke/`` per patch (in order), ``pack.json``, ``README.md``.
+
+    Saved patches are copied byte for byte (their ids stay the same). ``with_peft`` adds ``peft/``, a LoRA
+    adapter of the whole pack (:func:`nmke_patch.export.peft.export_peft`). ``folder`` must not exist or
+    be empty.
+    """
+    if not patches:
+        raise InvalidPatchError("a pack needs at least one patch")
+    ids = [p.id for p in patches]
+    dupes = {p.describe() for p in patches if ids.count(p.id) > 1}
+    if dupes:
+        raise InvalidPatchError(f"patch listed more than once: {', '.join(sorted(dupes))}")
+    root = Path(folder)
+    if root.exists() and any(root.iterdir()):
+        raise FileExistsError(f"{root} is not empty; build a pack into a new folder")
+    (root / PATCHES_DIR).mkdir(parents=True, exist_ok=True)
+    taken: set[str] = set()
+    entries, written = [], []
+    for patch in patches:
+        rel = f"{PATCHES_DIR}/{_dir_name(patch.name, taken)}"
+        saved = _write_patch(patch, root / rel)
+        written.append(saved)
+        entries.append({"path": rel, "name": saved.name, "id": saved.id})
+    pack = {"format": PACK_FORMAT, "format_version": PACK_FORMAT_VERSION, "patches": entries}
+    (root / PACK_FILE).write_text(json.dumps(pack, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if with_peft:
+        from .export.peft import export_peft
+
+        bases = _base_names(written)
+        hub_base = bases[0] if len(bases) == 1 and looks_like_hub_id(bases[0]) else None
+        export_peft(written, root / PEFT_DIR, fmt="lora", base_model_name_or_path=hub_base)
+    card = pack_card(written, repo_id=repo_id, with_peft=with_peft)
+    (root / CARD_FILE).write_text(card, encoding="utf-8")
+    return root
+
+
+# -- verifying ---------------------------------------------------------------------------------------
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def _safe_rel(rel: Any, where: str) -> str:
+    if not isinstance(rel, str) or not rel:
+        raise InvalidPatchError(f"{where}: each {PACK_FILE} entry needs a non-empty 'path' string")
+    parts = PurePosixPath(rel).parts
+    if (
+        rel.startswith(("/", "~"))
+        or "\\" in rel
+        or ":" in rel
+        or "\0" in rel
+        or any(part in ("..", ".") for part in parts)
+        or rel != "/".join(parts)
+    ):
+        raise InvalidPatchError(
+            f"{where}: {PACK_FILE} path {rel!r} is not a plain relative path inside the pack"
+        )
+    return rel
+
+
+def read_pack_json(pack_dir: Path, *, where: str | None = None) -> list[dict[str, str]]:
+    """Read and validate ``pack.json``: format, version and ``{path, name, id}`` entries with safe paths."""
+    where = where or str(pack_dir)
+    file = pack_dir / PACK_FILE
+    if not file.is_file():
+        raise InvalidPatchError(f"{where}: not an nmke-patch pack ({PACK_FILE} is missing)")
+    if file.stat().st_size > MAX_PACK_JSON_BYTES:
+        raise InvalidPatchError(f"{where}: {PACK_FILE} is larger than {MAX_PACK_JSON_BYTES} bytes")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidPatchError(f"{where}: {PACK_FILE} is not valid JSON ({exc})") from exc
+    if not isinstance(data, dict) or data.get("format") != PACK_FORMAT:
+        raise InvalidPatchError(
+            f"{where}: {PACK_FILE} is not an nmke-patch pack (format must be {PACK_FORMAT!r})"
+        )
+    version = data.get("format_version")
+    if version != PACK_FORMAT_VERSION or isinstance(version, bool):
+        raise InvalidPatchError(
+            f"{where}: pack format version {version!r} is not supported (reads v{PACK_FORMAT_VERSION});"
+            " upgrade nmke-patch"
+        )
+    entries = data.get("patches")
+    if not isinstance(entries, list) or not entries:
+        raise InvalidPatchError(f"{where}: {PACK_FILE} must list at least one patch under 'patches'")
+    out: list[dict[str, str]] = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise InvalidPatchError(f"{where}: each {PACK_FILE} entry must be an object")
+        rel = _safe_rel(entry.get("path"), where)
+        name, pid = entry.get("name"), entry.get("id")
+        if not isinstance(name, str) or not isinstance(pid, str) or not _ID_RE.fullmatch(pid):
+            raise InvalidPatchError(
+                f"{where}: {PACK_FILE} entry {rel!r} needs a 'name' and a sha256 hex 'id'"
+            )
+        out.append({"path": rel, "name": name, "id": pid})
+    paths = [e["path"] for e in out]
+    if len(set(paths)) != len(paths) or len({e["id"] for e in out}) != len(out):
+        raise InvalidPatchError(f"{where}: {PACK_FILE} lists the same patch path or id twice")
+    return out
+
+
+def verify_pack(
+    folder: str | os.PathLike[str],
+    *,
+    trusted_root: str | os.PathLike[str] | None = None,
+    where: str | None = None,
+) -> list[Patch]:
+    """Verify a pack folder as untrusted input and return its patches, in order.
+
+    Every file under the pack must be a regular file, or a symlink resolving inside ``trusted_root``
+    (default: the pack itself; the Hub cache keeps files as symlinks into its ``blobs/`` folder). Every
+    listed patch must load with :func:`~nmke_patch.patch.load_patch` and hash to the id ``pack.json`` gives.
+
+    Raises:
+        InvalidPatchError: naming the first problem found.
+    """
+    pack_dir = Path(folder)
+    where = where or str(pack_dir)
+    root = pack_dir.resolve()
+    trusted = Path(trusted_root).resolve() if trusted_root is not None else root
+    for dirpath, dirnames, filenames in os.walk(pack_dir):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            if path.is_symlink() and not _inside(path.resolve(), trusted):
+                raise InvalidPatchError(
+                    f"{where}: {path.relative_to(pack_dir)} is a link leading out of the pack"
+                )
+    entries = read_pack_json(pack_dir, where=where)
+    patches: list[Patch] = []
+    for entry in entries:
+        patch_dir = pack_dir / entry["path"]
+        if patch_dir.is_symlink() or not patch_dir.is_dir() or not _inside(patch_dir.resolve(), root):
+            raise InvalidPatchError(f"{where}: {entry['path']} is not a patch directory inside the pack")
+        try:
+            patch = load_patch(patch_dir)
+        except InvalidPatchError as exc:
+            raise InvalidPatchError(f"{where}: {entry['path']}: {exc}") from exc
+        if patch.id != entry["id"]:
+            raise InvalidPatchError(
+                f"{where}: {entry['path']} hashes to {patch.id[:16]}… but {PACK_FILE} lists {entry['id'][:16]}…"
+                " (the pack was modified)"
+            )
+        if patch.name != entry["name"]:
+            raise InvalidPatchError(
+                f"{where}: {entry['path']} is named {patch.name!r} but {PACK_FILE} calls it {entry['name']!r}"
+            )
+        patches.append(patch)
+    return patches
+
+
+# -- Hub I/O -----------------------------------------------------------------------------------------
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    found: list[type[BaseException]] = []
+    for module in ("httpx2", "httpx"):
+        try:
+            found.append(importlib.import_module(module).TransportError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+def _hub_error(
+    exc: BaseException, *, push: bool, repo_id: str, revision: str | None, endpoint: str
+) -> HubError:
+    """One actionable line for a huggingface_hub / network failure."""
+    from huggingface_hub import errors as hf
+
+    where = repo_id + (f"@{revision}" if revision else "")
+    access = "write" if push else "read"
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if isinstance(exc, hf.GatedRepoError):
+        msg = f"{where} is gated: accept its conditions on the Hub page, then pass a token (--token or HF_TOKEN)"
+    elif isinstance(exc, hf.RepositoryNotFoundError):
+        msg = (
+            f"{where} was not found on {endpoint}, or it is private and no valid token was given:"
+            " check the name, or pass --token / set HF_TOKEN"
+        )
+    elif isinstance(exc, hf.RevisionNotFoundError):
+        msg = f"revision {revision or 'main'!r} does not exist in {repo_id}: check the branch, tag or commit"
+    elif isinstance(exc, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)) and _offline():
+        msg = f"{where} is not in the local Hugging Face cache and offline mode is on: pull it once with HF_HUB_OFFLINE unset"
+    elif isinstance(exc, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)):
+        msg = (
+            f"could not reach the Hub at {endpoint} and {where} is not in the local Hugging Face cache:"
+            " check the network or HF_ENDPOINT"
+        )
+    elif isinstance(exc, hf.HfHubHTTPError) and status in (401, 403):
+        msg = (
+            f"not authorized to {'push to' if push else 'pull'} {where} (HTTP {status}): pass a token with"
+            f" {access} access (--token, HF_TOKEN or `hf auth login`)"
+        )
+    elif isinstance(exc, hf.HfHubHTTPError):
+        detail = (str(exc).strip().splitlines() or [""])[0]
+        msg = f"{'push to' if push else 'pull of'} {where} failed: {detail}"
+    else:
+        msg = (
+            f"could not reach the Hub at {endpoint} ({type(exc).__name__}): check the network or HF_ENDPOINT"
+        )
+    return HubError(msg)
+
+
+def _is_hub_failure(exc: BaseException) -> bool:
+    from huggingface_hub import errors as hf
+
+    return isinstance(
+        exc, (hf.HfHubHTTPError, hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled, *_transport_errors())
+    )
+
+
+def push_pack(
+    sources: Iterable[PatchSource],
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+    with_peft: bool = False,
+    endpoint: str | None = None,
+) -> str:
+    """Build a pack from patch directories, packs or :class:`Patch` objects and upload it to ``repo_id``.
+
+    Creates the repository (kept if it exists) and the branch ``revision`` (from ``main``) if missing.
+    Files of earlier pushes under ``patches/`` and ``peft/`` are removed in the same commit.
+
+    Returns:
+        The URL of the commit.
+
+    Raises:
+        InvalidPatchError: a source is not a valid patch.
+        HubError: the Hub refused or could not be reached (one line saying what to do).
+    """
+    from huggingface_hub import HfApi
+
+    repo_id, revision = parse_ref(repo_id, revision)
+    patches = resolve_patches(sources)  # validate everything before any network call
+    url = hub_endpoint(endpoint)
+    if _offline():
+        raise HubError("offline mode is on (HF_HUB_OFFLINE=1): unset it to push to the Hub")
+    api = HfApi(endpoint=url, token=token, library_name=LIBRARY_NAME)
+    with tempfile.TemporaryDirectory(prefix="nmke-pack-") as tmp:
+        folder = build_pack(patches, Path(tmp) / "pack", repo_id=repo_id, with_peft=with_peft)
+        try:
+            api.create_repo(repo_id, repo_type=_REPO_TYPE, private=True if private else None, exist_ok=True)
+            if private and not api.repo_info(repo_id, repo_type=_REPO_TYPE).private:
+                raise HubError(
+                    f"{repo_id} already exists and is public; make it private on the Hub or pick a new name"
+                )
+            if revision and revision != "main":
+                api.create_branch(repo_id, branch=revision, repo_type=_REPO_TYPE, exist_ok=True)
+            info = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                repo_type=_REPO_TYPE,
+                revision=revision,
+                commit_message=f"Upload nmke-patch pack ({len(patches)} patch{'es' if len(patches) != 1 else ''})",
+                delete_patterns=[f"{PATCHES_DIR}/**", f"{PEFT_DIR}/**"],
+            )
+        except Exception as exc:
+            if _is_hub_failure(exc):
+                raise _hub_error(exc, push=True, repo_id=repo_id, revision=revision, endpoint=url) from exc
+            raise
+    logger.info("pushed %d patch(es) to %s: %s", len(patches), repo_id, info.commit_url)
+    return str(info.commit_url or info.oid)
+
+
+def pull_pack(
+    ref: str,
+    *,
+    revision: str | None = None,
+    local_dir: str | os.PathLike[str] | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> Path:
+    """Download a pack (``hf://user/pack@rev``, ``hf://user/pack`` or ``user/pack``) and verify it.
+
+    Uses the Hugging Face cache (``$HF_HUB_CACHE``); with ``HF_HUB_OFFLINE=1`` it is served from the cache
+    alone. ``local_dir`` downloads into that folder instead.
+
+    Returns:
+        The verified pack folder.
+
+    Raises:
+        HubError: the repository, revision or a token is missing, or the Hub cannot be reached.
+        InvalidPatchError: the pack failed verification (nothing in it should be used).
+    """
+    from huggingface_hub import snapshot_download
+
+    repo_id, revision = parse_ref(ref, revision)
+    url = hub_endpoint(endpoint)
+    offline = _offline()
+    try:
+        path = snapshot_download(
+            repo_id,
+            repo_type=_REPO_TYPE,
+            revision=revision,
+            cache_dir=_cache_dir(),
+            local_dir=None if local_dir is None else Path(local_dir),
+            token=token,
+            endpoint=url,
+            local_files_only=offline,
+            library_name=LIBRARY_NAME,
+        )
+    except Exception as exc:
+        if _is_hub_failure(exc):
+            raise _hub_error(exc, push=False, repo_id=repo_id, revision=revision, endpoint=url) from exc
+        raise
+    folder = Path(path)
+    # the cache stores files as symlinks into <repo folder>/blobs: links may lead there, nowhere else
+    trusted = folder if local_dir is not None else folder.parent.parent
+    where = f"{HF_PREFIX}{repo_id}" + (f"@{revision}" if revision else "")
+    verify_pack(folder, trusted_root=trusted, where=where)
+    return folder

@@ -1,0 +1,280 @@
+"""export_peft: LoRA/SHiRA adapters load with plain PeftModel and reproduce the PatchStack-patched model.
+
+Tolerances (fp32, CPU):
+- Merged weights (``merge_and_unload``) of one patch, or of stacked patches touching disjoint neurons, are
+  ``torch.equal`` to the patched weights: ``B @ A`` with one-hot ``A`` reproduces every delta entry exactly
+  (one non-zero product per sum), scaling is ``k / k = 1.0``, and the merge is one fp32 add, the same
+  rounding as :func:`nmke_patch.delta.add_delta` (also bit-exact on bf16/fp16 bases: PEFT adds the fp32
+  delta and rounds once).
+- Where stacked patches overlap, the export holds ``d1 + d2`` (one rounding) and merging gives
+  ``W + (d1 + d2)`` while the stack computes ``(W + d1) + d2``: they may differ by rounding, bounded
+  here by 2 ulp of ``|W| + |d1| + |d2|`` (measured: at most 3e-8 absolute on the tiny models).
+- Unmerged LoRA forward computes ``W x + B (A x)`` instead of ``(W + D) x``: logits agree to
+  ``LOGITS_ATOL`` (measured ~1e-7 on the tiny models; 4.4e-5 on the 30-layer default model, whose logits
+  reach ~33, hence ``DEFAULT_MODEL_LOGITS_ATOL``). SHiRA's unmerged forward builds ``W + D`` itself
+  and gives bit-identical logits for one patch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import MODEL_FACTORIES, random_patch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from nmke_patch.architectures import spec_for_model
+from nmke_patch.delta import scatter_neurons
+from nmke_patch.errors import ExportError
+from nmke_patch.export.peft import CONFIG_FILE, WEIGHTS_FILE, export_peft
+from nmke_patch.patch import Patch
+from nmke_patch.stack import PatchStack
+
+LOGITS_ATOL = 1e-5
+DEFAULT_MODEL_LOGITS_ATOL = 2e-4  # 30 layers, logits up to ~33: LoRA measured 4.4e-5, SHiRA 0
+IDS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def patched_copy(arch: str, patches: list[Patch]) -> torch.nn.Module:
+    model = MODEL_FACTORIES[arch]()
+    stack = PatchStack.for_model(model)
+    for p in patches:
+        stack.apply(p)
+    return model
+
+
+@torch.no_grad()
+def logits(model: torch.nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
+    return model(input_ids=ids).logits
+
+
+def adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path / WEIGHTS_FILE)
+
+
+def ulp(x: torch.Tensor) -> torch.Tensor:
+    a = x.abs()
+    return torch.nextafter(a, torch.full_like(a, float("inf"))) - a
+
+
+def dense(patch: Patch, name: str) -> torch.Tensor:
+    """The patch's delta for weight ``name`` as a full tensor (zeros elsewhere)."""
+    d = next(d for d in patch.deltas if d.name == name)
+    out = torch.zeros(d.shape)
+    scatter_neurons(out, d.neuron_axis, d.indices, d.delta)
+    return out
+
+
+def assert_state_equal(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
+def test_lora_export_is_exact(arch: str, tmp_path: Path) -> None:
+    patch = random_patch(MODEL_FACTORIES[arch](), neurons=7, layers=(1, 3))
+    ref = patched_copy(arch, [patch])
+    report = export_peft([patch], tmp_path / "adapter")
+    assert report.exact and report.format == "lora" and report.rank == 7
+    spec = spec_for_model(ref)
+    modules = [spec.weight_name(i).removesuffix(".weight") for i in (1, 3)]
+    assert list(report.modules) == modules and report.ranks == dict.fromkeys(modules, 7)
+    assert report.adapter_bytes == (tmp_path / "adapter" / WEIGHTS_FILE).stat().st_size
+
+    config = json.loads((tmp_path / "adapter" / CONFIG_FILE).read_text())
+    assert config["peft_type"] == "LORA" and config["target_modules"] == modules
+    assert config["rank_pattern"] == config["alpha_pattern"] == dict.fromkeys(modules, 7)
+    assert config["fan_in_fan_out"] is (arch == "gpt2")
+    assert config["base_model_name_or_path"] == "tiny"
+
+    # key names and shapes mirror what PEFT itself saves for the same config
+    real = get_peft_model(
+        MODEL_FACTORIES[arch](),
+        LoraConfig(
+            r=7, lora_alpha=7, target_modules=modules, fan_in_fan_out=arch == "gpt2", init_lora_weights=False
+        ),
+    )
+    real.save_pretrained(tmp_path / "real")
+    ours, theirs = adapter_tensors(tmp_path / "adapter"), adapter_tensors(tmp_path / "real")
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+
+    peft_model = PeftModel.from_pretrained(MODEL_FACTORIES[arch](), tmp_path / "adapter")
+    torch.testing.assert_close(logits(peft_model), logits(ref), rtol=0, atol=LOGITS_ATOL)
+    merged = peft_model.merge_and_unload()
+    assert_state_equal(merged, ref)
+    assert torch.equal(logits(merged), logits(ref))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(("arch", "fmt"), [("llama", "lora"), ("llama", "shira"), ("gpt2", "lora")])
+def test_merge_is_exact_in_half_precision(arch: str, fmt: str, dtype: torch.dtype, tmp_path: Path) -> None:
+    factory = MODEL_FACTORIES[arch]
+    ref = factory(dtype=dtype)
+    patch = random_patch(ref, neurons=7)
+    PatchStack.for_model(ref).apply(patch)
+    export_peft([patch], tmp_path, fmt=fmt)  # type: ignore[arg-type]
+    merged = PeftModel.from_pretrained(factory(dtype=dtype), tmp_path).merge_and_unload()
+    assert_state_equal(merged, ref)  # PEFT adds the fp32 delta with one rounding, like add_delta
+
+
+def test_shira_export_is_exact(tmp_path: Path) -> None:
+    patch = random_patch(MODEL_FACTORIES["llama"](), neurons=7, layers=(0, 2))
+    ref = patched_copy("llama", [patch])
+    report = export_peft([patch], tmp_path, fmt="shira")
+    tensors = adapter_tensors(tmp_path)
+    d_model, d_ff = 32, 48
+    assert report.rank == -(-7 * d_model // (d_model + d_ff))  # ceil: fits 7 * 32 values
+    for module in report.modules:
+        idx = tensors[f"base_model.model.{module}.shira_indices"]
+        val = tensors[f"base_model.model.{module}.shira_weight"]
+        assert idx.dtype == torch.int32 and idx.shape == (2, report.rank * (d_model + d_ff))
+        assert val.shape == (idx.shape[1],) and int((val != 0).sum()) <= 7 * d_model
+        assert len(set(map(tuple, idx.t().tolist()))) == idx.shape[1]  # padding at distinct free positions
+    assert json.loads((tmp_path / CONFIG_FILE).read_text())["peft_type"] == "SHIRA"
+
+    peft_model = PeftModel.from_pretrained(MODEL_FACTORIES["llama"](), tmp_path)
+    assert torch.equal(logits(peft_model), logits(ref))
+    assert_state_equal(peft_model.merge_and_unload(), ref)
+
+
+@pytest.mark.parametrize(("arch", "fmt"), [("llama", "lora"), ("llama", "shira"), ("gpt2", "lora")])
+def test_stacked_overlapping_patches(arch: str, fmt: str, tmp_path: Path) -> None:
+    base = MODEL_FACTORIES[arch]()
+    a = random_patch(base, seed=1, name="a", indices=[0, 1, 2, 3, 4], layers=(1, 2))
+    b = random_patch(base, seed=2, name="b", indices=[3, 4, 5, 6], layers=(2, 3))
+    ref = patched_copy(arch, [a, b])
+    report = export_peft([a, b], tmp_path, fmt=fmt)  # type: ignore[arg-type]
+    assert len(report.modules) == 3
+    if fmt == "lora":
+        assert [report.ranks[m] for m in report.modules] == [5, 7, 4]  # layer 2: union of 0..6
+
+    peft_model = PeftModel.from_pretrained(MODEL_FACTORIES[arch](), tmp_path)
+    torch.testing.assert_close(logits(peft_model), logits(ref), rtol=0, atol=LOGITS_ATOL)
+    merged = peft_model.merge_and_unload().state_dict()
+    spec = spec_for_model(ref)
+    for name, want in ref.state_dict().items():
+        got = merged[name]
+        if name != spec.weight_name(2):
+            assert torch.equal(got, want), name
+            continue
+        overlap = torch.zeros(want.shape[spec.neuron_axis], dtype=torch.bool)
+        overlap[[3, 4]] = True
+        shape = [1, 1]
+        shape[spec.neuron_axis] = -1
+        mask = overlap.view(shape).expand_as(want)
+        assert torch.equal(got[~mask], want[~mask])
+        # both sides round twice; the error is bounded by the largest intermediate |W| + |d1| + |d2|
+        scale = base.state_dict()[name].abs() + dense(a, name).abs() + dense(b, name).abs()
+        assert bool(((got - want).abs() <= 2 * ulp(scale)).all())
+
+
+def test_shira_refused_on_conv1d(tmp_path: Path) -> None:
+    patch = random_patch(MODEL_FACTORIES["gpt2"]())
+    with pytest.raises(ExportError, match=r"nn\.Linear"):
+        export_peft([patch], tmp_path, fmt="shira")
+    assert not (tmp_path / CONFIG_FILE).exists()
+
+
+@pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
+def test_lossy_rank_reports_error_and_loads(arch: str, tmp_path: Path) -> None:
+    base = MODEL_FACTORIES[arch]()
+    patch = random_patch(base, neurons=9, layers=(1, 2))
+    report = export_peft([patch], tmp_path, rank=3)
+    assert report.relative_error is not None and 0 < report.relative_error < 1
+    assert set(report.ranks.values()) == {3} and report.rank == 3
+    assert all(0 < e < 1 for e in report.module_errors.values())
+
+    peft_model = PeftModel.from_pretrained(MODEL_FACTORIES[arch](), tmp_path)
+    merged = peft_model.merge_and_unload().state_dict()
+    spec = spec_for_model(base)
+    residual = norm = 0.0
+    for d in patch.deltas:
+        changed = merged[d.name].double() - base.state_dict()[d.name].double()
+        values = changed.index_select(spec.neuron_axis, d.indices.long())
+        if spec.neuron_axis == 1:
+            values = values.t()
+        assert not changed.index_fill_(spec.neuron_axis, d.indices.long(), 0).any()  # only touched neurons
+        residual += float((values - d.delta.double()).square().sum())
+        norm += float(d.delta.double().square().sum())
+    assert (residual / norm) ** 0.5 == pytest.approx(report.relative_error, abs=1e-5)
+
+    exact = export_peft([patch], tmp_path / "full", rank=64)  # rank >= k: one-hot form, no loss
+    assert exact.relative_error == 0.0 and set(exact.ranks.values()) == {9}
+
+
+def test_refuses_mixed_bases_and_bad_arguments(tmp_path: Path) -> None:
+    llama = random_patch(MODEL_FACTORIES["llama"](), name="l")
+    gpt2 = random_patch(MODEL_FACTORIES["gpt2"](), name="g")
+    with pytest.raises(ExportError, match="different architectures"):
+        export_peft([llama, gpt2], tmp_path)
+    other = replace(
+        llama, manifest=replace(llama.manifest, base_model={**llama.manifest.base_model, "name_or_path": "x"})
+    )
+    with pytest.raises(ExportError, match="different base models"):
+        export_peft([llama, other], tmp_path)
+    with pytest.raises(ExportError, match="lora exports only"):
+        export_peft([llama], tmp_path, fmt="shira", rank=2)
+    with pytest.raises(ExportError, match="rank must be"):
+        export_peft([llama], tmp_path, rank=0)
+    dense_patch = random_patch(MODEL_FACTORIES["llama"](), neurons=48)  # every neuron: too dense for SHiRA
+    with pytest.raises(ExportError, match="too dense for SHiRA"):
+        export_peft([dense_patch], tmp_path, fmt="shira")
+    with pytest.raises(ExportError, match="no patches"):
+        export_peft([], tmp_path)
+
+
+def test_cli_export_peft(tmp_path: Path) -> None:
+    from nmke_patch.cli.main import app
+
+    llama = random_patch(MODEL_FACTORIES["llama"](), name="l").save(tmp_path / "l.nmke")
+    gpt2 = random_patch(MODEL_FACTORIES["gpt2"](), name="g").save(tmp_path / "g.nmke")
+    runner = CliRunner()
+    result = runner.invoke(app, ["export-peft", str(llama.path), "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    assert "2 modules, rank 5" in result.output and "exact" in result.output
+    assert (tmp_path / "a" / CONFIG_FILE).is_file()
+    result = runner.invoke(app, ["export-peft", str(llama.path), "-o", str(tmp_path / "b"), "--rank", "2"])
+    assert result.exit_code == 0, result.output
+    assert "lossy" in result.output and "relative Frobenius error" in result.output
+    result = runner.invoke(
+        app, ["export-peft", str(gpt2.path), "-o", str(tmp_path / "c"), "--format", "shira"]
+    )
+    assert isinstance(result.exception, ExportError)
+
+
+@pytest.mark.default_model
+def test_default_model_export(tmp_path: Path) -> None:
+    from nmke_patch.models import load_base
+
+    model, tok, info = load_base()
+    base = copy.deepcopy(model)
+    spec = spec_for_model(model)
+    layers = tuple(spec.default_layers(model.config.num_hidden_layers))
+    patch = random_patch(model, layers=layers, neurons=100, scale=0.02)
+    patch = replace(patch, manifest=replace(patch.manifest, base_model=info.to_json()))
+    PatchStack.for_model(model).apply(patch)
+    ids = tok(
+        ["The capital of France is", "The official language of Brazil is"], return_tensors="pt", padding=True
+    )
+    with torch.no_grad():
+        want = model(**ids).logits
+
+    for fmt in ("lora", "shira"):
+        report = export_peft([patch], tmp_path / fmt, fmt=fmt)  # type: ignore[arg-type]
+        assert report.exact and len(report.modules) == 5
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / fmt)
+        with torch.no_grad():
+            got = peft_model(**ids).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=DEFAULT_MODEL_LOGITS_ATOL)
+        merged = peft_model.merge_and_unload()
+        assert_state_equal(merged, model)
+        with torch.no_grad():
+            assert torch.equal(merged(**ids).logits, want)

@@ -1,0 +1,257 @@
+"""Edit packs on the Hub: push/pull roundtrips against a local Hub-compatible server (tests/hub_server.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_state_equal, random_patch, state_copy, tiny_llama
+from hub_server import HubServer
+from typer.testing import CliRunner
+
+from nmke_patch.errors import HubError, InvalidPatchError
+from nmke_patch.hub import build_pack, parse_ref, pull_pack, push_pack, read_pack_json, verify_pack
+from nmke_patch.patch import DELTAS_FILE, load_patch
+from nmke_patch.sources import resolve_patches
+from nmke_patch.stack import PatchStack
+
+TOKEN = "hf_user_secret"
+OTHER_TOKEN = "hf_other_secret"
+
+
+@pytest.fixture
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A local Hub on 127.0.0.1 (stopped at teardown), set as the endpoint, with an isolated HF cache."""
+    from huggingface_hub import constants
+
+    hf_home = tmp_path / "hf-home"
+    with HubServer(tokens={TOKEN: "user", OTHER_TOKEN: "other"}) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.delenv("NMKE_PATCH_HF_ENDPOINT", raising=False)
+        monkeypatch.setenv("HF_HOME", str(hf_home))
+        monkeypatch.setenv("HF_HUB_CACHE", str(hf_home / "hub"))
+        for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            monkeypatch.delenv(var, raising=False)
+        # huggingface_hub reads these once, at import time
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_home / "hub"))
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(hf_home / "token"))
+        monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(hf_home / "stored_tokens"))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        yield server
+
+
+@pytest.fixture
+def two_patches(tmp_path: Path):
+    """Two saved, stacked patches (b lists a as its parent) on tiny_llama, on disjoint neurons."""
+    model = tiny_llama()
+    a = random_patch(model, seed=1, name="capitals", indices=[0, 1, 2, 3]).save(tmp_path / "a.nmke")
+    b = random_patch(model, seed=2, name="languages", indices=[10, 11, 12], parents=(a,))
+    return a, b.save(tmp_path / "b.nmke")
+
+
+def _ids(folder: Path) -> list[str]:
+    return [e["id"] for e in read_pack_json(folder)]
+
+
+def test_push_pull_roundtrip_and_apply(hub, two_patches):
+    a, b = two_patches
+    url = push_pack([a.path, b.path], "user/pack", token=TOKEN)
+    oid = hub.repos["user/pack"].branches["main"]
+    assert url.endswith(oid)
+    files = hub.files("user/pack")
+    assert {"pack.json", "README.md", "patches/capitals.nmke/deltas.safetensors"} <= set(files)
+
+    folder = pull_pack("hf://user/pack")
+    assert _ids(folder) == [a.id, b.id]
+    assert [p.id for p in verify_pack(folder, trusted_root=folder.parent.parent)] == [a.id, b.id]
+    card = (folder / "README.md").read_text()
+    assert "library_name: nmke-patch" in card and "knowledge-editing" in card
+    assert "base_model:" not in card  # "tiny" is not a Hub id
+    assert "The capital of X is" in card
+
+    model = tiny_llama()
+    before = state_copy(model)
+    patches = resolve_patches(["hf://user/pack"])
+    assert [p.id for p in patches] == [a.id, b.id]
+    stack = PatchStack.for_model(model)
+    for p in patches:
+        stack.apply(p)
+    name = a.deltas[0].name
+    assert not torch.equal(model.state_dict()[name], before[name])
+    stack.unload_all()
+    assert_state_equal(model, before)
+
+
+def test_pull_specific_revisions(hub, two_patches, tmp_path):
+    a, b = two_patches
+    push_pack([a.path], "user/pack", token=TOKEN)
+    first = hub.repos["user/pack"].branches["main"]
+    push_pack([a.path, b.path], "user/pack", token=TOKEN, revision="v2")
+    push_pack([b.path], "user/pack@v3", token=TOKEN)  # revision in the reference
+    assert not any(f.startswith("patches/capitals.nmke") for f in hub.files("user/pack", "v3"))
+    assert _ids(pull_pack("hf://user/pack")) == [a.id]
+    assert _ids(pull_pack("hf://user/pack@v2")) == [a.id, b.id]
+    assert _ids(pull_pack("user/pack", revision="v3")) == [b.id]
+    assert _ids(pull_pack(f"hf://user/pack@{first}")) == [a.id]
+    assert _ids(pull_pack("user/pack@v2", local_dir=tmp_path / "out")) == [a.id, b.id]
+    with pytest.raises(HubError, match="revision 'nope' does not exist"):
+        pull_pack("hf://user/pack@nope")
+    with pytest.raises(HubError, match="not found"):
+        pull_pack("hf://user/missing")
+
+
+def test_private_pack_needs_a_token(hub, two_patches):
+    a, _ = two_patches
+    push_pack([a.path], "user/secret", private=True, token=TOKEN)
+    assert hub.repos["user/secret"].private
+    with pytest.raises(HubError, match="private"):
+        pull_pack("hf://user/secret")  # anonymous: 401
+    with pytest.raises(HubError, match="private"):
+        pull_pack("hf://user/secret", token=OTHER_TOKEN)  # someone else: 404
+    with pytest.raises(HubError):
+        pull_pack("hf://user/secret", token="hf_wrong")
+    assert _ids(pull_pack("hf://user/secret", token=TOKEN)) == [a.id]
+    with pytest.raises(HubError, match="push"):
+        push_pack([a.path], "user/secret", token=OTHER_TOKEN)  # no write access to user/
+    with pytest.raises(HubError):
+        push_pack([a.path], "user/other-pack")  # no token at all
+
+
+def test_offline_pull_uses_the_cache(hub, two_patches, monkeypatch):
+    from huggingface_hub import constants
+
+    a, b = two_patches
+    push_pack([a.path, b.path], "user/pack", token=TOKEN)
+    online = pull_pack("hf://user/pack")
+    seen = len(hub.requests)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # set after huggingface_hub was imported: read at call time
+    assert pull_pack("hf://user/pack") == online
+    assert len(hub.requests) == seen
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # as if set before the import
+    assert pull_pack("hf://user/pack") == online
+    assert [p.id for p in resolve_patches(["hf://user/pack"])] == [a.id, b.id]
+    assert len(hub.requests) == seen  # nothing went over the network
+    with pytest.raises(HubError, match="offline"):
+        pull_pack("hf://user/pack@v9")
+    with pytest.raises(HubError, match="offline"):
+        push_pack([a.path], "user/pack", token=TOKEN)
+
+
+def _flip_byte(data: bytes, pos: int = -3) -> bytes:
+    buf = bytearray(data)
+    buf[pos] ^= 0x01
+    return bytes(buf)
+
+
+def test_tampered_pack_is_refused_and_nothing_applied(hub, two_patches):
+    a, b = two_patches
+    for repo in ("user/t1", "user/t2", "user/t3", "user/t4", "user/t5"):
+        push_pack([a.path, b.path], repo, token=TOKEN)
+    deltas = f"patches/languages.nmke/{DELTAS_FILE}"
+    hub.files("user/t1")[deltas] = _flip_byte(hub.files("user/t1")[deltas])
+    # consistent deltas + manifest swap: the id in pack.json no longer matches
+    t2 = hub.files("user/t2")
+    for fname in (DELTAS_FILE, "manifest.json"):
+        t2[f"patches/capitals.nmke/{fname}"] = (Path(b.path) / fname).read_bytes()
+    pack = json.loads(hub.files("user/t3")["pack.json"])
+    pack["patches"][0]["path"] = "../../../../etc"
+    hub.files("user/t3")["pack.json"] = json.dumps(pack).encode()
+    pack = json.loads(hub.files("user/t4")["pack.json"])
+    pack["format_version"] = 99
+    hub.files("user/t4")["pack.json"] = json.dumps(pack).encode()
+    pack = json.loads(hub.files("user/t5")["pack.json"])
+    pack["patches"][1]["name"] = "harmless"
+    hub.files("user/t5")["pack.json"] = json.dumps(pack).encode()
+
+    model = tiny_llama()
+    before = state_copy(model)
+    for repo, why in (
+        ("user/t1", "sha256"),
+        ("user/t2", "pack was modified"),
+        ("user/t3", "not a plain relative path"),
+        ("user/t4", "not supported"),
+        ("user/t5", "calls it 'harmless'"),
+    ):
+        with pytest.raises(InvalidPatchError, match=why):
+            patches = resolve_patches([f"hf://{repo}"])
+            for p in patches:  # never reached
+                PatchStack.for_model(model).apply(p)
+    assert_state_equal(model, before)
+    assert PatchStack.for_model(model).applied == []
+
+
+def test_verify_pack_refuses_links_out_of_the_pack(two_patches, tmp_path):
+    a, b = two_patches
+    pack = build_pack([a, b], tmp_path / "pack")
+    assert [p.id for p in verify_pack(pack)] == [a.id, b.id]
+    target = pack / "patches" / "capitals.nmke" / DELTAS_FILE
+    target.unlink()
+    target.symlink_to(Path(a.path) / DELTAS_FILE)  # same bytes, but outside the pack
+    with pytest.raises(InvalidPatchError, match="link leading out"):
+        verify_pack(pack)
+
+
+def test_build_pack_layout_and_card(two_patches, tmp_path):
+    a, b = two_patches
+    c = replace(load_patch(b.path), path=None)  # an in-memory duplicate name gets a unique folder
+    c = replace(c, manifest=replace(c.manifest, name="capitals", parents=[]))
+    hub_base = {**a.manifest.base_model, "name_or_path": "HuggingFaceTB/SmolLM2-135M"}
+    a2 = replace(load_patch(a.path), manifest=replace(a.manifest, base_model=hub_base), path=None)
+    pack = build_pack([a2, c], tmp_path / "pack", repo_id="user/pack")
+    data = json.loads((pack / "pack.json").read_text())
+    assert data["format"] == "nmke-pack" and data["format_version"] == 1
+    assert [e["path"] for e in data["patches"]] == ["patches/capitals.nmke", "patches/capitals-2.nmke"]
+    card = (pack / "README.md").read_text()
+    assert "HuggingFaceTB/SmolLM2-135M" in card and "hf://user/pack" in card
+    with pytest.raises(InvalidPatchError, match="more than once"):
+        build_pack([a, a], tmp_path / "dup")
+    single = build_pack([a2], tmp_path / "single")
+    assert "base_model: HuggingFaceTB/SmolLM2-135M" in (single / "README.md").read_text()
+
+
+def test_push_with_peft_adapter(hub, two_patches):
+    a, b = two_patches
+    push_pack([a.path, b.path], "user/peft-pack", token=TOKEN, with_peft=True)
+    files = hub.files("user/peft-pack")
+    assert "peft/adapter_config.json" in files and "peft/adapter_model.safetensors" in files
+    assert _ids(pull_pack("hf://user/peft-pack")) == [a.id, b.id]
+
+
+def test_parse_ref():
+    assert parse_ref("hf://user/pack@v2") == ("user/pack", "v2")
+    assert parse_ref("user/pack") == ("user/pack", None)
+    assert parse_ref("hf://user/pack@refs/pr/1") == ("user/pack", "refs/pr/1")
+    for bad in ("hf://", "hf://user/../pack", "a/b/c", "hf://user/pack@"):
+        with pytest.raises(HubError):
+            parse_ref(bad)
+    with pytest.raises(HubError, match="pass only one"):
+        parse_ref("hf://user/pack@v1", "v2")
+
+
+def test_cli_push_and_pull(hub, two_patches, tmp_path, monkeypatch, capsys):
+    from nmke_patch.cli.main import app, run
+
+    a, b = two_patches
+    runner = CliRunner()
+    result = runner.invoke(
+        app, ["push", str(a.path), str(b.path), "user/cli-pack", "--private", "--token", TOKEN]
+    )
+    assert result.exit_code == 0, result.output
+    assert "pushed" in result.output
+    out = tmp_path / "pulled"
+    result = runner.invoke(app, ["pull", "hf://user/cli-pack", "-o", str(out), "--token", TOKEN])
+    assert result.exit_code == 0, result.output
+    assert _ids(out) == [a.id, b.id]
+    assert a.id[:12] in result.output
+
+    monkeypatch.setattr(sys, "argv", ["nmke-patch", "pull", "user/cli-pack"])  # no token: refused
+    with pytest.raises(SystemExit) as exc:
+        run()
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "private" in err and len(err.splitlines()) == 1
