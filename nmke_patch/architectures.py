@@ -30,6 +30,7 @@ class ArchitectureSpec:
     """Dotted path (from one decoder layer) of the norm in front of the MLP; its input is the residual
     stream after attention."""
     final_norm: str
+    final_norm_kind: Literal["rmsnorm", "layernorm"]
     lm_head: str
     module_kind: Literal["linear", "conv1d"]
     neuron_axis: int
@@ -78,6 +79,7 @@ def spec_for_model_type(model_type: str) -> ArchitectureSpec:
         mlp_out=entry["mlp_out"],
         mlp_norm=entry["mlp_norm"],
         final_norm=entry["final_norm"],
+        final_norm_kind=entry["final_norm_kind"],
         lm_head=entry["lm_head"],
         module_kind=entry["module_kind"],
         neuron_axis=int(entry["neuron_axis"]),

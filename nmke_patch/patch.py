@@ -33,6 +33,7 @@ FORMAT_NAME = "nmke-patch"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 DELTAS_FILE = "deltas.safetensors"
+STATE_FILE = "state.safetensors"
 CARD_FILE = "README.md"
 PATCH_SUFFIX = ".nmke"
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
@@ -106,6 +107,9 @@ class Patch:
     id: str = ""
     """sha256 (hex) of ``deltas.safetensors`` (computed from the tensors when not given)."""
     path: Path | None = None
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Optional editing state that travels with the patch chain: ``keys.<layer>`` float32 ``[T, d_ff]``,
+    the keys of the edits (accumulated as past-key statistics by later ``create --on`` runs)."""
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -132,10 +136,10 @@ class Patch:
 
     # -- writing ---------------------------------------------------------------------------------
 
-    def manifest_json(self, deltas_sha256: str) -> dict[str, Any]:
+    def manifest_json(self, deltas_sha256: str, state_sha256: str | None = None) -> dict[str, Any]:
         """The manifest as written to disk (keys in a fixed order)."""
         m = self.manifest
-        return {
+        data = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "tool_version": m.tool_version,
@@ -161,6 +165,10 @@ class Patch:
             "deltas_sha256": deltas_sha256,
             "notes": m.notes,
         }
+        if state_sha256 is not None:
+            data["state_file"] = STATE_FILE
+            data["state_sha256"] = state_sha256
+        return data
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False, card: bool = True) -> Patch:
         """Write the patch directory atomically (a temporary directory renamed into place).
@@ -179,13 +187,18 @@ class Patch:
                 fh.flush()
                 os.fsync(fh.fileno())
             sha = hashlib.sha256(payload).hexdigest()
+            state_sha = None
+            if self.state:
+                state_payload = save({k: v.to(torch.float32).contiguous() for k, v in sorted(self.state.items())})
+                (staging / STATE_FILE).write_bytes(state_payload)
+                state_sha = hashlib.sha256(state_payload).hexdigest()
             manifest = self.manifest
             if not manifest.created_at:
                 manifest = replace(
                     manifest, created_at=datetime.now(timezone.utc).replace(microsecond=0).isoformat()
                 )
             saved = replace(self, manifest=manifest, id=sha, path=target)
-            text = json.dumps(saved.manifest_json(sha), indent=2, ensure_ascii=False) + "\n"
+            text = json.dumps(saved.manifest_json(sha, state_sha), indent=2, ensure_ascii=False) + "\n"
             (staging / MANIFEST_FILE).write_text(text, encoding="utf-8")
             if card:
                 from .card import patch_card
@@ -362,7 +375,37 @@ def load_patch(path: str | os.PathLike[str]) -> Patch:
         tool_version=str(data.get("tool_version", "")),
         notes=str(data.get("notes", "")),
     )
-    return Patch(manifest=manifest, deltas=tuple(deltas), id=sha, path=root)
+    return Patch(manifest=manifest, deltas=tuple(deltas), id=sha, path=root, state=_load_state(root, data))
+
+
+def _load_state(root: Path, data: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The optional ``state.safetensors``: hash-checked, only float32 ``[T, D]`` tensors named ``keys.<int>``."""
+    if "state_sha256" not in data:
+        return {}
+    where = str(root)
+    if data.get("state_file") != STATE_FILE or not isinstance(data["state_sha256"], str):
+        raise InvalidPatchError(f"{where}: state_file must be {STATE_FILE!r} with a state_sha256 string")
+    path = root / STATE_FILE
+    if not path.is_file():
+        raise InvalidPatchError(f"{where}: {STATE_FILE} is missing")
+    if _sha256_file(path) != data["state_sha256"]:
+        raise InvalidPatchError(f"{where}: {STATE_FILE} does not match the manifest's sha256 (tampered or truncated)")
+    state: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            for key in fh.keys():
+                prefix, _, layer = key.partition(".")
+                if prefix != "keys" or not layer.isdigit():
+                    raise InvalidPatchError(f"{where}: unexpected tensor {key!r} in {STATE_FILE}")
+                t = fh.get_tensor(key)
+                if t.dtype != torch.float32 or t.dim() != 2 or not bool(torch.isfinite(t).all()):
+                    raise InvalidPatchError(f"{where}: {STATE_FILE} tensor {key!r} must be finite float32 [T, D]")
+                state[key] = t
+    except InvalidPatchError:
+        raise
+    except Exception as exc:
+        raise InvalidPatchError(f"{where}: {STATE_FILE} could not be read ({exc})") from exc
+    return state
 
 
 def _check_tensors(

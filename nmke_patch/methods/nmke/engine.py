@@ -1,0 +1,273 @@
+"""The editing loop: target values, attribution and mask, layer-by-layer solve, lifelong key state.
+
+:class:`Editor` edits a live model one batch at a time (through a :class:`PatchStack` "working" patch,
+so the model is always exactly base + the accumulated float32 delta) and can save and restore its state
+for checkpoints. The dense baselines (AlphaEdit, MEMIT) run through the same loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...architectures import decoder_layers, get_submodule, spec_for_model
+from ...delta import TensorDelta, gather_neurons, make_delta
+from ...patch import Manifest, Patch
+from ...requests import EditRequest
+from ...stack import PatchStack
+from ...stats import nullspace_basis
+from ...tracing import capture
+from .attribution import neuron_scores
+from .config import EditConfig
+from .mask import apply_budget, hybrid_mask, mask_ratios
+from .prompts import Batch, encode, sample_prefixes, target_logprobs
+from .solve import solve_layer
+from .values import compute_target_value
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EditRecord:
+    """Measurements of one edit request."""
+
+    index: int
+    id: str | None
+    p_new_before: float
+    p_new_after: float
+    z_steps: int
+    neurons: dict[str, int]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "id": self.id, "p_new_before": self.p_new_before,
+                "p_new_after": self.p_new_after, "z_steps": self.z_steps, "neurons": self.neurons,
+                "seconds": {k: round(v, 4) for k, v in self.seconds.items()}}
+
+
+@dataclass
+class _Forward:
+    keys_subject: dict[int, torch.Tensor]  # [B, D]
+    keys_last: dict[int, torch.Tensor]  # [B, D]
+    h_mid_last: dict[int, torch.Tensor]  # [B, d]
+    out_subject: torch.Tensor  # [B, d] output of the last edited layer at the subject
+    final_last: torch.Tensor  # [B, d]
+    logits_last: torch.Tensor  # [B, V]
+    target_lp: torch.Tensor  # [B]
+
+
+class Editor:
+    """Computes NMKE / AlphaEdit / MEMIT edits on a live model."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, config: EditConfig, *, c0: dict[int, torch.Tensor],
+                 past_keys: dict[int, torch.Tensor] | None = None) -> None:
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.spec = spec_for_model(model)
+        num_layers = len(decoder_layers(model, self.spec))
+        self.layers = list(config.layers) if config.layers is not None else self.spec.default_layers(num_layers)
+        if self.layers[-1] >= num_layers or self.layers[0] < 0:
+            raise ValueError(f"edited layers {self.layers} out of range for a {num_layers}-layer model")
+        self.device = next(model.parameters()).device
+        self.stack = PatchStack.for_model(model)
+        params = dict(model.named_parameters())
+        self.weights = {l: params[self.spec.weight_name(l)] for l in self.layers}
+        self.d_ff = int(self.weights[self.layers[0]].shape[self.spec.neuron_axis])
+        self.c0 = {l: c0[l].float().cpu() for l in self.layers}
+        self.basis = ({l: nullspace_basis(self.c0[l], config.projector_energy) for l in self.layers}
+                      if config.method == "alphaedit" or (config.method == "nmke" and config.masked_solve == "post")
+                      else {})
+        self.past_keys = {l: (past_keys or {}).get(l, torch.zeros(0, self.d_ff)).float().cpu() for l in self.layers}
+        self.c_past = {l: self.past_keys[l].T @ self.past_keys[l] for l in self.layers}
+        self.new_keys: dict[int, list[torch.Tensor]] = {l: [] for l in self.layers}
+        self.cum = {l: torch.zeros(self.d_ff, self.weights[l].shape[1 - self.spec.neuron_axis]) for l in self.layers}
+        self.touched = {l: torch.zeros(self.d_ff, dtype=torch.bool) for l in self.layers}
+        self.records: list[EditRecord] = []
+        self.prefixes = sample_prefixes(model, tokenizer, config.n_prefixes, config.prefix_tokens, config.seed)
+        self._working: Patch | None = None
+        self._serial = 0
+        norm = get_submodule(model, self.spec.final_norm)
+        self._norm_gain = norm.weight.detach()
+        self._norm_bias = getattr(norm, "bias", None)
+        self._norm_eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+        self._unembed = get_submodule(model, self.spec.lm_head).weight.detach()
+
+    # -- forward passes -------------------------------------------------------------------------
+
+    def _batch(self, requests: Sequence[EditRequest]) -> tuple[Batch, list[int]]:
+        texts, subjects, targets, owner = [], [], [], []
+        for i, r in enumerate(requests):
+            for p in ["", *self.prefixes]:
+                texts.append(p + r.text)
+                subjects.append(r.subject)
+                targets.append(r.target_new)
+                owner.append(i)
+        return encode(self.tokenizer, texts, subjects, targets).to(self.device), owner
+
+    @torch.no_grad()
+    def _forward(self, batch: Batch, layers: Sequence[int]) -> _Forward:
+        spec = self.spec
+        inputs = {f"k{l}": f"{spec.layers}.{l}.{spec.mlp_out}" for l in layers}
+        inputs |= {f"m{l}": f"{spec.layers}.{l}.{spec.mlp_norm}" for l in layers}
+        inputs["final"] = spec.final_norm
+        outputs = {"out": f"{spec.layers}.{self.layers[-1]}"}
+        with capture(self.model, inputs=inputs, outputs=outputs) as seen:
+            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        rows = torch.arange(batch.input_ids.shape[0], device=self.device)
+        sp, lp = batch.subject_pos, batch.last_pos
+        return _Forward(
+            keys_subject={l: seen[f"k{l}"][rows, sp].float().cpu() for l in layers},
+            keys_last={l: seen[f"k{l}"][rows, lp].float().cpu() for l in layers},
+            h_mid_last={l: seen[f"m{l}"][rows, lp].float().cpu() for l in layers},
+            out_subject=seen["out"][rows, sp].float().cpu(),
+            final_last=seen["final"][rows, lp].float().cpu(),
+            logits_last=logits[rows, lp].float().cpu(),
+            target_lp=target_logprobs(logits, batch).float().cpu(),
+        )
+
+    # -- model state ----------------------------------------------------------------------------
+
+    def _tensor_deltas(self) -> tuple[TensorDelta, ...]:
+        out = []
+        for l in self.layers:
+            idx = torch.nonzero(self.touched[l]).flatten()
+            if idx.numel():
+                out.append(make_delta(self.spec.weight_name(l), self.weights[l], self.spec.neuron_axis, idx,
+                                      self.cum[l][idx]))
+        return tuple(out)
+
+    def _refresh_weights(self) -> None:
+        """Make the live weights exactly base + the accumulated delta (one rounding)."""
+        if self._working is not None:
+            self.stack.unload(self._working)
+            self._working = None
+        deltas = self._tensor_deltas()
+        if deltas:
+            self._serial += 1
+            manifest = Manifest(name=f"nmke-working-{self._serial}", base_model={}, method={})
+            self._working = Patch(manifest=manifest, deltas=deltas, id=f"working-{id(self)}-{self._serial}")
+            self.stack.apply(self._working, force=True)
+
+    def release(self) -> None:
+        """Take the accumulated edits off the live model (it returns to its state before the editor)."""
+        if self._working is not None:
+            self.stack.unload(self._working)
+            self._working = None
+
+    def final_deltas(self) -> tuple[TensorDelta, ...]:
+        """The accumulated edits as tensor deltas, originals taken from the model without them."""
+        self.release()
+        return self._tensor_deltas()
+
+    # -- one batch --------------------------------------------------------------------------------
+
+    def _select(self, fw: _Forward, owner: list[int], n_requests: int) -> dict[int, torch.Tensor]:
+        """Neurons each layer may change for this batch (union over its requests)."""
+        cfg = self.config
+        if cfg.dense:
+            return {l: torch.arange(self.d_ff) for l in self.layers}
+        own = torch.tensor(owner)
+        answers = fw.logits_last.argmax(dim=-1)
+        budget = self.d_ff if cfg.max_neurons is None else max(1, int(cfg.max_neurons * self.d_ff))
+        selected = {}
+        for l in self.layers:
+            values = gather_neurons(self.weights[l].detach(), self.spec.neuron_axis,
+                                    torch.arange(self.d_ff)).float().cpu()
+            chosen = []
+            for i in range(n_requests):
+                rows = own == i
+                scores = neuron_scores(spec=self.spec, values=values, activations=fw.keys_last[l][rows],
+                                       h_mid=fw.h_mid_last[l][rows], final_resid=fw.final_last[rows],
+                                       answers=answers[rows], norm_gain=self._norm_gain.cpu(),
+                                       norm_bias=None if self._norm_bias is None else self._norm_bias.detach().cpu(),
+                                       norm_eps=self._norm_eps, unembed=self._unembed.cpu(),
+                                       amplification=cfg.amplification, vocab_limit=cfg.attribution_vocab)
+                ratios = mask_ratios(scores, temperature=cfg.temperature, low=cfg.ratio_min, high=cfg.ratio_max)
+                mask, priority = hybrid_mask(scores, ratios)
+                if cfg.neuron_score == "specificity":
+                    k = fw.keys_subject[l][rows].mean(dim=0)
+                    priority = k.pow(2) / torch.diagonal(self.c0[l]).clamp_min(1e-12)
+                chosen.append(apply_budget(mask, priority, budget))
+            selected[l] = torch.unique(torch.cat(chosen))
+        return selected
+
+    def edit(self, requests: Sequence[EditRequest], start_index: int) -> list[EditRecord]:
+        """Edit ``requests`` together (one solve per layer) and keep the result on the live model."""
+        t0 = time.perf_counter()
+        batch, owner = self._batch(requests)
+        own = torch.tensor(owner)
+        n = len(self.layers)
+        last = self.layers[-1]
+        fw = self._forward(batch, self.layers)
+        bare = torch.tensor([owner.index(i) for i in range(len(requests))])
+        p_before = torch.exp(fw.target_lp[bare])
+        t1 = time.perf_counter()
+        targets = [compute_target_value(self.model, self.tokenizer, self.spec, last, r, self.prefixes, self.config)
+                   for r in requests]
+        z = torch.stack([t.z for t in targets], dim=1).cpu()  # [d, u]
+        t2 = time.perf_counter()
+        selected = self._select(fw, owner, len(requests))
+        t3 = time.perf_counter()
+        for j, l in enumerate(self.layers):
+            cur = fw if j == 0 else self._forward(batch, [l])
+            keys = torch.stack([cur.keys_subject[l][own == i].mean(dim=0) for i in range(len(requests))], dim=1)
+            h = cur.out_subject[bare].T  # [d, u]
+            residual = (z - h) / (n - j)
+            rows, x, _kept = solve_layer(keys, residual, config=self.config, c0=self.c0[l], c_past=self.c_past[l],
+                                         basis=self.basis.get(l), selected=selected[l])
+            self.cum[l][rows] += x
+            self.touched[l][rows] = True
+            self._refresh_weights()
+        t4 = time.perf_counter()
+        after = self._forward(batch, self.layers)
+        for l in self.layers:
+            new = torch.stack([after.keys_subject[l][own == i].mean(dim=0) for i in range(len(requests))])
+            self.new_keys[l].append(new)
+            self.c_past[l] += new.T @ new
+        p_after = torch.exp(after.target_lp[bare])
+        t5 = time.perf_counter()
+        per = 1.0 / len(requests)
+        records = []
+        for i, r in enumerate(requests):
+            rec = EditRecord(
+                index=start_index + i, id=r.id, p_new_before=float(p_before[i]), p_new_after=float(p_after[i]),
+                z_steps=targets[i].steps, neurons={str(l): int(selected[l].numel()) for l in self.layers},
+                seconds={"total": (t5 - t0) * per, "z": (t2 - t1) * per, "attribution": (t3 - t2) * per,
+                         "solve": (t4 - t3) * per, "forward": (t1 - t0 + t5 - t4) * per},
+            )
+            records.append(rec)
+        self.records.extend(records)
+        return records
+
+    # -- lifelong state ---------------------------------------------------------------------------
+
+    def keys_state(self) -> dict[int, torch.Tensor]:
+        """Keys of every edit made by this editor, per layer ``[T, D]`` (they become ``C_past`` later)."""
+        return {l: torch.cat(self.new_keys[l]) if self.new_keys[l] else torch.zeros(0, self.d_ff)
+                for l in self.layers}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything needed to resume: accumulated deltas, touched masks, new keys."""
+        out: dict[str, torch.Tensor] = {}
+        for l, keys in self.keys_state().items():
+            out[f"cum.{l}"] = self.cum[l].contiguous()
+            out[f"touched.{l}"] = self.touched[l].to(torch.uint8).contiguous()
+            out[f"keys.{l}"] = keys.contiguous()
+            out[f"c_past.{l}"] = self.c_past[l].contiguous()
+        return out
+
+    def load_state(self, tensors: dict[str, torch.Tensor], records: list[EditRecord]) -> None:
+        """Restore :meth:`state_tensors` (from a checkpoint) and put the edits back on the model."""
+        for l in self.layers:
+            self.cum[l] = tensors[f"cum.{l}"].float().clone()
+            self.touched[l] = tensors[f"touched.{l}"].bool().clone()
+            keys = tensors[f"keys.{l}"].float()
+            self.new_keys[l] = [keys] if keys.numel() else []
+            self.c_past[l] = tensors[f"c_past.{l}"].float().clone()
+        self.records = list(records)
+        self._refresh_weights()

@@ -1,0 +1,100 @@
+"""Prompt construction: context prefixes, tokenization with subject and target positions, padding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You", "In", "It", "When")
+
+
+@torch.no_grad()
+def sample_prefixes(model: nn.Module, tokenizer: Any, n: int, length: int, seed: int) -> list[str]:
+    """``n`` short context prefixes sampled from the model itself (top-5 sampling, seeded), each ending in '. '."""
+    if n == 0:
+        return []
+    device = next(model.parameters()).device
+    starts = [tokenizer(PREFIX_STARTS[i % len(PREFIX_STARTS)]).input_ids[-1] for i in range(n)]
+    start = torch.tensor(starts, device=device).unsqueeze(1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out = model.generate(start, max_new_tokens=length, min_new_tokens=length, do_sample=True, top_k=5,
+                             pad_token_id=tokenizer.pad_token_id, attention_mask=torch.ones_like(start))
+    prefixes = []
+    for row in out:
+        text = tokenizer.decode(row, skip_special_tokens=True).replace("\n", " ").replace("{", "").replace("}", "")
+        prefixes.append(text.strip() + ". ")
+    return prefixes
+
+
+@dataclass
+class Batch:
+    """Right-padded token ids with per-row positions of interest."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    subject_pos: torch.Tensor  # [B] index of the subject's last token (or -1)
+    last_pos: torch.Tensor  # [B] index of the last prompt token before the target
+    target_ids: list[list[int]]  # per row: target token ids (empty when none)
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.subject_pos.to(device),
+                     self.last_pos.to(device), self.target_ids)
+
+
+def _token_at(offsets: list[tuple[int, int]], char: int) -> int:
+    for i, (a, b) in enumerate(offsets):
+        if a <= char < b:
+            return i
+    for i, (a, _b) in enumerate(offsets):  # char was whitespace merged into the next token
+        if a > char:
+            return i - 1
+    return len(offsets) - 1
+
+
+def encode(tokenizer: Any, prompts: list[str], subjects: list[str | None], targets: list[str | None]) -> Batch:
+    """Tokenize ``prompt [+ ' ' + target]`` rows; find the subject's last token and the last prompt token.
+
+    ``prompts`` are complete texts (subject already filled in); ``subjects[i]`` is located by its last
+    occurrence in the prompt text. The target, if any, is appended with a leading space and all but its
+    last token are fed (teacher forcing); ``target_ids`` holds all its tokens.
+    """
+    rows, subject_pos, last_pos, target_ids = [], [], [], []
+    for prompt, subject, target in zip(prompts, subjects, targets, strict=True):
+        text = prompt + (" " + target if target else "")
+        enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+        ids: list[int] = list(enc["input_ids"])
+        offsets = [tuple(o) for o in enc["offset_mapping"]]
+        n_prompt = max(1, next((i for i, (a, _b) in enumerate(offsets) if a >= len(prompt) and i > 0), len(ids)))
+        tgt = ids[n_prompt:] if target else []
+        feed = ids[:n_prompt] + tgt[:-1]
+        rows.append(feed)
+        last_pos.append(n_prompt - 1)
+        target_ids.append(tgt)
+        if subject:
+            start = prompt.rfind(subject)
+            subject_pos.append(_token_at(offsets, start + len(subject) - 1) if start >= 0 else n_prompt - 1)
+        else:
+            subject_pos.append(-1)
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return Batch(input_ids, mask, torch.tensor(subject_pos), torch.tensor(last_pos), target_ids)
+
+
+def target_logprobs(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Sum of log-probabilities of each row's target tokens given teacher forcing: ``[B]``."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    out = []
+    for i, tgt in enumerate(batch.target_ids):
+        start = int(batch.last_pos[i])
+        pos = torch.arange(start, start + len(tgt), device=logits.device)
+        out.append(logp[i, pos, torch.tensor(tgt, device=logits.device)].sum())
+    return torch.stack(out)

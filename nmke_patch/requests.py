@@ -1,0 +1,176 @@
+"""Edit requests and the readers for our JSON/JSONL records, CounterFact and ZsRE.
+
+A bad record stops reading with :class:`InvalidRequestError` naming the record's index and field, before
+any computation starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class Neighbor:
+    """A prompt about another fact whose answer should not change."""
+
+    prompt: str
+    target: str
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One fact to write: ``prompt.format(subject)`` should continue with ``target_new``."""
+
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str | None = None
+    paraphrases: tuple[str, ...] = ()
+    neighborhood: tuple[Neighbor, ...] = ()
+    id: str | None = None
+
+    @property
+    def text(self) -> str:
+        """The prompt with the subject filled in."""
+        return self.prompt.replace("{}", self.subject)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["paraphrases"] = list(self.paraphrases)
+        data["neighborhood"] = [asdict(n) for n in self.neighborhood]
+        return {k: v for k, v in data.items() if v not in (None, [], ())}
+
+
+def _str(record: dict[str, Any], key: str, index: int, *, required: bool = True) -> str | None:
+    value = record.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidRequestError(f"record {index}: field {key!r} must be a non-empty string")
+    return value
+
+
+def _from_native(record: dict[str, Any], index: int) -> EditRequest:
+    prompt = _str(record, "prompt", index)
+    assert prompt is not None
+    if prompt.count("{}") != 1:
+        raise InvalidRequestError(f"record {index}: field 'prompt' must contain exactly one '{{}}' (got {prompt!r})")
+    subject = _str(record, "subject", index)
+    target_new = _str(record, "target_new", index)
+    target_true = _str(record, "target_true", index, required=False)
+    paraphrases = record.get("paraphrases", [])
+    if not isinstance(paraphrases, list) or not all(isinstance(p, str) and p.strip() for p in paraphrases):
+        raise InvalidRequestError(f"record {index}: field 'paraphrases' must be a list of non-empty strings")
+    neighborhood = []
+    raw_neighbors = record.get("neighborhood", [])
+    if not isinstance(raw_neighbors, list):
+        raise InvalidRequestError(f"record {index}: field 'neighborhood' must be a list")
+    for j, n in enumerate(raw_neighbors):
+        if not isinstance(n, dict) or not all(isinstance(n.get(k), str) and n.get(k) for k in ("prompt", "target")):
+            raise InvalidRequestError(
+                f"record {index}: field 'neighborhood[{j}]' must be an object with 'prompt' and 'target' strings"
+            )
+        neighborhood.append(Neighbor(n["prompt"], n["target"]))
+    rid = record.get("id", record.get("case_id"))
+    return EditRequest(
+        prompt=prompt,
+        subject=subject.strip(),  # type: ignore[union-attr]
+        target_new=target_new.strip(),  # type: ignore[union-attr]
+        target_true=target_true.strip() if target_true else None,
+        paraphrases=tuple(paraphrases),
+        neighborhood=tuple(neighborhood),
+        id=None if rid is None else str(rid),
+    )
+
+
+def _from_counterfact(record: dict[str, Any], index: int) -> EditRequest:
+    rw = record["requested_rewrite"]
+    if not isinstance(rw, dict):
+        raise InvalidRequestError(f"record {index}: field 'requested_rewrite' must be an object")
+
+    def target(key: str) -> str | None:
+        value = rw.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, dict) or not isinstance(value.get("str"), str):
+            raise InvalidRequestError(f"record {index}: field 'requested_rewrite.{key}.str' must be a string")
+        return value["str"]
+
+    true = target("target_true")
+    native = {
+        "prompt": rw.get("prompt"),
+        "subject": rw.get("subject"),
+        "target_new": target("target_new"),
+        "target_true": true,
+        "paraphrases": record.get("paraphrase_prompts", []),
+        "neighborhood": [{"prompt": p, "target": true} for p in record.get("neighborhood_prompts", [])] if true else [],
+        "id": record.get("case_id"),
+    }
+    return _from_native(native, index)
+
+
+def _from_zsre(record: dict[str, Any], index: int) -> EditRequest:
+    subject = record.get("subject")
+    src = record.get("src")
+    if not isinstance(src, str) or not isinstance(subject, str) or subject not in src:
+        raise InvalidRequestError(f"record {index}: ZsRE field 'subject' must be a string that occurs in 'src'")
+    alt = record.get("alt")
+    loc, loc_ans = record.get("loc"), record.get("loc_ans")
+    neighborhood = []
+    if isinstance(loc, str) and isinstance(loc_ans, str):
+        neighborhood.append({"prompt": loc.removeprefix("nq question: "), "target": loc_ans})
+    rephrase = record.get("rephrase")
+    native = {
+        "prompt": src.replace(subject, "{}", 1),
+        "subject": subject,
+        "target_new": alt,
+        "target_true": (record.get("answers") or [None])[0],
+        "paraphrases": [rephrase] if isinstance(rephrase, str) else [],
+        "neighborhood": neighborhood,
+        "id": record.get("case_id"),
+    }
+    return _from_native(native, index)
+
+
+def parse_request(record: Any, index: int) -> EditRequest:
+    """One record (ours, CounterFact or ZsRE) as an :class:`EditRequest`."""
+    if not isinstance(record, dict):
+        raise InvalidRequestError(f"record {index}: must be a JSON object")
+    if "requested_rewrite" in record:
+        return _from_counterfact(record, index)
+    if "src" in record and "alt" in record:
+        return _from_zsre(record, index)
+    return _from_native(record, index)
+
+
+def read_requests(path: str | os.PathLike[str]) -> list[EditRequest]:
+    """Read a JSON list or JSONL file of records; every record is validated before returning."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequestError(f"{file}: not UTF-8 text") from exc
+    stripped = text.lstrip()
+    records: list[Any]
+    if stripped.startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InvalidRequestError(f"{file}: invalid JSON ({exc})") from exc
+    else:
+        records = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise InvalidRequestError(f"{file}: line {lineno} is not valid JSON ({exc.msg})") from exc
+    if not records:
+        raise InvalidRequestError(f"{file}: no records")
+    return [parse_request(r, i) for i, r in enumerate(records)]

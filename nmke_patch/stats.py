@@ -1,0 +1,178 @@
+"""Key statistics ``C0 = E[k k^T]`` over preserved text, the null-space projector, and their disk cache.
+
+Preserved text is the user's (``stats_corpus``: text files) or, by default, text sampled from the model
+itself (works offline). Statistics are cached under ``$NMKE_PATCH_HOME/stats/<model fingerprint>/`` per
+corpus, token count and layer; files are written to a temporary name and renamed, so two processes
+computing the same statistics at once never leave a corrupt file (the last rename wins, both complete).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .architectures import ArchitectureSpec, spec_for_model
+from .errors import ModelLoadError
+from .paths import home
+from .tracing import capture
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_STARTS = ("The", "In", "A", "It", "This", "He", "She", "They", "We", "When", "After", "One", "Many",
+                 "There", "Some", "Most")
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 over the model's config and every parameter's bytes (cached on the model object)."""
+    cached = model.__dict__.get("_nmke_fingerprint")
+    if cached:
+        return cached
+    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    for name, p in sorted(model.state_dict().items()):
+        t = p.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    fp = digest.hexdigest()
+    model.__dict__["_nmke_fingerprint"] = fp
+    return fp
+
+
+@torch.no_grad()
+def sample_text(model: nn.Module, tokenizer: Any, tokens: int, seed: int, *, seq_len: int = 128,
+                batch: int = 32) -> list[list[int]]:
+    """About ``tokens`` tokens of text sampled from the model (top-k 40, seeded), as token-id rows."""
+    device = next(model.parameters()).device
+    rows: list[list[int]] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        while sum(len(r) for r in rows) < tokens:
+            starts = [tokenizer(SAMPLE_STARTS[(len(rows) + i) % len(SAMPLE_STARTS)]).input_ids[-1] for i in range(batch)]
+            start = torch.tensor(starts, device=device).unsqueeze(1)
+            out = model.generate(start, max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1, do_sample=True,
+                                 top_k=40, pad_token_id=tokenizer.pad_token_id, attention_mask=torch.ones_like(start))
+            rows.extend(out.tolist())
+    return rows
+
+
+def corpus_rows(tokenizer: Any, paths: Sequence[str], tokens: int, *, seq_len: int = 128) -> list[list[int]]:
+    """Token rows of up to ``tokens`` tokens from the user's text files (split into ``seq_len`` chunks)."""
+    rows: list[list[int]] = []
+    total = 0
+    for path in paths:
+        try:
+            text = Path(path).read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            raise ModelLoadError(f"cannot read stats corpus {path}: {exc}") from exc
+        ids = tokenizer(text).input_ids
+        for s in range(0, len(ids), seq_len):
+            rows.append(ids[s : s + seq_len])
+            total += len(rows[-1])
+            if total >= tokens:
+                return rows
+    if not rows:
+        raise ModelLoadError(f"stats corpus {list(paths)} holds no text")
+    return rows
+
+
+@torch.no_grad()
+def key_second_moments(model: nn.Module, spec: ArchitectureSpec, rows: Iterable[list[int]], layers: Sequence[int],
+                       *, batch: int = 16) -> dict[int, torch.Tensor]:
+    """``C0[l] = mean over tokens of k k^T`` (float32, ``[d_ff, d_ff]``) for each layer in ``layers``."""
+    device = next(model.parameters()).device
+    sums: dict[int, torch.Tensor] = {}
+    count = 0
+    rows = list(rows)
+    paths = {f"k{l}": f"{spec.layers}.{l}.{spec.mlp_out}" for l in layers}
+    for s in range(0, len(rows), batch):
+        chunk = rows[s : s + batch]
+        width = max(len(r) for r in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for i, r in enumerate(chunk):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        with capture(model, inputs=paths) as seen:
+            model(input_ids=ids.to(device), attention_mask=mask.to(device))
+        keep = mask.bool().to(device)
+        for l in layers:
+            k = seen[f"k{l}"][keep].float()
+            sums[l] = sums.get(l, 0) + k.T @ k  # type: ignore[assignment, operator]
+        count += int(keep.sum())
+    return {l: (sums[l] / count).cpu() for l in layers}
+
+
+@dataclass(frozen=True)
+class StatsSource:
+    """Which preserved text the statistics come from."""
+
+    corpus: str | None
+    tokens: int
+    seed: int
+
+    @property
+    def key(self) -> str:
+        if self.corpus is None:
+            return f"model-sampled-s{self.seed}-{self.tokens}"
+        digest = hashlib.sha256()
+        for path in self.corpus.split(os.pathsep):
+            digest.update(Path(path).read_bytes())
+        return f"corpus-{digest.hexdigest()[:16]}-{self.tokens}"
+
+
+def load_or_compute_c0(model: nn.Module, tokenizer: Any, layers: Sequence[int], source: StatsSource,
+                       *, cache: bool = True) -> dict[int, torch.Tensor]:
+    """``C0`` for each layer, from the disk cache when present (a second ``create`` reuses it)."""
+    spec = spec_for_model(model)
+    folder = home() / "stats" / model_fingerprint(model)[:24] / source.key
+    result: dict[int, torch.Tensor] = {}
+    missing = []
+    for l in layers:
+        file = folder / f"layer{l}.safetensors"
+        if cache and file.is_file():
+            try:
+                with safe_open(str(file), framework="pt") as fh:
+                    result[l] = fh.get_tensor("c0")
+                continue
+            except Exception:  # a damaged cache file is recomputed, never trusted
+                logger.warning("ignoring unreadable statistics cache %s", file)
+        missing.append(l)
+    if missing:
+        logger.info("computing key statistics for layers %s from %s", missing, source.key)
+        if source.corpus is None:
+            rows = sample_text(model, tokenizer, source.tokens, source.seed)
+        else:
+            rows = corpus_rows(tokenizer, source.corpus.split(os.pathsep), source.tokens)
+        computed = key_second_moments(model, spec, rows, missing)
+        folder.mkdir(parents=True, exist_ok=True)
+        for l, c0 in computed.items():
+            result[l] = c0
+            if cache:
+                fd, tmp = tempfile.mkstemp(prefix=f".layer{l}.", suffix=".tmp", dir=folder)
+                os.close(fd)
+                save_file({"c0": c0.contiguous()}, tmp, metadata={"layer": str(l), "source": source.key})
+                os.replace(tmp, folder / f"layer{l}.safetensors")
+    return result
+
+
+def nullspace_basis(c0: torch.Tensor, energy: float) -> torch.Tensor:
+    """Orthonormal basis ``[D, r]`` of the low-energy subspace of ``c0``.
+
+    Keeps the eigenvectors with the smallest eigenvalues whose eigenvalues sum to at most ``energy``
+    times the trace (at least one), a rule relative to the statistics that transfers between models.
+    """
+    evals, evecs = torch.linalg.eigh(c0.double())
+    evals = evals.clamp_min(0)
+    share = torch.cumsum(evals, 0) / evals.sum().clamp_min(1e-30)
+    keep = max(1, int((share <= energy).sum()))
+    return evecs[:, :keep].to(c0.dtype)

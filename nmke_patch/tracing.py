@@ -1,0 +1,60 @@
+"""Activation capture and editing with forward hooks (no forked modeling code)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _first(x: Any) -> torch.Tensor:
+    return x[0] if isinstance(x, tuple) else x
+
+
+@contextmanager
+def capture(model: nn.Module, inputs: dict[str, str] | None = None, outputs: dict[str, str] | None = None
+            ) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the first input (``inputs``) or output (``outputs``) of submodules during forward passes.
+
+    Args:
+        inputs / outputs: ``{key: dotted module path}``; the tensor lands in the yielded dict under ``key``.
+
+    Example:
+        >>> with capture(model, inputs={"k": "model.layers.4.mlp.down_proj"}) as seen:
+        ...     model(**batch)
+        >>> seen["k"].shape  # [batch, tokens, d_ff]
+    """
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for key, path in (inputs or {}).items():
+        def pre(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], key: str = key) -> None:
+            seen[key] = args[0] if args else next(iter(kwargs.values()))
+        handles.append(model.get_submodule(path).register_forward_pre_hook(pre, with_kwargs=True))
+    for key, path in (outputs or {}).items():
+        def post(_m: nn.Module, _args: Any, out: Any, key: str = key) -> None:
+            seen[key] = _first(out)
+        handles.append(model.get_submodule(path).register_forward_hook(post))
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def edit_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Replace ``module``'s (first) output by ``fn(output)`` while the context is open."""
+
+    def hook(_m: nn.Module, _args: Any, out: Any) -> Any:
+        if isinstance(out, tuple):
+            return (fn(out[0]), *out[1:])
+        return fn(out)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
