@@ -21,7 +21,7 @@ from torch import nn
 from .errors import InvalidRequestError
 from .methods.nmke.config import EditConfig
 from .methods.nmke.engine import Editor, EditRecord
-from .methods.nmke.prompts import encode, target_logprobs
+from .methods.nmke.prompts import encode, target_logprobs_from_hidden
 from .models import BaseModelInfo, tensor_fingerprint
 from .patch import Manifest, ParentRef, Patch
 from .requests import EditRequest
@@ -43,8 +43,14 @@ class LoadedModel:
 
 
 def _run_key(requests: Sequence[EditRequest], config: EditConfig, parents: Sequence[Patch]) -> str:
-    payload = json.dumps({"requests": [r.to_json() for r in requests], "config": config.to_json(),
-                          "parents": [p.id for p in parents]}, sort_keys=True)
+    payload = json.dumps(
+        {
+            "requests": [r.to_json() for r in requests],
+            "config": config.to_json(),
+            "parents": [p.id for p in parents],
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -52,8 +58,11 @@ def _save_checkpoint(folder: Path, editor: Editor, next_index: int, run_key: str
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     save_file(editor.state_tensors(), str(staging / "state.safetensors"))
-    (staging / "progress.json").write_text(json.dumps(
-        {"run_key": run_key, "next_index": next_index, "records": [r.to_json() for r in editor.records]}))
+    (staging / "progress.json").write_text(
+        json.dumps(
+            {"run_key": run_key, "next_index": next_index, "records": [r.to_json() for r in editor.records]}
+        )
+    )
     old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
     if folder.exists():
         os.rename(folder, old)
@@ -61,7 +70,9 @@ def _save_checkpoint(folder: Path, editor: Editor, next_index: int, run_key: str
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(folder: Path, run_key: str) -> tuple[int, dict[str, torch.Tensor], list[EditRecord]] | None:
+def _load_checkpoint(
+    folder: Path, run_key: str
+) -> tuple[int, dict[str, torch.Tensor], list[EditRecord]] | None:
     progress = folder / "progress.json"
     if not progress.is_file():
         return None
@@ -69,26 +80,41 @@ def _load_checkpoint(folder: Path, run_key: str) -> tuple[int, dict[str, torch.T
     if data.get("run_key") != run_key:
         raise InvalidRequestError(
             f"checkpoint {folder} belongs to a different run (facts, settings or parents differ); "
-            "delete it or run without --resume")
+            "delete it or run without --resume"
+        )
     with safe_open(str(folder / "state.safetensors"), framework="pt") as fh:
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    records = [EditRecord(index=r["index"], id=r["id"], p_new_before=r["p_new_before"],
-                          p_new_after=r["p_new_after"], z_steps=r["z_steps"], neurons=r["neurons"],
-                          seconds=r["seconds"]) for r in data["records"]]
+    records = [
+        EditRecord(
+            index=r["index"],
+            id=r["id"],
+            p_new_before=r["p_new_before"],
+            p_new_after=r["p_new_after"],
+            z_steps=r["z_steps"],
+            neurons=r["neurons"],
+            seconds=r["seconds"],
+        )
+        for r in data["records"]
+    ]
     return int(data["next_index"]), tensors, records
 
 
 @torch.no_grad()
-def target_probabilities(model: nn.Module, tokenizer: Any, prompts: list[str], targets: list[str],
-                         batch_size: int = 32) -> torch.Tensor:
+def target_probabilities(
+    model: nn.Module, tokenizer: Any, prompts: list[str], targets: list[str], batch_size: int = 32
+) -> torch.Tensor:
     """P(target | prompt) (whole target sequence) for each pair, batched."""
     device = next(model.parameters()).device
     out = []
     for s in range(0, len(prompts), batch_size):
-        b = encode(tokenizer, prompts[s : s + batch_size], [None] * len(prompts[s : s + batch_size]),
-                   targets[s : s + batch_size]).to(device)
-        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
-        out.append(torch.exp(target_logprobs(logits, b)).cpu())
+        b = encode(
+            tokenizer,
+            prompts[s : s + batch_size],
+            [None] * len(prompts[s : s + batch_size]),
+            targets[s : s + batch_size],
+        ).to(device)
+        hidden = model.base_model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+        out.append(torch.exp(target_logprobs_from_hidden(model, hidden.last_hidden_state, b)).cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -120,14 +146,17 @@ def create_patch(
     model, tokenizer = loaded.model, loaded.tokenizer
     stack = PatchStack.for_model(model)
     if stack.applied:
-        raise InvalidRequestError("the model already has patches applied; pass them as parents (on=...) instead")
+        raise InvalidRequestError(
+            "the model already has patches applied; pass them as parents (on=...) instead"
+        )
     editor_layers = config.layers
     from .architectures import decoder_layers, spec_for_model
 
     spec = spec_for_model(model)
     layers = list(editor_layers) if editor_layers else spec.default_layers(len(decoder_layers(model, spec)))
-    c0 = load_or_compute_c0(model, tokenizer, layers, StatsSource(config.stats_corpus, config.stats_tokens,
-                                                                  config.seed))
+    c0 = load_or_compute_c0(
+        model, tokenizer, layers, StatsSource(config.stats_corpus, config.stats_tokens, config.seed)
+    )
     fingerprints = {spec.weight_name(l): None for l in layers}
     for p in parents:
         stack.apply(p)
@@ -139,7 +168,9 @@ def create_patch(
             for key, keys in p.state.items():
                 layer = int(key.split(".")[1])
                 past_keys[layer] = torch.cat([past_keys.get(layer, torch.zeros(0, keys.shape[1])), keys])
-        editor = Editor(model, tokenizer, config.with_overrides(layers=tuple(layers)), c0=c0, past_keys=past_keys)
+        editor = Editor(
+            model, tokenizer, config.with_overrides(layers=tuple(layers)), c0=c0, past_keys=past_keys
+        )
         run_key = _run_key(requests, config, parents)
         folder = Path(checkpoint_dir) if checkpoint_dir else None
         start = 0
@@ -168,9 +199,15 @@ def create_patch(
                     _save_checkpoint(folder, editor, done, run_key)
                 editor.release()
                 raise KeyboardInterrupt(f"stopped after {done} requests")
-        final = target_probabilities(model, tokenizer, [r.text for r in requests], [r.target_new for r in requests])
-        final_true = target_probabilities(model, tokenizer, [r.text for r in requests if r.target_true],
-                                          [r.target_true for r in requests if r.target_true])
+        final = target_probabilities(
+            model, tokenizer, [r.text for r in requests], [r.target_new for r in requests]
+        )
+        final_true = target_probabilities(
+            model,
+            tokenizer,
+            [r.text for r in requests if r.target_true],
+            [r.target_true for r in requests if r.target_true],
+        )
         deltas = editor.final_deltas()
         keys_state = {f"keys.{l}": k for l, k in editor.keys_state().items()}
     finally:
@@ -184,13 +221,26 @@ def create_patch(
             m["p_true_final"] = next(true_iter)
         metrics.append(m)
     deltas = tuple(
-        type(d)(name=d.name, shape=d.shape, neuron_axis=d.neuron_axis, indices=d.indices, delta=d.delta,
-                original=d.original, fingerprint=fingerprints.get(d.name)) for d in deltas)
+        type(d)(
+            name=d.name,
+            shape=d.shape,
+            neuron_axis=d.neuron_axis,
+            indices=d.indices,
+            delta=d.delta,
+            original=d.original,
+            fingerprint=fingerprints.get(d.name),
+        )
+        for d in deltas
+    )
     manifest = Manifest(
         name=name,
         base_model={**loaded.info.to_json(), "edited_layers": layers},
-        method={"name": config.method, "config": config.with_overrides(layers=tuple(layers)).to_json(),
-                "prefixes": editor.prefixes, "tool_version": __version__},
+        method={
+            "name": config.method,
+            "config": config.with_overrides(layers=tuple(layers)).to_json(),
+            "prefixes": editor.prefixes,
+            "tool_version": __version__,
+        },
         requests=[r.to_json() for r in requests],
         metrics=metrics,
         parents=[ParentRef(p.name, p.id) for p in parents],

@@ -189,7 +189,9 @@ class Patch:
             sha = hashlib.sha256(payload).hexdigest()
             state_sha = None
             if self.state:
-                state_payload = save({k: v.to(torch.float32).contiguous() for k, v in sorted(self.state.items())})
+                state_payload = save(
+                    {k: v.to(torch.float32).contiguous() for k, v in sorted(self.state.items())}
+                )
                 (staging / STATE_FILE).write_bytes(state_payload)
                 state_sha = hashlib.sha256(state_payload).hexdigest()
             manifest = self.manifest
@@ -389,7 +391,9 @@ def _load_state(root: Path, data: dict[str, Any]) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise InvalidPatchError(f"{where}: {STATE_FILE} is missing")
     if _sha256_file(path) != data["state_sha256"]:
-        raise InvalidPatchError(f"{where}: {STATE_FILE} does not match the manifest's sha256 (tampered or truncated)")
+        raise InvalidPatchError(
+            f"{where}: {STATE_FILE} does not match the manifest's sha256 (tampered or truncated)"
+        )
     state: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(path), framework="pt") as fh:
@@ -399,7 +403,9 @@ def _load_state(root: Path, data: dict[str, Any]) -> dict[str, torch.Tensor]:
                     raise InvalidPatchError(f"{where}: unexpected tensor {key!r} in {STATE_FILE}")
                 t = fh.get_tensor(key)
                 if t.dtype != torch.float32 or t.dim() != 2 or not bool(torch.isfinite(t).all()):
-                    raise InvalidPatchError(f"{where}: {STATE_FILE} tensor {key!r} must be finite float32 [T, D]")
+                    raise InvalidPatchError(
+                        f"{where}: {STATE_FILE} tensor {key!r} must be finite float32 [T, D]"
+                    )
                 state[key] = t
     except InvalidPatchError:
         raise

@@ -60,7 +60,9 @@ def _from_native(record: dict[str, Any], index: int) -> EditRequest:
     prompt = _str(record, "prompt", index)
     assert prompt is not None
     if prompt.count("{}") != 1:
-        raise InvalidRequestError(f"record {index}: field 'prompt' must contain exactly one '{{}}' (got {prompt!r})")
+        raise InvalidRequestError(
+            f"record {index}: field 'prompt' must contain exactly one '{{}}' (got {prompt!r})"
+        )
     subject = _str(record, "subject", index)
     target_new = _str(record, "target_new", index)
     target_true = _str(record, "target_true", index, required=False)
@@ -72,7 +74,9 @@ def _from_native(record: dict[str, Any], index: int) -> EditRequest:
     if not isinstance(raw_neighbors, list):
         raise InvalidRequestError(f"record {index}: field 'neighborhood' must be a list")
     for j, n in enumerate(raw_neighbors):
-        if not isinstance(n, dict) or not all(isinstance(n.get(k), str) and n.get(k) for k in ("prompt", "target")):
+        if not isinstance(n, dict) or not all(
+            isinstance(n.get(k), str) and n.get(k) for k in ("prompt", "target")
+        ):
             raise InvalidRequestError(
                 f"record {index}: field 'neighborhood[{j}]' must be an object with 'prompt' and 'target' strings"
             )
@@ -109,7 +113,9 @@ def _from_counterfact(record: dict[str, Any], index: int) -> EditRequest:
         "target_new": target("target_new"),
         "target_true": true,
         "paraphrases": record.get("paraphrase_prompts", []),
-        "neighborhood": [{"prompt": p, "target": true} for p in record.get("neighborhood_prompts", [])] if true else [],
+        "neighborhood": [{"prompt": p, "target": true} for p in record.get("neighborhood_prompts", [])]
+        if true
+        else [],
         "id": record.get("case_id"),
     }
     return _from_native(native, index)
@@ -119,7 +125,9 @@ def _from_zsre(record: dict[str, Any], index: int) -> EditRequest:
     subject = record.get("subject")
     src = record.get("src")
     if not isinstance(src, str) or not isinstance(subject, str) or subject not in src:
-        raise InvalidRequestError(f"record {index}: ZsRE field 'subject' must be a string that occurs in 'src'")
+        raise InvalidRequestError(
+            f"record {index}: ZsRE field 'subject' must be a string that occurs in 'src'"
+        )
     alt = record.get("alt")
     loc, loc_ans = record.get("loc"), record.get("loc_ans")
     neighborhood = []

@@ -29,8 +29,24 @@ from .tracing import capture
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_STARTS = ("The", "In", "A", "It", "This", "He", "She", "They", "We", "When", "After", "One", "Many",
-                 "There", "Some", "Most")
+SAMPLE_STARTS = (
+    "The",
+    "In",
+    "A",
+    "It",
+    "This",
+    "He",
+    "She",
+    "They",
+    "We",
+    "When",
+    "After",
+    "One",
+    "Many",
+    "There",
+    "Some",
+    "Most",
+)
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -49,18 +65,31 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 @torch.no_grad()
-def sample_text(model: nn.Module, tokenizer: Any, tokens: int, seed: int, *, seq_len: int = 128,
-                batch: int = 32) -> list[list[int]]:
+def sample_text(
+    model: nn.Module, tokenizer: Any, tokens: int, seed: int, *, seq_len: int = 128, batch: int = 32
+) -> list[list[int]]:
     """About ``tokens`` tokens of text sampled from the model (top-k 40, seeded), as token-id rows."""
     device = next(model.parameters()).device
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", seq_len)
+    seq_len = min(seq_len, int(limit))
     rows: list[list[int]] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         while sum(len(r) for r in rows) < tokens:
-            starts = [tokenizer(SAMPLE_STARTS[(len(rows) + i) % len(SAMPLE_STARTS)]).input_ids[-1] for i in range(batch)]
+            starts = [
+                tokenizer(SAMPLE_STARTS[(len(rows) + i) % len(SAMPLE_STARTS)]).input_ids[-1]
+                for i in range(batch)
+            ]
             start = torch.tensor(starts, device=device).unsqueeze(1)
-            out = model.generate(start, max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1, do_sample=True,
-                                 top_k=40, pad_token_id=tokenizer.pad_token_id, attention_mask=torch.ones_like(start))
+            out = model.generate(
+                start,
+                max_new_tokens=seq_len - 1,
+                min_new_tokens=seq_len - 1,
+                do_sample=True,
+                top_k=40,
+                pad_token_id=tokenizer.pad_token_id,
+                attention_mask=torch.ones_like(start),
+            )
             rows.extend(out.tolist())
     return rows
 
@@ -86,8 +115,14 @@ def corpus_rows(tokenizer: Any, paths: Sequence[str], tokens: int, *, seq_len: i
 
 
 @torch.no_grad()
-def key_second_moments(model: nn.Module, spec: ArchitectureSpec, rows: Iterable[list[int]], layers: Sequence[int],
-                       *, batch: int = 16) -> dict[int, torch.Tensor]:
+def key_second_moments(
+    model: nn.Module,
+    spec: ArchitectureSpec,
+    rows: Iterable[list[int]],
+    layers: Sequence[int],
+    *,
+    batch: int = 16,
+) -> dict[int, torch.Tensor]:
     """``C0[l] = mean over tokens of k k^T`` (float32, ``[d_ff, d_ff]``) for each layer in ``layers``."""
     device = next(model.parameters()).device
     sums: dict[int, torch.Tensor] = {}
@@ -130,8 +165,9 @@ class StatsSource:
         return f"corpus-{digest.hexdigest()[:16]}-{self.tokens}"
 
 
-def load_or_compute_c0(model: nn.Module, tokenizer: Any, layers: Sequence[int], source: StatsSource,
-                       *, cache: bool = True) -> dict[int, torch.Tensor]:
+def load_or_compute_c0(
+    model: nn.Module, tokenizer: Any, layers: Sequence[int], source: StatsSource, *, cache: bool = True
+) -> dict[int, torch.Tensor]:
     """``C0`` for each layer, from the disk cache when present (a second ``create`` reuses it)."""
     spec = spec_for_model(model)
     folder = home() / "stats" / model_fingerprint(model)[:24] / source.key

@@ -15,8 +15,9 @@ def _first(x: Any) -> torch.Tensor:
 
 
 @contextmanager
-def capture(model: nn.Module, inputs: dict[str, str] | None = None, outputs: dict[str, str] | None = None
-            ) -> Iterator[dict[str, torch.Tensor]]:
+def capture(
+    model: nn.Module, inputs: dict[str, str] | None = None, outputs: dict[str, str] | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
     """Record the first input (``inputs``) or output (``outputs``) of submodules during forward passes.
 
     Args:
@@ -30,12 +31,16 @@ def capture(model: nn.Module, inputs: dict[str, str] | None = None, outputs: dic
     seen: dict[str, torch.Tensor] = {}
     handles = []
     for key, path in (inputs or {}).items():
+
         def pre(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], key: str = key) -> None:
             seen[key] = args[0] if args else next(iter(kwargs.values()))
+
         handles.append(model.get_submodule(path).register_forward_pre_hook(pre, with_kwargs=True))
     for key, path in (outputs or {}).items():
+
         def post(_m: nn.Module, _args: Any, out: Any, key: str = key) -> None:
             seen[key] = _first(out)
+
         handles.append(model.get_submodule(path).register_forward_hook(post))
     try:
         yield seen
@@ -58,3 +63,35 @@ def edit_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -
         yield
     finally:
         handle.remove()
+
+
+class _Replay(nn.Module):
+    """Stands in for a decoder layer: returns ``fn(hidden_states)`` without running the layer."""
+
+    def __init__(self, original: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+        for attr in ("attention_type", "layer_type", "layer_idx"):
+            if hasattr(original, attr):
+                setattr(self, attr, getattr(original, attr))
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.fn(hidden_states)
+
+
+@contextmanager
+def replay_prefix(layers: nn.ModuleList, upto: int, output: Callable[[], torch.Tensor]) -> Iterator[None]:
+    """Skip decoder layers ``0..upto``: layer ``upto`` returns ``output()``, the ones before pass through.
+
+    For repeated forward passes whose inputs up to layer ``upto`` never change (the target-value
+    optimisation), this saves computing those layers every step. Decoder layers must return a tensor.
+    """
+    saved = [layers[i] for i in range(upto + 1)]
+    try:
+        for i in range(upto):
+            layers[i] = _Replay(saved[i], lambda h: h)
+        layers[upto] = _Replay(saved[upto], lambda _h: output())
+        yield
+    finally:
+        for i, module in enumerate(saved):
+            layers[i] = module

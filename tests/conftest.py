@@ -16,7 +16,9 @@ from nmke_patch.patch import Manifest, ParentRef, Patch
 VOCAB = 64
 
 
-def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+def tiny_llama(
+    seed: int = 0, dtype: torch.dtype = torch.float32, init_range: float = 0.02
+) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=VOCAB,
@@ -27,13 +29,28 @@ def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCau
         num_key_value_heads=2,
         max_position_embeddings=64,
         tie_word_embeddings=True,
+        initializer_range=init_range,
+        pad_token_id=1,
+        bos_token_id=None,
+        eos_token_id=2,
     )
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
-def tiny_gpt2(seed: int = 0, dtype: torch.dtype = torch.float32) -> GPT2LMHeadModel:
+def tiny_gpt2(seed: int = 0, dtype: torch.dtype = torch.float32, init_range: float = 0.02) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=64, n_inner=48)
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=4,
+        n_head=4,
+        n_positions=64,
+        n_inner=48,
+        initializer_range=init_range,
+        bos_token_id=2,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
     return GPT2LMHeadModel(config).to(dtype).eval()
 
 

@@ -22,8 +22,12 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class EditConfig:
     """All settings of one ``create`` run. Frozen; use :meth:`with_overrides` to change fields."""
 
-    method: Method = _f("nmke", "nmke (sparse masked), alphaedit (dense, null-space) or memit (dense, no projector).")
-    layers: tuple[int, ...] | None = _f(None, "Edited layers (consecutive, ascending); None = the architecture default.")
+    method: Method = _f(
+        "nmke", "nmke (sparse masked), alphaedit (dense, null-space) or memit (dense, no projector)."
+    )
+    layers: tuple[int, ...] | None = _f(
+        None, "Edited layers (consecutive, ascending); None = the architecture default."
+    )
     # [1] target values z
     z_lr: float = _f(0.5, "Adam learning rate of the residual delta.")
     z_steps: int = _f(20, "Maximum optimisation steps per target value.")
@@ -35,32 +39,51 @@ class EditConfig:
     prefix_tokens: int = _f(10, "Length of each context prefix, in tokens.")
     # [3] attribution
     amplification: float = _f(30.0, "Amplification A of a neuron's contribution in the attribution score.")
-    attribution_vocab: int = _f(2048, "Tokens (top by base logit, per prompt, plus the answer) over which the "
-                                      "attribution log-softmax is taken; 0 = the whole vocabulary (exact, slower).")
+    attribution_vocab: int = _f(
+        2048,
+        "Tokens (top by base logit, per prompt, plus the answer) over which the "
+        "attribution log-softmax is taken; 0 = the whole vocabulary (exact, slower).",
+    )
     # [4] entropy-guided ratios
     temperature: float = _f(30.0, "Softmax temperature alpha of the knowledge-general entropy.")
     ratio_min: float = _f(0.3, "Lower mask-ratio bound b.")
     ratio_max: float = _f(0.4, "Upper mask-ratio bound c.")
     # [5] mask and sparsity budget
-    max_neurons: float | None = _f(0.1, "Sparsity budget: at most this fraction of a layer's neurons per edit "
-                                        "(None = the published mask size). Ignored by the dense baselines.")
+    max_neurons: float | None = _f(
+        0.1,
+        "Sparsity budget: at most this fraction of a layer's neurons per edit "
+        "(None = the published mask size). Ignored by the dense baselines.",
+    )
     neuron_score: Literal["hybrid", "specificity"] = _f(
-        "specificity", "How budgeted neurons are ranked: 'hybrid' = the published general/specific attribution "
+        "specificity",
+        "How budgeted neurons are ranked: 'hybrid' = the published general/specific attribution "
         "ranks; 'specificity' = the hybrid mask, ranked by k_i^2 / C0_ii (activation on the subject relative to "
-        "the neuron's typical activation) among masked neurons.")
+        "the neuron's typical activation) among masked neurons.",
+    )
     masked_solve: Literal["exact", "post"] = _f(
-        "exact", "'exact' solves only for the selected neurons with a null space of C0 restricted to them; "
-        "'post' = reference: solve densely then zero the unselected rows.")
+        "exact",
+        "'exact' solves only for the selected neurons with a null space of C0 restricted to them; "
+        "'post' = reference: solve densely then zero the unselected rows.",
+    )
     # [6] null-space projector
-    projector_energy: float = _f(0.02, "Null space = eigenvectors of C0 with the smallest eigenvalues holding at "
-                                       "most this share of the trace (a relative rule that transfers between models).")
+    projector_energy: float = _f(
+        0.02,
+        "Null space = eigenvectors of C0 with the smallest eigenvalues holding at "
+        "most this share of the trace (a relative rule that transfers between models).",
+    )
     stats_tokens: int = _f(40000, "Tokens of preservation text for the key statistics C0.")
-    stats_corpus: str | None = _f(None, "Text file(s) (os.pathsep-separated) for C0; None = text sampled from the model.")
+    stats_corpus: str | None = _f(
+        None, "Text file(s) (os.pathsep-separated) for C0; None = text sampled from the model."
+    )
     # [7] solve
-    lambda_reg: float = _f(1.0, "Ridge term lambda of the AlphaEdit/NMKE solve (in units of the mean C0 diagonal).")
+    lambda_reg: float = _f(
+        1.0, "Ridge term lambda of the AlphaEdit/NMKE solve (in units of the mean C0 diagonal)."
+    )
     memit_lambda: float = _f(15000.0, "MEMIT's C0 weight lambda2.")
     # lifelong
-    mode: Literal["sequential", "batch"] = _f("sequential", "sequential: one edit at a time; batch: batch_size at once.")
+    mode: Literal["sequential", "batch"] = _f(
+        "sequential", "sequential: one edit at a time; batch: batch_size at once."
+    )
     batch_size: int = _f(1, "Requests per solve in batch mode.")
     seed: int = _f(0, "Seed for prefix sampling and preservation text.")
 
@@ -69,12 +92,18 @@ class EditConfig:
             (self.method in ("nmke", "alphaedit", "memit"), "method must be nmke, alphaedit or memit"),
             (self.z_steps >= 1 and self.z_lr > 0, "z_steps must be >= 1 and z_lr > 0"),
             (0 < self.ratio_min <= self.ratio_max <= 1, "need 0 < ratio_min <= ratio_max <= 1"),
-            (self.max_neurons is None or 0 < self.max_neurons <= 1, "max_neurons must be a fraction in (0, 1]"),
+            (
+                self.max_neurons is None or 0 < self.max_neurons <= 1,
+                "max_neurons must be a fraction in (0, 1]",
+            ),
             (0 < self.projector_energy < 1, "projector_energy must be in (0, 1)"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.n_prefixes >= 0 and self.prefix_tokens >= 1, "n_prefixes >= 0 and prefix_tokens >= 1"),
-            (self.layers is None or (len(self.layers) > 0 and list(self.layers) == sorted(set(self.layers))),
-             "layers must be ascending and distinct"),
+            (
+                self.layers is None
+                or (len(self.layers) > 0 and list(self.layers) == sorted(set(self.layers))),
+                "layers must be ascending and distinct",
+            ),
         ]
         for ok, message in checks:
             if not ok:

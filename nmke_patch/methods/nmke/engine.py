@@ -26,7 +26,7 @@ from ...tracing import capture
 from .attribution import neuron_scores
 from .config import EditConfig
 from .mask import apply_budget, hybrid_mask, mask_ratios
-from .prompts import Batch, encode, sample_prefixes, target_logprobs
+from .prompts import Batch, encode, sample_prefixes, target_logprobs_from_hidden
 from .solve import solve_layer
 from .values import compute_target_value
 
@@ -46,9 +46,15 @@ class EditRecord:
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"index": self.index, "id": self.id, "p_new_before": self.p_new_before,
-                "p_new_after": self.p_new_after, "z_steps": self.z_steps, "neurons": self.neurons,
-                "seconds": {k: round(v, 4) for k, v in self.seconds.items()}}
+        return {
+            "index": self.index,
+            "id": self.id,
+            "p_new_before": self.p_new_before,
+            "p_new_after": self.p_new_after,
+            "z_steps": self.z_steps,
+            "neurons": self.neurons,
+            "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
+        }
 
 
 @dataclass
@@ -65,12 +71,21 @@ class _Forward:
 class Editor:
     """Computes NMKE / AlphaEdit / MEMIT edits on a live model."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, config: EditConfig, *, c0: dict[int, torch.Tensor],
-                 past_keys: dict[int, torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        config: EditConfig,
+        *,
+        c0: dict[int, torch.Tensor],
+        past_keys: dict[int, torch.Tensor] | None = None,
+    ) -> None:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.spec = spec_for_model(model)
         num_layers = len(decoder_layers(model, self.spec))
-        self.layers = list(config.layers) if config.layers is not None else self.spec.default_layers(num_layers)
+        self.layers = (
+            list(config.layers) if config.layers is not None else self.spec.default_layers(num_layers)
+        )
         if self.layers[-1] >= num_layers or self.layers[0] < 0:
             raise ValueError(f"edited layers {self.layers} out of range for a {num_layers}-layer model")
         self.device = next(model.parameters()).device
@@ -79,16 +94,24 @@ class Editor:
         self.weights = {l: params[self.spec.weight_name(l)] for l in self.layers}
         self.d_ff = int(self.weights[self.layers[0]].shape[self.spec.neuron_axis])
         self.c0 = {l: c0[l].float().cpu() for l in self.layers}
-        self.basis = ({l: nullspace_basis(self.c0[l], config.projector_energy) for l in self.layers}
-                      if config.method == "alphaedit" or (config.method == "nmke" and config.masked_solve == "post")
-                      else {})
-        self.past_keys = {l: (past_keys or {}).get(l, torch.zeros(0, self.d_ff)).float().cpu() for l in self.layers}
+        self.basis = (
+            {l: nullspace_basis(self.c0[l], config.projector_energy) for l in self.layers}
+            if config.method == "alphaedit" or (config.method == "nmke" and config.masked_solve == "post")
+            else {}
+        )
+        self.past_keys = {
+            l: (past_keys or {}).get(l, torch.zeros(0, self.d_ff)).float().cpu() for l in self.layers
+        }
         self.c_past = {l: self.past_keys[l].T @ self.past_keys[l] for l in self.layers}
         self.new_keys: dict[int, list[torch.Tensor]] = {l: [] for l in self.layers}
-        self.cum = {l: torch.zeros(self.d_ff, self.weights[l].shape[1 - self.spec.neuron_axis]) for l in self.layers}
+        self.cum = {
+            l: torch.zeros(self.d_ff, self.weights[l].shape[1 - self.spec.neuron_axis]) for l in self.layers
+        }
         self.touched = {l: torch.zeros(self.d_ff, dtype=torch.bool) for l in self.layers}
         self.records: list[EditRecord] = []
-        self.prefixes = sample_prefixes(model, tokenizer, config.n_prefixes, config.prefix_tokens, config.seed)
+        self.prefixes = sample_prefixes(
+            model, tokenizer, config.n_prefixes, config.prefix_tokens, config.seed
+        )
         self._working: Patch | None = None
         self._serial = 0
         norm = get_submodule(model, self.spec.final_norm)
@@ -117,7 +140,9 @@ class Editor:
         inputs["final"] = spec.final_norm
         outputs = {"out": f"{spec.layers}.{self.layers[-1]}"}
         with capture(self.model, inputs=inputs, outputs=outputs) as seen:
-            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            hidden = self.model.base_model(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+            ).last_hidden_state
         rows = torch.arange(batch.input_ids.shape[0], device=self.device)
         sp, lp = batch.subject_pos, batch.last_pos
         return _Forward(
@@ -126,8 +151,8 @@ class Editor:
             h_mid_last={l: seen[f"m{l}"][rows, lp].float().cpu() for l in layers},
             out_subject=seen["out"][rows, sp].float().cpu(),
             final_last=seen["final"][rows, lp].float().cpu(),
-            logits_last=logits[rows, lp].float().cpu(),
-            target_lp=target_logprobs(logits, batch).float().cpu(),
+            logits_last=self.model.get_output_embeddings()(hidden[rows, lp]).float().cpu(),
+            target_lp=target_logprobs_from_hidden(self.model, hidden, batch).float().cpu(),
         )
 
     # -- model state ----------------------------------------------------------------------------
@@ -137,8 +162,15 @@ class Editor:
         for l in self.layers:
             idx = torch.nonzero(self.touched[l]).flatten()
             if idx.numel():
-                out.append(make_delta(self.spec.weight_name(l), self.weights[l], self.spec.neuron_axis, idx,
-                                      self.cum[l][idx]))
+                out.append(
+                    make_delta(
+                        self.spec.weight_name(l),
+                        self.weights[l],
+                        self.spec.neuron_axis,
+                        idx,
+                        self.cum[l][idx],
+                    )
+                )
         return tuple(out)
 
     def _refresh_weights(self) -> None:
@@ -176,18 +208,31 @@ class Editor:
         budget = self.d_ff if cfg.max_neurons is None else max(1, int(cfg.max_neurons * self.d_ff))
         selected = {}
         for l in self.layers:
-            values = gather_neurons(self.weights[l].detach(), self.spec.neuron_axis,
-                                    torch.arange(self.d_ff)).float().cpu()
+            values = (
+                gather_neurons(self.weights[l].detach(), self.spec.neuron_axis, torch.arange(self.d_ff))
+                .float()
+                .cpu()
+            )
             chosen = []
             for i in range(n_requests):
                 rows = own == i
-                scores = neuron_scores(spec=self.spec, values=values, activations=fw.keys_last[l][rows],
-                                       h_mid=fw.h_mid_last[l][rows], final_resid=fw.final_last[rows],
-                                       answers=answers[rows], norm_gain=self._norm_gain.cpu(),
-                                       norm_bias=None if self._norm_bias is None else self._norm_bias.detach().cpu(),
-                                       norm_eps=self._norm_eps, unembed=self._unembed.cpu(),
-                                       amplification=cfg.amplification, vocab_limit=cfg.attribution_vocab)
-                ratios = mask_ratios(scores, temperature=cfg.temperature, low=cfg.ratio_min, high=cfg.ratio_max)
+                scores = neuron_scores(
+                    spec=self.spec,
+                    values=values,
+                    activations=fw.keys_last[l][rows],
+                    h_mid=fw.h_mid_last[l][rows],
+                    final_resid=fw.final_last[rows],
+                    answers=answers[rows],
+                    norm_gain=self._norm_gain.cpu(),
+                    norm_bias=None if self._norm_bias is None else self._norm_bias.detach().cpu(),
+                    norm_eps=self._norm_eps,
+                    unembed=self._unembed.cpu(),
+                    amplification=cfg.amplification,
+                    vocab_limit=cfg.attribution_vocab,
+                )
+                ratios = mask_ratios(
+                    scores, temperature=cfg.temperature, low=cfg.ratio_min, high=cfg.ratio_max
+                )
                 mask, priority = hybrid_mask(scores, ratios)
                 if cfg.neuron_score == "specificity":
                     k = fw.keys_subject[l][rows].mean(dim=0)
@@ -207,19 +252,30 @@ class Editor:
         bare = torch.tensor([owner.index(i) for i in range(len(requests))])
         p_before = torch.exp(fw.target_lp[bare])
         t1 = time.perf_counter()
-        targets = [compute_target_value(self.model, self.tokenizer, self.spec, last, r, self.prefixes, self.config)
-                   for r in requests]
+        targets = [
+            compute_target_value(self.model, self.tokenizer, self.spec, last, r, self.prefixes, self.config)
+            for r in requests
+        ]
         z = torch.stack([t.z for t in targets], dim=1).cpu()  # [d, u]
         t2 = time.perf_counter()
         selected = self._select(fw, owner, len(requests))
         t3 = time.perf_counter()
         for j, l in enumerate(self.layers):
             cur = fw if j == 0 else self._forward(batch, [l])
-            keys = torch.stack([cur.keys_subject[l][own == i].mean(dim=0) for i in range(len(requests))], dim=1)
+            keys = torch.stack(
+                [cur.keys_subject[l][own == i].mean(dim=0) for i in range(len(requests))], dim=1
+            )
             h = cur.out_subject[bare].T  # [d, u]
             residual = (z - h) / (n - j)
-            rows, x, _kept = solve_layer(keys, residual, config=self.config, c0=self.c0[l], c_past=self.c_past[l],
-                                         basis=self.basis.get(l), selected=selected[l])
+            rows, x, _kept = solve_layer(
+                keys,
+                residual,
+                config=self.config,
+                c0=self.c0[l],
+                c_past=self.c_past[l],
+                basis=self.basis.get(l),
+                selected=selected[l],
+            )
             self.cum[l][rows] += x
             self.touched[l][rows] = True
             self._refresh_weights()
@@ -235,10 +291,19 @@ class Editor:
         records = []
         for i, r in enumerate(requests):
             rec = EditRecord(
-                index=start_index + i, id=r.id, p_new_before=float(p_before[i]), p_new_after=float(p_after[i]),
-                z_steps=targets[i].steps, neurons={str(l): int(selected[l].numel()) for l in self.layers},
-                seconds={"total": (t5 - t0) * per, "z": (t2 - t1) * per, "attribution": (t3 - t2) * per,
-                         "solve": (t4 - t3) * per, "forward": (t1 - t0 + t5 - t4) * per},
+                index=start_index + i,
+                id=r.id,
+                p_new_before=float(p_before[i]),
+                p_new_after=float(p_after[i]),
+                z_steps=targets[i].steps,
+                neurons={str(l): int(selected[l].numel()) for l in self.layers},
+                seconds={
+                    "total": (t5 - t0) * per,
+                    "z": (t2 - t1) * per,
+                    "attribution": (t3 - t2) * per,
+                    "solve": (t4 - t3) * per,
+                    "forward": (t1 - t0 + t5 - t4) * per,
+                },
             )
             records.append(rec)
         self.records.extend(records)
@@ -248,8 +313,10 @@ class Editor:
 
     def keys_state(self) -> dict[int, torch.Tensor]:
         """Keys of every edit made by this editor, per layer ``[T, D]`` (they become ``C_past`` later)."""
-        return {l: torch.cat(self.new_keys[l]) if self.new_keys[l] else torch.zeros(0, self.d_ff)
-                for l in self.layers}
+        return {
+            l: torch.cat(self.new_keys[l]) if self.new_keys[l] else torch.zeros(0, self.d_ff)
+            for l in self.layers
+        }
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Everything needed to resume: accumulated deltas, touched masks, new keys."""

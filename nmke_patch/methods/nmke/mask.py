@@ -47,7 +47,9 @@ def hybrid_mask(scores: torch.Tensor, ratios: MaskRatios) -> tuple[torch.Tensor,
     z = (scores - scores.mean(dim=1, keepdim=True)) / scores.std(dim=1, keepdim=True).clamp_min(1e-12)
     r_ge = (z > 0).sum(dim=0).float()
     r_sp = scores.max(dim=0).values
-    mask = (r_ge >= torch.quantile(r_ge, 1 - ratios.general)) | (r_sp >= torch.quantile(r_sp, 1 - ratios.specific))
+    mask = (r_ge >= torch.quantile(r_ge, 1 - ratios.general)) | (
+        r_sp >= torch.quantile(r_sp, 1 - ratios.specific)
+    )
     d = scores.shape[1]
     rank_ge = torch.argsort(torch.argsort(r_ge)).float() / d
     rank_sp = torch.argsort(torch.argsort(r_sp)).float() / d

@@ -21,11 +21,23 @@ def sample_prefixes(model: nn.Module, tokenizer: Any, n: int, length: int, seed:
     start = torch.tensor(starts, device=device).unsqueeze(1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        out = model.generate(start, max_new_tokens=length, min_new_tokens=length, do_sample=True, top_k=5,
-                             pad_token_id=tokenizer.pad_token_id, attention_mask=torch.ones_like(start))
+        out = model.generate(
+            start,
+            max_new_tokens=length,
+            min_new_tokens=length,
+            do_sample=True,
+            top_k=5,
+            pad_token_id=tokenizer.pad_token_id,
+            attention_mask=torch.ones_like(start),
+        )
     prefixes = []
     for row in out:
-        text = tokenizer.decode(row, skip_special_tokens=True).replace("\n", " ").replace("{", "").replace("}", "")
+        text = (
+            tokenizer.decode(row, skip_special_tokens=True)
+            .replace("\n", " ")
+            .replace("{", "")
+            .replace("}", "")
+        )
         prefixes.append(text.strip() + ". ")
     return prefixes
 
@@ -41,8 +53,13 @@ class Batch:
     target_ids: list[list[int]]  # per row: target token ids (empty when none)
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.subject_pos.to(device),
-                     self.last_pos.to(device), self.target_ids)
+        return Batch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.subject_pos.to(device),
+            self.last_pos.to(device),
+            self.target_ids,
+        )
 
 
 def _token_at(offsets: list[tuple[int, int]], char: int) -> int:
@@ -55,7 +72,9 @@ def _token_at(offsets: list[tuple[int, int]], char: int) -> int:
     return len(offsets) - 1
 
 
-def encode(tokenizer: Any, prompts: list[str], subjects: list[str | None], targets: list[str | None]) -> Batch:
+def encode(
+    tokenizer: Any, prompts: list[str], subjects: list[str | None], targets: list[str | None]
+) -> Batch:
     """Tokenize ``prompt [+ ' ' + target]`` rows; find the subject's last token and the last prompt token.
 
     ``prompts`` are complete texts (subject already filled in); ``subjects[i]`` is located by its last
@@ -68,7 +87,9 @@ def encode(tokenizer: Any, prompts: list[str], subjects: list[str | None], targe
         enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
         ids: list[int] = list(enc["input_ids"])
         offsets = [tuple(o) for o in enc["offset_mapping"]]
-        n_prompt = max(1, next((i for i, (a, _b) in enumerate(offsets) if a >= len(prompt) and i > 0), len(ids)))
+        n_prompt = max(
+            1, next((i for i, (a, _b) in enumerate(offsets) if a >= len(prompt) and i > 0), len(ids))
+        )
         tgt = ids[n_prompt:] if target else []
         feed = ids[:n_prompt] + tgt[:-1]
         rows.append(feed)
@@ -91,10 +112,34 @@ def encode(tokenizer: Any, prompts: list[str], subjects: list[str | None], targe
 
 def target_logprobs(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Sum of log-probabilities of each row's target tokens given teacher forcing: ``[B]``."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    out = []
+    rows, pos, tokens = target_positions(batch, logits.device)
+    return _sum_per_row(
+        torch.log_softmax(logits[rows, pos].float(), dim=-1), tokens, rows, len(batch.target_ids)
+    )
+
+
+def target_positions(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flattened (row, position, token) of every target token; the position is where it is predicted."""
+    rows, pos, tokens = [], [], []
     for i, tgt in enumerate(batch.target_ids):
         start = int(batch.last_pos[i])
-        pos = torch.arange(start, start + len(tgt), device=logits.device)
-        out.append(logp[i, pos, torch.tensor(tgt, device=logits.device)].sum())
-    return torch.stack(out)
+        rows += [i] * len(tgt)
+        pos += range(start, start + len(tgt))
+        tokens += tgt
+
+    def t(x: list[int]) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.long, device=device)
+
+    return t(rows), t(pos), t(tokens)
+
+
+def _sum_per_row(logp: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    picked = logp.gather(1, tokens[:, None]).squeeze(1)
+    return torch.zeros(n, device=logp.device, dtype=picked.dtype).index_add(0, rows, picked)
+
+
+def target_logprobs_from_hidden(model: nn.Module, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Like :func:`target_logprobs` from final hidden states, unembedding only the target positions."""
+    rows, pos, tokens = target_positions(batch, hidden.device)
+    logits = model.get_output_embeddings()(hidden[rows, pos])
+    return _sum_per_row(torch.log_softmax(logits.float(), dim=-1), tokens, rows, len(batch.target_ids))

@@ -11,9 +11,9 @@ from torch import nn
 
 from ...architectures import ArchitectureSpec, decoder_layers
 from ...requests import EditRequest
-from ...tracing import edit_output
+from ...tracing import capture, replay_prefix
 from .config import EditConfig
-from .prompts import encode, target_logprobs
+from .prompts import encode, target_logprobs_from_hidden
 
 
 @dataclass(frozen=True)
@@ -25,55 +25,74 @@ class TargetValue:
     p_after: float
 
 
-def compute_target_value(model: nn.Module, tokenizer: Any, spec: ArchitectureSpec, layer: int,
-                         request: EditRequest, prefixes: list[str], config: EditConfig) -> TargetValue:
+def compute_target_value(
+    model: nn.Module,
+    tokenizer: Any,
+    spec: ArchitectureSpec,
+    layer: int,
+    request: EditRequest,
+    prefixes: list[str],
+    config: EditConfig,
+) -> TargetValue:
     """Optimise ``delta`` added to layer ``layer``'s output at the subject's last token."""
     device = next(model.parameters()).device
     texts = [p + request.text for p in ["", *prefixes]]
     kl_text = f"{request.subject} is a"
-    batch = encode(tokenizer, [*texts, kl_text], [request.subject] * (len(texts) + 1),
-                   [request.target_new] * len(texts) + [None]).to(device)
+    batch = encode(
+        tokenizer,
+        [*texts, kl_text],
+        [request.subject] * (len(texts) + 1),
+        [request.target_new] * len(texts) + [None],
+    ).to(device)
     n = len(texts)
     rows = torch.arange(n + 1, device=device)
     kl_pos = int(batch.last_pos[n])
     token_counts = torch.tensor([len(t) for t in batch.target_ids[:n]], device=device, dtype=torch.float32)
-    module = decoder_layers(model, spec)[layer]
-    captured: dict[str, torch.Tensor] = {}
+    layers = decoder_layers(model, spec)
+    backbone = model.base_model
+    unembed = model.get_output_embeddings()
+    sub = type(batch)(
+        batch.input_ids[:n],
+        batch.attention_mask[:n],
+        batch.subject_pos[:n],
+        batch.last_pos[:n],
+        batch.target_ids[:n],
+    )
 
-    def record(out: torch.Tensor) -> torch.Tensor:
-        captured["h"] = out[rows, batch.subject_pos].detach()
-        return out
+    def run() -> torch.Tensor:
+        return backbone(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        ).last_hidden_state
 
-    with torch.no_grad(), edit_output(module, record):
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    h_rows = captured["h"].float()
+    with torch.no_grad(), capture(model, outputs={"out": f"{spec.layers}.{layer}"}) as seen:
+        hidden = run()
+    cached = seen["out"].detach()
+    h_rows = cached[rows, batch.subject_pos].float()
     h = h_rows[0]
-    kl_ref = torch.log_softmax(logits[n, kl_pos].float(), dim=-1)
-    sub = type(batch)(batch.input_ids[:n], batch.attention_mask[:n], batch.subject_pos[:n], batch.last_pos[:n],
-                      batch.target_ids[:n])
-    p_before = float(torch.exp(target_logprobs(logits[:n], sub) / token_counts).mean())
+    kl_ref = torch.log_softmax(unembed(hidden[n, kl_pos]).float(), dim=-1)
+    p_before = float(torch.exp(target_logprobs_from_hidden(model, hidden[:n], sub) / token_counts).mean())
 
     delta = torch.zeros_like(h, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=config.z_lr)
     h_norm = h.norm()
     max_norm = config.z_clamp_norm * h_norm
 
-    def add_delta(out: torch.Tensor) -> torch.Tensor:
-        out = out.clone()
+    def edited_output() -> torch.Tensor:
+        out = cached.clone()
         out[rows, batch.subject_pos] = out[rows, batch.subject_pos] + delta.to(out.dtype)
         return out
 
     steps, p_now = 0, p_before
-    with edit_output(module, add_delta):
+    with replay_prefix(layers, layer, edited_output):
         for steps in range(1, config.z_steps + 1):
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            lp = target_logprobs(logits[:n], sub) / token_counts
+            hidden = run()
+            lp = target_logprobs_from_hidden(model, hidden[:n], sub) / token_counts
             p_now = float(torch.exp(lp.detach()).mean())
             if p_now >= config.z_stop_prob:
                 steps -= 1
                 break
             nll = -lp.mean()
-            kl_new = torch.log_softmax(logits[n, kl_pos].float(), dim=-1)
+            kl_new = torch.log_softmax(unembed(hidden[n, kl_pos]).float(), dim=-1)
             kl = torch.sum(torch.exp(kl_ref) * (kl_ref - kl_new))
             loss = nll + config.z_kl_factor * kl + config.z_weight_decay * delta.pow(2).sum() / h_norm**2
             opt.zero_grad()

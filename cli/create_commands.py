@@ -1,0 +1,175 @@
+"""``create``: compute edits for a facts file and write them as a patch."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from nmke_patch.errors import InvalidRequestError
+from nmke_patch.methods.nmke.config import EditConfig
+from nmke_patch.patch import PATCH_SUFFIX
+from nmke_patch.requests import read_requests
+
+from .common import DeviceMapOpt, DeviceOpt, DtypeOpt, ModelOpt, console
+
+
+def _parse_layers(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        if "-" in text and "," not in text:
+            a, b = (int(x) for x in text.split("-"))
+            return tuple(range(a, b + 1))
+        return tuple(int(x) for x in text.split(","))
+    except ValueError as exc:
+        raise InvalidRequestError(f"--layers must look like '4,5,6' or '4-8' (got {text!r})") from exc
+
+
+def _parse_settings(pairs: list[str]) -> dict[str, object]:
+    import json
+
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise InvalidRequestError(f"--set takes KEY=VALUE (got {pair!r})")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def create(
+    facts: Annotated[
+        Path,
+        typer.Argument(
+            help="Facts to write: a JSON list or JSONL of records (ours, CounterFact or ZsRE).",
+            exists=True,
+            dir_okay=False,
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help=f"Patch directory to write (NAME{PATCH_SUFFIX}).")],
+    model: ModelOpt = None,
+    method: Annotated[
+        str, typer.Option(help="nmke (sparse), or the dense baselines alphaedit / memit.")
+    ] = "nmke",
+    mode: Annotated[str, typer.Option(help="sequential (one edit at a time) or batch.")] = "sequential",
+    batch_size: Annotated[int, typer.Option(help="Requests per solve with --mode batch.")] = 10,
+    max_neurons: Annotated[
+        float | None,
+        typer.Option(help="Sparsity budget: at most this fraction of a layer's neurons per edit (nmke)."),
+    ] = None,
+    layers: Annotated[
+        str | None, typer.Option(help="Edited layers, e.g. '4-8' or '3,4,5'. Default: per architecture.")
+    ] = None,
+    on: Annotated[
+        list[str] | None, typer.Option("--on", help="Parent patch(es) to continue from (repeatable).")
+    ] = None,
+    stats_corpus: Annotated[
+        str | None,
+        typer.Option(help="Text file(s) for key statistics (default: text sampled from the model)."),
+    ] = None,
+    stats_tokens: Annotated[int | None, typer.Option(help="Tokens of text for key statistics.")] = None,
+    settings: Annotated[
+        list[str] | None, typer.Option("--set", help="Any config field, KEY=VALUE (see docs/method.md).")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its checkpoint.")] = False,
+    checkpoint_every: Annotated[int, typer.Option(help="Write a checkpoint every N edits.")] = 25,
+    name: Annotated[
+        str | None, typer.Option(help="Patch name (default: the output directory's stem).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing patch at --out.")] = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    device_map: DeviceMapOpt = None,
+) -> None:
+    """Compute edits for FACTS with NMKE (or a dense baseline) and write them as a patch."""
+    from nmke_patch.create import LoadedModel, create_patch
+    from nmke_patch.models import load_base
+
+    requests = read_requests(facts)  # every record validated before anything is computed
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite or choose another --out")
+    overrides: dict[str, object] = {"method": method, "mode": mode}
+    if mode == "batch":
+        overrides["batch_size"] = batch_size
+    if max_neurons is not None:
+        overrides["max_neurons"] = max_neurons
+    if layers:
+        overrides["layers"] = _parse_layers(layers)
+    if stats_corpus:
+        overrides["stats_corpus"] = stats_corpus
+    if stats_tokens:
+        overrides["stats_tokens"] = stats_tokens
+    overrides |= _parse_settings(settings or [])
+    config = EditConfig().with_overrides(**overrides)
+    with console.status("loading model"):
+        loaded = LoadedModel(*load_base(model, device=device, dtype=dtype, device_map=device_map))
+    checkpoint = out.with_name(out.name + ".checkpoint")
+    columns = (
+        TextColumn("[bold]editing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("edits", total=len(requests))
+        status = console.status("preparing key statistics (cached after the first run)")
+        status.start()
+
+        def progress(done: int, total: int) -> None:
+            status.stop()
+            bar.update(task, completed=done, total=total)
+
+        try:
+            patch = create_patch(
+                requests,
+                loaded=loaded,
+                config=config,
+                name=name or out.name.removesuffix(PATCH_SUFFIX),
+                on=on or [],
+                checkpoint_dir=checkpoint,
+                resume=resume,
+                checkpoint_every=checkpoint_every,
+                progress=progress,
+            )
+        finally:
+            status.stop()
+    saved = patch.save(out, overwrite=overwrite)
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    table = Table(
+        title=f"{saved.name}: {len(requests)} edit(s), {saved.num_neurons} neuron vectors, "
+        f"{saved.nbytes:,} bytes"
+    )
+    for col in ("#", "prompt", "target", "P(new) before", "after edit", "after all"):
+        table.add_column(col)
+    for r, m in zip(requests, saved.manifest.metrics, strict=True):
+        table.add_row(
+            str(m["index"]),
+            r.text,
+            r.target_new,
+            f"{m['p_new_before']:.3f}",
+            f"{m['p_new_after']:.3f}",
+            f"{m['p_new_final']:.3f}",
+        )
+    console.print(table)
+    console.print(f"patch written to {out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("create")(create)

@@ -1,0 +1,590 @@
+"""Evaluation of a (patched) model: edit metrics, model health and the footprint of patches.
+
+Metrics follow CounterFact (Meng et al., 2022, "Locating and Editing Factual Associations in GPT":
+efficacy, paraphrase and neighbourhood scores and magnitudes, n-gram-entropy fluency) and ZsRE as used by
+MEND/MEMIT/AlphaEdit (teacher-forced token accuracy). Every metric is defined in ``docs/evaluation.md``.
+
+:func:`evaluate` measures one model as it is; :func:`compare` turns a base and a patched result into
+drift figures (neighbourhood agreement, perplexity drift, unrelated-fact retention) and the footprint of
+the patches; :func:`evaluate_pair` does both for a base model and a list of patches.
+
+All teacher-forced scoring goes through :func:`score_targets`: rows are right-padded, every (prompt,
+target) pair is read at its own positions, token rows shared between pairs (identical, or one a prefix of
+another) are run once, and only target positions are unembedded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import torch
+from torch import nn
+
+from .delta import TensorDelta
+from .errors import InvalidRequestError
+from .methods.nmke.prompts import encode
+from .patch import Patch
+from .requests import EditRequest, Neighbor
+from .sources import PatchSource, resolve_patches
+from .stack import PatchStack
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+"""Called with the name of each evaluation stage as it starts."""
+
+FLUENCY_PROMPTS = (
+    "The city is known for",
+    "In the morning, the team",
+    "My favourite book is about",
+    "The history of the region",
+    "Scientists recently found that",
+    "The best way to learn a language is",
+    "During the winter months,",
+    "The old house at the end of the street",
+)
+"""Prompts that top up the fluency prompts when there are fewer requests than generations."""
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+# -- packaged data -----------------------------------------------------------------------------------------
+
+
+def load_heldout() -> list[str]:
+    """The held-out paragraphs shipped with the package (``nmke_patch/_data/heldout.txt``, one per line)."""
+    text = resources.files("nmke_patch").joinpath("_data/heldout.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def load_unrelated(path: str | None = None) -> list[Neighbor]:
+    """Unrelated facts (``{"prompt", "target"}`` JSONL): ``path``, or the packaged set (empty if absent)."""
+    if path is None:
+        source = resources.files("nmke_patch").joinpath("_data/unrelated_facts.jsonl")
+        if not source.is_file():
+            logger.warning("the packaged unrelated-fact set is missing; retention is not measured")
+            return []
+        text = source.read_text(encoding="utf-8")
+    else:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    facts = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if not (isinstance(record.get("prompt"), str) and isinstance(record.get("target"), str)):
+            raise InvalidRequestError(f"{path or 'unrelated_facts.jsonl'}: line {lineno} needs 'prompt' and 'target'")
+        facts.append(Neighbor(record["prompt"], record["target"]))
+    return facts
+
+
+# -- teacher-forced scoring --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Teacher-forced scores of (prompt, target) pairs, in input order."""
+
+    logprob: torch.Tensor
+    """``[N]`` float64: log P(target | prompt), summed over the target's tokens."""
+    token_accuracy: torch.Tensor
+    """``[N]`` float64: share of target tokens that are the argmax at their position."""
+    argmax: list[list[int]]
+    """Per pair, the argmax token at each target position."""
+
+    @property
+    def prob(self) -> torch.Tensor:
+        return self.logprob.exp()
+
+    @property
+    def exact(self) -> torch.Tensor:
+        """``[N]`` bool: every target token is the argmax (greedy decoding yields the target)."""
+        return self.token_accuracy >= 1.0
+
+
+def _carriers(feeds: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """Distinct token rows to run (longest first) and, per feed, the row that contains it as a prefix."""
+    order = sorted(range(len(feeds)), key=lambda i: -len(feeds[i]))
+    by_prefix: dict[tuple[int, ...], int] = {}
+    rows: list[list[int]] = []
+    assign = [0] * len(feeds)
+    for i in order:
+        key = tuple(feeds[i])
+        row = by_prefix.get(key)
+        if row is None:
+            row = len(rows)
+            rows.append(feeds[i])
+            for k in range(1, len(key) + 1):
+                by_prefix.setdefault(key[:k], row)
+        assign[i] = row
+    return rows, assign
+
+
+@torch.no_grad()
+def score_targets(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    *,
+    max_batch_tokens: int = 4096,
+) -> Scores:
+    """Score ``targets[i]`` after ``prompts[i]`` with teacher forcing (``" " + target`` is appended).
+
+    Each distinct token row runs once (a pair whose row is a prefix of another's is read from the longer
+    row: causal attention makes the states identical), rows are right-padded into batches of at most
+    ``max_batch_tokens`` tokens, and only target positions are unembedded.
+    """
+    n = len(prompts)
+    if n == 0:
+        return Scores(torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64), [])
+    enc = encode(tokenizer, list(prompts), [None] * n, list(targets))
+    lengths = enc.attention_mask.sum(dim=1).tolist()
+    feeds = [enc.input_ids[i, : lengths[i]].tolist() for i in range(n)]
+    rows, assign = _carriers(feeds)
+    users: list[list[int]] = [[] for _ in rows]
+    for i, row in enumerate(assign):
+        users[row].append(i)
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    unembed = model.get_output_embeddings()
+    logprob = torch.zeros(n, dtype=torch.float64)
+    correct = torch.zeros(n, dtype=torch.float64)
+    argmax: list[list[int]] = [[] for _ in range(n)]
+    start = 0
+    while start < len(rows):
+        width = len(rows[start])  # rows are sorted longest first
+        stop = min(len(rows), start + max(1, max_batch_tokens // width))
+        ids = torch.full((stop - start, width), pad, dtype=torch.long)
+        mask = torch.zeros((stop - start, width), dtype=torch.long)
+        for b, row in enumerate(rows[start:stop]):
+            ids[b, : len(row)] = torch.tensor(row)
+            mask[b, : len(row)] = 1
+        hidden = model.base_model(
+            input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
+        ).last_hidden_state
+        pair, brow, pos, tok = [], [], [], []
+        for b in range(stop - start):
+            for i in users[start + b]:
+                first = int(enc.last_pos[i])
+                for j, t in enumerate(enc.target_ids[i]):
+                    pair.append(i)
+                    brow.append(b)
+                    pos.append(first + j)
+                    tok.append(t)
+        logits = unembed(hidden[torch.tensor(brow, device=device), torch.tensor(pos, device=device)]).float()
+        tokens = torch.tensor(tok, device=device)
+        lp = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1).double().cpu()
+        best = logits.argmax(dim=-1).cpu()
+        index = torch.tensor(pair)
+        logprob.index_add_(0, index, lp)
+        correct.index_add_(0, index, (best == tokens.cpu()).double())
+        for i, t in zip(pair, best.tolist(), strict=True):
+            argmax[i].append(t)
+        start = stop
+    counts = torch.tensor([max(1, len(t)) for t in enc.target_ids], dtype=torch.float64)
+    return Scores(logprob, correct / counts, argmax)
+
+
+# -- model health ------------------------------------------------------------------------------------------
+
+
+def ngram_entropy(tokens: Sequence[Any], ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
+    """Weighted n-gram entropy in bits (ROME's fluency): ``mean_n(w_n * H(n-gram frequencies))``.
+
+    ``tokens`` are any hashable items (words here). A sequence too short for an n-gram contributes 0.
+    """
+    terms = []
+    for n, w in zip(ns, weights, strict=True):
+        grams = Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+        total = sum(grams.values())
+        h = -sum(c / total * math.log2(c / total) for c in grams.values()) if total else 0.0
+        terms.append(w * h)
+    return sum(terms) / len(terms)
+
+
+def words(text: str) -> list[str]:
+    """Word and punctuation tokens (a dependency-free stand-in for ``nltk.word_tokenize``)."""
+    return _WORD.findall(text)
+
+
+@torch.no_grad()
+def greedy_generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+    """Greedy continuations of ``prompts`` (left-padded batch, KV cache; end-of-text does not stop)."""
+    if not prompts:
+        return []
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    encoded = [tokenizer(p).input_ids for p in prompts]
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for i, e in enumerate(encoded):
+        ids[i, width - len(e) :] = torch.tensor(e)
+        mask[i, width - len(e) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    generated = []
+    for step in range(max_new_tokens):
+        nxt = out.logits[:, -1].argmax(dim=-1)
+        generated.append(nxt)
+        if step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        positions = positions[:, -1:] + 1
+        out = model(
+            input_ids=nxt[:, None],
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
+    tokens = torch.stack(generated, dim=1).cpu()
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in tokens]
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    tokenizer: Any,
+    paragraphs: Sequence[str],
+    *,
+    max_tokens: int | None = None,
+    max_batch_tokens: int = 4096,
+) -> tuple[float, int]:
+    """``exp(mean NLL)`` over every predicted token of ``paragraphs`` (each its own sequence).
+
+    Whole paragraphs are taken in order until ``max_tokens`` tokens are reached (the last one is cut).
+
+    Returns:
+        ``(perplexity, number of predicted tokens)``.
+    """
+    rows: list[list[int]] = []
+    total = 0
+    for text in paragraphs:
+        ids = list(tokenizer(text).input_ids)
+        if max_tokens is not None:
+            ids = ids[: max(0, max_tokens - total)]
+        if len(ids) >= 2:
+            rows.append(ids)
+            total += len(ids)
+        if max_tokens is not None and total >= max_tokens:
+            break
+    if not rows:
+        return float("nan"), 0
+    rows.sort(key=len, reverse=True)
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    unembed = model.get_output_embeddings()
+    nll, count, start = 0.0, 0, 0
+    while start < len(rows):
+        width = len(rows[start])
+        stop = min(len(rows), start + max(1, max_batch_tokens // width))
+        ids = torch.full((stop - start, width), pad, dtype=torch.long)
+        mask = torch.zeros((stop - start, width), dtype=torch.long)
+        for b, row in enumerate(rows[start:stop]):
+            ids[b, : len(row)] = torch.tensor(row)
+            mask[b, : len(row)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        valid = mask[:, 1:].bool()
+        h = hidden[:, :-1][valid]
+        labels = ids[:, 1:][valid]
+        for s in range(0, h.shape[0], 512):  # bound the [positions, vocab] logits
+            logits = unembed(h[s : s + 512]).float()
+            nll += float(torch.nn.functional.cross_entropy(logits, labels[s : s + 512], reduction="sum"))
+        count += int(valid.sum())
+        start = stop
+    return math.exp(nll / count), count
+
+
+# -- evaluation --------------------------------------------------------------------------------------------
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    kept = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else None
+
+
+def _neighbor_key(n: Neighbor) -> str:
+    return f"{n.prompt}\t{n.target}"
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: Any,
+    requests: Sequence[EditRequest],
+    *,
+    heldout_text: str | Sequence[str] | None = None,
+    unrelated: Sequence[Neighbor] | None = None,
+    generations: int = 8,
+    generation_tokens: int = 40,
+    heldout_tokens: int | None = 2048,
+    max_batch_tokens: int = 4096,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``model`` as it is (whatever patches are applied) on ``requests``.
+
+    Args:
+        heldout_text: text for perplexity (a string with one paragraph per line, or paragraphs);
+            ``None`` = the packaged held-out paragraphs; empty = skip perplexity.
+        unrelated: facts for retention; ``None`` = the packaged unrelated-fact set; empty = skip.
+        generations: number of greedy free generations for fluency (0 = skip), each
+            ``generation_tokens`` long; prompts are the first requests' edit prompts, topped up with
+            :data:`FLUENCY_PROMPTS`.
+        heldout_tokens: cap on the held-out tokens scored (``None`` = all).
+        max_batch_tokens: padded tokens per forward pass.
+        progress: called with the name of each stage.
+
+    Returns:
+        ``{"metrics": {name: value or None}, "counts": {...}, "details": {...}, "seconds": {...}}``;
+        ``details`` holds what :func:`compare` needs (argmax tokens of neighbourhood answers, which
+        unrelated facts are answered, perplexity) and the generations. Definitions: docs/evaluation.md.
+    """
+    say = progress or (lambda _stage: None)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    unrelated = load_unrelated() if unrelated is None else list(unrelated)
+    if heldout_text is None:
+        paragraphs = load_heldout()
+    elif isinstance(heldout_text, str):
+        paragraphs = [p for p in heldout_text.splitlines() if p.strip()]
+    else:
+        paragraphs = list(heldout_text)
+
+    # One scoring pass over every (prompt, target) pair the metrics need.
+    say(f"scoring {len(requests)} facts and {len(unrelated)} unrelated facts")
+    prompts: list[str] = []
+    targets: list[str] = []
+    seen: dict[tuple[str, str], int] = {}
+
+    def add(prompt: str, target: str) -> int:
+        if (prompt, target) not in seen:
+            seen[(prompt, target)] = len(prompts)
+            prompts.append(prompt)
+            targets.append(target)
+        return seen[(prompt, target)]
+
+    plan = []
+    for r in requests:
+        texts = [r.text, *r.paraphrases]
+        new = [add(t, r.target_new) for t in texts]
+        true = [add(t, r.target_true) for t in texts] if r.target_true else None
+        own = [add(n.prompt, n.target) for n in r.neighborhood]
+        against = [add(n.prompt, r.target_new) for n in r.neighborhood]
+        plan.append((new, true, own, against))
+    unrelated_idx = [add(u.prompt, u.target) for u in unrelated]
+    scores = score_targets(model, tokenizer, prompts, targets, max_batch_tokens=max_batch_tokens)
+    p = scores.prob.tolist()
+    acc = scores.token_accuracy.tolist()
+    seconds["scoring"] = time.perf_counter() - t0
+
+    per: dict[str, list[float | None]] = {
+        k: []
+        for k in (
+            "efficacy",
+            "efficacy_margin",
+            "generalization",
+            "generalization_margin",
+            "specificity",
+            "specificity_margin",
+            "p_new",
+            "zsre_accuracy",
+            "zsre_paraphrase_accuracy",
+            "zsre_neighborhood_accuracy",
+        )
+    }
+    argmax: dict[str, list[int]] = {}
+    neighbor_keys: list[list[str]] = []
+    for r, (new, true, own, against) in zip(requests, plan, strict=True):
+        per["p_new"].append(p[new[0]])
+        per["zsre_accuracy"].append(acc[new[0]])
+        per["zsre_paraphrase_accuracy"].append(_mean(acc[i] for i in new[1:]))
+        if true is not None:
+            per["efficacy"].append(float(p[new[0]] > p[true[0]]))
+            per["efficacy_margin"].append(p[new[0]] - p[true[0]])
+            pairs = list(zip(new[1:], true[1:], strict=True))
+            per["generalization"].append(_mean(float(p[a] > p[b]) for a, b in pairs))
+            per["generalization_margin"].append(_mean(p[a] - p[b] for a, b in pairs))
+        nb = list(zip(own, against, strict=True))
+        per["specificity"].append(_mean(float(p[a] > p[b]) for a, b in nb))
+        per["specificity_margin"].append(_mean(p[a] - p[b] for a, b in nb))
+        per["zsre_neighborhood_accuracy"].append(_mean(acc[a] for a in own))
+        keys = [_neighbor_key(n) for n in r.neighborhood]
+        for key, i in zip(keys, own, strict=True):
+            argmax[key] = scores.argmax[i]
+        neighbor_keys.append(keys)
+    metrics: dict[str, float | None] = {k: _mean(v) for k, v in per.items()}
+    answered = {_neighbor_key(u): bool(scores.exact[i]) for u, i in zip(unrelated, unrelated_idx, strict=True)}
+    metrics["unrelated_accuracy"] = _mean(float(v) for v in answered.values())
+
+    t1 = time.perf_counter()
+    texts_out: list[str] = []
+    if generations > 0:
+        say(f"generating {generations} x {generation_tokens} tokens")
+        gen_prompts = [r.text for r in requests[:generations]]
+        gen_prompts += list(FLUENCY_PROMPTS[: max(0, generations - len(gen_prompts))])
+        texts_out = greedy_generate(model, tokenizer, gen_prompts, generation_tokens)
+        metrics["fluency"] = _mean(ngram_entropy(words(t)) for t in texts_out)
+    else:
+        metrics["fluency"] = None
+    t2 = time.perf_counter()
+    seconds["generation"] = t2 - t1
+
+    say("perplexity on held-out text")
+    ppl, ppl_tokens = (
+        perplexity(model, tokenizer, paragraphs, max_tokens=heldout_tokens, max_batch_tokens=max_batch_tokens)
+        if paragraphs
+        else (float("nan"), 0)
+    )
+    metrics["perplexity"] = None if math.isnan(ppl) else ppl
+    seconds["perplexity"] = time.perf_counter() - t2
+    seconds["total"] = time.perf_counter() - t0
+    return {
+        "metrics": metrics,
+        "counts": {
+            "requests": len(requests),
+            "with_target_true": sum(1 for r in requests if r.target_true),
+            "paraphrases": sum(len(r.paraphrases) for r in requests),
+            "neighborhood": sum(len(r.neighborhood) for r in requests),
+            "unrelated": len(unrelated),
+            "heldout_tokens": ppl_tokens,
+            "generations": len(texts_out),
+            "scored_pairs": len(prompts),
+        },
+        "details": {
+            "neighborhood": neighbor_keys,
+            "neighborhood_argmax": argmax,
+            "unrelated_answered": answered,
+            "generations": texts_out,
+        },
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+    }
+
+
+# -- comparison and footprint ------------------------------------------------------------------------------
+
+
+def footprint(items: Iterable[Patch | TensorDelta]) -> dict[str, Any]:
+    """Neurons, parameters and bytes that patches (or tensor deltas) change, neurons united per tensor.
+
+    Returns:
+        ``{"tensors": {name: {"neurons", "of_neurons", "share"}}, "union_neurons", "mean_share",
+        "max_share", "parameters_changed", "patch_bytes", "dense_bytes"}``; ``patch_bytes`` is the payload
+        (indices, deltas, originals) summed over the patches, ``dense_bytes`` what the same tensors would take
+        with every neuron stored.
+    """
+    union: dict[str, set[int]] = {}
+    meta: dict[str, TensorDelta] = {}
+    patch_bytes = 0
+    for item in items:
+        deltas = item.deltas if isinstance(item, Patch) else (item,)
+        for d in deltas:
+            union.setdefault(d.name, set()).update(d.indices.tolist())
+            meta[d.name] = d
+            patch_bytes += d.nbytes
+    tensors = {}
+    params = 0
+    dense = 0
+    for name in sorted(union, key=_layer_order):
+        d = meta[name]
+        total = int(d.shape[d.neuron_axis])
+        k = len(union[name])
+        tensors[name] = {"neurons": k, "of_neurons": total, "share": k / total}
+        params += k * d.value_dim
+        per_neuron = d.indices.element_size() + d.value_dim * (d.delta.element_size() + d.original.element_size())
+        dense += total * per_neuron
+    shares = [t["share"] for t in tensors.values()]
+    return {
+        "tensors": tensors,
+        "union_neurons": sum(t["neurons"] for t in tensors.values()),
+        "mean_share": sum(shares) / len(shares) if shares else 0.0,
+        "max_share": max(shares, default=0.0),
+        "parameters_changed": params,
+        "patch_bytes": patch_bytes,
+        "dense_bytes": dense,
+    }
+
+
+def _layer_order(name: str) -> tuple[int, str]:
+    numbers = re.findall(r"\.(\d+)\.", name)
+    return (int(numbers[0]) if numbers else -1, name)
+
+
+def compare(
+    base: dict[str, Any], patched: dict[str, Any], *, patches: Iterable[Patch | TensorDelta] = ()
+) -> dict[str, Any]:
+    """Drift of ``patched`` against ``base`` (two :func:`evaluate` results) and the patches' footprint.
+
+    ``base`` may cover more requests than ``patched`` (neighbourhood answers are matched by prompt and
+    target). Returns ``{"zsre_neighborhood_agreement", "perplexity_drift_pct", "unrelated_retention",
+    "fluency_change", "footprint"}``; a figure that cannot be computed is ``None``.
+    """
+    b_arg, p_arg = base["details"]["neighborhood_argmax"], patched["details"]["neighborhood_argmax"]
+    per_request = []
+    for keys in patched["details"]["neighborhood"]:
+        shares = []
+        for key in keys:
+            if key in b_arg:
+                a, b = b_arg[key], p_arg[key]
+                shares.append(sum(x == y for x, y in zip(a, b, strict=True)) / max(1, len(a)))
+        per_request.append(_mean(shares))
+    b_ans, p_ans = base["details"]["unrelated_answered"], patched["details"]["unrelated_answered"]
+    known = [k for k, ok in b_ans.items() if ok and k in p_ans]
+    bm, pm = base["metrics"], patched["metrics"]
+    drift = (
+        100.0 * (pm["perplexity"] / bm["perplexity"] - 1.0)
+        if bm.get("perplexity") and pm.get("perplexity") is not None
+        else None
+    )
+    fluency = pm["fluency"] - bm["fluency"] if bm.get("fluency") is not None and pm.get("fluency") is not None else None
+    return {
+        "zsre_neighborhood_agreement": _mean(per_request),
+        "perplexity_drift_pct": drift,
+        "unrelated_retention": _mean(float(p_ans[k]) for k in known) if known else None,
+        "fluency_change": fluency,
+        "footprint": footprint(patches),
+    }
+
+
+def evaluate_pair(
+    model: nn.Module,
+    tokenizer: Any,
+    requests: Sequence[EditRequest],
+    patches: Iterable[PatchSource],
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Evaluate the base ``model``, then with ``patches`` applied (removed again afterwards), and compare.
+
+    ``model`` must have no patches applied. ``kwargs`` go to :func:`evaluate`.
+
+    Returns:
+        ``{"base": evaluate(...), "patched": evaluate(...), "comparison": compare(...)}``.
+    """
+    resolved = resolve_patches(patches)
+    stack = PatchStack.for_model(model)
+    if stack.applied:
+        raise InvalidRequestError("evaluate_pair needs the base model: unload the applied patches first")
+    say = progress or (lambda _stage: None)
+    base = evaluate(model, tokenizer, requests, progress=lambda s: say(f"base: {s}"), **kwargs)
+    try:
+        for p in resolved:
+            stack.apply(p, force=force)
+        patched = evaluate(model, tokenizer, requests, progress=lambda s: say(f"patched: {s}"), **kwargs)
+    finally:
+        stack.unload_all()
+    return {"base": base, "patched": patched, "comparison": compare(base, patched, patches=resolved)}

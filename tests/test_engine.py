@@ -1,0 +1,260 @@
+"""Editing-engine mechanics on tiny in-process models: masks, attribution, padding, orientation, resume, cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import MODEL_FACTORIES, assert_state_equal, state_copy
+from nmke_patch import stats as stats_module
+from nmke_patch.architectures import spec_for_model
+from nmke_patch.create import LoadedModel, create_patch
+from nmke_patch.errors import InvalidRequestError
+from nmke_patch.methods.nmke.attribution import final_norm_scale, neuron_scores
+from nmke_patch.methods.nmke.config import EditConfig
+from nmke_patch.methods.nmke.mask import apply_budget, hybrid_mask, mask_ratios
+from nmke_patch.methods.nmke.prompts import encode
+from nmke_patch.models import BaseModelInfo
+from nmke_patch.requests import EditRequest, read_requests
+from nmke_patch.stack import PatchStack
+from nmke_patch.tracing import capture
+
+TINY_CONFIG = EditConfig(
+    layers=(1, 2),
+    z_steps=20,
+    z_clamp_norm=4.0,
+    n_prefixes=2,
+    prefix_tokens=3,
+    stats_tokens=300,
+    max_neurons=0.25,
+    attribution_vocab=0,
+)
+
+
+def requests() -> list[EditRequest]:
+    return [
+        EditRequest("w1 w2 {} w3", "w4", "w5", target_true="w6"),
+        EditRequest("w7 {} w8", "w9 w10", "w11 w12", target_true="w13"),
+    ]
+
+
+def loaded(arch: str, tokenizer) -> LoadedModel:
+    model = MODEL_FACTORIES[arch](init_range=0.2)
+    model.requires_grad_(False)
+    return LoadedModel(
+        model, tokenizer, BaseModelInfo("tiny", None, type(model).__name__, model.config.model_type)
+    )
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NMKE_PATCH_HOME", str(tmp_path / "home"))
+
+
+def test_mask_ratios_within_bounds_and_budget_respected() -> None:
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(6, 200, generator=gen)
+    ratios = mask_ratios(scores, temperature=30.0, low=0.3, high=0.4)
+    assert 0.3 <= ratios.general <= 0.4 and 0.3 <= ratios.specific <= 0.4
+    mask, priority = hybrid_mask(scores, ratios)
+    assert mask.shape == (200,) and mask.dtype == torch.bool
+    assert 0.3 * 200 <= int(mask.sum()) <= 0.8 * 200
+    chosen = apply_budget(mask, priority, 20)
+    assert chosen.numel() == 20 and bool(mask[chosen].all())
+    assert torch.equal(chosen, torch.sort(chosen).values)
+
+
+def test_flat_scores_give_lowest_specific_ratio() -> None:
+    ratios = mask_ratios(torch.full((3, 50), -1.0), temperature=30.0, low=0.3, high=0.4)
+    assert ratios.specific == 0.3  # no positive attribution at all
+
+
+@pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
+def test_attribution_matches_direct_logit_lens(arch: str) -> None:
+    """The factored score equals log-softmax through the real final norm with fixed statistics."""
+    model = MODEL_FACTORIES[arch]()
+    spec = spec_for_model(model)
+    layer = 1
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    with (
+        capture(
+            model,
+            inputs={
+                "k": f"{spec.layers}.{layer}.{spec.mlp_out}",
+                "m": f"{spec.layers}.{layer}.{spec.mlp_norm}",
+                "f": spec.final_norm,
+            },
+        ) as seen,
+        torch.no_grad(),
+    ):
+        logits = model(input_ids=ids).logits
+    m, h_mid, final = seen["k"][0, -1:], seen["m"][0, -1:], seen["f"][0, -1:]
+    y = logits[0, -1:].argmax(-1)
+    weight = dict(model.named_parameters())[spec.weight_name(layer)].detach()
+    values = weight if spec.neuron_axis == 0 else weight.T
+    norm = model.get_submodule(spec.final_norm)
+    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+    unembed = model.get_output_embeddings().weight.detach()
+    scores = neuron_scores(
+        spec=spec,
+        values=values,
+        activations=m,
+        h_mid=h_mid,
+        final_resid=final,
+        answers=y,
+        norm_gain=norm.weight.detach(),
+        norm_bias=getattr(norm, "bias", None),
+        norm_eps=eps,
+        unembed=unembed,
+        amplification=30.0,
+        vocab_limit=0,
+    )
+    assert scores.shape == (1, values.shape[0])
+    scale = final_norm_scale(final, spec.final_norm_kind, eps)
+
+    def lens(x: torch.Tensor) -> torch.Tensor:
+        if spec.final_norm_kind == "layernorm":
+            x = x - x.mean(-1, keepdim=True)
+        x = x / scale * norm.weight
+        if getattr(norm, "bias", None) is not None:
+            x = x + norm.bias
+        return torch.log_softmax(x @ unembed.T, -1)[0, y[0]]
+
+    for i in (0, 7, 30):
+        direct = lens(h_mid + 30.0 * m[0, i] * values[i]) - lens(h_mid)
+        assert torch.allclose(scores[0, i], direct, atol=1e-4), (i, scores[0, i], direct)
+
+
+@pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
+def test_padding_does_not_change_keys(arch: str, tiny_tokenizer) -> None:
+    model = MODEL_FACTORIES[arch]()
+    spec = spec_for_model(model)
+    alone = encode(tiny_tokenizer, ["w1 w2 w4 w3"], ["w4"], [None])
+    batch = encode(tiny_tokenizer, ["w1 w2 w4 w3", "w5 w6 w7 w8 w9 w10 w4 w11"], ["w4", "w4"], [None, None])
+    assert int(alone.subject_pos[0]) == 2 and int(batch.subject_pos[1]) == 6
+    path = f"{spec.layers}.1.{spec.mlp_out}"
+    outs = []
+    for b in (alone, batch):
+        with capture(model, inputs={"k": path}) as seen, torch.no_grad():
+            model(input_ids=b.input_ids, attention_mask=b.attention_mask)
+        outs.append(seen["k"][0, b.subject_pos[0]])
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
+@pytest.mark.parametrize("method", ["nmke", "alphaedit", "memit"])
+def test_create_edits_only_budgeted_neurons_and_leaves_model_unchanged(
+    arch: str, method: str, tiny_tokenizer
+) -> None:
+    lm = loaded(arch, tiny_tokenizer)
+    before = state_copy(lm.model)
+    patch = create_patch(requests(), loaded=lm, config=TINY_CONFIG.with_overrides(method=method), name="t")
+    assert_state_equal(lm.model, before)  # create never leaves edits on the model
+    spec = spec_for_model(lm.model)
+    assert {d.name for d in patch.deltas} == {spec.weight_name(1), spec.weight_name(2)}
+    d_ff = lm.model.config.intermediate_size if arch == "llama" else lm.model.config.n_inner
+    for d in patch.deltas:
+        assert d.neuron_axis == spec.neuron_axis and d.shape[spec.neuron_axis] == d_ff
+        if method == "nmke":  # two sequential edits, each within 25% of the layer
+            assert d.num_neurons <= 2 * int(0.25 * d_ff)
+        else:
+            assert d.num_neurons == d_ff
+    first = patch.manifest.metrics[0]
+    if (
+        method != "memit"
+    ):  # MEMIT's lambda2 * C0 dominates on a random tiny model; the real test is on SmolLM2
+        assert first["p_new_after"] > first["p_new_before"] * 1.1
+    assert set(patch.state) == {"keys.1", "keys.2"} and patch.state["keys.1"].shape == (2, d_ff)
+    PatchStack.for_model(lm.model).apply(patch)  # originals recorded against the base
+
+
+def test_resume_equals_uninterrupted_run(tmp_path: Path, tiny_tokenizer) -> None:
+    reqs = [*requests(), EditRequest("w20 {} w21", "w22", "w23")]
+    full = create_patch(reqs, loaded=loaded("llama", tiny_tokenizer), config=TINY_CONFIG, name="t")
+    lm = loaded("llama", tiny_tokenizer)
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        create_patch(reqs, loaded=lm, config=TINY_CONFIG, name="t", checkpoint_dir=ckpt, stop_after=1)
+    assert json.loads((ckpt / "progress.json").read_text())["next_index"] == 1
+    resumed = create_patch(reqs, loaded=lm, config=TINY_CONFIG, name="t", checkpoint_dir=ckpt, resume=True)
+    assert full.id == resumed.id  # same bytes of deltas.safetensors
+    with pytest.raises(InvalidRequestError, match="different run"):
+        create_patch(reqs[:2], loaded=lm, config=TINY_CONFIG, name="t", checkpoint_dir=ckpt, resume=True)
+
+
+def test_key_statistics_are_cached(monkeypatch: pytest.MonkeyPatch, tiny_tokenizer) -> None:
+    calls = []
+    real = stats_module.key_second_moments
+
+    def counting(*args, **kwargs):
+        calls.append(args[3])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stats_module, "key_second_moments", counting)
+    lm = loaded("gpt2", tiny_tokenizer)
+    create_patch(requests()[:1], loaded=lm, config=TINY_CONFIG, name="a")
+    create_patch(requests()[:1], loaded=lm, config=TINY_CONFIG, name="b")
+    assert calls == [[1, 2]]
+
+
+def test_parents_continue_key_state(tiny_tokenizer) -> None:
+    lm = loaded("llama", tiny_tokenizer)
+    parent = create_patch(requests()[:1], loaded=lm, config=TINY_CONFIG, name="parent")
+    child = create_patch(requests()[1:], loaded=lm, config=TINY_CONFIG, name="child", on=[parent])
+    assert [p.id for p in child.manifest.parents] == [parent.id]
+    stack = PatchStack.for_model(lm.model)
+    with pytest.raises(Exception, match="parent"):
+        stack.apply(child)
+    stack.apply(parent)
+    stack.apply(child)
+
+
+def test_bad_records_name_index_and_field(tmp_path: Path) -> None:
+    file = tmp_path / "facts.json"
+    file.write_text(
+        json.dumps(
+            [
+                {"prompt": "The capital of {} is", "subject": "France", "target_new": "Rome"},
+                {"prompt": "no placeholder", "subject": "X", "target_new": "Y"},
+            ]
+        )
+    )
+    with pytest.raises(InvalidRequestError, match=r"record 1: field 'prompt'"):
+        read_requests(file)
+    file.write_text(
+        '{"prompt": "{} is", "subject": "A", "target_new": "B"}\n{"prompt": "{} is", "subject": ""}\n'
+    )
+    with pytest.raises(InvalidRequestError, match=r"record 1: field 'subject'"):
+        read_requests(file)
+
+
+def test_counterfact_and_zsre_records(tmp_path: Path) -> None:
+    file = tmp_path / "facts.jsonl"
+    cf = {
+        "case_id": 7,
+        "requested_rewrite": {
+            "prompt": "The mother tongue of {} is",
+            "subject": "Danielle Darrieux",
+            "target_new": {"str": "English"},
+            "target_true": {"str": "French"},
+        },
+        "paraphrase_prompts": ["Danielle Darrieux spoke"],
+        "neighborhood_prompts": ["Michel Rocard spoke"],
+    }
+    zsre = {
+        "subject": "Watts Humphrey",
+        "src": "What university did Watts Humphrey attend?",
+        "alt": "Yale",
+        "answers": ["Trinity College"],
+        "rephrase": "Where did Watts Humphrey study?",
+        "loc": "nq question: who wrote hamlet",
+        "loc_ans": "Shakespeare",
+    }
+    file.write_text(json.dumps(cf) + "\n" + json.dumps(zsre) + "\n")
+    a, b = read_requests(file)
+    assert (a.subject, a.target_new, a.target_true, a.id) == ("Danielle Darrieux", "English", "French", "7")
+    assert a.neighborhood[0].target == "French"
+    assert b.prompt == "What university did {} attend?" and b.neighborhood[0].prompt == "who wrote hamlet"
