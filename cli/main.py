@@ -51,6 +51,11 @@ _register()
 def run() -> None:
     """Console-script entry point: one clear line and a non-zero exit on any expected error."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not {"-v", "--verbose"} & set(sys.argv[1:]):
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         app(standalone_mode=False)
     except NmkePatchError as exc:

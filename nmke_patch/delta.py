@@ -85,13 +85,12 @@ def make_delta(
 ) -> TensorDelta:
     """Build a :class:`TensorDelta` for ``weight`` (its current values become the originals).
 
-    Indices are sorted and de-duplicated (duplicate rows of ``delta`` are summed).
+    Indices are sorted (rows of ``delta`` move with them) and de-duplicated (duplicate rows are summed).
     """
     idx = indices.to(torch.long).cpu()
     d = delta.detach().to(device="cpu", dtype=torch.float32)
     unique, inverse = torch.unique(idx, sorted=True, return_inverse=True)
-    if unique.numel() != idx.numel():
-        d = torch.zeros(unique.numel(), d.shape[1], dtype=torch.float32).index_add_(0, inverse, d)
+    d = torch.zeros(unique.numel(), d.shape[1], dtype=torch.float32).index_add_(0, inverse, d)
     original = gather_neurons(weight.detach(), neuron_axis, unique).cpu()
     return TensorDelta(
         name=name,

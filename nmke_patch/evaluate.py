@@ -15,15 +15,19 @@ another) are run once, and only target positions are unembedded.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import logging
 import math
+import os
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, is_dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,6 +59,29 @@ FLUENCY_PROMPTS = (
 """Prompts that top up the fluency prompts when there are fewer requests than generations."""
 
 _WORD = re.compile(r"\w+|[^\w\s]")
+EVAL_VERSION = 1
+"""Bumped whenever a metric's computation changes (invalidates cached base results)."""
+
+METRICS: dict[str, str] = {
+    "efficacy": "efficacy: P(new) > P(true) on the edit prompt",
+    "efficacy_margin": "  mean P(new) - P(true)",
+    "generalization": "generalization: same on paraphrases",
+    "generalization_margin": "  mean P(new) - P(true)",
+    "specificity": "specificity: neighbours keep P(own) > P(new)",
+    "specificity_margin": "  mean P(own) - P(new)",
+    "p_new": "mean P(new) on the edit prompt",
+    "zsre_accuracy": "ZsRE token accuracy of the new target",
+    "zsre_paraphrase_accuracy": "  on paraphrases",
+    "zsre_neighborhood_accuracy": "  neighbours' own answers",
+    "zsre_neighborhood_agreement": "  neighbour argmax agrees with base",
+    "fluency": "fluency: n-gram entropy of generations (bits)",
+    "fluency_change": "  change",
+    "perplexity": "perplexity on held-out text",
+    "perplexity_drift_pct": "  perplexity drift (%)",
+    "unrelated_accuracy": "unrelated facts answered",
+    "unrelated_retention": "  retained (of those base answers)",
+}
+"""Short labels of every metric, in display order (definitions: docs/evaluation.md)."""
 
 
 # -- packaged data -----------------------------------------------------------------------------------------
@@ -83,7 +110,9 @@ def load_unrelated(path: str | None = None) -> list[Neighbor]:
             continue
         record = json.loads(line)
         if not (isinstance(record.get("prompt"), str) and isinstance(record.get("target"), str)):
-            raise InvalidRequestError(f"{path or 'unrelated_facts.jsonl'}: line {lineno} needs 'prompt' and 'target'")
+            raise InvalidRequestError(
+                f"{path or 'unrelated_facts.jsonl'}: line {lineno} needs 'prompt' and 'target'"
+            )
         facts.append(Neighbor(record["prompt"], record["target"]))
     return facts
 
@@ -130,6 +159,116 @@ def _carriers(feeds: list[list[int]]) -> tuple[list[list[int]], list[int]]:
     return rows, assign
 
 
+def _stem_lengths(rows: list[list[int]]) -> list[int]:
+    """Per row, the length of the longest proper prefix it shares with another row (0 if none)."""
+    counts = Counter(tuple(r[:k]) for r in rows for k in range(1, len(r)))
+    return [next((k for k in range(len(r) - 1, 0, -1) if counts[tuple(r[:k])] >= 2), 0) for r in rows]
+
+
+def _buckets(items: list[int], width: Callable[[int], int], max_batch_tokens: int) -> list[list[int]]:
+    """``items`` grouped by exact ``width`` (nothing padded), each group split to ``max_batch_tokens``."""
+    groups: dict[int, list[int]] = {}
+    for i in items:
+        groups.setdefault(width(i), []).append(i)
+    out = []
+    for w, group in sorted(groups.items(), reverse=True):
+        step = max(1, max_batch_tokens // max(1, w))
+        out += [group[s : s + step] for s in range(0, len(group), step)]
+    return out
+
+
+def _cache_of(output: Any) -> Any:
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+@dataclass
+class _Stem:
+    """A shared prefix, run once: its final hidden states and its keys/values per layer."""
+
+    hidden: torch.Tensor  # [L, d]
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [heads, L, head_dim]
+
+
+def _run_stems(model: nn.Module, stems: list[tuple[int, ...]], max_batch_tokens: int) -> list[_Stem] | None:
+    """Run each stem once (exact-length batches); None when the model's KV cache cannot be read back."""
+    device = next(model.parameters()).device
+    done: dict[int, _Stem] = {}
+    for batch in _buckets(list(range(len(stems))), lambda i: len(stems[i]), max_batch_tokens):
+        ids = torch.tensor([list(stems[i]) for i in batch], device=device)
+        result = model.base_model(input_ids=ids, use_cache=True)
+        layers = getattr(_cache_of(result), "layers", None)
+        if not layers or not all(hasattr(l, "keys") and hasattr(l, "values") for l in layers):
+            return None
+        for b, i in enumerate(batch):
+            done[i] = _Stem(result.last_hidden_state[b], [(l.keys[b], l.values[b]) for l in layers])
+    return [done[i] for i in range(len(stems))]
+
+
+def _continue_from_stems(model: nn.Module, stems: list[_Stem], suffixes: torch.Tensor) -> torch.Tensor:
+    """Final hidden states ``[R, Lu, d]`` of ``suffixes`` ``[R, Lu]``, row ``b`` fed after ``stems[b]``.
+
+    The stems' keys/values are right-padded into one KV cache; the attention mask hides the padding and
+    each row's positions continue from its own stem's length.
+    """
+    from transformers import DynamicCache
+
+    device = suffixes.device
+    rows, lu = suffixes.shape
+    lengths = [s.hidden.shape[0] for s in stems]
+    width = max(lengths)
+    mask = torch.zeros((rows, width + lu), dtype=torch.long, device=device)
+    mask[:, width:] = 1
+    for b, n in enumerate(lengths):
+        mask[b, :n] = 1
+    cache = DynamicCache()
+    for layer in range(len(stems[0].kv)):
+        k0, v0 = stems[0].kv[layer]
+        keys = k0.new_zeros((rows, k0.shape[0], width, k0.shape[2]))
+        values = v0.new_zeros((rows, v0.shape[0], width, v0.shape[2]))
+        for b, s in enumerate(stems):
+            k, v = s.kv[layer]
+            keys[b, :, : k.shape[1]] = k
+            values[b, :, : v.shape[1]] = v
+        cache.update(keys, values, layer)
+    base = model.base_model
+    cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    positions = torch.tensor(lengths, device=device)[:, None] + torch.arange(lu, device=device)[None, :]
+    return base(
+        input_ids=suffixes, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_arg: cache}
+    ).last_hidden_state
+
+
+def _row_states(
+    model: nn.Module, rows: list[list[int]], *, share_prefixes: bool, max_batch_tokens: int
+) -> Iterator[list[tuple[int, torch.Tensor]]]:
+    """Batches of ``(row, final hidden states [len(row), d])``; rows of a batch have equal length.
+
+    With ``share_prefixes`` the longest proper prefix each row shares with another row (a template's
+    opening, a prompt scored with several targets) runs once, and the rows continue from its KV cache.
+    """
+    device = next(model.parameters()).device
+    stem_len = _stem_lengths(rows) if share_prefixes else [0] * len(rows)
+    keys = sorted({tuple(rows[r][: stem_len[r]]) for r in range(len(rows)) if stem_len[r]})
+    stems = _run_stems(model, keys, max_batch_tokens) if keys else []
+    if stems is None:  # this model's cache cannot be read back: no sharing
+        stem_len, stems = [0] * len(rows), []
+    index = {k: i for i, k in enumerate(keys)}
+    plain = [r for r in range(len(rows)) if not stem_len[r]]
+    for batch in _buckets(plain, lambda r: len(rows[r]), max_batch_tokens):
+        ids = torch.tensor([rows[r] for r in batch], device=device)
+        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+        yield [(r, hidden[b]) for b, r in enumerate(batch)]
+    shared = [r for r in range(len(rows)) if stem_len[r]]
+    for batch in _buckets(shared, lambda r: len(rows[r]) - stem_len[r], max_batch_tokens):
+        mine = [stems[index[tuple(rows[r][: stem_len[r]])]] for r in batch]
+        ids = torch.tensor([rows[r][stem_len[r] :] for r in batch], device=device)
+        hidden = _continue_from_stems(model, mine, ids)
+        yield [
+            (r, torch.cat([s.hidden, hidden[b]])) for b, (r, s) in enumerate(zip(batch, mine, strict=True))
+        ]
+
+
 @torch.no_grad()
 def score_targets(
     model: nn.Module,
@@ -137,13 +276,15 @@ def score_targets(
     prompts: Sequence[str],
     targets: Sequence[str],
     *,
-    max_batch_tokens: int = 4096,
+    max_batch_tokens: int = 2048,
+    share_prefixes: bool = True,
 ) -> Scores:
     """Score ``targets[i]`` after ``prompts[i]`` with teacher forcing (``" " + target`` is appended).
 
     Each distinct token row runs once (a pair whose row is a prefix of another's is read from the longer
-    row: causal attention makes the states identical), rows are right-padded into batches of at most
-    ``max_batch_tokens`` tokens, and only target positions are unembedded.
+    row: causal attention makes the states identical); rows run in batches of equal length (no padding
+    computed) of at most ``max_batch_tokens`` tokens; with ``share_prefixes`` shared openings run once
+    (:func:`_row_states`); only target positions are unembedded.
     """
     n = len(prompts)
     if n == 0:
@@ -156,33 +297,20 @@ def score_targets(
     for i, row in enumerate(assign):
         users[row].append(i)
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     unembed = model.get_output_embeddings()
     logprob = torch.zeros(n, dtype=torch.float64)
     correct = torch.zeros(n, dtype=torch.float64)
     argmax: list[list[int]] = [[] for _ in range(n)]
-    start = 0
-    while start < len(rows):
-        width = len(rows[start])  # rows are sorted longest first
-        stop = min(len(rows), start + max(1, max_batch_tokens // width))
-        ids = torch.full((stop - start, width), pad, dtype=torch.long)
-        mask = torch.zeros((stop - start, width), dtype=torch.long)
-        for b, row in enumerate(rows[start:stop]):
-            ids[b, : len(row)] = torch.tensor(row)
-            mask[b, : len(row)] = 1
-        hidden = model.base_model(
-            input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
-        ).last_hidden_state
-        pair, brow, pos, tok = [], [], [], []
-        for b in range(stop - start):
-            for i in users[start + b]:
+    for batch in _row_states(model, rows, share_prefixes=share_prefixes, max_batch_tokens=max_batch_tokens):
+        pair, vectors, tok = [], [], []
+        for r, h in batch:
+            for i in users[r]:
                 first = int(enc.last_pos[i])
-                for j, t in enumerate(enc.target_ids[i]):
-                    pair.append(i)
-                    brow.append(b)
-                    pos.append(first + j)
-                    tok.append(t)
-        logits = unembed(hidden[torch.tensor(brow, device=device), torch.tensor(pos, device=device)]).float()
+                m = len(enc.target_ids[i])
+                pair += [i] * m
+                vectors.append(h[first : first + m])
+                tok += enc.target_ids[i]
+        logits = unembed(torch.cat(vectors)).float()
         tokens = torch.tensor(tok, device=device)
         lp = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1).double().cpu()
         best = logits.argmax(dim=-1).cpu()
@@ -191,7 +319,6 @@ def score_targets(
         correct.index_add_(0, index, (best == tokens.cpu()).double())
         for i, t in zip(pair, best.tolist(), strict=True):
             argmax[i].append(t)
-        start = stop
     counts = torch.tensor([max(1, len(t)) for t in enc.target_ids], dtype=torch.float64)
     return Scores(logprob, correct / counts, argmax)
 
@@ -199,7 +326,9 @@ def score_targets(
 # -- model health ------------------------------------------------------------------------------------------
 
 
-def ngram_entropy(tokens: Sequence[Any], ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
+def ngram_entropy(
+    tokens: Sequence[Any], ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)
+) -> float:
     """Weighted n-gram entropy in bits (ROME's fluency): ``mean_n(w_n * H(n-gram frequencies))``.
 
     ``tokens`` are any hashable items (words here). A sequence too short for an n-gram contributes 0.
@@ -219,7 +348,9 @@ def words(text: str) -> list[str]:
 
 
 @torch.no_grad()
-def greedy_generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+def greedy_generate(
+    model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int
+) -> list[str]:
     """Greedy continuations of ``prompts`` (left-padded batch, KV cache; end-of-text does not stop)."""
     if not prompts:
         return []
@@ -234,7 +365,8 @@ def greedy_generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], ma
         mask[i, width - len(e) :] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     generated = []
     for step in range(max_new_tokens):
         nxt = out.logits[:, -1].argmax(dim=-1)
@@ -243,12 +375,13 @@ def greedy_generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], ma
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = positions[:, -1:] + 1
+        past = out.cache if hasattr(out, "cache") else out.past_key_values
         out = model(
             input_ids=nxt[:, None],
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=out.past_key_values,
             use_cache=True,
+            **{cache_arg: past},
         )
     tokens = torch.stack(generated, dim=1).cpu()
     return [tokenizer.decode(row, skip_special_tokens=True) for row in tokens]
@@ -426,7 +559,9 @@ def evaluate(
             argmax[key] = scores.argmax[i]
         neighbor_keys.append(keys)
     metrics: dict[str, float | None] = {k: _mean(v) for k, v in per.items()}
-    answered = {_neighbor_key(u): bool(scores.exact[i]) for u, i in zip(unrelated, unrelated_idx, strict=True)}
+    answered = {
+        _neighbor_key(u): bool(scores.exact[i]) for u, i in zip(unrelated, unrelated_idx, strict=True)
+    }
     metrics["unrelated_accuracy"] = _mean(float(v) for v in answered.values())
 
     t1 = time.perf_counter()
@@ -503,7 +638,9 @@ def footprint(items: Iterable[Patch | TensorDelta]) -> dict[str, Any]:
         k = len(union[name])
         tensors[name] = {"neurons": k, "of_neurons": total, "share": k / total}
         params += k * d.value_dim
-        per_neuron = d.indices.element_size() + d.value_dim * (d.delta.element_size() + d.original.element_size())
+        per_neuron = d.indices.element_size() + d.value_dim * (
+            d.delta.element_size() + d.original.element_size()
+        )
         dense += total * per_neuron
     shares = [t["share"] for t in tensors.values()]
     return {
@@ -517,9 +654,15 @@ def footprint(items: Iterable[Patch | TensorDelta]) -> dict[str, Any]:
     }
 
 
-def _layer_order(name: str) -> tuple[int, str]:
+def layer_index(name: str) -> int | None:
+    """The decoder-layer number in a parameter name (``model.layers.3.mlp.down_proj.weight`` -> 3)."""
     numbers = re.findall(r"\.(\d+)\.", name)
-    return (int(numbers[0]) if numbers else -1, name)
+    return int(numbers[0]) if numbers else None
+
+
+def _layer_order(name: str) -> tuple[int, str]:
+    index = layer_index(name)
+    return (-1 if index is None else index, name)
 
 
 def compare(
@@ -548,7 +691,11 @@ def compare(
         if bm.get("perplexity") and pm.get("perplexity") is not None
         else None
     )
-    fluency = pm["fluency"] - bm["fluency"] if bm.get("fluency") is not None and pm.get("fluency") is not None else None
+    fluency = (
+        pm["fluency"] - bm["fluency"]
+        if bm.get("fluency") is not None and pm.get("fluency") is not None
+        else None
+    )
     return {
         "zsre_neighborhood_agreement": _mean(per_request),
         "perplexity_drift_pct": drift,
@@ -558,6 +705,27 @@ def compare(
     }
 
 
+def _base_cache_file(
+    model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], kwargs: dict[str, Any]
+) -> Path:
+    from .paths import home
+    from .stats import model_fingerprint
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    payload = {
+        "version": EVAL_VERSION,
+        "model": model_fingerprint(model),
+        "tokenizer": hashlib.sha256(backend.to_str().encode()).hexdigest()
+        if backend
+        else type(tokenizer).__name__,
+        "requests": [r.to_json() for r in requests],
+        "settings": kwargs,
+    }
+    text = json.dumps(payload, sort_keys=True, default=lambda o: asdict(o) if is_dataclass(o) else str(o))
+    key = hashlib.sha256(text.encode()).hexdigest()
+    return home() / "eval" / f"base-{key[:32]}.json"
+
+
 def evaluate_pair(
     model: nn.Module,
     tokenizer: Any,
@@ -565,26 +733,52 @@ def evaluate_pair(
     patches: Iterable[PatchSource],
     *,
     force: bool = False,
+    cache: bool = True,
     progress: Progress | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Evaluate the base ``model``, then with ``patches`` applied (removed again afterwards), and compare.
 
-    ``model`` must have no patches applied. ``kwargs`` go to :func:`evaluate`.
+    Args:
+        model: a base model with no patches applied.
+        force: apply patches even where their recorded originals differ from the model.
+        cache: reuse (and store) the base model's result under ``$NMKE_PATCH_HOME/eval/``, keyed by the
+            model's weights, the tokenizer, the requests and the settings.
+        kwargs: passed to :func:`evaluate`.
 
     Returns:
-        ``{"base": evaluate(...), "patched": evaluate(...), "comparison": compare(...)}``.
+        ``{"base": evaluate(...), "patched": evaluate(...), "comparison": compare(...), "base_cached": bool}``.
     """
     resolved = resolve_patches(patches)
     stack = PatchStack.for_model(model)
     if stack.applied:
         raise InvalidRequestError("evaluate_pair needs the base model: unload the applied patches first")
     say = progress or (lambda _stage: None)
-    base = evaluate(model, tokenizer, requests, progress=lambda s: say(f"base: {s}"), **kwargs)
+    if kwargs.get("unrelated") is None:
+        kwargs["unrelated"] = load_unrelated()
+    if kwargs.get("heldout_text") is None:
+        kwargs["heldout_text"] = load_heldout()
+    file = _base_cache_file(model, tokenizer, requests, kwargs) if cache else None
+    base = None
+    if file is not None and file.is_file():
+        try:
+            base = json.loads(file.read_text(encoding="utf-8"))
+            say("base: reusing the cached result")
+        except (OSError, json.JSONDecodeError):
+            base = None
+    cached = base is not None
+    if base is None:
+        base = evaluate(model, tokenizer, requests, progress=lambda s: say(f"base: {s}"), **kwargs)
+        if file is not None:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            staging = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+            staging.write_text(json.dumps(base), encoding="utf-8")
+            os.replace(staging, file)
     try:
         for p in resolved:
             stack.apply(p, force=force)
         patched = evaluate(model, tokenizer, requests, progress=lambda s: say(f"patched: {s}"), **kwargs)
     finally:
         stack.unload_all()
-    return {"base": base, "patched": patched, "comparison": compare(base, patched, patches=resolved)}
+    comparison = compare(base, patched, patches=resolved)
+    return {"base": base, "patched": patched, "comparison": comparison, "base_cached": cached}

@@ -209,7 +209,11 @@ class Patch:
             if target.exists():
                 backup = target.with_name(f".{target.name}.old-{os.getpid()}")
                 os.rename(target, backup)
-                os.rename(staging, target)
+                try:
+                    os.rename(staging, target)
+                except BaseException:
+                    os.rename(backup, target)  # never lose the old patch
+                    raise
                 shutil.rmtree(backup, ignore_errors=True)
             else:
                 os.rename(staging, target)
@@ -285,9 +289,13 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         ("deltas_sha256", str),
     ):
         _require(data, key, kind, where)
-    for key, kind in (("requests", list), ("metrics", list), ("parents", list)):
-        if key in data and not isinstance(data[key], kind):
-            raise InvalidPatchError(f"{where}: manifest field {key!r} has the wrong type")
+    for key in ("requests", "metrics", "parents"):
+        if key in data and not (isinstance(data[key], list) and all(isinstance(x, dict) for x in data[key])):
+            raise InvalidPatchError(f"{where}: manifest field {key!r} must be a list of objects")
+    for i, metric in enumerate(data.get("metrics", [])):
+        index = metric.get("index", i)
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise InvalidPatchError(f"{where}: metrics[{i}].index must be an integer")
     if data.get("deltas_file", DELTAS_FILE) != DELTAS_FILE:
         raise InvalidPatchError(f"{where}: deltas_file must be {DELTAS_FILE!r}")
     unknown = set(data) - _KNOWN_KEYS

@@ -22,10 +22,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .architectures import ArchitectureSpec, spec_for_model
+from .architectures import ArchitectureSpec, decoder_layers, spec_for_model
 from .errors import ModelLoadError
 from .paths import home
-from .tracing import capture
+from .tracing import capture, stop_after
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,9 @@ def sample_text(
 ) -> list[list[int]]:
     """About ``tokens`` tokens of text sampled from the model (top-k 40, seeded), as token-id rows."""
     device = next(model.parameters()).device
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", seq_len)
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(
+        model.config, "n_positions", seq_len
+    )
     seq_len = min(seq_len, int(limit))
     rows: list[list[int]] = []
     with torch.random.fork_rng(devices=[]):
@@ -137,7 +139,7 @@ def key_second_moments(
         for i, r in enumerate(chunk):
             ids[i, : len(r)] = torch.tensor(r)
             mask[i, : len(r)] = 1
-        with capture(model, inputs=paths) as seen:
+        with capture(model, inputs=paths) as seen, stop_after(decoder_layers(model, spec)[max(layers)]):
             model(input_ids=ids.to(device), attention_mask=mask.to(device))
         keep = mask.bool().to(device)
         for l in layers:

@@ -95,3 +95,23 @@ def replay_prefix(layers: nn.ModuleList, upto: int, output: Callable[[], torch.T
     finally:
         for i, module in enumerate(saved):
             layers[i] = module
+
+
+class _StopForward(Exception):
+    """Raised by :func:`stop_after` to end a forward pass early."""
+
+
+@contextmanager
+def stop_after(module: nn.Module) -> Iterator[None]:
+    """End forward passes right after ``module`` runs (what was captured up to there is kept)."""
+
+    def hook(_m: nn.Module, _args: Any, _out: Any) -> None:
+        raise _StopForward
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import MODEL_FACTORIES, assert_state_equal, state_copy
+
 from nmke_patch import stats as stats_module
 from nmke_patch.architectures import spec_for_model
 from nmke_patch.create import LoadedModel, create_patch

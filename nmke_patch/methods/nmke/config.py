@@ -71,7 +71,7 @@ class EditConfig:
         "Null space = eigenvectors of C0 with the smallest eigenvalues holding at "
         "most this share of the trace (a relative rule that transfers between models).",
     )
-    stats_tokens: int = _f(40000, "Tokens of preservation text for the key statistics C0.")
+    stats_tokens: int = _f(20000, "Tokens of preservation text for the key statistics C0.")
     stats_corpus: str | None = _f(
         None, "Text file(s) (os.pathsep-separated) for C0; None = text sampled from the model."
     )

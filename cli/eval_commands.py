@@ -1,0 +1,236 @@
+"""``eval``: evaluate a base model and the same model with patches applied, side by side."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from nmke_patch.errors import NmkePatchError
+from nmke_patch.requests import read_requests
+from nmke_patch.sources import resolve_patches
+
+from .common import DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, ModelOpt, PatchesArg, console, err_console
+
+SHARES = (
+    "efficacy",
+    "generalization",
+    "specificity",
+    "zsre_accuracy",
+    "zsre_paraphrase_accuracy",
+    "zsre_neighborhood_accuracy",
+    "zsre_neighborhood_agreement",
+    "unrelated_accuracy",
+    "unrelated_retention",
+)
+"""Metrics that are shares in [0, 1] (plotted together, shown as percentages)."""
+
+
+class PlotUnavailableError(NmkePatchError, ImportError):
+    """``--plot`` needs matplotlib."""
+
+
+def _require_matplotlib() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise PlotUnavailableError(
+            "--plot needs matplotlib: pip install 'nmke-patch[plot]' (or pip install matplotlib)"
+        ) from exc
+    return plt
+
+
+def _rows(result: dict[str, Any]) -> list[tuple[str, str, float | None, float | None]]:
+    """``(key, label, base, patched)`` in display order; drift figures have no base value of their own."""
+    from nmke_patch.evaluate import METRICS
+
+    base, patched, comp = result["base"]["metrics"], result["patched"]["metrics"], result["comparison"]
+    rows = []
+    for key, label in METRICS.items():
+        if key in comp:
+            reference = {"zsre_neighborhood_agreement": 1.0, "unrelated_retention": 1.0}.get(key)
+            rows.append((key, label, reference, comp[key]))
+        elif key in patched:
+            rows.append((key, label, base.get(key), patched.get(key)))
+    return rows
+
+
+def _fmt(key: str, value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if key in SHARES:
+        return f"{value:.1%}"
+    if key.endswith("_pct"):
+        return f"{value:+.2f}%"
+    return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+
+
+def _change(key: str, base: float | None, patched: float | None) -> str:
+    if base is None or patched is None or key.endswith("_pct") or key == "fluency_change":
+        return ""
+    diff = patched - base
+    if key in SHARES:
+        return f"{diff * 100:+.1f} pt"
+    if key == "perplexity" and base:
+        return f"{diff / base:+.2%}"
+    return f"{diff:+.4g}"
+
+
+def _print_table(result: dict[str, Any], title: str) -> None:
+    from nmke_patch.evaluate import layer_index
+
+    table = Table(title=title)
+    for col in ("metric", "base", "patched", "change"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for key, label, base, patched in _rows(result):
+        drift = key in result["comparison"]
+        table.add_row(
+            label,
+            "" if drift else _fmt(key, base),
+            _fmt(key, patched) if not drift else "",
+            _fmt(key, patched) if drift else _change(key, base, patched),
+        )
+    fp = result["comparison"]["footprint"]
+    table.add_section()
+    per_layer = ", ".join(
+        f"L{layer_index(name) if layer_index(name) is not None else name}:{t['neurons']}/{t['of_neurons']}"
+        for name, t in fp["tensors"].items()
+    )
+    table.add_row(
+        "neurons touched per layer (union)", "", per_layer or "none", f"mean {fp['mean_share']:.1%}"
+    )
+    table.add_row("parameters changed", "", f"{fp['parameters_changed']:,}", "")
+    table.add_row(
+        "patch bytes",
+        "",
+        f"{fp['patch_bytes']:,}",
+        f"{fp['patch_bytes'] / max(1, fp['dense_bytes']):.1%} of dense",
+    )
+    console.print(table)
+
+
+def _plot(result: dict[str, Any], path: Path, title: str) -> None:
+    plt = _require_matplotlib()
+    rows = _rows(result)
+    shares = [(label.strip(), b, p) for key, label, b, p in rows if key in SHARES and p is not None]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [4, 1]})
+    xs = range(len(shares))
+    ax.bar([x - 0.2 for x in xs], [b or 0.0 for _, b, _ in shares], 0.4, label="base")
+    ax.bar([x + 0.2 for x in xs], [p or 0.0 for _, _, p in shares], 0.4, label="patched")
+    ax.set_xticks(list(xs), [s[0] for s in shares], rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("share")
+    ax.legend()
+    ax.set_title(title)
+    b, p = result["base"]["metrics"], result["patched"]["metrics"]
+    names = [k for k in ("perplexity", "fluency") if b.get(k) is not None and p.get(k) is not None]
+    ax2.bar([i - 0.2 for i in range(len(names))], [b[k] for k in names], 0.4, label="base")
+    ax2.bar([i + 0.2 for i in range(len(names))], [p[k] for k in names], 0.4, label="patched")
+    ax2.set_xticks(list(range(len(names))), names)
+    ax2.set_title("model health")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def eval_command(
+    patches: PatchesArg,
+    facts: Annotated[
+        Path,
+        typer.Option(
+            "--facts",
+            "-f",
+            help="Facts to evaluate on (same formats as `create`).",
+            exists=True,
+            dir_okay=False,
+        ),
+    ],
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Also write a PNG bar chart to this path.")
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="Evaluate only the first N facts.")
+    ] = None,
+    unrelated: Annotated[
+        Path | None,
+        typer.Option(
+            help="Unrelated facts, JSONL of {prompt, target} (default: the packaged set).", exists=True
+        ),
+    ] = None,
+    heldout: Annotated[
+        Path | None,
+        typer.Option(
+            help="Held-out text for perplexity, one paragraph per line (default: packaged).", exists=True
+        ),
+    ] = None,
+    generations: Annotated[int, typer.Option(min=0, help="Greedy generations for fluency (0 = skip).")] = 8,
+    cache: Annotated[
+        bool, typer.Option(help="Reuse the base model's cached result for the same facts.")
+    ] = True,
+) -> None:
+    """Evaluate the base model and the model with PATCH... applied, side by side, on FACTS."""
+    from nmke_patch.evaluate import evaluate_pair, load_unrelated
+    from nmke_patch.models import load_base
+
+    resolved = resolve_patches(patches)  # validate everything before the slow part
+    requests = read_requests(facts)[:limit]
+    extra: dict[str, Any] = {"generations": generations}
+    if unrelated is not None:
+        extra["unrelated"] = load_unrelated(str(unrelated))
+    if heldout is not None:
+        extra["heldout_text"] = heldout.read_text(encoding="utf-8")
+    if plot is not None:
+        _require_matplotlib()
+    with err_console.status("loading model") as status:
+        loaded, tokenizer, info = load_base(model, device=device, dtype=dtype)
+        result = evaluate_pair(
+            loaded,
+            tokenizer,
+            requests,
+            resolved,
+            force=force,
+            cache=cache,
+            progress=lambda stage: status.update(stage),
+            **extra,
+        )
+    title = f"{len(requests)} facts from {facts.name}; patches: {', '.join(p.name for p in resolved)}"
+    if plot is not None:
+        _plot(result, plot, title)
+    if as_json:
+        out = {
+            "facts": str(facts),
+            "model": info.name_or_path,
+            "patches": [{"name": p.name, "id": p.id} for p in resolved],
+            "base_cached": result["base_cached"],
+            **{
+                side: {k: result[side][k] for k in ("metrics", "counts", "seconds")}
+                | {"generations": result[side]["details"]["generations"]}
+                for side in ("base", "patched")
+            },
+            "comparison": result["comparison"],
+        }
+        typer.echo(json.dumps(out, indent=2))
+        return
+    _print_table(result, title)
+    seconds = result["patched"]["seconds"].get("total", 0.0)
+    if not result["base_cached"]:
+        seconds += result["base"]["seconds"].get("total", 0.0)
+    note = " (base result reused from the cache)" if result["base_cached"] else ""
+    console.print(f"evaluated in {seconds:.1f} s{note}" + (f"; chart written to {plot}" if plot else ""))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_command)

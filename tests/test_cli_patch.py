@@ -1,0 +1,267 @@
+"""``nmke-patch inspect | apply | revert | verify`` on tiny models saved to disk.
+
+Success paths run in-process through ``typer.testing.CliRunner``. The error contract (one line on stderr,
+non-zero exit, no traceback) is checked on the installed ``nmke-patch`` console script in a subprocess, and,
+for errors that need a model, on its entry point ``nmke_patch.cli.main.run`` in-process (a subprocess
+per case would cost seconds of imports each).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import MODEL_FACTORIES, random_patch, save_tiny
+from nmke_patch.cli.main import app, run
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from typer.testing import CliRunner
+
+from nmke_patch.errors import InvalidPatchError, PatchMismatchError
+from nmke_patch.patch import DELTAS_FILE, Patch
+from nmke_patch.stack import PatchStack
+
+runner = CliRunner()
+
+
+def _patch_dir(patch: Patch) -> str:
+    assert patch.path is not None
+    return str(patch.path)
+
+
+def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a saved model directory, straight from its safetensors files."""
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    assert tensors, f"no safetensors in {model_dir}"
+    return tensors
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), f"{k} differs"
+
+
+@pytest.fixture
+def llama_setup(tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerFast) -> tuple[Path, Patch]:
+    """A tiny Llama saved to ``base/`` and a patch made on it."""
+    model = MODEL_FACTORIES["llama"]()
+    base = save_tiny(model, tiny_tokenizer, tmp_path / "base")
+    patch = random_patch(model, name="capitals").save(tmp_path / "capitals.nmke")
+    return base, patch
+
+
+# -- inspect ---------------------------------------------------------------------------------------------
+
+
+def test_inspect_table(llama_setup: tuple[Path, Patch]) -> None:
+    _, patch = llama_setup
+    result = runner.invoke(app, ["inspect", _patch_dir(patch)])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "capitals" in out and patch.id[:16] in out
+    assert "model.layers.1.mlp.down_proj.weight" in out and "model.layers.2.mlp.down_proj.weight" in out
+    assert "5/48" in out and f"{patch.deltas[0].nbytes:,}" in out
+    assert f"total: 10 neuron value vectors, {patch.nbytes:,} bytes of payload" in out
+    assert "The capital of X is" in out  # the fact, subject filled in
+
+
+def test_inspect_json(llama_setup: tuple[Path, Patch], tmp_path: Path) -> None:
+    _, patch = llama_setup
+    result = runner.invoke(app, ["inspect", _patch_dir(patch), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["name"] == "capitals" and data["id"] == patch.id and data["path"] == _patch_dir(patch)
+    assert data["total_neurons"] == 10 and data["payload_bytes"] == patch.nbytes
+    assert [t["name"] for t in data["tensors"]] == [d.name for d in patch.deltas]
+    assert [(t["neurons"], t["of_neurons"], t["dtype"]) for t in data["tensors"]] == [(5, 48, "float32")] * 2
+    assert data["requests"] == list(patch.manifest.requests)
+    assert data["base_model"]["model_type"] == "llama" and data["parents"] == []
+
+    other = random_patch(MODEL_FACTORIES["llama"](), name="other", seed=3).save(tmp_path / "other.nmke")
+    both = runner.invoke(app, ["inspect", _patch_dir(patch), _patch_dir(other), "--json"])
+    assert both.exit_code == 0, both.output
+    assert [p["name"] for p in json.loads(both.output)] == ["capitals", "other"]
+
+
+def test_inspect_bad_path_is_a_clean_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["inspect", str(tmp_path / "nope.nmke")])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, InvalidPatchError)
+    assert "not a patch directory" in str(result.exception)
+
+
+# -- apply / revert --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
+def test_apply_out_then_revert_is_bit_identical(
+    arch: str, dtype: torch.dtype, tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerFast
+) -> None:
+    model = MODEL_FACTORIES[arch](dtype=dtype)
+    base = save_tiny(model, tiny_tokenizer, tmp_path / "base")
+    a = random_patch(model, name="a", indices=[1, 2, 3], seed=1).save(tmp_path / "a.nmke")
+    b = random_patch(model, name="b", indices=[3, 4], seed=2).save(tmp_path / "b.nmke")
+    merged, base2 = tmp_path / "merged", tmp_path / "base2"
+
+    result = runner.invoke(
+        app, ["apply", _patch_dir(a), _patch_dir(b), "--model", str(base), "--out", str(merged)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "overlap:" in result.output  # a and b share neuron 3 of both tensors
+
+    # the merged model is a plain transformers checkpoint: base + a + b, exactly as the Python API makes it
+    plain = AutoModelForCausalLM.from_pretrained(merged)
+    assert AutoTokenizer.from_pretrained(merged)("w1 w2")["input_ids"] == tiny_tokenizer("w1 w2")["input_ids"]
+    expected = MODEL_FACTORIES[arch](dtype=dtype)
+    stack = PatchStack.for_model(expected)
+    stack.apply(a)
+    stack.apply(b)
+    _assert_equal(_state(plain), _state(expected))
+    base_weights, merged_weights = _weights(base), _weights(merged)
+    changed = {k for k in base_weights if not torch.equal(base_weights[k], merged_weights[k])}
+    assert changed == {d.name for d in a.deltas}
+    recorded = json.loads((merged / "nmke_patches.json").read_text())["applied"]
+    assert [p["id"] for p in recorded] == [a.id, b.id]
+
+    result = runner.invoke(
+        app, ["revert", _patch_dir(a), _patch_dir(b), "--model", str(merged), "--out", str(base2)]
+    )
+    assert result.exit_code == 0, result.output
+    _assert_equal(_weights(base2), base_weights)  # every tensor, bit for bit
+    _assert_equal(_state(AutoModelForCausalLM.from_pretrained(base2)), _state(model))
+
+
+def test_revert_of_a_patch_not_in_the_merged_model_is_refused(
+    llama_setup: tuple[Path, Patch], tmp_path: Path
+) -> None:
+    base, a = llama_setup
+    b = random_patch(MODEL_FACTORIES["llama"](), name="b", seed=7).save(tmp_path / "b.nmke")
+    merged = tmp_path / "merged"
+    args = ["--model", str(base), "--out", str(merged)]
+    assert runner.invoke(app, ["apply", _patch_dir(a), *args]).exit_code == 0
+    result = runner.invoke(
+        app, ["revert", _patch_dir(b), "--model", str(merged), "--out", str(tmp_path / "x")]
+    )
+    assert result.exit_code != 0
+    assert isinstance(result.exception, PatchMismatchError)
+    assert "cannot revert exactly" in str(result.exception)
+    assert not (tmp_path / "x").exists()
+
+
+# -- verify ----------------------------------------------------------------------------------------------
+
+
+def test_verify_ok_and_wrong_model(
+    llama_setup: tuple[Path, Patch], tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerFast
+) -> None:
+    base, patch = llama_setup
+    result = runner.invoke(app, ["verify", _patch_dir(patch), "--model", str(base)])
+    assert result.exit_code == 0, result.output
+    assert f"ok {patch.describe()}" in result.output
+
+    other = save_tiny(MODEL_FACTORIES["llama"](seed=1), tiny_tokenizer, tmp_path / "other")
+    result = runner.invoke(app, ["verify", _patch_dir(patch), "--model", str(other)])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, PatchMismatchError)
+    assert "capitals" in str(result.exception) and "differ" in str(result.exception)
+
+    gpt2 = save_tiny(MODEL_FACTORIES["gpt2"](), tiny_tokenizer, tmp_path / "gpt2")
+    result = runner.invoke(app, ["verify", _patch_dir(patch), "--model", str(gpt2)])
+    assert isinstance(result.exception, PatchMismatchError)
+    assert "not an editable MLP output projection" in str(result.exception)
+
+
+def test_verify_catches_a_difference_outside_the_touched_neurons(
+    llama_setup: tuple[Path, Patch], tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerFast
+) -> None:
+    base, patch = llama_setup
+    model = AutoModelForCausalLM.from_pretrained(base)
+    name = patch.deltas[0].name
+    untouched = next(i for i in range(48) if i not in patch.deltas[0].indices.tolist())
+    with torch.no_grad():
+        model.get_parameter(name)[:, untouched] += 1.0
+    near = save_tiny(model, tiny_tokenizer, tmp_path / "near")
+    result = runner.invoke(app, ["verify", _patch_dir(patch), "--model", str(near)])
+    assert isinstance(result.exception, PatchMismatchError)
+    assert "fingerprint mismatch" in str(result.exception)
+
+
+# -- the error contract of the console script ----------------------------------------------------------
+
+_PROGRESS = re.compile(r"\d+%\|.*\|")  # a tqdm progress line from transformers (not an error message)
+
+
+def _assert_one_line_error(returncode: int, stderr: str, *expected: str) -> None:
+    assert returncode != 0
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip() and not _PROGRESS.search(line)]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: ")
+    for text in expected:
+        assert text in lines[0]
+
+
+def test_console_script_bad_patch_path(tmp_path: Path) -> None:
+    bindir = Path(sys.executable).parent
+    script = shutil.which("nmke-patch", path=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
+    assert script, "the nmke-patch console script is not installed (pip install -e .)"
+    missing = tmp_path / "nowhere" / "missing.nmke"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1"}
+    proc = subprocess.run(
+        [script, "inspect", str(missing)], capture_output=True, text=True, env=env, timeout=120, check=False
+    )
+    assert proc.stdout == ""
+    _assert_one_line_error(proc.returncode, proc.stderr, str(missing), "not a patch directory")
+
+
+def _run_main(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str
+) -> tuple[int, str]:
+    """``nmke-patch ARGS`` through the console-script entry point, in-process."""
+    monkeypatch.setattr(sys, "argv", ["nmke-patch", *args])
+    capsys.readouterr()  # drop what earlier steps printed
+    with pytest.raises(SystemExit) as info:
+        run()
+    code = info.value.code
+    return (code if isinstance(code, int) else 1), capsys.readouterr().err
+
+
+def test_entry_point_errors_are_one_line(
+    llama_setup: tuple[Path, Patch],
+    tmp_path: Path,
+    tiny_tokenizer: PreTrainedTokenizerFast,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    base, patch = llama_setup
+    tampered = random_patch(MODEL_FACTORIES["llama"](), name="t").save(tmp_path / "t.nmke")
+    deltas = Path(_patch_dir(tampered)) / DELTAS_FILE
+    deltas.write_bytes(deltas.read_bytes()[:-4])
+    out = tmp_path / "merged"
+    code, err = _run_main(
+        monkeypatch, capsys, "apply", _patch_dir(tampered), "--model", str(base), "--out", str(out)
+    )
+    _assert_one_line_error(code, err, "sha256", "tampered with or truncated")
+    assert not out.exists()
+
+    other = save_tiny(MODEL_FACTORIES["llama"](seed=1), tiny_tokenizer, tmp_path / "other")
+    code, err = _run_main(monkeypatch, capsys, "verify", _patch_dir(patch), "--model", str(other))
+    _assert_one_line_error(code, err, "capitals", "model.layers.1.mlp.down_proj.weight", "differ")
+
+    code, err = _run_main(monkeypatch, capsys, "verify", _patch_dir(patch), "--model", str(tmp_path / "nope"))
+    _assert_one_line_error(code, err, "could not load model")

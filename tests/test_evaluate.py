@@ -1,0 +1,225 @@
+"""Metric mechanics of ``nmke_patch.evaluate`` and ``nmke-patch eval`` on tiny in-process models."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import MODEL_FACTORIES, assert_state_equal, random_patch, save_tiny, state_copy
+from nmke_patch.cli.main import app
+from transformers import PreTrainedTokenizerFast
+from typer.testing import CliRunner
+
+from nmke_patch.evaluate import (
+    compare,
+    evaluate,
+    evaluate_pair,
+    footprint,
+    ngram_entropy,
+    perplexity,
+    score_targets,
+    words,
+)
+from nmke_patch.requests import EditRequest, Neighbor
+
+HELDOUT = ["w5 w6 w7 w8 w9 w10 w11 w12", "w20 w21 w22 w23 w24 w25 w26 w27 w28 w29 w30"]
+TOL = {"rtol": 0.0, "atol": 1e-5}  # float32 forward passes of different batch shapes
+
+
+def _argmax_word(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, prompt: str) -> str:
+    ids = torch.tensor([tokenizer(prompt).input_ids])
+    with torch.no_grad():
+        best = int(model(input_ids=ids).logits[0, -1].argmax())
+    return tokenizer.convert_ids_to_tokens(best)
+
+
+def _other_word(*avoid: str) -> str:
+    return next(f"w{i}" for i in range(3, 60) if f"w{i}" not in avoid)
+
+
+def _request(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, *, new_is_best: bool) -> EditRequest:
+    """A request whose new target is (or is not) the model's greedy answer; its neighbour keeps its own."""
+    prompt, neighbour = "w1 w2 w3", "w4 w5 w6"
+    best, nb_best = _argmax_word(model, tokenizer, prompt), _argmax_word(model, tokenizer, neighbour)
+    other = _other_word(best, nb_best)
+    return EditRequest(
+        prompt="w1 w2 {}",
+        subject="w3",
+        target_new=best if new_is_best else other,
+        target_true=other if new_is_best else best,
+        paraphrases=("w1 w2 w3",),
+        neighborhood=(Neighbor(neighbour, nb_best),),
+    )
+
+
+@pytest.mark.parametrize("new_is_best", [True, False])
+def test_constructed_metrics(tiny_tokenizer: PreTrainedTokenizerFast, new_is_best: bool) -> None:
+    model = MODEL_FACTORIES["llama"]()
+    request = _request(model, tiny_tokenizer, new_is_best=new_is_best)
+    result = evaluate(model, tiny_tokenizer, [request], heldout_text=HELDOUT, unrelated=(), generations=0)
+    m = result["metrics"]
+    expected = 1.0 if new_is_best else 0.0
+    assert m["efficacy"] == expected and m["generalization"] == expected
+    assert m["zsre_accuracy"] == expected and m["zsre_paraphrase_accuracy"] == expected
+    assert (m["efficacy_margin"] > 0) == new_is_best
+    # The neighbour's own target is its greedy answer, so it beats any other target_new.
+    assert m["specificity"] == 1.0 and m["zsre_neighborhood_accuracy"] == 1.0
+    assert m["unrelated_accuracy"] is None and m["fluency"] is None
+
+
+def test_compare_with_itself_and_retention(tiny_tokenizer: PreTrainedTokenizerFast) -> None:
+    model = MODEL_FACTORIES["llama"]()
+    request = _request(model, tiny_tokenizer, new_is_best=True)
+    answer = _argmax_word(model, tiny_tokenizer, "w7 w8")
+    unrelated = [
+        Neighbor("w7 w8", answer),
+        Neighbor("w9 w10", _other_word(_argmax_word(model, tiny_tokenizer, "w9 w10"))),
+    ]
+    result = evaluate(
+        model, tiny_tokenizer, [request], heldout_text=HELDOUT, unrelated=unrelated, generations=0
+    )
+    assert result["metrics"]["unrelated_accuracy"] == 0.5
+    same = compare(result, result)
+    assert same["zsre_neighborhood_agreement"] == 1.0
+    assert same["unrelated_retention"] == 1.0
+    assert same["perplexity_drift_pct"] == 0.0
+    broken = json.loads(json.dumps(result))
+    broken["details"]["unrelated_answered"] = dict.fromkeys(broken["details"]["unrelated_answered"], False)
+    broken["details"]["neighborhood_argmax"] = {
+        k: [-1] * len(v) for k, v in result["details"]["neighborhood_argmax"].items()
+    }
+    broken["metrics"]["perplexity"] = result["metrics"]["perplexity"] * 1.1
+    drift = compare(result, broken)
+    assert drift["unrelated_retention"] == 0.0 and drift["zsre_neighborhood_agreement"] == 0.0
+    assert drift["perplexity_drift_pct"] == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize("family", sorted(MODEL_FACTORIES))
+def test_scores_are_padding_invariant_and_exact(family: str, tiny_tokenizer: PreTrainedTokenizerFast) -> None:
+    model = MODEL_FACTORIES[family]()
+    # Shared openings ("w1 w2", "w1"), a row that is a prefix of another, a duplicate, different lengths.
+    prompts = ["w1 w2", "w1 w2 w3", "w4 w5 w6 w7 w8 w9 w10 w11 w12", "w1 w2", "w13", "w1 w2 w5", "w1 w9"]
+    targets = ["w3 w4", "w4", "w5 w6", "w3 w4", "w14 w15 w16", "w6 w7", "w3"]
+    together = score_targets(model, tiny_tokenizer, prompts, targets)
+    plain = score_targets(model, tiny_tokenizer, prompts, targets, share_prefixes=False)
+    one_row_per_batch = score_targets(model, tiny_tokenizer, prompts, targets, max_batch_tokens=1)
+    for other in (plain, one_row_per_batch):
+        torch.testing.assert_close(other.logprob, together.logprob, **TOL)
+        assert other.argmax == together.argmax
+    for i, (p, t) in enumerate(zip(prompts, targets, strict=True)):
+        alone = score_targets(model, tiny_tokenizer, [p], [t])
+        torch.testing.assert_close(together.logprob[i], alone.logprob[0], **TOL)
+        assert together.argmax[i] == alone.argmax[0]
+        # Reference: one unpadded forward of the full text, log-softmax at the target positions.
+        ids = tiny_tokenizer(f"{p} {t}").input_ids
+        n = len(tiny_tokenizer(t).input_ids)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), dim=-1)
+        ref = sum(float(logp[len(ids) - n - 1 + j, ids[len(ids) - n + j]]) for j in range(n))
+        assert float(together.logprob[i]) == pytest.approx(ref, abs=1e-4)
+
+
+def test_ngram_entropy_known_values() -> None:
+    # bigrams ab:3 ba:2 -> H2 = H(0.6, 0.4); trigrams aba:2 bab:2 -> H3 = 1 bit
+    h2 = -(0.6 * math.log2(0.6) + 0.4 * math.log2(0.4))
+    assert ngram_entropy(list("ababab")) == pytest.approx((2 / 3 * h2 + 4 / 3 * 1.0) / 2)
+    distinct = [f"t{i}" for i in range(9)]  # 8 distinct bigrams, 7 distinct trigrams
+    assert ngram_entropy(distinct) == pytest.approx((2 / 3 * 3.0 + 4 / 3 * math.log2(7)) / 2)
+    assert ngram_entropy(["x"] * 20) == 0.0
+    assert words("Paris, France.") == ["Paris", ",", "France", "."]
+
+
+def test_perplexity_matches_the_model_loss(tiny_tokenizer: PreTrainedTokenizerFast) -> None:
+    model = MODEL_FACTORIES["gpt2"]()
+    ppl, tokens = perplexity(model, tiny_tokenizer, HELDOUT)
+    assert math.isfinite(ppl) and ppl > 1.0 and tokens == sum(len(p.split()) - 1 for p in HELDOUT)
+    ids = torch.tensor([tiny_tokenizer(HELDOUT[1]).input_ids])
+    with torch.no_grad():
+        loss = float(model(input_ids=ids, labels=ids).loss)
+    assert perplexity(model, tiny_tokenizer, HELDOUT[1:])[0] == pytest.approx(math.exp(loss), rel=1e-5)
+    capped, used = perplexity(model, tiny_tokenizer, HELDOUT, max_tokens=5)
+    assert used == 4 and math.isfinite(capped)
+
+
+def test_evaluate_pair_restores_base_and_counts_footprint(
+    tiny_tokenizer: PreTrainedTokenizerFast, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NMKE_PATCH_HOME", str(tmp_path / "home"))
+    model = MODEL_FACTORIES["llama"]()
+    before = state_copy(model)
+    a = random_patch(model, indices=[0, 1, 2], name="a")
+    b = random_patch(model, indices=[2, 3], name="b", seed=1)
+    request = _request(model, tiny_tokenizer, new_is_best=False)
+    kwargs = {
+        "heldout_text": HELDOUT,
+        "unrelated": [Neighbor("w7 w8", "w9")],
+        "generations": 2,
+        "generation_tokens": 6,
+    }
+    result = evaluate_pair(model, tiny_tokenizer, [request], [a, b], force=True, **kwargs)
+    assert_state_equal(model, before)
+    assert not result["base_cached"] and len(result["patched"]["details"]["generations"]) == 2
+    assert result["base"]["metrics"]["fluency"] is not None
+    fp = result["comparison"]["footprint"]
+    assert fp["union_neurons"] == 2 * 4  # {0, 1, 2} | {2, 3} on each of two layers
+    assert fp["parameters_changed"] == 2 * 4 * 32 and fp["patch_bytes"] == a.nbytes + b.nbytes
+    assert fp["mean_share"] == pytest.approx(4 / 48) and fp == footprint([a, b])
+    again = evaluate_pair(model, tiny_tokenizer, [request], [a, b], force=True, **kwargs)
+    assert again["base_cached"] and again["base"]["metrics"] == result["base"]["metrics"]
+
+
+def test_cli_eval_json_and_plot(tiny_tokenizer: PreTrainedTokenizerFast, tmp_path: Path) -> None:
+    model = MODEL_FACTORIES["llama"]()
+    base_dir = save_tiny(model, tiny_tokenizer, tmp_path / "base")
+    patch = random_patch(model, name="capitals").save(tmp_path / "capitals.nmke")
+    facts = tmp_path / "facts.jsonl"
+    records = [
+        {
+            "prompt": "w1 w2 {}",
+            "subject": f"w{3 + i}",
+            "target_new": "w10 w11",
+            "target_true": "w12",
+            "paraphrases": [f"w4 w{3 + i} w5"],
+            "neighborhood": [{"prompt": "w20 w21", "target": "w22"}],
+        }
+        for i in range(3)
+    ]
+    facts.write_text("\n".join(json.dumps(r) for r in records))
+    (tmp_path / "unrelated.jsonl").write_text(json.dumps({"prompt": "w30 w31", "target": "w32"}))
+    (tmp_path / "heldout.txt").write_text("\n".join(HELDOUT))
+    args = [
+        "eval",
+        str(patch.path),
+        "--facts",
+        str(facts),
+        "--model",
+        str(base_dir),
+        "--unrelated",
+        str(tmp_path / "unrelated.jsonl"),
+        "--heldout",
+        str(tmp_path / "heldout.txt"),
+        "--generations",
+        "2",
+        "--no-cache",
+    ]
+    result = CliRunner().invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["patches"] == [{"name": "capitals", "id": patch.id}] and out["base"]["counts"]["requests"] == 3
+    for key in ("efficacy", "generalization", "specificity", "zsre_accuracy", "perplexity", "fluency"):
+        assert key in out["base"]["metrics"] and key in out["patched"]["metrics"]
+    fp = out["comparison"]["footprint"]
+    assert fp["union_neurons"] == 10 and fp["patch_bytes"] == patch.nbytes
+    assert set(out["comparison"]) >= {
+        "perplexity_drift_pct",
+        "unrelated_retention",
+        "zsre_neighborhood_agreement",
+    }
+    table = CliRunner().invoke(app, [*args, "--plot", str(tmp_path / "eval.png")])
+    assert table.exit_code == 0, table.output
+    assert "efficacy" in table.output and "patch bytes" in table.output
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
