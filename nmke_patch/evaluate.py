@@ -165,16 +165,29 @@ def _stem_lengths(rows: list[list[int]]) -> list[int]:
     return [next((k for k in range(len(r) - 1, 0, -1) if counts[tuple(r[:k])] >= 2), 0) for r in rows]
 
 
+def _pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``[B, W]`` token ids and attention mask."""
+    width = max(1, max((len(r) for r in rows), default=1))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        if row:
+            ids[b, : len(row)] = torch.tensor(list(row))
+            mask[b, : len(row)] = 1
+    return ids, mask
+
+
 def _buckets(items: list[int], width: Callable[[int], int], max_batch_tokens: int) -> list[list[int]]:
-    """``items`` grouped by exact ``width`` (nothing padded), each group split to ``max_batch_tokens``."""
-    groups: dict[int, list[int]] = {}
-    for i in items:
-        groups.setdefault(width(i), []).append(i)
-    out = []
-    for w, group in sorted(groups.items(), reverse=True):
-        step = max(1, max_batch_tokens // max(1, w))
-        out += [group[s : s + step] for s in range(0, len(group), step)]
-    return out
+    """``items`` sorted by ``width`` (longest first) and cut into batches of at most ``max_batch_tokens``
+    padded tokens (a single item may exceed it): few forward passes, little padding."""
+    out: list[list[int]] = []
+    cur: list[int] = []
+    for i in sorted(items, key=lambda i: -width(i)):
+        if cur and (len(cur) + 1) * width(cur[0]) > max_batch_tokens:
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    return [*out, cur] if cur else out
 
 
 def _cache_of(output: Any) -> Any:
@@ -190,23 +203,30 @@ class _Stem:
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [heads, L, head_dim]
 
 
-def _run_stems(model: nn.Module, stems: list[tuple[int, ...]], max_batch_tokens: int) -> list[_Stem] | None:
-    """Run each stem once (exact-length batches); None when the model's KV cache cannot be read back."""
+def _run_stems(
+    model: nn.Module, stems: list[tuple[int, ...]], max_batch_tokens: int, pad: int
+) -> list[_Stem] | None:
+    """Run each stem once (right-padded batches); None when the model's KV cache cannot be read back."""
     device = next(model.parameters()).device
     done: dict[int, _Stem] = {}
     for batch in _buckets(list(range(len(stems))), lambda i: len(stems[i]), max_batch_tokens):
-        ids = torch.tensor([list(stems[i]) for i in batch], device=device)
-        result = model.base_model(input_ids=ids, use_cache=True)
+        ids, mask = _pad([stems[i] for i in batch], pad)
+        result = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True)
         layers = getattr(_cache_of(result), "layers", None)
         if not layers or not all(hasattr(l, "keys") and hasattr(l, "values") for l in layers):
             return None
         for b, i in enumerate(batch):
-            done[i] = _Stem(result.last_hidden_state[b], [(l.keys[b], l.values[b]) for l in layers])
+            n = len(stems[i])
+            done[i] = _Stem(
+                result.last_hidden_state[b, :n], [(l.keys[b, :, :n], l.values[b, :, :n]) for l in layers]
+            )
     return [done[i] for i in range(len(stems))]
 
 
-def _continue_from_stems(model: nn.Module, stems: list[_Stem], suffixes: torch.Tensor) -> torch.Tensor:
-    """Final hidden states ``[R, Lu, d]`` of ``suffixes`` ``[R, Lu]``, row ``b`` fed after ``stems[b]``.
+def _continue_from_stems(
+    model: nn.Module, stems: list[_Stem], suffixes: torch.Tensor, suffix_mask: torch.Tensor
+) -> torch.Tensor:
+    """Final hidden states ``[R, Lu, d]`` of right-padded ``suffixes`` ``[R, Lu]`` fed after ``stems[b]``.
 
     The stems' keys/values are right-padded into one KV cache; the attention mask hides the padding and
     each row's positions continue from its own stem's length.
@@ -218,7 +238,7 @@ def _continue_from_stems(model: nn.Module, stems: list[_Stem], suffixes: torch.T
     lengths = [s.hidden.shape[0] for s in stems]
     width = max(lengths)
     mask = torch.zeros((rows, width + lu), dtype=torch.long, device=device)
-    mask[:, width:] = 1
+    mask[:, width:] = suffix_mask
     for b, n in enumerate(lengths):
         mask[b, :n] = 1
     cache = DynamicCache()
@@ -240,9 +260,9 @@ def _continue_from_stems(model: nn.Module, stems: list[_Stem], suffixes: torch.T
 
 
 def _row_states(
-    model: nn.Module, rows: list[list[int]], *, share_prefixes: bool, max_batch_tokens: int
+    model: nn.Module, rows: list[list[int]], *, share_prefixes: bool, max_batch_tokens: int, pad: int
 ) -> Iterator[list[tuple[int, torch.Tensor]]]:
-    """Batches of ``(row, final hidden states [len(row), d])``; rows of a batch have equal length.
+    """Batches of ``(row, final hidden states [len(row), d])`` (rows right-padded, similar lengths together).
 
     With ``share_prefixes`` the longest proper prefix each row shares with another row (a template's
     opening, a prompt scored with several targets) runs once, and the rows continue from its KV cache.
@@ -250,22 +270,25 @@ def _row_states(
     device = next(model.parameters()).device
     stem_len = _stem_lengths(rows) if share_prefixes else [0] * len(rows)
     keys = sorted({tuple(rows[r][: stem_len[r]]) for r in range(len(rows)) if stem_len[r]})
-    stems = _run_stems(model, keys, max_batch_tokens) if keys else []
+    stems = _run_stems(model, keys, max_batch_tokens, pad) if keys else []
     if stems is None:  # this model's cache cannot be read back: no sharing
         stem_len, stems = [0] * len(rows), []
     index = {k: i for i, k in enumerate(keys)}
     plain = [r for r in range(len(rows)) if not stem_len[r]]
     for batch in _buckets(plain, lambda r: len(rows[r]), max_batch_tokens):
-        ids = torch.tensor([rows[r] for r in batch], device=device)
-        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
-        yield [(r, hidden[b]) for b, r in enumerate(batch)]
+        ids, mask = _pad([rows[r] for r in batch], pad)
+        hidden = model.base_model(
+            input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
+        ).last_hidden_state
+        yield [(r, hidden[b, : len(rows[r])]) for b, r in enumerate(batch)]
     shared = [r for r in range(len(rows)) if stem_len[r]]
     for batch in _buckets(shared, lambda r: len(rows[r]) - stem_len[r], max_batch_tokens):
         mine = [stems[index[tuple(rows[r][: stem_len[r]])]] for r in batch]
-        ids = torch.tensor([rows[r][stem_len[r] :] for r in batch], device=device)
-        hidden = _continue_from_stems(model, mine, ids)
+        ids, mask = _pad([rows[r][stem_len[r] :] for r in batch], pad)
+        hidden = _continue_from_stems(model, mine, ids.to(device), mask.to(device))
         yield [
-            (r, torch.cat([s.hidden, hidden[b]])) for b, (r, s) in enumerate(zip(batch, mine, strict=True))
+            (r, torch.cat([s.hidden, hidden[b, : len(rows[r]) - stem_len[r]]]))
+            for b, (r, s) in enumerate(zip(batch, mine, strict=True))
         ]
 
 
@@ -282,9 +305,9 @@ def score_targets(
     """Score ``targets[i]`` after ``prompts[i]`` with teacher forcing (``" " + target`` is appended).
 
     Each distinct token row runs once (a pair whose row is a prefix of another's is read from the longer
-    row: causal attention makes the states identical); rows run in batches of equal length (no padding
-    computed) of at most ``max_batch_tokens`` tokens; with ``share_prefixes`` shared openings run once
-    (:func:`_row_states`); only target positions are unembedded.
+    row: causal attention makes the states identical); rows are right-padded into batches of similar
+    lengths of at most ``max_batch_tokens`` tokens; with ``share_prefixes`` shared openings run once
+    (:func:`_row_states`); each pair is read at its own positions and only those are unembedded.
     """
     n = len(prompts)
     if n == 0:
@@ -297,11 +320,15 @@ def score_targets(
     for i, row in enumerate(assign):
         users[row].append(i)
     device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     unembed = model.get_output_embeddings()
     logprob = torch.zeros(n, dtype=torch.float64)
     correct = torch.zeros(n, dtype=torch.float64)
     argmax: list[list[int]] = [[] for _ in range(n)]
-    for batch in _row_states(model, rows, share_prefixes=share_prefixes, max_batch_tokens=max_batch_tokens):
+    states = _row_states(
+        model, rows, share_prefixes=share_prefixes, max_batch_tokens=max_batch_tokens, pad=pad
+    )
+    for batch in states:
         pair, vectors, tok = [], [], []
         for r, h in batch:
             for i in users[r]:

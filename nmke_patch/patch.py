@@ -25,6 +25,7 @@ from safetensors.torch import save
 
 from .delta import TensorDelta
 from .errors import InvalidPatchError
+from .threads import one_thread
 from .version import __version__
 
 logger = logging.getLogger(__name__)
@@ -349,7 +350,7 @@ def load_patch(path: str | os.PathLike[str]) -> Patch:
     expected_keys = {_tensor_key(n, part) for n in names for part in ("indices", "delta", "original")}
     deltas: list[TensorDelta] = []
     try:
-        with safe_open(str(deltas_path), framework="pt") as fh:
+        with one_thread(), safe_open(str(deltas_path), framework="pt") as fh:
             keys = set(fh.keys())
             if keys != expected_keys:
                 extra, missing = sorted(keys - expected_keys), sorted(expected_keys - keys)

@@ -9,8 +9,7 @@ remaining patches in order with :func:`nmke_patch.delta.add_delta`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +20,7 @@ from .delta import TensorDelta, add_delta, gather_neurons, scatter_neurons
 from .errors import PatchMismatchError, PatchNotAppliedError
 from .models import tensor_fingerprint
 from .patch import Patch
+from .threads import one_thread
 
 logger = logging.getLogger(__name__)
 _ATTR = "_nmke_patch_stack"
@@ -39,21 +39,6 @@ class Overlap:
 class _Snapshot:
     indices: torch.Tensor  # long, sorted, on CPU
     values: torch.Tensor  # [n, d], weight dtype and device
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Run small tensor ops on one thread: on a busy 2-core machine, splitting them across OpenMP threads
-    makes each op wait for a descheduled thread (measured 15 ms vs 0.1 ms per op, see BENCHMARKS.md)."""
-    n = torch.get_num_threads()
-    if n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _lower_precision(a: torch.dtype, b: torch.dtype) -> torch.dtype:

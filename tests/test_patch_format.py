@@ -534,7 +534,11 @@ CASES: list[tuple[str, Corruption, str]] = [
     ("tensors-not-a-list", set_field("tensors", {}), r"'tensors' has the wrong type \(dict\)"),
     ("requests-not-a-list", set_field("requests", "x"), r"'requests' must be a list of objects"),
     ("request-not-an-object", set_field("requests", ["x"]), r"'requests' must be a list of objects"),
-    ("metric-index-not-int", set_field("metrics", [{"index": "0"}]), r"metrics\[0\]\.index must be an integer"),
+    (
+        "metric-index-not-int",
+        set_field("metrics", [{"index": "0"}]),
+        r"metrics\[0\]\.index must be an integer",
+    ),
     ("deltas-file-renamed", set_field("deltas_file", "../x.safetensors"), r"deltas_file must be"),
     ("tensor-entry-not-object", set_field("tensors", [1]), r"each entry of 'tensors' must be an object"),
     ("shape-3d", set_entry("shape", [32, 48, 1]), r"invalid shape \[32, 48, 1\]"),

@@ -55,10 +55,11 @@ class EditConfig:
         "(None = the published mask size). Ignored by the dense baselines.",
     )
     neuron_score: Literal["hybrid", "specificity"] = _f(
-        "specificity",
-        "How budgeted neurons are ranked: 'hybrid' = the published general/specific attribution "
-        "ranks; 'specificity' = the hybrid mask, ranked by k_i^2 / C0_ii (activation on the subject relative to "
-        "the neuron's typical activation) among masked neurons.",
+        "hybrid",
+        "How budgeted neurons are ranked within the hybrid mask: 'hybrid' = by the better of their "
+        "knowledge-general and knowledge-specific attribution ranks (default: kept neighbours intact in "
+        "BENCHMARKS.md's probe); 'specificity' = by k_i^2 / C0_ii (activation on the subject relative to the "
+        "neuron's typical activation).",
     )
     masked_solve: Literal["exact", "post"] = _f(
         "exact",
