@@ -815,7 +815,7 @@ def check_disjoint(
 
 def build(seed: int, scorer: Scorer) -> dict[str, Any]:
     """Build every output file; returns the stats that go into data/README.md."""
-    t_start = time.time()
+    t_start, cpu_start = time.time(), time.process_time()
     facts, answers = load_real_facts()
     new = {f: pick_new_target(scorer, f, answers[f.relation], seed) for f in facts}
     views = view_facts(scorer, facts, answers, new)
@@ -956,6 +956,7 @@ def build(seed: int, scorer: Scorer) -> dict[str, Any]:
         },
         "model_tokens": scorer.tokens_run,
         "seconds": round(time.time() - t_start, 1),
+        "cpu_seconds": round(time.process_time() - cpu_start, 1),
     }
 
 
@@ -1047,8 +1048,10 @@ python data/build_dataset.py              # --seed {stats["seed"]} (default), --
 python data/build_dataset.py --check      # re-verify the written files with the model (no rebuild)
 ```
 
-The last build took {stats["seconds"] / 60:.1f} min on one CPU thread (shared machine; {stats["model_tokens"]:,} model
-tokens). It rewrites every output file and this README; `data/build_stats.json` holds the same numbers.
+The last build took {stats["seconds"] / 60:.1f} min wall clock and {stats["cpu_seconds"] / 60:.1f} min of CPU time on one thread (on a
+shared 2-core machine; {stats["model_tokens"]:,} model tokens, model loading excluded). It rewrites every output file
+and this README; `data/build_stats.json` holds the same numbers. `--check` re-scores everything from scratch
+(a few minutes) and prints the sanity numbers below.
 
 | File | Content |
 |---|---|
@@ -1080,7 +1083,8 @@ record has {N_PARAPHRASES} paraphrases and {N_NEIGHBOURS} neighbourhood prompts.
 Each relation has an answer set (all true answers of that relation in the tables: every capital, every
 currency, ...) used as the candidate list, and five prompt templates. For a prompt, the *sequence
 log-prob* of an answer is the sum of the log-probs of the tokens of `" " + answer` after the prompt
-(prompt and answer tokenized separately, no special tokens).
+(prompt tokenized as `tok(prompt)`, answer as `tok(" " + answer, add_special_tokens=False)`, ids concatenated;
+the SmolLM2 tokenizer adds no BOS).
 
 * A real fact is **known under a template** when the true answer has the highest sequence log-prob among
   *all* the relation's candidates (exact: a candidate's sequence log-prob is bounded by its first token's,
@@ -1092,8 +1096,8 @@ log-prob* of an answer is the sum of the log-probs of the tokens of `" " + answe
   lower-case subjects ("the Netherlands").
 * `target_new` is a different answer of the same relation whose first token differs from the true one
   (seeded per fact), so `P(target_true) > P(target_new)` on the main prompt by construction.
-* Synthetic records use invented subjects ({synth_rels}; e.g. "Velmorra"-style countries, "Tarsk Kerrin"-
-  style people) in the relation's first template; `target_true` is the base model's best answer among the
+* Synthetic records use invented subjects (e.g. countries like "Velmorra", people like "Tarsk Kerrin") for
+  {synth_rels}, in the relation's first template; `target_true` is the base model's best answer among the
   relation's candidates on that prompt, the paraphrases are the next two templates, `"synthetic": true`.
   Invented names never equal or contain (or are contained in) a real subject or answer.
 
@@ -1137,6 +1141,20 @@ Neighbourhood prompts whose target is the base model's greedy next token: {_pct(
 unrelated facts: {_pct(stats["unrelated_greedy_ok"])} (both also rank their target first among the relation's candidates).
 Paraphrases are not all "known" (the model is small and phrasing-sensitive), which is why they are reported
 here rather than required.
+
+## Caveats
+
+* The model is small: {total["known"]} of {total["facts"]} table facts pass the filter, unevenly (currencies and
+  founders/painters/inventors are rarely known; city -> country and languages often are). Relations with
+  fewer than {MIN_RESERVE * 2} known facts contribute mostly to the reserve.
+* A synthetic record's `target_true` is only the base model's favourite among the candidates for an
+  invented subject, often by a small margin and often a generic answer ("Europe", "football"); treat
+  synthetic results as "can the edit install a new association", real ones as "can it overwrite a known fact".
+* Paraphrases and synthetic prompts are not filtered for greedy agreement, so some paraphrases already
+  prefer `target_new` before editing (table above); subtract that baseline when reporting generalisation.
+* Answers follow common English usage and the tables' single-answer choice (e.g. "England" for cities in
+  England, "peso"/"dollar" without the country adjective); facts without one uncontroversial answer were
+  left out of the tables.
 
 ## Templates
 
