@@ -9,12 +9,13 @@ at each milestone rounded up to a multiple of their batch size.
 
 The runs share one model and advance round-robin, milestone by milestone, so a run stopped by
 ``--max-minutes`` (or Ctrl-C) has every method at the same T. After each milestone the results go to
-``<out-dir>/lifelong.json`` and each run's editor state to ``<out-dir>/checkpoints/``; ``--resume``
-continues from there. At the end (also when stopped early) the section "## Lifelong editing (issue 4)" of
+``<out-dir>/lifelong.json`` and each run's editor state (tens of MB, kept out of the repository) to
+``--checkpoint-dir`` (default ``$NMKE_PATCH_HOME/lifelong/<hash of the out dir>``); ``--resume`` continues
+from there. At the end (also when stopped early) the section "## Lifelong editing (issue 4)" of
 ``BENCHMARKS.md`` is rewritten with the table, the command, machine and date, and one PNG per metric is
 written to ``<out-dir>/lifelong_<metric>.png``.
 
-Usage (hours for the defaults; the base evaluation is cached in the out dir)::
+Usage (hours for the defaults; the base evaluation is cached with the checkpoints)::
 
     python benchmarks/lifelong.py                                  # T = 10..1000, batches of 10 and 100
     python benchmarks/lifelong.py --milestones 2,4 --methods nmke,alphaedit --batch-sizes 2 \\
@@ -47,6 +48,7 @@ from nmke_patch.evaluate import compare, evaluate
 from nmke_patch.methods.nmke.config import EditConfig
 from nmke_patch.methods.nmke.engine import Editor
 from nmke_patch.models import load_base
+from nmke_patch.paths import home
 from nmke_patch.requests import EditRequest, read_requests
 from nmke_patch.stats import StatsSource, load_or_compute_c0
 
@@ -179,7 +181,7 @@ class Benchmark:
         top = max(max(r.milestones) for r in self.runs)
         payload = [[r.to_json() for r in self.requests[:top]], self.args.generations, self.args.model]
         key = hashlib.sha256(json.dumps(payload).encode()).hexdigest()
-        file = self.out / "lifelong_base.json"
+        file = Path(self.args.checkpoint_dir) / "base.json"
         if file.is_file():
             cached = json.loads(file.read_text(encoding="utf-8"))
             if cached.get("key") == key:
@@ -192,7 +194,7 @@ class Benchmark:
         return result
 
     def _checkpoint_dir(self, run: Run) -> Path:
-        return self.out / "checkpoints" / run.name
+        return Path(self.args.checkpoint_dir) / run.name
 
     def _run_key(self, run: Run) -> str:
         return _run_key(self.requests[: max(run.milestones)], run.config, [])
@@ -479,7 +481,10 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=8, help="fluency generations per evaluation")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="EditConfig override")
-    parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out-dir")
+    parser.add_argument(
+        "--checkpoint-dir", default=None, help="editor states (default: under $NMKE_PATCH_HOME/lifelong)"
+    )
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoints")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from lifelong.json")
     parser.add_argument("--no-write", action="store_true", help="leave BENCHMARKS.md alone")
     args = parser.parse_args()
@@ -496,6 +501,9 @@ def main() -> None:
             args.overrides[key] = value
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.checkpoint_dir is None:
+        out_key = hashlib.sha256(str(Path(args.out_dir).resolve()).encode()).hexdigest()[:12]
+        args.checkpoint_dir = str(home() / "lifelong" / out_key)
     if args.report_only:
         report(args)
         return

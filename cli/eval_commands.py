@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 import typer
 from rich.table import Table
 
@@ -28,6 +30,15 @@ SHARES = (
     "unrelated_retention",
 )
 """Metrics that are shares in [0, 1] (plotted together, shown as percentages)."""
+
+
+def idle_threads() -> int:
+    """Intra-op threads worth using now: torch's default, less the cores other processes keep busy."""
+    try:
+        busy = round(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        busy = 0
+    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - busy))
 
 
 class PlotUnavailableError(NmkePatchError, ImportError):
@@ -90,6 +101,8 @@ def _print_table(result: dict[str, Any], title: str) -> None:
     for col in ("metric", "base", "patched", "change"):
         table.add_column(col, justify="left" if col == "metric" else "right")
     for key, label, base, patched in _rows(result):
+        if key in ("fluency_change", "perplexity_drift_pct"):  # shown as the change of their metric
+            continue
         drift = key in result["comparison"]
         table.add_row(
             label,
@@ -99,13 +112,15 @@ def _print_table(result: dict[str, Any], title: str) -> None:
         )
     fp = result["comparison"]["footprint"]
     table.add_section()
-    per_layer = ", ".join(
-        f"L{layer_index(name) if layer_index(name) is not None else name}:{t['neurons']}/{t['of_neurons']}"
-        for name, t in fp["tensors"].items()
-    )
-    table.add_row(
-        "neurons touched per layer (union)", "", per_layer or "none", f"mean {fp['mean_share']:.1%}"
-    )
+    tensors = list(fp["tensors"].items())
+    label, touched = "neurons touched per layer", "none"
+    if tensors:
+        counts = [t["neurons"] for _, t in tensors]
+        first, last = layer_index(tensors[0][0]), layer_index(tensors[-1][0])
+        label = f"neurons/layer, layers {first}-{last}" if len(tensors) > 1 else f"neurons, layer {first}"
+        span = f"{min(counts)}-{max(counts)}" if min(counts) != max(counts) else str(counts[0])
+        touched = f"{span} of {tensors[0][1]['of_neurons']}"
+    table.add_row(label, "", touched, f"{fp['mean_share']:.1%} mean")
     table.add_row("parameters changed", "", f"{fp['parameters_changed']:,}", "")
     table.add_row(
         "patch bytes",
@@ -119,12 +134,23 @@ def _print_table(result: dict[str, Any], title: str) -> None:
 def _plot(result: dict[str, Any], path: Path, title: str) -> None:
     plt = _require_matplotlib()
     rows = _rows(result)
-    shares = [(label.strip(), b, p) for key, label, b, p in rows if key in SHARES and p is not None]
+    names = {
+        "efficacy": "efficacy",
+        "generalization": "generalization",
+        "specificity": "specificity",
+        "zsre_accuracy": "ZsRE acc",
+        "zsre_paraphrase_accuracy": "ZsRE acc\n(paraphrases)",
+        "zsre_neighborhood_accuracy": "ZsRE acc\n(neighbours)",
+        "zsre_neighborhood_agreement": "neighbours\nagree w/ base",
+        "unrelated_accuracy": "unrelated\nanswered",
+        "unrelated_retention": "unrelated\nretention",
+    }
+    shares = [(names[key], b, p) for key, _, b, p in rows if key in SHARES and p is not None]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [4, 1]})
     xs = range(len(shares))
     ax.bar([x - 0.2 for x in xs], [b or 0.0 for _, b, _ in shares], 0.4, label="base")
     ax.bar([x + 0.2 for x in xs], [p or 0.0 for _, _, p in shares], 0.4, label="patched")
-    ax.set_xticks(list(xs), [s[0] for s in shares], rotation=30, ha="right", fontsize=8)
+    ax.set_xticks(list(xs), [s[0] for s in shares], fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("share")
     ax.legend()
@@ -180,6 +206,14 @@ def eval_command(
     cache: Annotated[
         bool, typer.Option(help="Reuse the base model's cached result for the same facts.")
     ] = True,
+    threads: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Torch threads; 0 = the idle cores (by load average): on a busy machine extra threads "
+            "wait on each other and run several times slower.",
+        ),
+    ] = 0,
 ) -> None:
     """Evaluate the base model and the model with PATCH... applied, side by side, on FACTS."""
     from nmke_patch.evaluate import evaluate_pair, load_unrelated
@@ -194,18 +228,23 @@ def eval_command(
         extra["heldout_text"] = heldout.read_text(encoding="utf-8")
     if plot is not None:
         _require_matplotlib()
-    with err_console.status("loading model") as status:
-        loaded, tokenizer, info = load_base(model, device=device, dtype=dtype)
-        result = evaluate_pair(
-            loaded,
-            tokenizer,
-            requests,
-            resolved,
-            force=force,
-            cache=cache,
-            progress=lambda stage: status.update(stage),
-            **extra,
-        )
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or idle_threads())
+    try:
+        with err_console.status("loading model") as status:
+            loaded, tokenizer, info = load_base(model, device=device, dtype=dtype)
+            result = evaluate_pair(
+                loaded,
+                tokenizer,
+                requests,
+                resolved,
+                force=force,
+                cache=cache,
+                progress=lambda stage: status.update(stage),
+                **extra,
+            )
+    finally:
+        torch.set_num_threads(previous)
     title = f"{len(requests)} facts from {facts.name}; patches: {', '.join(p.name for p in resolved)}"
     if plot is not None:
         _plot(result, plot, title)

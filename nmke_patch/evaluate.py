@@ -10,7 +10,8 @@ the patches; :func:`evaluate_pair` does both for a base model and a list of patc
 
 All teacher-forced scoring goes through :func:`score_targets`: rows are right-padded, every (prompt,
 target) pair is read at its own positions, token rows shared between pairs (identical, or one a prefix of
-another) are run once, and only target positions are unembedded.
+another) run once, openings shared by several rows run once (the rows continue from their KV cache), and
+only target positions are unembedded.
 """
 
 from __future__ import annotations
@@ -63,23 +64,23 @@ EVAL_VERSION = 1
 """Bumped whenever a metric's computation changes (invalidates cached base results)."""
 
 METRICS: dict[str, str] = {
-    "efficacy": "efficacy: P(new) > P(true) on the edit prompt",
-    "efficacy_margin": "  mean P(new) - P(true)",
-    "generalization": "generalization: same on paraphrases",
-    "generalization_margin": "  mean P(new) - P(true)",
-    "specificity": "specificity: neighbours keep P(own) > P(new)",
-    "specificity_margin": "  mean P(own) - P(new)",
-    "p_new": "mean P(new) on the edit prompt",
-    "zsre_accuracy": "ZsRE token accuracy of the new target",
+    "efficacy": "efficacy: P(new) > P(true)",
+    "efficacy_margin": "  margin",
+    "generalization": "generalization (paraphrases)",
+    "generalization_margin": "  margin",
+    "specificity": "specificity: P(own) > P(new)",
+    "specificity_margin": "  margin",
+    "p_new": "mean P(new)",
+    "zsre_accuracy": "ZsRE token accuracy",
     "zsre_paraphrase_accuracy": "  on paraphrases",
-    "zsre_neighborhood_accuracy": "  neighbours' own answers",
-    "zsre_neighborhood_agreement": "  neighbour argmax agrees with base",
-    "fluency": "fluency: n-gram entropy of generations (bits)",
-    "fluency_change": "  change",
-    "perplexity": "perplexity on held-out text",
-    "perplexity_drift_pct": "  perplexity drift (%)",
+    "zsre_neighborhood_accuracy": "  neighbours' answers",
+    "zsre_neighborhood_agreement": "  agree with base",
+    "fluency": "fluency (n-gram entropy)",
+    "fluency_change": "  fluency change",
+    "perplexity": "held-out perplexity",
+    "perplexity_drift_pct": "  perplexity drift %",
     "unrelated_accuracy": "unrelated facts answered",
-    "unrelated_retention": "  retained (of those base answers)",
+    "unrelated_retention": "  retention",
 }
 """Short labels of every metric, in display order (definitions: docs/evaluation.md)."""
 
@@ -108,10 +109,15 @@ def load_unrelated(path: str | None = None) -> list[Neighbor]:
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        record = json.loads(line)
-        if not (isinstance(record.get("prompt"), str) and isinstance(record.get("target"), str)):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InvalidRequestError(f"{path or 'unrelated_facts.jsonl'}: line {lineno}: {exc.msg}") from exc
+        if not isinstance(record, dict) or not all(
+            isinstance(record.get(k), str) for k in ("prompt", "target")
+        ):
             raise InvalidRequestError(
-                f"{path or 'unrelated_facts.jsonl'}: line {lineno} needs 'prompt' and 'target'"
+                f"{path or 'unrelated_facts.jsonl'}: line {lineno} needs 'prompt' and 'target' strings"
             )
         facts.append(Neighbor(record["prompt"], record["target"]))
     return facts
@@ -190,6 +196,17 @@ def _buckets(items: list[int], width: Callable[[int], int], max_batch_tokens: in
     return [*out, cur] if cur else out
 
 
+def _backbone(model: nn.Module) -> Any:
+    """The transformer without its LM head (``model.base_model``): final hidden states, no logits."""
+    return model.base_model
+
+
+def _head(model: nn.Module) -> Any:
+    """The LM head (output embeddings): hidden states to logits."""
+    get: Any = model.get_output_embeddings
+    return get()
+
+
 def _cache_of(output: Any) -> Any:
     cache = getattr(output, "cache", None)
     return cache if cache is not None else getattr(output, "past_key_values", None)
@@ -211,7 +228,7 @@ def _run_stems(
     done: dict[int, _Stem] = {}
     for batch in _buckets(list(range(len(stems))), lambda i: len(stems[i]), max_batch_tokens):
         ids, mask = _pad([stems[i] for i in batch], pad)
-        result = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True)
+        result = _backbone(model)(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True)
         layers = getattr(_cache_of(result), "layers", None)
         if not layers or not all(hasattr(l, "keys") and hasattr(l, "values") for l in layers):
             return None
@@ -251,7 +268,7 @@ def _continue_from_stems(
             keys[b, :, : k.shape[1]] = k
             values[b, :, : v.shape[1]] = v
         cache.update(keys, values, layer)
-    base = model.base_model
+    base = _backbone(model)
     cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
     positions = torch.tensor(lengths, device=device)[:, None] + torch.arange(lu, device=device)[None, :]
     return base(
@@ -277,7 +294,7 @@ def _row_states(
     plain = [r for r in range(len(rows)) if not stem_len[r]]
     for batch in _buckets(plain, lambda r: len(rows[r]), max_batch_tokens):
         ids, mask = _pad([rows[r] for r in batch], pad)
-        hidden = model.base_model(
+        hidden = _backbone(model)(
             input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
         ).last_hidden_state
         yield [(r, hidden[b, : len(rows[r])]) for b, r in enumerate(batch)]
@@ -299,7 +316,7 @@ def score_targets(
     prompts: Sequence[str],
     targets: Sequence[str],
     *,
-    max_batch_tokens: int = 2048,
+    max_batch_tokens: int = 512,
     share_prefixes: bool = True,
 ) -> Scores:
     """Score ``targets[i]`` after ``prompts[i]`` with teacher forcing (``" " + target`` is appended).
@@ -321,7 +338,7 @@ def score_targets(
         users[row].append(i)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    unembed = model.get_output_embeddings()
+    unembed = _head(model)
     logprob = torch.zeros(n, dtype=torch.float64)
     correct = torch.zeros(n, dtype=torch.float64)
     argmax: list[list[int]] = [[] for _ in range(n)]
@@ -421,7 +438,7 @@ def perplexity(
     paragraphs: Sequence[str],
     *,
     max_tokens: int | None = None,
-    max_batch_tokens: int = 4096,
+    max_batch_tokens: int = 2048,
 ) -> tuple[float, int]:
     """``exp(mean NLL)`` over every predicted token of ``paragraphs`` (each its own sequence).
 
@@ -443,29 +460,21 @@ def perplexity(
             break
     if not rows:
         return float("nan"), 0
-    rows.sort(key=len, reverse=True)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    unembed = model.get_output_embeddings()
-    nll, count, start = 0.0, 0, 0
-    while start < len(rows):
-        width = len(rows[start])
-        stop = min(len(rows), start + max(1, max_batch_tokens // width))
-        ids = torch.full((stop - start, width), pad, dtype=torch.long)
-        mask = torch.zeros((stop - start, width), dtype=torch.long)
-        for b, row in enumerate(rows[start:stop]):
-            ids[b, : len(row)] = torch.tensor(row)
-            mask[b, : len(row)] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    unembed = _head(model)
+    nll, count = 0.0, 0
+    for batch in _buckets(list(range(len(rows))), lambda r: len(rows[r]), max_batch_tokens):
+        padded, mask = _pad([rows[r] for r in batch], pad)
+        padded, mask = padded.to(device), mask.to(device)
+        hidden = _backbone(model)(input_ids=padded, attention_mask=mask, use_cache=False).last_hidden_state
         valid = mask[:, 1:].bool()
         h = hidden[:, :-1][valid]
-        labels = ids[:, 1:][valid]
+        labels = padded[:, 1:][valid]
         for s in range(0, h.shape[0], 512):  # bound the [positions, vocab] logits
             logits = unembed(h[s : s + 512]).float()
             nll += float(torch.nn.functional.cross_entropy(logits, labels[s : s + 512], reduction="sum"))
         count += int(valid.sum())
-        start = stop
     return math.exp(nll / count), count
 
 
@@ -490,8 +499,8 @@ def evaluate(
     unrelated: Sequence[Neighbor] | None = None,
     generations: int = 8,
     generation_tokens: int = 40,
-    heldout_tokens: int | None = 2048,
-    max_batch_tokens: int = 4096,
+    heldout_tokens: int | None = 1024,
+    max_batch_tokens: int = 512,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` as it is (whatever patches are applied) on ``requests``.
@@ -504,7 +513,8 @@ def evaluate(
             ``generation_tokens`` long; prompts are the first requests' edit prompts, topped up with
             :data:`FLUENCY_PROMPTS`.
         heldout_tokens: cap on the held-out tokens scored (``None`` = all).
-        max_batch_tokens: padded tokens per forward pass.
+        max_batch_tokens: padded tokens per forward pass when scoring facts (held-out paragraphs are
+            batched up to four times as many).
         progress: called with the name of each stage.
 
     Returns:
@@ -577,7 +587,9 @@ def evaluate(
             pairs = list(zip(new[1:], true[1:], strict=True))
             per["generalization"].append(_mean(float(p[a] > p[b]) for a, b in pairs))
             per["generalization_margin"].append(_mean(p[a] - p[b] for a, b in pairs))
-        nb = list(zip(own, against, strict=True))
+        nb = [
+            (a, b) for n, a, b in zip(r.neighborhood, own, against, strict=True) if n.target != r.target_new
+        ]
         per["specificity"].append(_mean(float(p[a] > p[b]) for a, b in nb))
         per["specificity_margin"].append(_mean(p[a] - p[b] for a, b in nb))
         per["zsre_neighborhood_accuracy"].append(_mean(acc[a] for a in own))
@@ -606,7 +618,9 @@ def evaluate(
 
     say("perplexity on held-out text")
     ppl, ppl_tokens = (
-        perplexity(model, tokenizer, paragraphs, max_tokens=heldout_tokens, max_batch_tokens=max_batch_tokens)
+        perplexity(
+            model, tokenizer, paragraphs, max_tokens=heldout_tokens, max_batch_tokens=4 * max_batch_tokens
+        )
         if paragraphs
         else (float("nan"), 0)
     )
@@ -732,6 +746,10 @@ def compare(
     }
 
 
+def _jsonable(obj: Any) -> Any:
+    return asdict(obj) if is_dataclass(obj) and not isinstance(obj, type) else str(obj)
+
+
 def _base_cache_file(
     model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], kwargs: dict[str, Any]
 ) -> Path:
@@ -748,7 +766,7 @@ def _base_cache_file(
         "requests": [r.to_json() for r in requests],
         "settings": kwargs,
     }
-    text = json.dumps(payload, sort_keys=True, default=lambda o: asdict(o) if is_dataclass(o) else str(o))
+    text = json.dumps(payload, sort_keys=True, default=_jsonable)
     key = hashlib.sha256(text.encode()).hexdigest()
     return home() / "eval" / f"base-{key[:32]}.json"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -223,3 +224,16 @@ def test_cli_eval_json_and_plot(tiny_tokenizer: PreTrainedTokenizerFast, tmp_pat
     assert "efficacy" in table.output and "patch bytes" in table.output
     pytest.importorskip("matplotlib")
     assert (tmp_path / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_plot_without_matplotlib_fails_early(
+    tiny_tokenizer: PreTrainedTokenizerFast, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = MODEL_FACTORIES["llama"]()
+    patch = random_patch(model).save(tmp_path / "p.nmke")
+    facts = tmp_path / "facts.json"
+    facts.write_text(json.dumps([{"prompt": "w1 {}", "subject": "w2", "target_new": "w3"}]))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    result = CliRunner().invoke(app, ["eval", str(patch.path), "--facts", str(facts), "--plot", "x.png"])
+    assert result.exit_code != 0
+    assert "pip install" in str(result.exception) and "matplotlib" in str(result.exception)
