@@ -21,7 +21,8 @@ PATCH = ROOT.parent / "out" / "demo.nmke"
 def answer(model: torch.nn.Module, tokenizer: object, prompt: str, tokens: int = 6) -> str:
     ids = tokenizer(prompt, return_tensors="pt")  # type: ignore[operator]
     out = model.generate(**ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)  # type: ignore[attr-defined, operator]
-    return tokenizer.decode(out[0, ids.input_ids.shape[1] :], skip_special_tokens=True).strip()  # type: ignore[attr-defined]
+    text = tokenizer.decode(out[0, ids.input_ids.shape[1] :], skip_special_tokens=True)
+    return " ".join(text.split())  # type: ignore[attr-defined]
 
 
 def main() -> None:

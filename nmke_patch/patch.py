@@ -59,6 +59,8 @@ _KNOWN_KEYS = {
     "deltas_file",
     "deltas_sha256",
     "notes",
+    "state_file",
+    "state_sha256",
 }
 
 

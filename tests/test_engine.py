@@ -172,6 +172,23 @@ def test_create_edits_only_budgeted_neurons_and_leaves_model_unchanged(
     PatchStack.for_model(lm.model).apply(patch)  # originals recorded against the base
 
 
+def test_state_file_round_trips_without_warnings(tmp_path: Path, tiny_tokenizer) -> None:
+    import warnings
+
+    from nmke_patch.patch import load_patch
+
+    patch = create_patch(requests()[:1], loaded=loaded("llama", tiny_tokenizer), config=TINY_CONFIG, name="s")
+    saved = patch.save(tmp_path / "s.nmke")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = load_patch(saved.path)
+    assert again.state.keys() == patch.state.keys()
+    assert all(torch.equal(again.state[k], patch.state[k]) for k in patch.state)
+    (tmp_path / "s.nmke" / "state.safetensors").write_bytes(b"tampered")
+    with pytest.raises(Exception, match=r"state\.safetensors does not match"):
+        load_patch(saved.path)
+
+
 def test_resume_equals_uninterrupted_run(tmp_path: Path, tiny_tokenizer) -> None:
     reqs = [*requests(), EditRequest("w20 {} w21", "w22", "w23")]
     full = create_patch(reqs, loaded=loaded("llama", tiny_tokenizer), config=TINY_CONFIG, name="t")

@@ -78,7 +78,10 @@ class EditConfig:
     )
     # [7] solve
     lambda_reg: float = _f(
-        1.0, "Ridge term lambda of the AlphaEdit/NMKE solve (in units of the mean C0 diagonal)."
+        1.0,
+        "Ridge term lambda of the AlphaEdit/NMKE solve (in units of the mean C0 diagonal). With NMKE's 10% "
+        "budget, 1 lands single edits but wrecked the model within 30 sequential edits; 10 and 100 trade "
+        "efficacy for health (BENCHMARKS.md).",
     )
     memit_lambda: float = _f(15000.0, "MEMIT's C0 weight lambda2.")
     # lifelong
