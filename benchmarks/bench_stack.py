@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 import transformers
+from _report import update_section
 from torch import nn
 
 import nmke_patch
@@ -275,18 +276,8 @@ def ok(good: bool) -> str:
 
 
 def update_benchmarks_md(section_body: str, path: Path) -> None:
-    """Replace (or append) the section ``SECTION`` of ``path``; other sections are kept as they are."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    block = f"{SECTION}\n\n{section_body.strip()}\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
-    if start is None:
-        text = text.rstrip("\n") + "\n\n" + block
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        rest = "".join(lines[end:])
-        text = "".join(lines[:start]) + block + ("\n" + rest if rest else "")
-    path.write_text(text, encoding="utf-8")
+    """Replace (or append) this script's section of ``path``; other sections are kept."""
+    update_section(path, SECTION, section_body)
 
 
 def notes_text(

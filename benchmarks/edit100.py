@@ -20,6 +20,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from _report import update_section
 
 from nmke_patch.create import LoadedModel, create_patch
 from nmke_patch.evaluate import evaluate_pair
@@ -104,15 +105,7 @@ def summarize() -> None:
         "of `data/counterfact_dev.jsonl`, edited one at a time, all evaluated after the last edit.\n\n"
         f"{header}\n" + "\n".join(rows) + "\n"
     )
-    bench = ROOT.parent / "BENCHMARKS.md"
-    current = bench.read_text() if bench.exists() else "# Benchmarks\n"
-    if SECTION in current:
-        head, _, rest = current.partition(SECTION)
-        tail = rest[rest.find("\n## ") :] if "\n## " in rest else ""
-        current = head + text + tail
-    else:
-        current = current.rstrip() + "\n\n" + text
-    bench.write_text(current)
+    update_section(ROOT.parent / "BENCHMARKS.md", SECTION, text.removeprefix(SECTION))
     print(text)
 
 

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 import transformers
+from _report import update_section
 
 import nmke_patch
 from nmke_patch.architectures import decoder_layers, spec_for_model
@@ -382,18 +383,8 @@ def markdown(data: dict[str, Any], plots: list[Path]) -> str:
 
 
 def update_benchmarks_md(section_body: str, path: Path) -> None:
-    """Replace (or append) the section :data:`SECTION` of ``path``; other sections are kept."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    block = f"{SECTION}\n\n{section_body.strip()}\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
-    if start is None:
-        text = text.rstrip("\n") + "\n\n" + block
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        rest = "".join(lines[end:])
-        text = "".join(lines[:start]) + block + ("\n" + rest if rest else "")
-    path.write_text(text, encoding="utf-8")
+    """Replace (or append) this script's section of ``path``; other sections are kept."""
+    update_section(path, SECTION, section_body)
 
 
 def plot(data: dict[str, Any], out_dir: Path) -> list[Path]:
