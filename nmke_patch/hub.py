@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import HubError, InvalidPatchError
-from .patch import CARD_FILE, DELTAS_FILE, MANIFEST_FILE, PATCH_SUFFIX, Patch, load_patch
+from .patch import CARD_FILE, DELTAS_FILE, MANIFEST_FILE, PATCH_SUFFIX, STATE_FILE, Patch, load_patch
 from .sources import HF_PREFIX, PACK_FILE, PatchSource, resolve_patches
 
 logger = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def _write_patch(patch: Patch, target: Path) -> Patch:
     if patch.path is None:
         return patch.save(target)
     target.mkdir(parents=True)
-    for fname in (MANIFEST_FILE, DELTAS_FILE, CARD_FILE):
+    for fname in (MANIFEST_FILE, DELTAS_FILE, STATE_FILE, CARD_FILE):
         src = Path(patch.path) / fname
         if src.is_file():
             shutil.copyfile(src, target / fname)

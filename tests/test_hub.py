@@ -255,3 +255,14 @@ def test_cli_push_and_pull(hub, two_patches, tmp_path, monkeypatch, capsys):
     assert exc.value.code == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "private" in err and len(err.splitlines()) == 1
+
+
+def test_pack_keeps_the_editing_state_of_its_patches(tmp_path: Path) -> None:
+    """Patches made by `create` carry state.safetensors; a pack must copy it (its hash is in the manifest)."""
+    model = tiny_llama()
+    patch = replace(random_patch(model, name="with-state"), state={"keys.1": torch.randn(3, 48)})
+    saved = patch.save(tmp_path / "with-state.nmke")
+    pack = build_pack([saved], tmp_path / "pack")
+    (pulled,) = resolve_patches([pack])
+    assert pulled.id == saved.id
+    assert torch.equal(pulled.state["keys.1"], patch.state["keys.1"])
