@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .architectures import decoder_layers, spec_for_model
 from .errors import InvalidRequestError
 from .methods.nmke.config import EditConfig
 from .methods.nmke.engine import Editor, EditRecord
@@ -149,11 +150,9 @@ def create_patch(
         raise InvalidRequestError(
             "the model already has patches applied; pass them as parents (on=...) instead"
         )
-    editor_layers = config.layers
-    from .architectures import decoder_layers, spec_for_model
 
     spec = spec_for_model(model)
-    layers = list(editor_layers) if editor_layers else spec.default_layers(len(decoder_layers(model, spec)))
+    layers = list(config.layers) if config.layers else spec.default_layers(len(decoder_layers(model, spec)))
     c0 = load_or_compute_c0(
         model, tokenizer, layers, StatsSource(config.stats_corpus, config.stats_tokens, config.seed)
     )
