@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 
@@ -18,3 +19,14 @@ def update_section(path: Path, section: str, body: str) -> None:
         rest = "".join(lines[end:])
         text = "".join(lines[:start]) + block + ("\n" + rest if rest else "")
     path.write_text(text, encoding="utf-8")
+
+
+def cpu_name() -> str:
+    """The CPU's model name, for the machine line of a report."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 import transformers
-from _report import update_section
+from _report import cpu_name, update_section
 from torch import nn
 
 import nmke_patch
@@ -255,16 +255,6 @@ def bench_load_fresh(dirs: list[Path], reps: int, mode: str) -> tuple[list[float
 
 
 # -- report -----------------------------------------------------------------------------------------------
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def ms(seconds: float) -> str:

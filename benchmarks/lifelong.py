@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 import transformers
-from _report import update_section
+from _report import cpu_name, update_section
 
 import nmke_patch
 from nmke_patch.architectures import decoder_layers, spec_for_model
@@ -117,16 +117,6 @@ class Run:
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def write_json(path: Path, data: Any) -> None:
