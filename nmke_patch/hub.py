@@ -508,21 +508,15 @@ def push_pack(
     return str(info.commit_url or info.oid)
 
 
-def pull_pack(
+def pull_verified(
     ref: str,
     *,
     revision: str | None = None,
     local_dir: str | os.PathLike[str] | None = None,
     token: str | None = None,
     endpoint: str | None = None,
-) -> Path:
-    """Download a pack (``hf://user/pack@rev``, ``hf://user/pack`` or ``user/pack``) and verify it.
-
-    Uses the Hugging Face cache (``$HF_HUB_CACHE``); with ``HF_HUB_OFFLINE=1`` it is served from the cache
-    alone. ``local_dir`` downloads into that folder instead.
-
-    Returns:
-        The verified pack folder.
+) -> tuple[Path, list[Patch]]:
+    """:func:`pull_pack`, also returning the verified patches in pack order (loaded once).
 
     Raises:
         HubError: the repository, revision or a token is missing, or the Hub cannot be reached.
@@ -553,5 +547,28 @@ def pull_pack(
     # the cache stores files as symlinks into <repo folder>/blobs: links may lead there, nowhere else
     trusted = folder if local_dir is not None else folder.parent.parent
     where = f"{HF_PREFIX}{repo_id}" + (f"@{revision}" if revision else "")
-    verify_pack(folder, trusted_root=trusted, where=where)
+    return folder, verify_pack(folder, trusted_root=trusted, where=where)
+
+
+def pull_pack(
+    ref: str,
+    *,
+    revision: str | None = None,
+    local_dir: str | os.PathLike[str] | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> Path:
+    """Download a pack (``hf://user/pack@rev``, ``hf://user/pack`` or ``user/pack``) and verify it.
+
+    Uses the Hugging Face cache (``$HF_HUB_CACHE``); with ``HF_HUB_OFFLINE=1`` it is served from the cache
+    alone. ``local_dir`` downloads into that folder instead.
+
+    Returns:
+        The verified pack folder.
+
+    Raises:
+        HubError: the repository, revision or a token is missing, or the Hub cannot be reached.
+        InvalidPatchError: the pack failed verification (nothing in it should be used).
+    """
+    folder, _ = pull_verified(ref, revision=revision, local_dir=local_dir, token=token, endpoint=endpoint)
     return folder

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from nmke_patch.delta import TensorDelta, make_delta
 from nmke_patch.errors import InvalidPatchError, PatchMismatchError
+from nmke_patch.hub import build_pack
 from nmke_patch.models import tensor_fingerprint
 from nmke_patch.patch import (
     CARD_FILE,
@@ -671,20 +672,36 @@ def test_wrong_orientation_refused_even_with_force(
 # -- packs -----------------------------------------------------------------------------------------------
 
 
-def test_pack_lists_patches_in_order(llama: torch.nn.Module, tmp_path: Path) -> None:
-    pack = tmp_path / "pack"
-    a = random_patch(llama, name="a", seed=1).save(pack / "patches" / "a.nmke")
-    b = random_patch(llama, name="b", seed=2).save(pack / "patches" / "b.nmke")
-    (pack / "pack.json").write_text(json.dumps({"patches": [{"path": "patches/b.nmke"}, "patches/a.nmke"]}))
+def test_local_pack_is_verified_like_a_pulled_one(llama: torch.nn.Module, tmp_path: Path) -> None:
+    a = random_patch(llama, name="a", seed=1).save(tmp_path / "a.nmke")
+    b = random_patch(llama, name="b", seed=2).save(tmp_path / "b.nmke")
+    pack = build_pack([b, a], tmp_path / "pack")
     assert [p.id for p in resolve_patches([pack])] == [b.id, a.id]
-    (pack / "pack.json").write_text(json.dumps({"patches": ["../elsewhere.nmke"]}))
-    with pytest.raises(InvalidPatchError, match=r"points outside the pack"):
-        resolve_patches([pack])
-    (pack / "pack.json").write_text(json.dumps({"patches": []}))
-    with pytest.raises(InvalidPatchError, match=r"must list at least one patch"):
-        resolve_patches([pack])
+    good = json.loads((pack / "pack.json").read_text())
+    cases = {
+        "outside": (
+            {**good, "patches": [{**good["patches"][0], "path": "../a.nmke"}]},
+            "not a plain relative",
+        ),
+        "empty": ({**good, "patches": []}, "must list at least one patch"),
+        "swapped ids": (
+            {
+                **good,
+                "patches": [
+                    {**e, "id": o["id"]} for e, o in zip(good["patches"], good["patches"][::-1], strict=True)
+                ],
+            },
+            "the pack was modified",
+        ),
+        "no format": ({"patches": good["patches"]}, "not an nmke-patch pack"),
+    }
+    for data, message in cases.values():
+        (pack / "pack.json").write_text(json.dumps(data))
+        with pytest.raises(InvalidPatchError, match=message):
+            resolve_patches([pack])
+
     (pack / "pack.json").write_text("{")
-    with pytest.raises(InvalidPatchError, match=r"pack\.json is unreadable"):
+    with pytest.raises(InvalidPatchError, match=r"pack\.json is not valid JSON"):
         resolve_patches([pack])
 
 

@@ -61,8 +61,10 @@ class EditConfig:
         "BENCHMARKS.md's probe); 'specificity' = by k_i^2 / C0_ii (activation on the subject relative to the "
         "neuron's typical activation).",
     )
-    masked_solve: Literal["exact", "post"] = _f(
+    masked_solve: Literal["soft", "exact", "post"] = _f(
         "exact",
+        "'soft' solves only for the selected neurons, weighting the change on preserved text (C0) as "
+        "heavily as still lands `landing` of the edit; "
         "'exact' solves only for the selected neurons with a null space of C0 restricted to them; "
         "'post' = reference: solve densely then zero the unselected rows.",
     )
@@ -83,6 +85,11 @@ class EditConfig:
         "budget, 1 lands single edits but wrecked the model within 30 sequential edits; 10 and 100 trade "
         "efficacy for health (BENCHMARKS.md).",
     )
+    landing: float = _f(
+        0.9,
+        "'soft' masked solve: share of each layer's residual the update must realise; the preservation "
+        "weight is the largest that reaches it.",
+    )
     memit_lambda: float = _f(15000.0, "MEMIT's C0 weight lambda2.")
     # lifelong
     mode: Literal["sequential", "batch"] = _f(
@@ -101,6 +108,7 @@ class EditConfig:
                 "max_neurons must be a fraction in (0, 1]",
             ),
             (0 < self.projector_energy < 1, "projector_energy must be in (0, 1)"),
+            (0 < self.landing < 1, "landing must be in (0, 1)"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.n_prefixes >= 0 and self.prefix_tokens >= 1, "n_prefixes >= 0 and prefix_tokens >= 1"),
             (

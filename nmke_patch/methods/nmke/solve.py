@@ -14,6 +14,49 @@ def _project(basis: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return basis @ (basis.T @ m)
 
 
+def _landing(keys: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean share of each request's residual that ``X = (K K^T + B)^-1 K R^T`` realises (``diag G(I+G)^-1``,
+    ``G = K^T B^-1 K``)."""
+    g = keys.T @ torch.linalg.solve(b, keys)
+    u = g.shape[0]
+    realised = torch.linalg.solve(torch.eye(u, dtype=g.dtype) + g, g)
+    return float(torch.diagonal(realised).mean())
+
+
+def _soft_restricted_solve(
+    ks: torch.Tensor, r: torch.Tensor, c0s: torch.Tensor, c_past_s: torch.Tensor, landing: float
+) -> tuple[torch.Tensor, float]:
+    """Least output change on preserved text, on the selected neurons, that still lands the edit.
+
+    Minimises ``||X^T K - R||^2 + ||X^T K_past||^2 + mu tr(X^T C0 X)`` over the selected neurons, with the
+    preservation weight ``mu`` as large as possible (bisection in log space) while the edit still realises
+    ``landing`` of its residual. ``tr(X^T C0 X)`` is the expected squared change of this layer's output on
+    preserved text, so ``mu`` trades the edit against exactly the drift it causes.
+    """
+    k, c0d, cpd = ks.double(), c0s.double(), c_past_s.double()
+    ridge = 1e-6 * float(torch.diagonal(c0d).mean()) * torch.eye(len(k), dtype=torch.float64)
+    c0d = (c0d + c0d.T) / 2
+
+    def b(log_mu: float) -> torch.Tensor:
+        return cpd + (10.0**log_mu) * c0d + ridge
+
+    lo, hi = -6.0, 8.0
+    if _landing(k, b(lo)) < landing:
+        hi = lo
+    else:
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            if _landing(k, b(mid)) >= landing:
+                lo = mid
+            else:
+                hi = mid
+            if hi - lo < 1e-3:
+                break
+    log_mu = lo
+    x = torch.linalg.solve(k @ k.T + b(log_mu), k @ r.double().T)
+    return x.float(), 10.0**log_mu
+
+
 def solve_layer(
     keys: torch.Tensor,
     residuals: torch.Tensor,
@@ -45,6 +88,12 @@ def solve_layer(
         a = config.memit_lambda * c0 + k @ k.T
         x = torch.linalg.solve(a, k @ r.T)
         return torch.arange(dim), x, dim
+    if config.method == "nmke" and config.masked_solve == "soft":
+        assert selected is not None
+        s = selected.to(torch.long)
+        ks = k[s]
+        x, _mu = _soft_restricted_solve(ks, r, c0[s][:, s], c_past[s][:, s], config.landing)
+        return s, x, len(s)
     if config.method == "nmke" and config.masked_solve == "exact":
         assert selected is not None
         s = selected.to(torch.long)
