@@ -17,10 +17,11 @@ from nmke_patch.methods.nmke.attribution import final_norm_scale, neuron_scores
 from nmke_patch.methods.nmke.config import EditConfig
 from nmke_patch.methods.nmke.mask import apply_budget, hybrid_mask, mask_ratios
 from nmke_patch.methods.nmke.prompts import encode
+from nmke_patch.methods.nmke.values import compute_target_value
 from nmke_patch.models import BaseModelInfo
 from nmke_patch.requests import EditRequest, read_requests
 from nmke_patch.stack import PatchStack
-from nmke_patch.tracing import capture
+from nmke_patch.tracing import capture, edit_output
 
 TINY_CONFIG = EditConfig(
     layers=(1, 2),
@@ -142,6 +143,74 @@ def test_padding_does_not_change_keys(arch: str, tiny_tokenizer) -> None:
             model(input_ids=b.input_ids, attention_mask=b.attention_mask)
         outs.append(seen["k"][0, b.subject_pos[0]])
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
+
+
+def _reference_target_value(model, tokenizer, layer, request, prefixes, config) -> torch.Tensor:
+    """The target-value loop written plainly: full forward passes with the delta added by a hook."""
+    spec = spec_for_model(model)
+    texts = [p + request.text for p in ["", *prefixes]]
+    batch = encode(
+        tokenizer,
+        [*texts, f"{request.subject} is a"],
+        [request.subject] * (len(texts) + 1),
+        [request.target_new] * len(texts) + [None],
+    )
+    n = len(texts)
+    rows = torch.arange(n + 1)
+    module = model.get_submodule(f"{spec.layers}.{layer}")
+    delta = None
+
+    def forward() -> tuple[torch.Tensor, torch.Tensor]:
+        def add(out: torch.Tensor) -> torch.Tensor:
+            if delta is None:
+                return out
+            out = out.clone()
+            out[rows, batch.subject_pos] += delta
+            return out
+
+        with edit_output(module, add):
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+        lp = torch.stack(
+            [
+                torch.log_softmax(logits[i, int(batch.last_pos[i]) + torch.arange(len(t))], -1)[
+                    torch.arange(len(t)), torch.tensor(t)
+                ].mean()
+                for i, t in enumerate(batch.target_ids[:n])
+            ]
+        )
+        return lp, torch.log_softmax(logits[n, int(batch.last_pos[n])], -1)
+
+    with torch.no_grad(), capture(model, outputs={"o": f"{spec.layers}.{layer}"}) as seen:
+        _, kl_ref = forward()
+    h = seen["o"][0, int(batch.subject_pos[0])]
+    delta = torch.zeros_like(h, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=config.z_lr)
+    for _ in range(config.z_steps):
+        lp, kl_new = forward()
+        kl = torch.sum(kl_ref.exp() * (kl_ref - kl_new))
+        loss = (
+            -lp.mean() + config.z_kl_factor * kl + config.z_weight_decay * delta.pow(2).sum() / h.norm() ** 2
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            if delta.norm() > config.z_clamp_norm * h.norm():
+                delta.mul_(config.z_clamp_norm * h.norm() / delta.norm())
+    return h + delta.detach()
+
+
+@pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
+def test_target_value_with_cached_prefix_equals_full_forward_passes(arch: str, tiny_tokenizer) -> None:
+    model = MODEL_FACTORIES[arch](init_range=0.2)
+    spec = spec_for_model(model)
+    request = EditRequest(prompt="w5 w6 {} w8 w9", subject="w10 w11", target_new="w12 w13")
+    prefixes = ["w20 w21 w22 w23.", "w30 w31."]  # different lengths: the rows split at different tokens
+    config = EditConfig(z_steps=6, z_stop_prob=2.0, z_clamp_norm=0.3)  # no early stop; the clamp acts
+    ours = compute_target_value(model, tiny_tokenizer, spec, 1, request, prefixes, config)
+    assert ours.steps == 6 and not torch.equal(ours.z, ours.h)
+    reference = _reference_target_value(model, tiny_tokenizer, 1, request, prefixes, config)
+    assert torch.allclose(ours.z, reference, atol=1e-5, rtol=1e-4), (ours.z - reference).abs().max()
 
 
 @pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
