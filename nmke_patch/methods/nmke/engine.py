@@ -22,7 +22,7 @@ from ...patch import Manifest, Patch
 from ...requests import EditRequest
 from ...stack import PatchStack
 from ...stats import nullspace_basis
-from ...tracing import capture
+from ...tracing import capture, stop_after
 from .attribution import neuron_scores
 from .config import EditConfig
 from .mask import apply_budget, hybrid_mask, mask_ratios
@@ -155,6 +155,26 @@ class Editor:
             target_lp=target_logprobs_from_hidden(self.model, hidden, batch).float().cpu(),
         )
 
+    @torch.no_grad()
+    def _keys_and_output(self, batch: Batch, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys of ``layer`` ``[B, D]`` and the last edited layer's output ``[B, d]`` at the subject; the
+        forward pass stops after the last edited layer."""
+        spec, last = self.spec, self.layers[-1]
+        with (
+            capture(
+                self.model,
+                inputs={"k": f"{spec.layers}.{layer}.{spec.mlp_out}"},
+                outputs={"out": f"{spec.layers}.{last}"},
+            ) as seen,
+            stop_after(get_submodule(self.model, f"{spec.layers}.{last}")),
+        ):
+            self.model.base_model(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+            )
+        rows = torch.arange(batch.input_ids.shape[0], device=self.device)
+        sp = batch.subject_pos
+        return seen["k"][rows, sp].float().cpu(), seen["out"][rows, sp].float().cpu()
+
     # -- model state ----------------------------------------------------------------------------
 
     def _tensor_deltas(self) -> tuple[TensorDelta, ...]:
@@ -261,11 +281,11 @@ class Editor:
         selected = self._select(fw, owner, len(requests))
         t3 = time.perf_counter()
         for j, l in enumerate(self.layers):
-            cur = fw if j == 0 else self._forward(batch, [l])
-            keys = torch.stack(
-                [cur.keys_subject[l][own == i].mean(dim=0) for i in range(len(requests))], dim=1
+            key_rows, out_rows = (
+                (fw.keys_subject[l], fw.out_subject) if j == 0 else self._keys_and_output(batch, l)
             )
-            h = cur.out_subject[bare].T  # [d, u]
+            keys = torch.stack([key_rows[own == i].mean(dim=0) for i in range(len(requests))], dim=1)
+            h = out_rows[bare].T  # [d, u]
             residual = (z - h) / (n - j)
             rows, x, _kept = solve_layer(
                 keys,
