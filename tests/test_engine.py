@@ -17,6 +17,7 @@ from nmke_patch.methods.nmke.attribution import final_norm_scale, neuron_scores
 from nmke_patch.methods.nmke.config import EditConfig
 from nmke_patch.methods.nmke.mask import apply_budget, hybrid_mask, mask_ratios
 from nmke_patch.methods.nmke.prompts import encode
+from nmke_patch.methods.nmke.solve import solve_layer
 from nmke_patch.methods.nmke.values import compute_target_value
 from nmke_patch.models import BaseModelInfo
 from nmke_patch.requests import EditRequest, read_requests
@@ -214,13 +215,15 @@ def test_target_value_with_cached_prefix_equals_full_forward_passes(arch: str, t
 
 
 @pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
-@pytest.mark.parametrize("method", ["nmke", "alphaedit", "memit"])
+@pytest.mark.parametrize("method", ["nmke", "nmke:exact", "nmke:post", "alphaedit", "memit"])
 def test_create_edits_only_budgeted_neurons_and_leaves_model_unchanged(
     arch: str, method: str, tiny_tokenizer
 ) -> None:
     lm = loaded(arch, tiny_tokenizer)
     before = state_copy(lm.model)
-    patch = create_patch(requests(), loaded=lm, config=TINY_CONFIG.with_overrides(method=method), name="t")
+    method, _, solve = method.partition(":")
+    config = TINY_CONFIG.with_overrides(method=method, **({"masked_solve": solve} if solve else {}))
+    patch = create_patch(requests(), loaded=lm, config=config, name="t")
     assert_state_equal(lm.model, before)  # create never leaves edits on the model
     spec = spec_for_model(lm.model)
     assert {d.name for d in patch.deltas} == {spec.weight_name(1), spec.weight_name(2)}
@@ -239,6 +242,34 @@ def test_create_edits_only_budgeted_neurons_and_leaves_model_unchanged(
         assert first["p_new_after"] > first["p_new_before"] * 1.1
     assert set(patch.state) == {"keys.1", "keys.2"} and patch.state["keys.1"].shape == (2, d_ff)
     PatchStack.for_model(lm.model).apply(patch)  # originals recorded against the base
+
+
+def test_soft_solve_lands_the_requested_share_on_selected_neurons_only() -> None:
+    gen = torch.Generator().manual_seed(0)
+    d_ff, d = 24, 8
+    samples = torch.randn(500, d_ff, generator=gen) * torch.linspace(0.2, 3.0, d_ff)
+    c0 = samples.T @ samples / len(samples)
+    keys = torch.randn(d_ff, 1, generator=gen).abs()
+    residual = torch.randn(d, 1, generator=gen)
+    selected = torch.tensor([1, 5, 7, 11, 20])
+    drifts = []
+    for landing in (0.5, 0.9):
+        config = EditConfig(masked_solve="soft", landing=landing)
+        rows, x, _ = solve_layer(
+            keys,
+            residual,
+            config=config,
+            c0=c0,
+            c_past=torch.zeros(d_ff, d_ff),
+            basis=None,
+            selected=selected,
+        )
+        assert torch.equal(rows, selected) and x.shape == (5, d)
+        realised = x.T @ keys[rows]  # the change of the layer's output on the request's key
+        share = float((realised.T @ residual) / residual.norm() ** 2)
+        assert share == pytest.approx(landing, abs=2e-3)
+        drifts.append(float(torch.trace(x.T @ c0[rows][:, rows] @ x)))
+    assert drifts[0] < drifts[1]  # landing more costs more change on preserved text
 
 
 def test_state_file_round_trips_without_warnings(tmp_path: Path, tiny_tokenizer) -> None:

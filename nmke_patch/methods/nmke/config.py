@@ -54,19 +54,21 @@ class EditConfig:
         "Sparsity budget: at most this fraction of a layer's neurons per edit "
         "(None = the published mask size). Ignored by the dense baselines.",
     )
-    neuron_score: Literal["hybrid", "specificity"] = _f(
-        "hybrid",
-        "How budgeted neurons are ranked within the hybrid mask: 'hybrid' = by the better of their "
-        "knowledge-general and knowledge-specific attribution ranks (default: kept neighbours intact in "
-        "BENCHMARKS.md's probe); 'specificity' = by k_i^2 / C0_ii (activation on the subject relative to the "
-        "neuron's typical activation).",
+    neuron_score: Literal["hybrid", "specificity", "combined"] = _f(
+        "specificity",
+        "How budgeted neurons are ranked within the hybrid mask: 'specificity' (default) = by k_i^2 / C0_ii, "
+        "how strongly the subject drives a neuron relative to its activity on preserved text, which is what "
+        "makes the 'soft' solve cheap in drift (BENCHMARKS.md: at T=20 ppl drift +1.4% vs +6.4%); 'hybrid' = "
+        "by the better of the neuron's knowledge-general and knowledge-specific attribution ranks; 'combined' = "
+        "the sum of both ranks.",
     )
     masked_solve: Literal["soft", "exact", "post"] = _f(
-        "exact",
-        "'soft' solves only for the selected neurons, weighting the change on preserved text (C0) as "
-        "heavily as still lands `landing` of the edit; "
-        "'exact' solves only for the selected neurons with a null space of C0 restricted to them; "
-        "'post' = reference: solve densely then zero the unselected rows.",
+        "soft",
+        "How NMKE solves on the selected neurons. 'soft' (default): least squares on the selected neurons "
+        "with the change on preserved text, tr(X^T C0 X), weighted as heavily as still lands `landing` of "
+        "the edit; 'exact': the null space of C0 restricted to the selected neurons (few directions left: "
+        "updates blew up or did not land over 30 edits); 'post' = reference: solve densely, zero the "
+        "unselected rows (destroys efficacy at a 10% budget).",
     )
     # [6] null-space projector
     projector_energy: float = _f(
@@ -81,15 +83,22 @@ class EditConfig:
     # [7] solve
     lambda_reg: float = _f(
         1.0,
-        "Ridge term lambda of the AlphaEdit/NMKE solve (in units of the mean C0 diagonal). With NMKE's 10% "
-        "budget, 1 lands single edits but wrecked the model within 30 sequential edits; 10 and 100 trade "
-        "efficacy for health (BENCHMARKS.md).",
+        "Ridge term lambda of the AlphaEdit solve and of NMKE's 'exact'/'post' solves (in units of the mean "
+        "C0 diagonal). With NMKE 'exact' at a 10% budget, 1 wrecked the model within 30 sequential edits; "
+        "10 and 100 traded efficacy for health (BENCHMARKS.md).",
     )
     landing: float = _f(
         0.9,
         "'soft' masked solve: share of each layer's residual the update must realise; the preservation "
         "weight is the largest that reaches it.",
     )
+    contrast_subjects: int = _f(
+        32,
+        "NMKE: per request, the model's most likely alternatives for the subject in its prompt (top next "
+        "tokens after the text before the subject) whose keys the solve must keep (0 = off). Keeps an edit of "
+        "one subject from carrying over to similar subjects in the same context.",
+    )
+    contrast_weight: float = _f(1.0, "Weight of each contrast key, in units of one edited key.")
     memit_lambda: float = _f(15000.0, "MEMIT's C0 weight lambda2.")
     # lifelong
     mode: Literal["sequential", "batch"] = _f(
@@ -109,6 +118,7 @@ class EditConfig:
             ),
             (0 < self.projector_energy < 1, "projector_energy must be in (0, 1)"),
             (0 < self.landing < 1, "landing must be in (0, 1)"),
+            (self.contrast_subjects >= 0 and self.contrast_weight >= 0, "contrast settings must be >= 0"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.n_prefixes >= 0 and self.prefix_tokens >= 1, "n_prefixes >= 0 and prefix_tokens >= 1"),
             (

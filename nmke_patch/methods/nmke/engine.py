@@ -68,6 +68,11 @@ class _Forward:
     target_lp: torch.Tensor  # [B]
 
 
+def _rank(x: torch.Tensor) -> torch.Tensor:
+    """Ranks scaled to [0, 1) (0 = smallest)."""
+    return torch.argsort(torch.argsort(x)).float() / len(x)
+
+
 class Editor:
     """Computes NMKE / AlphaEdit / MEMIT edits on a live model."""
 
@@ -175,6 +180,40 @@ class Editor:
         sp = batch.subject_pos
         return seen["k"][rows, sp].float().cpu(), seen["out"][rows, sp].float().cpu()
 
+    @torch.no_grad()
+    def _contrast_keys(self, requests: Sequence[EditRequest]) -> dict[int, torch.Tensor]:
+        """Keys ``[D, m]`` per layer of the subjects the model itself expects in the requests' prompts.
+
+        For each request, the ``contrast_subjects`` most likely next tokens after the prompt text that
+        precedes the subject (other than the subject's own first token) are fed in its place; their keys at
+        that token share the prompt context with the edited subject's key. The solve keeps the layer's output
+        on them, so an edit of one subject does not carry over to its likely alternatives.
+        """
+        cfg, spec = self.config, self.spec
+        out: dict[int, list[torch.Tensor]] = {l: [] for l in self.layers}
+        if cfg.method != "nmke" or cfg.contrast_subjects == 0:
+            return {}
+        for r in requests:
+            left = r.prompt.split("{}", 1)[0].rstrip(" ")
+            if not left.strip():
+                continue
+            ids = self.tokenizer(left, return_tensors="pt").input_ids.to(self.device)
+            logits = self.model(input_ids=ids, use_cache=False).logits[0, -1]
+            own = self.tokenizer(left + " " + r.subject).input_ids[ids.shape[1] : ids.shape[1] + 1]
+            if own:
+                logits[own[0]] = -float("inf")
+            candidates = logits.topk(cfg.contrast_subjects).indices
+            rows = torch.cat([ids.expand(len(candidates), -1), candidates[:, None]], dim=1)
+            inputs = {f"k{l}": f"{spec.layers}.{l}.{spec.mlp_out}" for l in self.layers}
+            with (
+                capture(self.model, inputs=inputs) as seen,
+                stop_after(get_submodule(self.model, f"{spec.layers}.{self.layers[-1]}.{spec.mlp_out}")),
+            ):
+                self.model.base_model(input_ids=rows, use_cache=False)
+            for l in self.layers:
+                out[l].append(seen[f"k{l}"][:, -1].float().cpu().T)
+        return {l: torch.cat(v, dim=1) for l, v in out.items() if v}
+
     # -- model state ----------------------------------------------------------------------------
 
     def _tensor_deltas(self) -> tuple[TensorDelta, ...]:
@@ -254,9 +293,10 @@ class Editor:
                     scores, temperature=cfg.temperature, low=cfg.ratio_min, high=cfg.ratio_max
                 )
                 mask, priority = hybrid_mask(scores, ratios)
-                if cfg.neuron_score == "specificity":
+                if cfg.neuron_score != "hybrid":
                     k = fw.keys_subject[l][rows].mean(dim=0)
-                    priority = k.pow(2) / torch.diagonal(self.c0[l]).clamp_min(1e-12)
+                    cheap = k.pow(2) / torch.diagonal(self.c0[l]).clamp_min(1e-12)
+                    priority = cheap if cfg.neuron_score == "specificity" else _rank(priority) + _rank(cheap)
                 chosen.append(apply_budget(mask, priority, budget))
             selected[l] = torch.unique(torch.cat(chosen))
         return selected
@@ -279,7 +319,9 @@ class Editor:
         z = torch.stack([t.z for t in targets], dim=1).cpu()  # [d, u]
         t2 = time.perf_counter()
         selected = self._select(fw, owner, len(requests))
+        contrast = self._contrast_keys(requests)
         t3 = time.perf_counter()
+        cfg_w = self.config.contrast_weight
         for j, l in enumerate(self.layers):
             key_rows, out_rows = (
                 (fw.keys_subject[l], fw.out_subject) if j == 0 else self._keys_and_output(batch, l)
@@ -292,7 +334,7 @@ class Editor:
                 residual,
                 config=self.config,
                 c0=self.c0[l],
-                c_past=self.c_past[l],
+                c_past=self.c_past[l] + (cfg_w * contrast[l] @ contrast[l].T if l in contrast else 0.0),
                 basis=self.basis.get(l),
                 selected=selected[l],
             )
