@@ -15,6 +15,7 @@ from nmke_patch.create import LoadedModel, create_patch
 from nmke_patch.errors import InvalidRequestError
 from nmke_patch.methods.nmke.attribution import final_norm_scale, neuron_scores
 from nmke_patch.methods.nmke.config import EditConfig
+from nmke_patch.methods.nmke.engine import Editor
 from nmke_patch.methods.nmke.mask import apply_budget, hybrid_mask, mask_ratios
 from nmke_patch.methods.nmke.prompts import encode
 from nmke_patch.methods.nmke.solve import solve_layer
@@ -270,6 +271,27 @@ def test_soft_solve_lands_the_requested_share_on_selected_neurons_only() -> None
         assert share == pytest.approx(landing, abs=2e-3)
         drifts.append(float(torch.trace(x.T @ c0[rows][:, rows] @ x)))
     assert drifts[0] < drifts[1]  # landing more costs more change on preserved text
+
+
+@pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
+def test_contrast_keys_are_kept_by_the_edit(arch: str, tiny_tokenizer) -> None:
+    lm = loaded(arch, tiny_tokenizer)
+    spec = spec_for_model(lm.model)
+    d_ff = lm.model.config.intermediate_size if arch == "llama" else lm.model.config.n_inner
+    config = TINY_CONFIG.with_overrides(contrast_subjects=6)
+    c0 = {l: torch.eye(d_ff) for l in (1, 2)}
+    contrast = Editor(lm.model, tiny_tokenizer, config, c0=c0)._contrast_keys(requests()[:1])
+    assert set(contrast) == {1, 2} and contrast[1].shape == (d_ff, 6)
+    changes = []
+    for weight in (0.0, 1e4):
+        patch = create_patch(
+            requests()[:1], loaded=lm, config=config.with_overrides(contrast_weight=weight), name="t"
+        )
+        delta = {d.name: d for d in patch.deltas}[spec.weight_name(2)]
+        rows = torch.zeros(d_ff, delta.delta.shape[1])
+        rows[delta.indices] = delta.delta.float()  # [d_ff, d]: change of each neuron's value vector
+        changes.append(float((rows.T @ contrast[2]).norm()))
+    assert changes[1] < 0.05 * changes[0], changes
 
 
 def test_state_file_round_trips_without_warnings(tmp_path: Path, tiny_tokenizer) -> None:
