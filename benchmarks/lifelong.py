@@ -44,7 +44,8 @@ from _report import cpu_name, update_section
 
 import nmke_patch
 from nmke_patch.architectures import decoder_layers, spec_for_model
-from nmke_patch.create import LoadedModel, _load_checkpoint, _run_key, _save_checkpoint
+from nmke_patch.checkpoints import load_checkpoint, run_key, save_checkpoint
+from nmke_patch.create import LoadedModel
 from nmke_patch.evaluate import compare, evaluate
 from nmke_patch.methods.nmke.config import EditConfig
 from nmke_patch.methods.nmke.engine import Editor
@@ -188,7 +189,7 @@ class Benchmark:
         return Path(self.args.checkpoint_dir) / run.name
 
     def _run_key(self, run: Run) -> str:
-        return _run_key(self.requests[: max(run.milestones)], run.config, [])
+        return run_key(self.requests[: max(run.milestones)], run.config, [])
 
     def _editor(self, run: Run) -> Editor:
         """The run's editor with its edits on the model (every other run's edits are off)."""
@@ -196,7 +197,7 @@ class Benchmark:
             model, tokenizer = self.loaded.model, self.loaded.tokenizer
             run.editor = Editor(model, tokenizer, run.config, c0=self.c0, past_keys={})
             if self.args.resume:
-                restored = _load_checkpoint(self._checkpoint_dir(run), self._run_key(run))
+                restored = load_checkpoint(self._checkpoint_dir(run), self._run_key(run))
                 if restored is not None:
                     run.done, tensors, records = restored
                     run.editor.load_state(tensors, records)
@@ -208,7 +209,7 @@ class Benchmark:
 
     def _save(self, run: Run) -> None:
         assert run.editor is not None
-        _save_checkpoint(self._checkpoint_dir(run), run.editor, run.done, self._run_key(run))
+        save_checkpoint(self._checkpoint_dir(run), run.editor, run.done, self._run_key(run))
 
     def advance(self, run: Run, target: int, base: dict[str, Any]) -> bool:
         """Edit ``run`` up to ``target`` facts and evaluate; False when time ran out first."""

@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from .architectures import decoder_layers, spec_for_model
+from .checkpoints import load_checkpoint, run_key, save_checkpoint
 from .errors import InvalidRequestError
 from .methods.nmke.config import EditConfig
-from .methods.nmke.engine import Editor, EditRecord
+from .methods.nmke.engine import Editor
 from .methods.nmke.prompts import encode, target_logprobs_from_hidden
 from .models import BaseModelInfo, tensor_fingerprint
 from .patch import Manifest, ParentRef, Patch
@@ -41,63 +36,6 @@ class LoadedModel:
     model: nn.Module
     tokenizer: Any
     info: BaseModelInfo
-
-
-def _run_key(requests: Sequence[EditRequest], config: EditConfig, parents: Sequence[Patch]) -> str:
-    payload = json.dumps(
-        {
-            "requests": [r.to_json() for r in requests],
-            "config": config.to_json(),
-            "parents": [p.id for p in parents],
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def _save_checkpoint(folder: Path, editor: Editor, next_index: int, run_key: str) -> None:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    save_file(editor.state_tensors(), str(staging / "state.safetensors"))
-    (staging / "progress.json").write_text(
-        json.dumps(
-            {"run_key": run_key, "next_index": next_index, "records": [r.to_json() for r in editor.records]}
-        )
-    )
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    if folder.exists():
-        os.rename(folder, old)
-    os.rename(staging, folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _load_checkpoint(
-    folder: Path, run_key: str
-) -> tuple[int, dict[str, torch.Tensor], list[EditRecord]] | None:
-    progress = folder / "progress.json"
-    if not progress.is_file():
-        return None
-    data = json.loads(progress.read_text())
-    if data.get("run_key") != run_key:
-        raise InvalidRequestError(
-            f"checkpoint {folder} belongs to a different run (facts, settings or parents differ); "
-            "delete it or run without --resume"
-        )
-    with safe_open(str(folder / "state.safetensors"), framework="pt") as fh:
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    records = [
-        EditRecord(
-            index=r["index"],
-            id=r["id"],
-            p_new_before=r["p_new_before"],
-            p_new_after=r["p_new_after"],
-            z_steps=r["z_steps"],
-            neurons=r["neurons"],
-            seconds=r["seconds"],
-        )
-        for r in data["records"]
-    ]
-    return int(data["next_index"]), tensors, records
 
 
 @torch.no_grad()
@@ -170,11 +108,11 @@ def create_patch(
         editor = Editor(
             model, tokenizer, config.with_overrides(layers=tuple(layers)), c0=c0, past_keys=past_keys
         )
-        run_key = _run_key(requests, config, parents)
+        key = run_key(requests, config, parents)
         folder = Path(checkpoint_dir) if checkpoint_dir else None
         start = 0
         if folder is not None and resume:
-            restored = _load_checkpoint(folder, run_key)
+            restored = load_checkpoint(folder, key)
             if restored is not None:
                 start, tensors, records = restored
                 editor.load_state(tensors, records)
@@ -191,11 +129,11 @@ def create_patch(
             if progress:
                 progress(done, len(requests))
             if folder is not None and (since_checkpoint >= checkpoint_every or done == len(requests)):
-                _save_checkpoint(folder, editor, done, run_key)
+                save_checkpoint(folder, editor, done, key)
                 since_checkpoint = 0
             if stop_after is not None and done >= stop_after and done < len(requests):
                 if folder is not None:
-                    _save_checkpoint(folder, editor, done, run_key)
+                    save_checkpoint(folder, editor, done, key)
                 editor.release()
                 raise KeyboardInterrupt(f"stopped after {done} requests")
         final = target_probabilities(

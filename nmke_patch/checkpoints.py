@@ -1,0 +1,88 @@
+"""Resumable editing runs: a run's identity and its checkpoint (editor state + progress), written atomically.
+
+Used by :func:`nmke_patch.create.create_patch` (``--resume``) and by ``benchmarks/lifelong.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import InvalidRequestError
+from .methods.nmke.config import EditConfig
+from .methods.nmke.engine import Editor, EditRecord
+from .patch import Patch
+from .requests import EditRequest
+
+
+def run_key(requests: Sequence[EditRequest], config: EditConfig, parents: Sequence[Patch]) -> str:
+    """sha256 of everything that determines a run's result: its requests, settings and parents."""
+    payload = json.dumps(
+        {
+            "requests": [r.to_json() for r in requests],
+            "config": config.to_json(),
+            "parents": [p.id for p in parents],
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def save_checkpoint(folder: Path, editor: Editor, next_index: int, run_key: str) -> None:
+    """Replace ``folder`` atomically with the editor's state and the index of the next request."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    save_file(editor.state_tensors(), str(staging / "state.safetensors"))
+    (staging / "progress.json").write_text(
+        json.dumps(
+            {"run_key": run_key, "next_index": next_index, "records": [r.to_json() for r in editor.records]}
+        )
+    )
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    if folder.exists():
+        os.rename(folder, old)
+    os.rename(staging, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(
+    folder: Path, run_key: str
+) -> tuple[int, dict[str, torch.Tensor], list[EditRecord]] | None:
+    """``(next_index, state tensors, records)`` of the checkpoint in ``folder``, or None if there is none.
+
+    Raises:
+        InvalidRequestError: the checkpoint belongs to another run.
+    """
+    progress = folder / "progress.json"
+    if not progress.is_file():
+        return None
+    data = json.loads(progress.read_text())
+    if data.get("run_key") != run_key:
+        raise InvalidRequestError(
+            f"checkpoint {folder} belongs to a different run (facts, settings or parents differ); "
+            "delete it or run without --resume"
+        )
+    with safe_open(str(folder / "state.safetensors"), framework="pt") as fh:
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    records = [
+        EditRecord(
+            index=r["index"],
+            id=r["id"],
+            p_new_before=r["p_new_before"],
+            p_new_after=r["p_new_after"],
+            z_steps=r["z_steps"],
+            neurons=r["neurons"],
+            seconds=r["seconds"],
+        )
+        for r in data["records"]
+    ]
+    return int(data["next_index"]), tensors, records
