@@ -99,6 +99,13 @@ class EditConfig:
         "one subject from carrying over to similar subjects in the same context.",
     )
     contrast_weight: float = _f(1.0, "Weight of each contrast key, in units of one edited key.")
+    max_sweeps: int = _f(
+        3,
+        "Passes over the edited layers per batch: another pass (from the edited model) runs while a request's "
+        "P(new) on its prompt is below `sweep_until`. 1 = the reference single pass (the dense baselines "
+        "always make one).",
+    )
+    sweep_until: float = _f(0.5, "P(target_new | prompt) each request should reach before sweeps stop.")
     memit_lambda: float = _f(15000.0, "MEMIT's C0 weight lambda2.")
     # lifelong
     mode: Literal["sequential", "batch"] = _f(
@@ -119,6 +126,7 @@ class EditConfig:
             (0 < self.projector_energy < 1, "projector_energy must be in (0, 1)"),
             (0 < self.landing < 1, "landing must be in (0, 1)"),
             (self.contrast_subjects >= 0 and self.contrast_weight >= 0, "contrast settings must be >= 0"),
+            (self.max_sweeps >= 1 and 0 <= self.sweep_until <= 1, "max_sweeps >= 1, sweep_until in [0, 1]"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.n_prefixes >= 0 and self.prefix_tokens >= 1, "n_prefixes >= 0 and prefix_tokens >= 1"),
             (
