@@ -156,10 +156,10 @@ def _plot(result: dict[str, Any], path: Path, title: str) -> None:
     ax.legend()
     ax.set_title(title)
     b, p = result["base"]["metrics"], result["patched"]["metrics"]
-    names = [k for k in ("perplexity", "fluency") if b.get(k) is not None and p.get(k) is not None]
-    ax2.bar([i - 0.2 for i in range(len(names))], [b[k] for k in names], 0.4, label="base")
-    ax2.bar([i + 0.2 for i in range(len(names))], [p[k] for k in names], 0.4, label="patched")
-    ax2.set_xticks(list(range(len(names))), names)
+    health = [k for k in ("perplexity", "fluency") if b.get(k) is not None and p.get(k) is not None]
+    ax2.bar([i - 0.2 for i in range(len(health))], [b[k] for k in health], 0.4, label="base")
+    ax2.bar([i + 0.2 for i in range(len(health))], [p[k] for k in health], 0.4, label="patched")
+    ax2.set_xticks(list(range(len(health))), health)
     ax2.set_title("model health")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from transformers import PreTrainedModel
 
 from .architectures import decoder_layers, spec_for_model
 from .checkpoints import load_checkpoint, run_key, save_checkpoint
@@ -33,14 +33,14 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class LoadedModel:
-    model: nn.Module
+    model: PreTrainedModel
     tokenizer: Any
     info: BaseModelInfo
 
 
 @torch.no_grad()
 def target_probabilities(
-    model: nn.Module, tokenizer: Any, prompts: list[str], targets: list[str], batch_size: int = 32
+    model: PreTrainedModel, tokenizer: Any, prompts: list[str], targets: list[str], batch_size: int = 32
 ) -> torch.Tensor:
     """P(target | prompt) (whole target sequence) for each pair, batched."""
     device = next(model.parameters()).device
@@ -94,7 +94,7 @@ def create_patch(
     c0 = load_or_compute_c0(
         model, tokenizer, layers, StatsSource(config.stats_corpus, config.stats_tokens, config.seed)
     )
-    fingerprints = {spec.weight_name(l): None for l in layers}
+    fingerprints: dict[str, str | None] = {spec.weight_name(l): None for l in layers}
     for p in parents:
         stack.apply(p)
     try:

@@ -16,10 +16,12 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 from .errors import ModelLoadError
 from .paths import home
@@ -70,7 +72,7 @@ def default_model_dir() -> Path:
             f"reading the default model needs the gguf package; install it with: {INSTALL_HINT}"
         ) from exc
     logger.info("converting the default model from %s (once, ~20 s)", gguf_path)
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     loaded = AutoModelForCausalLM.from_pretrained(
         gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
@@ -79,7 +81,7 @@ def default_model_dir() -> Path:
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(cast(LlamaConfig, config))
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -131,7 +133,7 @@ def load_base(
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
     device_map: str | dict[str, Any] | None = None,
-) -> tuple[nn.Module, Any, BaseModelInfo]:
+) -> tuple[PreTrainedModel, Any, BaseModelInfo]:
     """Load a base model and its tokenizer.
 
     Args:
@@ -157,7 +159,7 @@ def load_base(
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load model {str(source)!r}: {exc}".splitlines()[0]) from exc
     if device_map is None and device is not None:
-        loaded.to(device)
+        cast(Any, loaded).to(device)
     loaded.eval()
     loaded.requires_grad_(False)
     if tokenizer.pad_token is None:

@@ -15,12 +15,13 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from transformers import PreTrainedModel
 
 from .architectures import ArchitectureSpec, decoder_layers, spec_for_model
 from .errors import ModelLoadError
@@ -54,7 +55,7 @@ def model_fingerprint(model: nn.Module) -> str:
     cached = model.__dict__.get("_nmke_fingerprint")
     if cached:
         return cached
-    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    digest = hashlib.sha256(cast(Any, model).config.to_json_string(use_diff=False).encode())
     for name, p in sorted(model.state_dict().items()):
         t = p.detach().to("cpu").contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
@@ -66,14 +67,14 @@ def model_fingerprint(model: nn.Module) -> str:
 
 @torch.no_grad()
 def sample_text(
-    model: nn.Module, tokenizer: Any, tokens: int, seed: int, *, seq_len: int = 128, batch: int = 32
+    model: PreTrainedModel, tokenizer: Any, tokens: int, seed: int, *, seq_len: int = 128, batch: int = 32
 ) -> list[list[int]]:
     """About ``tokens`` tokens of text sampled from the model (top-k 40, seeded), as token-id rows."""
     device = next(model.parameters()).device
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(
         model.config, "n_positions", seq_len
     )
-    seq_len = min(seq_len, int(limit))
+    seq_len = min(seq_len, int(limit or seq_len))
     rows: list[list[int]] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -83,7 +84,7 @@ def sample_text(
                 for i in range(batch)
             ]
             start = torch.tensor(starts, device=device).unsqueeze(1)
-            out = model.generate(
+            out = cast(Any, model).generate(
                 start,
                 max_new_tokens=seq_len - 1,
                 min_new_tokens=seq_len - 1,
@@ -118,7 +119,7 @@ def corpus_rows(tokenizer: Any, paths: Sequence[str], tokens: int, *, seq_len: i
 
 @torch.no_grad()
 def key_second_moments(
-    model: nn.Module,
+    model: PreTrainedModel,
     spec: ArchitectureSpec,
     rows: Iterable[list[int]],
     layers: Sequence[int],
@@ -168,7 +169,7 @@ class StatsSource:
 
 
 def load_or_compute_c0(
-    model: nn.Module, tokenizer: Any, layers: Sequence[int], source: StatsSource, *, cache: bool = True
+    model: PreTrainedModel, tokenizer: Any, layers: Sequence[int], source: StatsSource, *, cache: bool = True
 ) -> dict[int, torch.Tensor]:
     """``C0`` for each layer, from the disk cache when present (a second ``create`` reuses it)."""
     spec = spec_for_model(model)

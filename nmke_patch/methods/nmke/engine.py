@@ -11,10 +11,10 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
-from torch import nn
+from transformers import PreTrainedModel
 
 from ...architectures import decoder_layers, get_submodule, spec_for_model
 from ...delta import TensorDelta, gather_neurons, make_delta
@@ -78,7 +78,7 @@ class Editor:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: PreTrainedModel,
         tokenizer: Any,
         config: EditConfig,
         *,
@@ -120,10 +120,10 @@ class Editor:
         self._working: Patch | None = None
         self._serial = 0
         norm = get_submodule(model, self.spec.final_norm)
-        self._norm_gain = norm.weight.detach()
+        self._norm_gain = cast(torch.Tensor, norm.weight).detach()
         self._norm_bias = getattr(norm, "bias", None)
         self._norm_eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
-        self._unembed = get_submodule(model, self.spec.lm_head).weight.detach()
+        self._unembed = cast(torch.Tensor, get_submodule(model, self.spec.lm_head).weight).detach()
 
     # -- forward passes -------------------------------------------------------------------------
 

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
-from torch import nn
+from transformers import PreTrainedModel
 
 PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You", "In", "It", "When")
 
 
 @torch.no_grad()
-def sample_prefixes(model: nn.Module, tokenizer: Any, n: int, length: int, seed: int) -> list[str]:
+def sample_prefixes(model: PreTrainedModel, tokenizer: Any, n: int, length: int, seed: int) -> list[str]:
     """``n`` short context prefixes sampled from the model itself (top-5 sampling, seeded), each ending in '. '."""
     if n == 0:
         return []
@@ -21,7 +22,7 @@ def sample_prefixes(model: nn.Module, tokenizer: Any, n: int, length: int, seed:
     start = torch.tensor(starts, device=device).unsqueeze(1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        out = model.generate(
+        out = cast(Any, model).generate(
             start,
             max_new_tokens=length,
             min_new_tokens=length,
@@ -73,7 +74,10 @@ def _token_at(offsets: list[tuple[int, int]], char: int) -> int:
 
 
 def encode(
-    tokenizer: Any, prompts: list[str], subjects: list[str | None], targets: list[str | None]
+    tokenizer: Any,
+    prompts: Sequence[str],
+    subjects: Sequence[str | None],
+    targets: Sequence[str | None],
 ) -> Batch:
     """Tokenize ``prompt [+ ' ' + target]`` rows; find the subject's last token and the last prompt token.
 
@@ -120,7 +124,9 @@ def target_logprobs(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 def target_positions(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flattened (row, position, token) of every target token; the position is where it is predicted."""
-    rows, pos, tokens = [], [], []
+    rows: list[int] = []
+    pos: list[int] = []
+    tokens: list[int] = []
     for i, tgt in enumerate(batch.target_ids):
         start = int(batch.last_pos[i])
         rows += [i] * len(tgt)
@@ -138,7 +144,7 @@ def _sum_per_row(logp: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor, n
     return torch.zeros(n, device=logp.device, dtype=picked.dtype).index_add(0, rows, picked)
 
 
-def target_logprobs_from_hidden(model: nn.Module, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+def target_logprobs_from_hidden(model: PreTrainedModel, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Like :func:`target_logprobs` from final hidden states, unembedding only the target positions."""
     rows, pos, tokens = target_positions(batch, hidden.device)
     logits = model.get_output_embeddings()(hidden[rows, pos])

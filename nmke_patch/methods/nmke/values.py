@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import DynamicCache
+from transformers import DynamicCache, PreTrainedModel
 
 from ...architectures import ArchitectureSpec, decoder_layers
 from ...requests import EditRequest
@@ -61,7 +61,7 @@ def _cache_argument(backbone: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
 
 
-def _split(model: nn.Module, spec: ArchitectureSpec, layer: int, batch: Batch) -> _Split:
+def _split(model: PreTrainedModel, spec: ArchitectureSpec, layer: int, batch: Batch) -> _Split:
     backbone = model.base_model
     with torch.no_grad(), capture(model, outputs={"out": f"{spec.layers}.{layer}"}) as seen:
         result = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=True)
@@ -92,7 +92,9 @@ def _split(model: nn.Module, spec: ArchitectureSpec, layer: int, batch: Batch) -
                 keys[i, :, width - c :] = lay.keys[i, :, :c]
                 values[i, :, width - c :] = lay.values[i, :, :c]
             past.append((keys, values))
-    rows, positions, tokens = [], [], []
+    rows: list[int] = []
+    positions: list[int] = []
+    tokens: list[int] = []
     for i, target in enumerate(batch.target_ids):
         start = int(batch.last_pos[i]) - cuts[i]
         rows += [i] * len(target)
@@ -117,7 +119,7 @@ def _split(model: nn.Module, spec: ArchitectureSpec, layer: int, batch: Batch) -
 
 
 def compute_target_value(
-    model: nn.Module,
+    model: PreTrainedModel,
     tokenizer: Any,
     spec: ArchitectureSpec,
     layer: int,
