@@ -294,6 +294,19 @@ def test_contrast_keys_are_kept_by_the_edit(arch: str, tiny_tokenizer) -> None:
     assert changes[1] < 0.05 * changes[0], changes
 
 
+@pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
+def test_reusing_touched_neurons_shrinks_the_lifetime_patch(arch: str, tiny_tokenizer) -> None:
+    lm = loaded(arch, tiny_tokenizer)
+    union = {}
+    for reuse in (0.0, 1.0):
+        config = TINY_CONFIG.with_overrides(reuse_touched=reuse)
+        patch = create_patch(requests(), loaded=lm, config=config, name="t")
+        union[reuse] = sum(d.num_neurons for d in patch.deltas)
+        per_edit = [sum(m["neurons"].values()) for m in patch.manifest.metrics]
+        assert per_edit[0] == per_edit[1]  # the budget per edit is the same
+    assert union[1.0] < union[0.0], union
+
+
 def test_state_file_round_trips_without_warnings(tmp_path: Path, tiny_tokenizer) -> None:
     import warnings
 

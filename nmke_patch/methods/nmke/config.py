@@ -62,6 +62,11 @@ class EditConfig:
         "by the better of the neuron's knowledge-general and knowledge-specific attribution ranks; 'combined' = "
         "the sum of both ranks.",
     )
+    reuse_touched: float = _f(
+        0.0,
+        "Lifetime footprint: neurons already changed by earlier edits move up the budget ranking by this much "
+        "(ranks run from 0 to 1; 0 = off, 1 = any touched neuron in the mask comes before any untouched one).",
+    )
     masked_solve: Literal["soft", "exact", "post"] = _f(
         "soft",
         "How NMKE solves on the selected neurons. 'soft' (default): least squares on the selected neurons "
@@ -125,6 +130,7 @@ class EditConfig:
             ),
             (0 < self.projector_energy < 1, "projector_energy must be in (0, 1)"),
             (0 < self.landing < 1, "landing must be in (0, 1)"),
+            (self.reuse_touched >= 0, "reuse_touched must be >= 0"),
             (self.contrast_subjects >= 0 and self.contrast_weight >= 0, "contrast settings must be >= 0"),
             (self.max_sweeps >= 1 and 0 <= self.sweep_until <= 1, "max_sweeps >= 1, sweep_until in [0, 1]"),
             (self.batch_size >= 1, "batch_size must be >= 1"),

@@ -297,6 +297,10 @@ class Editor:
                     k = fw.keys_subject[l][rows].mean(dim=0)
                     cheap = k.pow(2) / torch.diagonal(self.c0[l]).clamp_min(1e-12)
                     priority = cheap if cfg.neuron_score == "specificity" else _rank(priority) + _rank(cheap)
+                if (
+                    cfg.reuse_touched > 0
+                ):  # prefer neurons earlier edits already changed: a smaller lifetime patch
+                    priority = _rank(priority) + cfg.reuse_touched * self.touched[l].float()
                 chosen.append(apply_budget(mask, priority, budget))
             selected[l] = torch.unique(torch.cat(chosen))
         return selected
