@@ -1,5 +1,6 @@
 """The weight update of one layer [design note section 7]: AlphaEdit's null-space solve with MEMIT's
-spreading, NMKE's neuron mask (exact restricted solve or reference post-mask), and MEMIT itself."""
+spreading, NMKE's neuron mask (soft or null-space solve on the selected neurons, or the reference post-mask),
+and MEMIT itself."""
 
 from __future__ import annotations
 
