@@ -194,12 +194,13 @@ class Editor:
         if cfg.method != "nmke" or cfg.contrast_subjects == 0:
             return {}
         for r in requests:
-            left = r.prompt.split("{}", 1)[0].rstrip(" ")
-            if not left.strip():
+            before = r.prompt.split("{}", 1)[0]
+            if not before.strip():
                 continue
-            ids = self.tokenizer(left, return_tensors="pt").input_ids.to(self.device)
+            # without its trailing space: tokenizers attach that space to the next word (" France")
+            ids = self.tokenizer(before.rstrip(" "), return_tensors="pt").input_ids.to(self.device)
             logits = self.model(input_ids=ids, use_cache=False).logits[0, -1]
-            own = self.tokenizer(left + " " + r.subject).input_ids[ids.shape[1] : ids.shape[1] + 1]
+            own = self.tokenizer(before + r.subject).input_ids[ids.shape[1] : ids.shape[1] + 1]
             if own:
                 logits[own[0]] = -float("inf")
             candidates = logits.topk(cfg.contrast_subjects).indices
