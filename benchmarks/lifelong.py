@@ -277,6 +277,7 @@ class Benchmark:
                 "command": self.args.command_line,
                 "facts": self.args.facts,
                 "layers": self.layers,
+                "configs": {run.name: run.config.to_json() for run in self.runs},
                 "rows": self.rows,
                 "stopped": self.stopped,
                 "elapsed_s": round(time.perf_counter() - self.started, 1),
@@ -365,6 +366,10 @@ def markdown(data: dict[str, Any], plots: list[Path]) -> str:
             ok = value is not None and (value >= bound if op == ">=" else value <= bound)
             checks.append(f"{key} {_cell(key, value)} ({op} {bound}: {'met' if ok else '**not met**'})")
         lines += [f"Issue 4 figures, NMKE sequential at T = {last['T']}: " + "; ".join(checks) + ".", ""]
+    shown = ("masked_solve", "neuron_score", "max_neurons", "contrast_weight", "z_stop_prob", "max_sweeps")
+    for name, config in sorted(data.get("configs", {}).items()):
+        if config.get("method") == "nmke":
+            lines += [f"Settings of {name}: " + ", ".join(f"{k}={config.get(k)}" for k in shown) + ".", ""]
     if plots:
         lines += [
             "Plots: " + ", ".join(f"`{p.relative_to(ROOT) if p.is_relative_to(ROOT) else p}`" for p in plots),
