@@ -271,6 +271,12 @@ def test_soft_solve_lands_the_requested_share_on_selected_neurons_only() -> None
         assert share == pytest.approx(landing, abs=2e-3)
         drifts.append(float(torch.trace(x.T @ c0[rows][:, rows] @ x)))
     assert drifts[0] < drifts[1]  # landing more costs more change on preserved text
+    capped = EditConfig(masked_solve="soft", landing=0.9, min_preservation=1e4)
+    rows, x, _ = solve_layer(
+        keys, residual, config=capped, c0=c0, c_past=torch.zeros(d_ff, d_ff), basis=None, selected=selected
+    )
+    assert float(torch.trace(x.T @ c0[rows][:, rows] @ x)) < drifts[1]  # the cap binds: less drift,
+    assert float(((x.T @ keys[rows]).T @ residual) / residual.norm() ** 2) < 0.9  # and less landed
 
 
 @pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))

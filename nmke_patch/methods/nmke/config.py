@@ -102,6 +102,11 @@ class EditConfig:
         "'soft' masked solve: share of each layer's residual the update must realise; the preservation "
         "weight is the largest that reaches it.",
     )
+    min_preservation: float = _f(
+        0.0,
+        "'soft' solve: floor on the preservation weight mu (0 = none). An edit that would need a smaller mu "
+        "(more change on preserved text) lands less instead; a per-edit drift cap.",
+    )
     contrast_subjects: int = _f(
         32,
         "NMKE: per request, the model's most likely alternatives for the subject in its prompt (top next "
@@ -141,6 +146,7 @@ class EditConfig:
             (0 < self.projector_energy < 1, "projector_energy must be in (0, 1)"),
             (0 < self.landing < 1, "landing must be in (0, 1)"),
             (self.reuse_touched >= 0, "reuse_touched must be >= 0"),
+            (self.min_preservation >= 0, "min_preservation must be >= 0"),
             (self.contrast_subjects >= 0 and self.contrast_weight >= 0, "contrast settings must be >= 0"),
             (self.max_sweeps >= 1 and 0 <= self.sweep_until <= 1, "max_sweeps >= 1, sweep_until in [0, 1]"),
             (self.batch_size >= 1, "batch_size must be >= 1"),

@@ -4,6 +4,8 @@ and MEMIT itself."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ...stats import nullspace_basis
@@ -25,13 +27,18 @@ def _landing(keys: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _soft_restricted_solve(
-    ks: torch.Tensor, r: torch.Tensor, c0s: torch.Tensor, c_past_s: torch.Tensor, landing: float
+    ks: torch.Tensor,
+    r: torch.Tensor,
+    c0s: torch.Tensor,
+    c_past_s: torch.Tensor,
+    landing: float,
+    min_weight: float = 0.0,
 ) -> tuple[torch.Tensor, float]:
     """Least output change on preserved text, on the selected neurons, that still lands the edit.
 
     Minimises ``||X^T K - R||^2 + ||X^T K_past||^2 + mu tr(X^T C0 X)`` over the selected neurons, with the
     preservation weight ``mu`` as large as possible (bisection in log space) while the edit still realises
-    ``landing`` of its residual. ``tr(X^T C0 X)`` is the expected squared change of this layer's output on
+    ``landing`` of its residual, but never below ``min_weight`` (then the edit lands less). ``tr(X^T C0 X)`` is the expected squared change of this layer's output on
     preserved text, so ``mu`` trades the edit against exactly the drift it causes.
     """
     k, c0d, cpd = ks.double(), c0s.double(), c_past_s.double()
@@ -53,7 +60,7 @@ def _soft_restricted_solve(
                 hi = mid
             if hi - lo < 1e-3:
                 break
-    log_mu = lo
+    log_mu = max(lo, math.log10(min_weight)) if min_weight > 0 else lo  # drift cap: land less instead
     x = torch.linalg.solve(k @ k.T + b(log_mu), k @ r.double().T)
     return x.float(), 10.0**log_mu
 
@@ -93,7 +100,9 @@ def solve_layer(
         assert selected is not None
         s = selected.to(torch.long)
         ks = k[s]
-        x, _mu = _soft_restricted_solve(ks, r, c0[s][:, s], c_past[s][:, s], config.landing)
+        x, _mu = _soft_restricted_solve(
+            ks, r, c0[s][:, s], c_past[s][:, s], config.landing, config.min_preservation
+        )
         return s, x, len(s)
     if config.method == "nmke" and config.masked_solve == "exact":
         assert selected is not None
