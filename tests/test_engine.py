@@ -255,7 +255,7 @@ def test_soft_solve_lands_the_requested_share_on_selected_neurons_only() -> None
     selected = torch.tensor([1, 5, 7, 11, 20])
     drifts = []
     for landing in (0.5, 0.9):
-        config = EditConfig(masked_solve="soft", landing=landing)
+        config = EditConfig(masked_solve="soft", landing=landing, min_preservation=0.0)
         rows, x, _ = solve_layer(
             keys,
             residual,

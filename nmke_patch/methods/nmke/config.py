@@ -103,9 +103,10 @@ class EditConfig:
         "weight is the largest that reaches it.",
     )
     min_preservation: float = _f(
-        0.0,
+        30.0,
         "'soft' solve: floor on the preservation weight mu (0 = none). An edit that would need a smaller mu "
-        "(more change on preserved text) lands less instead; a per-edit drift cap.",
+        "(more change on preserved text) lands less instead; a per-edit drift cap. 30 (first edits chose mu "
+        "of about 25-600): over 100 edits drift +8.3% instead of +17.8%, efficacy 0.92 instead of 0.90.",
     )
     contrast_subjects: int = _f(
         32,
