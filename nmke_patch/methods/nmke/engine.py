@@ -25,7 +25,7 @@ from ...stats import nullspace_basis
 from ...tracing import capture, stop_after
 from .attribution import neuron_scores
 from .config import EditConfig
-from .mask import apply_budget, hybrid_mask, mask_ratios
+from .mask import apply_budget, hybrid_mask, mask_ratios, ranks
 from .prompts import Batch, encode, sample_prefixes, target_logprobs_from_hidden
 from .solve import solve_layer
 from .values import compute_target_value
@@ -66,11 +66,6 @@ class _Forward:
     final_last: torch.Tensor  # [B, d]
     logits_last: torch.Tensor  # [B, V]
     target_lp: torch.Tensor  # [B]
-
-
-def _rank(x: torch.Tensor) -> torch.Tensor:
-    """Ranks scaled to [0, 1) (0 = smallest)."""
-    return torch.argsort(torch.argsort(x)).float() / len(x)
 
 
 class Editor:
@@ -190,9 +185,11 @@ class Editor:
         on them, so an edit of one subject does not carry over to its likely alternatives.
         """
         cfg, spec = self.config, self.spec
-        out: dict[int, list[torch.Tensor]] = {l: [] for l in self.layers}
         if cfg.method != "nmke" or cfg.contrast_subjects == 0:
             return {}
+        out: dict[int, list[torch.Tensor]] = {l: [] for l in self.layers}
+        inputs = {f"k{l}": f"{spec.layers}.{l}.{spec.mlp_out}" for l in self.layers}
+        last_key_module = get_submodule(self.model, f"{spec.layers}.{self.layers[-1]}.{spec.mlp_out}")
         for r in requests:
             before = r.prompt.split("{}", 1)[0]
             if not before.strip():
@@ -205,11 +202,7 @@ class Editor:
                 logits[own[0]] = -float("inf")
             candidates = logits.topk(cfg.contrast_subjects).indices
             rows = torch.cat([ids.expand(len(candidates), -1), candidates[:, None]], dim=1)
-            inputs = {f"k{l}": f"{spec.layers}.{l}.{spec.mlp_out}" for l in self.layers}
-            with (
-                capture(self.model, inputs=inputs) as seen,
-                stop_after(get_submodule(self.model, f"{spec.layers}.{self.layers[-1]}.{spec.mlp_out}")),
-            ):
+            with capture(self.model, inputs=inputs) as seen, stop_after(last_key_module):
                 self.model.base_model(input_ids=rows, use_cache=False)
             for l in self.layers:
                 out[l].append(seen[f"k{l}"][:, -1].float().cpu().T)
@@ -297,11 +290,10 @@ class Editor:
                 if cfg.neuron_score != "hybrid":
                     k = fw.keys_subject[l][rows].mean(dim=0)
                     cheap = k.pow(2) / torch.diagonal(self.c0[l]).clamp_min(1e-12)
-                    priority = cheap if cfg.neuron_score == "specificity" else _rank(priority) + _rank(cheap)
-                if (
-                    cfg.reuse_touched > 0
-                ):  # prefer neurons earlier edits already changed: a smaller lifetime patch
-                    priority = _rank(priority) + cfg.reuse_touched * self.touched[l].float()
+                    priority = cheap if cfg.neuron_score == "specificity" else ranks(priority) + ranks(cheap)
+                # prefer neurons earlier edits already changed: a smaller lifetime patch
+                if cfg.reuse_touched > 0:
+                    priority = ranks(priority) + cfg.reuse_touched * self.touched[l].float()
                 chosen.append(apply_budget(mask, priority, budget))
             selected[l] = torch.unique(torch.cat(chosen))
         return selected
@@ -371,7 +363,6 @@ class Editor:
             if float(p_after.min()) >= self.config.sweep_until:
                 break
             fw = after
-        t4 = time.perf_counter()
         for l in self.layers:
             new = torch.stack([after.keys_subject[l][own == i].mean(dim=0) for i in range(len(requests))])
             self.new_keys[l].append(new)
@@ -392,7 +383,7 @@ class Editor:
                     "z": (t2 - t1) * per,
                     "attribution": (t3 - t2) * per,
                     "solve": solve_s * per,
-                    "forward": (t1 - t0 + t5 - t4 + (t4 - t3 - solve_s)) * per,
+                    "forward": (t1 - t0 + t5 - t3 - solve_s) * per,  # before, after each sweep, after
                 },
             )
             records.append(rec)

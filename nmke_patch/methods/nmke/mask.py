@@ -37,6 +37,11 @@ def mask_ratios(scores: torch.Tensor, *, temperature: float, low: float, high: f
     return MaskRatios(rho_ge, rho_sp, h_ge, h_sp)
 
 
+def ranks(x: torch.Tensor) -> torch.Tensor:
+    """Rank of each entry scaled to [0, 1) (0 = smallest)."""
+    return torch.argsort(torch.argsort(x)).float() / len(x)
+
+
 def hybrid_mask(scores: torch.Tensor, ratios: MaskRatios) -> tuple[torch.Tensor, torch.Tensor]:
     """The published hybrid mask ``[D]`` (bool) and a priority ``[D]`` (higher = more strongly selected).
 
@@ -50,10 +55,7 @@ def hybrid_mask(scores: torch.Tensor, ratios: MaskRatios) -> tuple[torch.Tensor,
     mask = (r_ge >= torch.quantile(r_ge, 1 - ratios.general)) | (
         r_sp >= torch.quantile(r_sp, 1 - ratios.specific)
     )
-    d = scores.shape[1]
-    rank_ge = torch.argsort(torch.argsort(r_ge)).float() / d
-    rank_sp = torch.argsort(torch.argsort(r_sp)).float() / d
-    return mask, torch.maximum(rank_ge, rank_sp)
+    return mask, torch.maximum(ranks(r_ge), ranks(r_sp))
 
 
 def apply_budget(mask: torch.Tensor, priority: torch.Tensor, budget: int) -> torch.Tensor:

@@ -38,8 +38,9 @@ def _soft_restricted_solve(
 
     Minimises ``||X^T K - R||^2 + ||X^T K_past||^2 + mu tr(X^T C0 X)`` over the selected neurons, with the
     preservation weight ``mu`` as large as possible (bisection in log space) while the edit still realises
-    ``landing`` of its residual, but never below ``min_weight`` (then the edit lands less). ``tr(X^T C0 X)`` is the expected squared change of this layer's output on
-    preserved text, so ``mu`` trades the edit against exactly the drift it causes.
+    ``landing`` of its residual, but never below ``min_weight`` (then the edit lands less).
+    ``tr(X^T C0 X)`` is the expected squared change of this layer's output on preserved text, so ``mu``
+    trades the edit against exactly the drift it causes.
     """
     k, c0d, cpd = ks.double(), c0s.double(), c_past_s.double()
     ridge = 1e-6 * float(torch.diagonal(c0d).mean()) * torch.eye(len(k), dtype=torch.float64)

@@ -23,7 +23,7 @@ from ...architectures import ArchitectureSpec, decoder_layers
 from ...requests import EditRequest
 from ...tracing import capture, replay_prefix
 from .config import EditConfig
-from .prompts import Batch, encode
+from .prompts import Batch, encode, target_positions
 
 
 @dataclass(frozen=True)
@@ -92,28 +92,19 @@ def _split(model: PreTrainedModel, spec: ArchitectureSpec, layer: int, batch: Ba
                 keys[i, :, width - c :] = lay.keys[i, :, :c]
                 values[i, :, width - c :] = lay.values[i, :, :c]
             past.append((keys, values))
-    rows: list[int] = []
-    positions: list[int] = []
-    tokens: list[int] = []
-    for i, target in enumerate(batch.target_ids):
-        start = int(batch.last_pos[i]) - cuts[i]
-        rows += [i] * len(target)
-        positions += range(start, start + len(target))
-        tokens += target
-
-    def t(x: list[int]) -> torch.Tensor:
-        return torch.tensor(x, dtype=torch.long, device=device)
+    rows, positions, tokens = target_positions(batch, device)
+    cut_of_row = torch.tensor(cuts, dtype=torch.long, device=device)
 
     return _Split(
         suffix_ids=suffix_of(batch.input_ids, 0),
         attention_mask=torch.cat([prefix_mask, suffix_mask], dim=1),
-        position_ids=t(cuts)[:, None] + torch.arange(span, device=device)[None, :],
+        position_ids=cut_of_row[:, None] + torch.arange(span, device=device)[None, :],
         past=past,
         layer_out=suffix_of(seen["out"].detach(), 0.0),
         base_hidden=suffix_of(result.last_hidden_state.detach(), 0.0),
-        rows=t(rows),
-        positions=t(positions),
-        tokens=t(tokens),
+        rows=rows,
+        positions=positions - cut_of_row[rows],  # in suffix coordinates
+        tokens=tokens,
         kl_position=int(batch.last_pos[-1]) - cuts[-1],
     )
 
