@@ -13,13 +13,17 @@ The runs share one model and advance round-robin, milestone by milestone, so a r
 ``--checkpoint-dir`` (default ``$NMKE_PATCH_HOME/lifelong/<hash of the out dir>``); ``--resume`` continues
 from there. At the end (also when stopped early) the section "## Lifelong editing (issue 4)" of
 ``BENCHMARKS.md`` is rewritten with the table, the command, machine and date, and one PNG per metric is
-written to ``<out-dir>/lifelong_<metric>.png``.
+written to ``<out-dir>/lifelong_<metric>.png``. Runs split over several processes (one core each, their
+own ``--out-dir``) are reported together with ``--report-only --include DIR ...``.
 
 Usage (hours for the defaults; the base evaluation is cached with the checkpoints)::
 
     python benchmarks/lifelong.py                                  # T = 10..1000, batches of 10 and 100
     python benchmarks/lifelong.py --milestones 2,4 --methods nmke,alphaedit --batch-sizes 2 \\
         --facts data/counterfact_dev.jsonl --out-dir /tmp/lifelong --no-write   # a smoke run
+    python benchmarks/lifelong.py --methods nmke --out-dir results/a --no-write &        # two processes
+    python benchmarks/lifelong.py --methods alphaedit,memit --out-dir results/b --no-write &
+    python benchmarks/lifelong.py --report-only --out-dir results/a --include results/b  # one report
 """
 
 from __future__ import annotations
@@ -438,12 +442,29 @@ def plot(data: dict[str, Any], out_dir: Path) -> list[Path]:
     return files
 
 
+def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report's data from the ``lifelong.json`` of runs made in separate processes."""
+    first = parts[0]
+    if any(p["facts"] != first["facts"] or p["layers"] != first["layers"] for p in parts):
+        raise SystemExit("--include: the runs used different facts or layers; they cannot share a table")
+    merged = dict(first)
+    merged["command"] = " ; ".join(p["command"] for p in parts)
+    merged["configs"] = {k: v for p in parts for k, v in p.get("configs", {}).items()}
+    merged["rows"] = [r for p in parts for r in p["rows"]]
+    merged["stopped"] = "; ".join(p["stopped"] for p in parts if p.get("stopped")) or None
+    merged["elapsed_s"] = max(p["elapsed_s"] for p in parts)
+    merged["machine"] = first["machine"]
+    merged["date"] = max(p["date"] for p in parts)
+    return merged
+
+
 def report(args: argparse.Namespace) -> None:
-    file = Path(args.out_dir) / "lifelong.json"
-    if not file.is_file():
-        print(f"no results in {file}", file=sys.stderr)
+    files = [Path(d) / "lifelong.json" for d in [args.out_dir, *args.include]]
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        print(f"no results in {', '.join(map(str, missing))}", file=sys.stderr)
         return
-    data = json.loads(file.read_text(encoding="utf-8"))
+    data = merge_results([json.loads(f.read_text(encoding="utf-8")) for f in files])
     plots = plot(data, Path(args.out_dir))
     body = markdown(data, plots)
     print(body)
@@ -474,6 +495,13 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from lifelong.json")
     parser.add_argument("--no-write", action="store_true", help="leave BENCHMARKS.md alone")
+    parser.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="also report the lifelong.json of this out dir (runs made in another process)",
+    )
     args = parser.parse_args()
     args.command_line = "python benchmarks/lifelong.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     args.methods = [m for m in args.methods.split(",") if m]

@@ -29,7 +29,7 @@ def run_key(requests: Sequence[EditRequest], config: EditConfig, parents: Sequen
     payload = json.dumps(
         {
             "requests": [r.to_json() for r in requests],
-            "config": config.to_json(),
+            "config": config.identity(),
             "parents": [p.id for p in parents],
         },
         sort_keys=True,

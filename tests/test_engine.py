@@ -11,15 +11,16 @@ from conftest import MODEL_FACTORIES, assert_state_equal, state_copy
 
 from nmke_patch import stats as stats_module
 from nmke_patch.architectures import spec_for_model
+from nmke_patch.checkpoints import run_key
 from nmke_patch.create import LoadedModel, create_patch
 from nmke_patch.errors import InvalidRequestError
 from nmke_patch.methods.nmke.attribution import final_norm_scale, neuron_scores
-from nmke_patch.methods.nmke.config import EditConfig
+from nmke_patch.methods.nmke.config import ADDED_FIELDS, EditConfig
 from nmke_patch.methods.nmke.engine import Editor
 from nmke_patch.methods.nmke.mask import apply_budget, hybrid_mask, mask_ratios
 from nmke_patch.methods.nmke.prompts import encode
 from nmke_patch.methods.nmke.solve import solve_layer
-from nmke_patch.methods.nmke.values import compute_target_value
+from nmke_patch.methods.nmke.values import NormalizedDescent, compute_target_value
 from nmke_patch.models import BaseModelInfo
 from nmke_patch.requests import EditRequest, read_requests
 from nmke_patch.stack import PatchStack
@@ -147,6 +148,29 @@ def test_padding_does_not_change_keys(arch: str, tiny_tokenizer) -> None:
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
+def test_key_pass_from_recorded_entry_equals_full_pass(arch: str, tiny_tokenizer) -> None:
+    """The solve's per-layer key passes skip the layers below the last edited one: same keys and outputs."""
+    lm = loaded(arch, tiny_tokenizer)
+    d_ff = lm.model.config.intermediate_size if arch == "llama" else lm.model.config.n_inner
+    config = TINY_CONFIG.with_overrides(layers=(1, 2, 3))
+    editor = Editor(lm.model, tiny_tokenizer, config, c0={l: torch.eye(d_ff) for l in (1, 2, 3)})
+    batch, _ = editor._batch(requests())
+    fw = editor._forward(batch, editor.layers)
+    torch.manual_seed(1)
+    with torch.no_grad():  # as the solve does: layer 1 changes before the pass for layer 2
+        editor.weights[1].add_(0.5 * torch.randn_like(editor.weights[1]))
+    full = editor._keys_and_output(batch, 2, 0, fw.entry)
+    replayed = editor._keys_and_output(batch, 2, 1, fw.entry)
+    with torch.no_grad():
+        editor.weights[2].add_(0.5 * torch.randn_like(editor.weights[2]))
+    full_next = editor._keys_and_output(batch, 3, 0, fw.entry)
+    replayed_next = editor._keys_and_output(batch, 3, 2, replayed[2])
+    assert not torch.allclose(full[0], fw.keys_subject[2], atol=1e-3)  # the change of layer 1 is seen
+    for a, b in [*zip(full, replayed, strict=True), *zip(full_next, replayed_next, strict=True)]:
+        assert torch.allclose(a, b, atol=1e-6, rtol=0)
+
+
 def _reference_target_value(model, tokenizer, layer, request, prefixes, config) -> torch.Tensor:
     """The target-value loop written plainly: full forward passes with the delta added by a hook."""
     spec = spec_for_model(model)
@@ -186,7 +210,11 @@ def _reference_target_value(model, tokenizer, layer, request, prefixes, config) 
         _, kl_ref = forward()
     h = seen["o"][0, int(batch.subject_pos[0])]
     delta = torch.zeros_like(h, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=config.z_lr)
+    opt = (
+        NormalizedDescent([delta], step=config.z_step * float(h.norm()), momentum=config.z_momentum)
+        if config.z_optimizer == "normalized"
+        else torch.optim.Adam([delta], lr=config.z_lr)
+    )
     for _ in range(config.z_steps):
         lp, kl_new = forward()
         kl = torch.sum(kl_ref.exp() * (kl_ref - kl_new))
@@ -202,13 +230,32 @@ def _reference_target_value(model, tokenizer, layer, request, prefixes, config) 
     return h + delta.detach()
 
 
+def test_normalized_descent_takes_fixed_length_steps_along_the_gradient() -> None:
+    x = torch.zeros(3, requires_grad=True)
+    opt = NormalizedDescent([x], step=0.5, momentum=0.5)
+    (x @ torch.tensor([3.0, 4.0, 0.0])).backward()
+    opt.step()
+    assert torch.allclose(x, torch.tensor([-0.3, -0.4, 0.0]))
+    opt.zero_grad()
+    (x @ torch.tensor([0.0, 0.0, 2.0])).backward()  # orthogonal gradient: half the old direction stays
+    before = x.detach().clone()
+    opt.step()
+    moved = x.detach() - before
+    expected = -(torch.tensor([0.0, 0.0, 1.0]) + 0.5 * torch.tensor([0.6, 0.8, 0.0]))
+    assert torch.allclose(moved, 0.5 * expected / expected.norm())
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "normalized"])
 @pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
-def test_target_value_with_cached_prefix_equals_full_forward_passes(arch: str, tiny_tokenizer) -> None:
+def test_target_value_with_cached_prefix_equals_full_forward_passes(
+    arch: str, optimizer: str, tiny_tokenizer
+) -> None:
     model = MODEL_FACTORIES[arch](init_range=0.2)
     spec = spec_for_model(model)
     request = EditRequest(prompt="w5 w6 {} w8 w9", subject="w10 w11", target_new="w12 w13")
     prefixes = ["w20 w21 w22 w23.", "w30 w31."]  # different lengths: the rows split at different tokens
-    config = EditConfig(z_steps=6, z_stop_prob=2.0, z_clamp_norm=0.3)  # no early stop; the clamp acts
+    # no early stop; the clamp acts
+    config = EditConfig(z_steps=6, z_stop_prob=2.0, z_clamp_norm=0.3, z_optimizer=optimizer)
     ours = compute_target_value(model, tiny_tokenizer, spec, 1, request, prefixes, config)
     assert ours.steps == 6 and not torch.equal(ours.z, ours.h)
     reference = _reference_target_value(model, tiny_tokenizer, 1, request, prefixes, config)
@@ -417,3 +464,14 @@ def test_counterfact_and_zsre_records(tmp_path: Path) -> None:
     assert (a.subject, a.target_new, a.target_true, a.id) == ("Danielle Darrieux", "English", "French", "7")
     assert a.neighborhood[0].target == "French"
     assert b.prompt == "What university did {} attend?" and b.neighborhood[0].prompt == "who wrote hamlet"
+
+
+def test_configs_written_before_added_fields_keep_their_meaning_and_run_key() -> None:
+    legacy = {k: v for k, v in EditConfig().to_json().items() if k not in ADDED_FIELDS}
+    restored = EditConfig.from_json(legacy)
+    assert restored.z_optimizer == "adam"
+    assert restored.identity() == legacy
+    assert run_key(requests(), restored, []) == run_key(requests(), EditConfig(z_optimizer="adam"), [])
+    normalized = EditConfig(z_optimizer="normalized")
+    assert normalized.identity()["z_optimizer"] == "normalized"
+    assert run_key(requests(), normalized, []) != run_key(requests(), restored, [])

@@ -18,6 +18,10 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help}, **kw)
 
 
+# Fields added after configs were first written, with the value a config written without them meant.
+ADDED_FIELDS: dict[str, Any] = {"z_optimizer": "adam", "z_step": 0.08, "z_momentum": 0.5}
+
+
 @dataclass(frozen=True)
 class EditConfig:
     """All settings of one ``create`` run. Frozen; use :meth:`with_overrides` to change fields."""
@@ -29,7 +33,14 @@ class EditConfig:
         None, "Edited layers (consecutive, ascending); None = the architecture default."
     )
     # [1] target values z
+    z_optimizer: Literal["adam", "normalized"] = _f(
+        "adam",
+        "adam (the reference) or normalized: fixed-length steps of z_step * ||h|| along the unit gradient "
+        "(with momentum z_momentum), which reaches the target in fewer steps with a smaller delta.",
+    )
     z_lr: float = _f(0.5, "Adam learning rate of the residual delta.")
+    z_step: float = _f(0.08, "normalized: length of each step as a fraction of ||h||.")
+    z_momentum: float = _f(0.5, "normalized: weight of the previous direction in the next one.")
     z_steps: int = _f(20, "Maximum optimisation steps per target value.")
     z_stop_prob: float = _f(
         0.75,
@@ -139,6 +150,8 @@ class EditConfig:
         checks = [
             (self.method in ("nmke", "alphaedit", "memit"), "method must be nmke, alphaedit or memit"),
             (self.z_steps >= 1 and self.z_lr > 0, "z_steps must be >= 1 and z_lr > 0"),
+            (self.z_optimizer in ("adam", "normalized"), "z_optimizer must be adam or normalized"),
+            (self.z_step > 0 and 0 <= self.z_momentum < 1, "z_step must be > 0 and z_momentum in [0, 1)"),
             (0 < self.ratio_min <= self.ratio_max <= 1, "need 0 < ratio_min <= ratio_max <= 1"),
             (
                 self.max_neurons is None or 0 < self.max_neurons <= 1,
@@ -180,7 +193,14 @@ class EditConfig:
             kw["layers"] = tuple(int(x) for x in kw["layers"])
         return replace(self, **kw)
 
+    def identity(self) -> dict[str, Any]:
+        """:meth:`to_json` without the :data:`ADDED_FIELDS` that hold the value their absence meant, so
+        run keys of configs written before those fields existed stay valid."""
+        data = self.to_json()
+        return {k: v for k, v in data.items() if k not in ADDED_FIELDS or ADDED_FIELDS[k] != v}
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> EditConfig:
+        """A config from :meth:`to_json` output; a field added later takes the value its absence meant."""
         known = {f.name for f in fields(cls)}
-        return cls().with_overrides(**{k: v for k, v in data.items() if k in known})
+        return cls().with_overrides(**{**ADDED_FIELDS, **{k: v for k, v in data.items() if k in known}})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -22,7 +23,7 @@ from ...patch import Manifest, Patch
 from ...requests import EditRequest
 from ...stack import PatchStack
 from ...stats import nullspace_basis
-from ...tracing import capture, stop_after
+from ...tracing import capture, replay_prefix, stop_after
 from .attribution import neuron_scores
 from .config import EditConfig
 from .mask import apply_budget, hybrid_mask, mask_ratios, ranks
@@ -66,6 +67,7 @@ class _Forward:
     final_last: torch.Tensor  # [B, d]
     logits_last: torch.Tensor  # [B, V]
     target_lp: torch.Tensor  # [B]
+    entry: torch.Tensor  # [B, T, d] hidden states entering the first edited layer (on the model's device)
 
 
 class Editor:
@@ -138,6 +140,7 @@ class Editor:
         inputs = {f"k{l}": f"{spec.layers}.{l}.{spec.mlp_out}" for l in layers}
         inputs |= {f"m{l}": f"{spec.layers}.{l}.{spec.mlp_norm}" for l in layers}
         inputs["final"] = spec.final_norm
+        inputs["entry"] = f"{spec.layers}.{self.layers[0]}"
         outputs = {"out": f"{spec.layers}.{self.layers[-1]}"}
         with capture(self.model, inputs=inputs, outputs=outputs) as seen:
             hidden = self.model.base_model(
@@ -153,17 +156,28 @@ class Editor:
             final_last=seen["final"][rows, lp].float().cpu(),
             logits_last=self.model.get_output_embeddings()(hidden[rows, lp]).float().cpu(),
             target_lp=target_logprobs_from_hidden(self.model, hidden, batch).float().cpu(),
+            entry=seen["entry"].detach(),
         )
 
     @torch.no_grad()
-    def _keys_and_output(self, batch: Batch, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys of ``layer`` ``[B, D]`` and the last edited layer's output ``[B, d]`` at the subject; the
-        forward pass stops after the last edited layer."""
+    def _keys_and_output(
+        self, batch: Batch, layer: int, start: int, entry: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys of ``layer`` ``[B, D]`` and the last edited layer's output ``[B, d]`` at the subject, plus
+        the hidden states entering ``layer`` (the next call's ``entry``).
+
+        Layers below ``start`` are not run: ``entry`` (the hidden states entering ``start``, recorded by
+        the previous pass with the same weights below it) stands in for them; the pass stops after the
+        last edited layer.
+        """
         spec, last = self.spec, self.layers[-1]
         with (
+            replay_prefix(decoder_layers(self.model, spec), start - 1, lambda: entry)
+            if start > 0
+            else nullcontext(),
             capture(
                 self.model,
-                inputs={"k": f"{spec.layers}.{layer}.{spec.mlp_out}"},
+                inputs={"k": f"{spec.layers}.{layer}.{spec.mlp_out}", "entry": f"{spec.layers}.{layer}"},
                 outputs={"out": f"{spec.layers}.{last}"},
             ) as seen,
             stop_after(get_submodule(self.model, f"{spec.layers}.{last}")),
@@ -173,7 +187,7 @@ class Editor:
             )
         rows = torch.arange(batch.input_ids.shape[0], device=self.device)
         sp = batch.subject_pos
-        return seen["k"][rows, sp].float().cpu(), seen["out"][rows, sp].float().cpu()
+        return seen["k"][rows, sp].float().cpu(), seen["out"][rows, sp].float().cpu(), seen["entry"]
 
     @torch.no_grad()
     def _contrast_keys(self, requests: Sequence[EditRequest]) -> dict[int, torch.Tensor]:
@@ -310,10 +324,13 @@ class Editor:
     ) -> None:
         """One pass over the edited layers, ascending: each realises its share of what is still missing."""
         n, u = len(self.layers), z.shape[1]
+        start, entry = self.layers[0], fw.entry
         for j, l in enumerate(self.layers):
-            key_rows, out_rows = (
-                (fw.keys_subject[l], fw.out_subject) if j == 0 else self._keys_and_output(batch, l)
-            )
+            if j == 0:
+                key_rows, out_rows = fw.keys_subject[l], fw.out_subject
+            else:  # layers below the one edited last are unchanged since the previous pass
+                key_rows, out_rows, next_entry = self._keys_and_output(batch, l, start, entry)
+                start, entry = l, next_entry
             keys = torch.stack([key_rows[own == i].mean(dim=0) for i in range(u)], dim=1)
             residual = (z - out_rows[bare].T) / (n - j)  # MEMIT spreading over the layers left
             protect = self.c_past[l]

@@ -109,6 +109,32 @@ def _split(model: PreTrainedModel, spec: ArchitectureSpec, layer: int, batch: Ba
     )
 
 
+class NormalizedDescent(torch.optim.Optimizer):
+    """Steepest descent in the L2 norm: each step moves ``step`` along the unit gradient, averaged with the
+    previous direction (``momentum``).
+
+    Adam's per-coordinate scaling moves every coordinate about equally, so it reaches the target with a
+    longer ``delta`` than the gradient direction needs; a longer ``delta`` is a larger weight change.
+    """
+
+    def __init__(self, params: list[torch.Tensor], step: float, momentum: float) -> None:
+        super().__init__(params, {"step": step, "momentum": momentum})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                direction = param.grad / param.grad.norm().clamp_min(1e-12)
+                state = self.state[param]
+                if "direction" in state:
+                    direction = direction + group["momentum"] * state["direction"]
+                    direction = direction / direction.norm().clamp_min(1e-12)
+                state["direction"] = direction
+                param.sub_(group["step"] * direction)
+
+
 def compute_target_value(
     model: PreTrainedModel,
     tokenizer: Any,
@@ -146,8 +172,12 @@ def compute_target_value(
         p_before = float(lp0.exp().mean())
     h = split.layer_out[0, 0].float()
     delta = torch.zeros_like(h, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=config.z_lr)
     h_norm = h.norm()
+    opt: torch.optim.Optimizer = (
+        NormalizedDescent([delta], step=config.z_step * float(h_norm), momentum=config.z_momentum)
+        if config.z_optimizer == "normalized"
+        else torch.optim.Adam([delta], lr=config.z_lr)
+    )
     max_norm = config.z_clamp_norm * h_norm
 
     def edited_layer_output() -> torch.Tensor:
