@@ -475,3 +475,40 @@ def test_configs_written_before_added_fields_keep_their_meaning_and_run_key() ->
     normalized = EditConfig(z_optimizer="normalized")
     assert normalized.identity()["z_optimizer"] == "normalized"
     assert run_key(requests(), normalized, []) != run_key(requests(), restored, [])
+
+
+@pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
+def test_context_key_columns_fit_bare_and_prefixed_prompts_separately(arch: str, tiny_tokenizer) -> None:
+    lm = loaded(arch, tiny_tokenizer)
+    d_ff = lm.model.config.intermediate_size if arch == "llama" else lm.model.config.n_inner
+    c0 = {l: torch.eye(d_ff) for l in (1, 2)}
+    config = TINY_CONFIG.with_overrides(key_columns="contexts", bare_weight=0.7)
+    editor = Editor(lm.model, tiny_tokenizer, config, c0=c0)
+    _batch, owner = editor._batch(requests())
+    assert owner == [0, 0, 0, 1, 1, 1]  # bare + 2 prefixes per request
+    columns = editor._columns(owner, 2)
+    expected = torch.tensor(
+        [[1, 0, 0, 0, 0, 0], [0, 0.5, 0.5, 0, 0, 0], [0, 0, 0, 1, 0, 0], [0, 0, 0, 0, 0.5, 0.5]]
+    )
+    assert torch.equal(columns.key_map, expected) and torch.equal(columns.residual_map, expected)
+    assert torch.allclose(columns.weights, torch.tensor([0.7, 0.3, 0.7, 0.3]))
+    assert columns.owner.tolist() == [0, 0, 1, 1]
+    mean = Editor(lm.model, tiny_tokenizer, TINY_CONFIG, c0=c0)._columns(owner, 2)
+    assert torch.allclose(mean.key_map.sum(dim=1), torch.ones(2)) and mean.residual_map[1, 3] == 1
+    editor.edit(requests(), 0)
+    editor.release()
+    assert editor.keys_state()[1].shape == (4, d_ff)  # both columns of both requests are protected later
+
+
+def test_landing_counts_parallel_columns_together() -> None:
+    """Two columns asking for the same change share it: the landing is not the per-column diagonal."""
+    torch.manual_seed(0)
+    keys = torch.randn(8, 2)
+    r = torch.randn(3, 1).expand(3, 2)
+    c0 = torch.eye(8)
+    config = EditConfig(landing=0.6, min_preservation=0.0)
+    _, x, _ = solve_layer(
+        keys, r, config=config, c0=c0, c_past=torch.zeros(8, 8), basis=None, selected=torch.arange(8)
+    )
+    realised = (x.T @ keys * r).sum(dim=0) / r.pow(2).sum(dim=0)
+    assert torch.allclose(realised.mean(), torch.tensor(0.6), atol=2e-3), realised

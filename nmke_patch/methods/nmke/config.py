@@ -19,7 +19,13 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 
 # Fields added after configs were first written, with the value a config written without them meant.
-ADDED_FIELDS: dict[str, Any] = {"z_optimizer": "adam", "z_step": 0.08, "z_momentum": 0.5}
+ADDED_FIELDS: dict[str, Any] = {
+    "z_optimizer": "adam",
+    "z_step": 0.08,
+    "z_momentum": 0.5,
+    "key_columns": "mean",
+    "bare_weight": 0.5,
+}
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,15 @@ class EditConfig:
     z_kl_factor: float = _f(0.0625, "Weight of KL(original || edited) on '{subject} is a'.")
     n_prefixes: int = _f(5, "Context prefixes sampled from the model (z, keys and attribution use them).")
     prefix_tokens: int = _f(10, "Length of each context prefix, in tokens.")
+    # [2] keys
+    key_columns: Literal["mean", "contexts"] = _f(
+        "mean",
+        "mean: one key per request, the mean over its prompts (the reference). contexts: two, the bare "
+        "prompt's and the mean of the prefixed ones, each fitted to its own residual with weights "
+        "bare_weight and 1 - bare_weight. A subject at the very start of a prompt has a key unlike its "
+        "prefixed ones (the first token of a text is special), so the mean fits neither.",
+    )
+    bare_weight: float = _f(0.5, "contexts: weight of the bare prompt's key column (the rest: prefixed).")
     # [3] attribution
     amplification: float = _f(30.0, "Amplification A of a neuron's contribution in the attribution score.")
     attribution_vocab: int = _f(
@@ -152,6 +167,8 @@ class EditConfig:
             (self.z_steps >= 1 and self.z_lr > 0, "z_steps must be >= 1 and z_lr > 0"),
             (self.z_optimizer in ("adam", "normalized"), "z_optimizer must be adam or normalized"),
             (self.z_step > 0 and 0 <= self.z_momentum < 1, "z_step must be > 0 and z_momentum in [0, 1)"),
+            (self.key_columns in ("mean", "contexts"), "key_columns must be mean or contexts"),
+            (0 < self.bare_weight < 1, "bare_weight must be in (0, 1)"),
             (0 < self.ratio_min <= self.ratio_max <= 1, "need 0 < ratio_min <= ratio_max <= 1"),
             (
                 self.max_neurons is None or 0 < self.max_neurons <= 1,

@@ -70,6 +70,16 @@ class _Forward:
     entry: torch.Tensor  # [B, T, d] hidden states entering the first edited layer (on the model's device)
 
 
+@dataclass(frozen=True)
+class _Columns:
+    """How a batch's prompt rows become the key columns of the solve (see :meth:`Editor._columns`)."""
+
+    key_map: torch.Tensor  # [c, B]: key_map @ rows = the columns
+    residual_map: torch.Tensor  # [c, B]: what each column's residual is measured on
+    weights: torch.Tensor  # [c], summing to 1 per request
+    owner: torch.Tensor  # [c] request index of each column
+
+
 class Editor:
     """Computes NMKE / AlphaEdit / MEMIT edits on a live model."""
 
@@ -265,7 +275,37 @@ class Editor:
 
     # -- one batch --------------------------------------------------------------------------------
 
-    def _select(self, fw: _Forward, owner: list[int], n_requests: int) -> dict[int, torch.Tensor]:
+    def _columns(self, owner: list[int], n_requests: int) -> _Columns:
+        """Key columns of a batch. ``key_columns="mean"``: one per request, the mean key of its rows with
+        the residual of its bare row. ``"contexts"``: the bare row and the mean of the prefixed rows, each
+        with its own residual, weighted ``bare_weight`` and ``1 - bare_weight``.
+        """
+        rows = len(owner)
+        own = torch.tensor(owner)
+        maps, residual_maps, weights, column_owner = [], [], [], []
+        for i in range(n_requests):
+            mine = torch.nonzero(own == i).flatten()
+            bare, prefixed = mine[0], mine[1:]
+            mean = torch.zeros(rows).index_fill_(0, mine, 1.0 / len(mine))
+            first = torch.zeros(rows).index_fill_(0, bare, 1.0)
+            if self.config.key_columns == "mean" or len(prefixed) == 0:
+                maps.append(mean)
+                residual_maps.append(first)
+                weights.append(1.0)
+                column_owner.append(i)
+            else:
+                rest = torch.zeros(rows).index_fill_(0, prefixed, 1.0 / len(prefixed))
+                maps += [first, rest]
+                residual_maps += [first, rest]
+                weights += [self.config.bare_weight, 1.0 - self.config.bare_weight]
+                column_owner += [i, i]
+        return _Columns(
+            torch.stack(maps), torch.stack(residual_maps), torch.tensor(weights), torch.tensor(column_owner)
+        )
+
+    def _select(
+        self, fw: _Forward, owner: list[int], n_requests: int, columns: _Columns
+    ) -> dict[int, torch.Tensor]:
         """Neurons each layer may change for this batch (union over its requests)."""
         cfg = self.config
         if cfg.dense:
@@ -302,8 +342,10 @@ class Editor:
                 )
                 mask, priority = hybrid_mask(scores, ratios)
                 if cfg.neuron_score != "hybrid":
-                    k = fw.keys_subject[l][rows].mean(dim=0)
-                    cheap = k.pow(2) / torch.diagonal(self.c0[l]).clamp_min(1e-12)
+                    mine = columns.owner == i
+                    k = columns.key_map[mine] @ fw.keys_subject[l]  # the request's key columns
+                    energy = (columns.weights[mine, None] * k.pow(2)).sum(dim=0)
+                    cheap = energy / torch.diagonal(self.c0[l]).clamp_min(1e-12)
                     priority = cheap if cfg.neuron_score == "specificity" else ranks(priority) + ranks(cheap)
                 # prefer neurons earlier edits already changed: a smaller lifetime patch
                 if cfg.reuse_touched > 0:
@@ -316,14 +358,17 @@ class Editor:
         self,
         batch: Batch,
         fw: _Forward,
-        own: torch.Tensor,
-        bare: torch.Tensor,
-        z: torch.Tensor,
+        row_targets: torch.Tensor,
+        columns: _Columns,
         selected: dict[int, torch.Tensor],
         contrast: dict[int, torch.Tensor],
     ) -> None:
-        """One pass over the edited layers, ascending: each realises its share of what is still missing."""
-        n, u = len(self.layers), z.shape[1]
+        """One pass over the edited layers, ascending: each realises its share of what is still missing.
+
+        ``row_targets`` ``[B, d]``: the last edited layer's output each prompt row should have.
+        """
+        n = len(self.layers)
+        scale = columns.weights.sqrt()[:, None]
         start, entry = self.layers[0], fw.entry
         for j, l in enumerate(self.layers):
             if j == 0:
@@ -331,8 +376,9 @@ class Editor:
             else:  # layers below the one edited last are unchanged since the previous pass
                 key_rows, out_rows, next_entry = self._keys_and_output(batch, l, start, entry)
                 start, entry = l, next_entry
-            keys = torch.stack([key_rows[own == i].mean(dim=0) for i in range(u)], dim=1)
-            residual = (z - out_rows[bare].T) / (n - j)  # MEMIT spreading over the layers left
+            keys = (scale * (columns.key_map @ key_rows)).T  # [D, c]
+            # MEMIT spreading over the layers left
+            residual = (scale * (columns.residual_map @ (row_targets - out_rows))).T / (n - j)  # [d, c]
             protect = self.c_past[l]
             if l in contrast:
                 protect = protect + self.config.contrast_weight * contrast[l] @ contrast[l].T
@@ -344,6 +390,7 @@ class Editor:
                 c_past=protect,
                 basis=self.basis.get(l),
                 selected=selected[l],
+                weights=columns.weights,
             )
             self.cum[l][rows] += x
             self.touched[l][rows] = True
@@ -354,6 +401,7 @@ class Editor:
         t0 = time.perf_counter()
         batch, owner = self._batch(requests)
         own = torch.tensor(owner)
+        columns = self._columns(owner, len(requests))
         last = self.layers[-1]
         fw = self._forward(batch, self.layers)
         bare = torch.tensor([owner.index(i) for i in range(len(requests))])
@@ -364,15 +412,17 @@ class Editor:
             for r in requests
         ]
         z = torch.stack([t.z for t in targets], dim=1).cpu()  # [d, u]
+        # every prompt of a request gets the same change of the edited layer's output: z - h on its bare row
+        row_targets = fw.out_subject + (z.T - fw.out_subject[bare])[own]
         t2 = time.perf_counter()
-        selected = self._select(fw, owner, len(requests))
+        selected = self._select(fw, owner, len(requests), columns)
         contrast = self._contrast_keys(requests)
         t3 = time.perf_counter()
         solve_s = 0.0
         sweeps = self.config.max_sweeps if self.config.method == "nmke" else 1  # baselines: as published
         for _ in range(sweeps):
             t_sweep = time.perf_counter()
-            self._sweep(batch, fw, own, bare, z, selected, contrast)
+            self._sweep(batch, fw, row_targets, columns, selected, contrast)
             t_after = time.perf_counter()
             after = self._forward(batch, self.layers)
             p_after = torch.exp(after.target_lp[bare])
@@ -381,7 +431,7 @@ class Editor:
                 break
             fw = after
         for l in self.layers:
-            new = torch.stack([after.keys_subject[l][own == i].mean(dim=0) for i in range(len(requests))])
+            new = columns.weights.sqrt()[:, None] * (columns.key_map @ after.keys_subject[l])  # [c, D]
             self.new_keys[l].append(new)
             self.c_past[l] += new.T @ new
         t5 = time.perf_counter()
