@@ -156,7 +156,7 @@ class Benchmark:
         )
         top = max(args.milestones)
         self.runs: list[Run] = []
-        for size in [1, *args.batch_sizes]:
+        for size in ([] if args.no_sequential else [1]) + args.batch_sizes:
             points = sorted(
                 {min(len(requests), math.ceil(t / size) * size) for t in args.milestones if t <= top}
             )
@@ -483,6 +483,7 @@ def main() -> None:
     parser.add_argument(
         "--batch-sizes", default="10,100", help="batch-mode runs besides sequential ('' = none)"
     )
+    parser.add_argument("--no-sequential", action="store_true", help="only the batch-mode runs")
     parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--max-minutes", type=float, default=None, help="stop (and report) after this long")
     parser.add_argument("--model", default=None, help="base model (default: the embedded default)")

@@ -20,7 +20,7 @@ from nmke_patch.methods.nmke.engine import Editor
 from nmke_patch.methods.nmke.mask import apply_budget, hybrid_mask, mask_ratios
 from nmke_patch.methods.nmke.prompts import encode
 from nmke_patch.methods.nmke.solve import solve_layer
-from nmke_patch.methods.nmke.values import NormalizedDescent, compute_target_value
+from nmke_patch.methods.nmke.values import NormalizedDescent, compute_target_value, reached
 from nmke_patch.models import BaseModelInfo
 from nmke_patch.requests import EditRequest, read_requests
 from nmke_patch.stack import PatchStack
@@ -512,3 +512,11 @@ def test_landing_counts_parallel_columns_together() -> None:
     )
     realised = (x.T @ keys * r).sum(dim=0) / r.pow(2).sum(dim=0)
     assert torch.allclose(realised.mean(), torch.tensor(0.6), atol=2e-3), realised
+
+
+def test_z_stop_bare_waits_for_the_bare_prompt() -> None:
+    lagging = torch.tensor([0.1, 0.9, 0.9, 0.9])  # mean 0.7; the bare prompt (first) far behind
+    assert reached(lagging, EditConfig(z_stop_prob=0.6))
+    assert not reached(lagging, EditConfig(z_stop_prob=0.6, z_stop_bare=True))
+    assert reached(torch.tensor([0.65, 0.7, 0.6, 0.9]), EditConfig(z_stop_prob=0.6, z_stop_bare=True))
+    assert not reached(torch.tensor([0.65, 0.5, 0.5, 0.5]), EditConfig(z_stop_prob=0.6, z_stop_bare=True))

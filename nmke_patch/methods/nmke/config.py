@@ -23,6 +23,7 @@ ADDED_FIELDS: dict[str, Any] = {
     "z_optimizer": "adam",
     "z_step": 0.08,
     "z_momentum": 0.5,
+    "z_stop_bare": False,
     "key_columns": "mean",
     "bare_weight": 0.5,
 }
@@ -53,6 +54,11 @@ class EditConfig:
         "Early stop once the mean target probability over the prompts exceeds this. 0.75 rather than 0.9: "
         "smaller residuals, fewer steps; over 100 edits efficacy 0.90 vs 0.88, perplexity drift +18% vs +22% "
         "(BENCHMARKS.md).",
+    )
+    z_stop_bare: bool = _f(
+        False,
+        "Stop only once the bare prompt (the request as written) passes z_stop_prob too, not just the mean "
+        "over the prefixed variants: a subject at the very start of a prompt can lag far behind them.",
     )
     z_weight_decay: float = _f(0.5, "Weight of ||delta||^2 / ||h||^2 in the loss.")
     z_clamp_norm: float = _f(0.75, "||delta|| is clamped to this factor times ||h|| after every step.")

@@ -135,6 +135,13 @@ class NormalizedDescent(torch.optim.Optimizer):
                 param.sub_(group["step"] * direction)
 
 
+def reached(p_rows: torch.Tensor, config: EditConfig) -> bool:
+    """Early stop: the mean target probability over the prompts ``[P]`` (bare prompt first) passes
+    ``z_stop_prob``, and with ``z_stop_bare`` the bare prompt's too."""
+    p_mean = float(p_rows.mean())
+    return p_mean >= config.z_stop_prob and (not config.z_stop_bare or float(p_rows[0]) >= config.z_stop_prob)
+
+
 def compute_target_value(
     model: PreTrainedModel,
     tokenizer: Any,
@@ -200,7 +207,7 @@ def compute_target_value(
         for steps in range(1, config.z_steps + 1):
             lp, kl_new = scores(run())
             p_now = float(torch.exp(lp.detach()).mean())
-            if p_now >= config.z_stop_prob:
+            if reached(torch.exp(lp.detach()), config):
                 steps -= 1
                 break
             kl = torch.sum(torch.exp(kl_ref) * (kl_ref - kl_new))
