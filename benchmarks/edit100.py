@@ -64,7 +64,7 @@ def run(method: str, n: int, facts: Path, overrides: dict[str, object], tag: str
             v for m in saved.manifest.metrics for v in m["neurons"].values()
         ),
     }
-    result["config"] = config.to_json()
+    result["config"] = config.resolved().to_json()
     result["n"] = n
     result["tag"] = tag
     result["threads"] = torch.get_num_threads()

@@ -281,7 +281,7 @@ class Benchmark:
                 "command": self.args.command_line,
                 "facts": self.args.facts,
                 "layers": self.layers,
-                "configs": {run.name: run.config.to_json() for run in self.runs},
+                "configs": {run.name: run.config.resolved().to_json() for run in self.runs},
                 "rows": self.rows,
                 "stopped": self.stopped,
                 "elapsed_s": round(time.perf_counter() - self.started, 1),

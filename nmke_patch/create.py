@@ -174,7 +174,7 @@ def create_patch(
         base_model={**loaded.info.to_json(), "edited_layers": layers},
         method={
             "name": config.method,
-            "config": config.with_overrides(layers=tuple(layers)).to_json(),
+            "config": config.resolved().with_overrides(layers=tuple(layers)).to_json(),
             "prefixes": editor.prefixes,
             "tool_version": __version__,
         },

@@ -288,7 +288,8 @@ def test_create_edits_only_budgeted_neurons_and_leaves_model_unchanged(
     # default model (test_create_default_model.py).
     if method == "alphaedit":
         assert first["p_new_after"] > first["p_new_before"] * 1.1
-    assert set(patch.state) == {"keys.1", "keys.2"} and patch.state["keys.1"].shape == (2, d_ff)
+    columns = 2 if method == "nmke" else 1  # NMKE's context key columns: bare prompt and prefixed mean
+    assert set(patch.state) == {"keys.1", "keys.2"} and patch.state["keys.1"].shape == (2 * columns, d_ff)
     PatchStack.for_model(lm.model).apply(patch)  # originals recorded against the base
 
 
@@ -471,10 +472,10 @@ def test_configs_written_before_added_fields_keep_their_meaning_and_run_key() ->
     restored = EditConfig.from_json(legacy)
     assert restored.z_optimizer == "adam"
     assert restored.identity() == legacy
-    assert run_key(requests(), restored, []) == run_key(requests(), EditConfig(z_optimizer="adam"), [])
-    normalized = EditConfig(z_optimizer="normalized")
-    assert normalized.identity()["z_optimizer"] == "normalized"
-    assert run_key(requests(), normalized, []) != run_key(requests(), restored, [])
+    assert run_key(requests(), restored, []) == run_key(requests(), EditConfig(**ADDED_FIELDS), [])
+    current = EditConfig()  # the defaults changed since: a different run
+    assert current.identity()["z_optimizer"] == "normalized"
+    assert run_key(requests(), current, []) != run_key(requests(), restored, [])
 
 
 @pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
@@ -493,7 +494,9 @@ def test_context_key_columns_fit_bare_and_prefixed_prompts_separately(arch: str,
     assert torch.equal(columns.key_map, expected) and torch.equal(columns.residual_map, expected)
     assert torch.allclose(columns.weights, torch.tensor([0.7, 0.3, 0.7, 0.3]))
     assert columns.owner.tolist() == [0, 0, 1, 1]
-    mean = Editor(lm.model, tiny_tokenizer, TINY_CONFIG, c0=c0)._columns(owner, 2)
+    mean = Editor(lm.model, tiny_tokenizer, TINY_CONFIG.with_overrides(key_columns="mean"), c0=c0)._columns(
+        owner, 2
+    )
     assert torch.allclose(mean.key_map.sum(dim=1), torch.ones(2)) and mean.residual_map[1, 3] == 1
     editor.edit(requests(), 0)
     editor.release()
@@ -516,7 +519,16 @@ def test_landing_counts_parallel_columns_together() -> None:
 
 def test_z_stop_bare_waits_for_the_bare_prompt() -> None:
     lagging = torch.tensor([0.1, 0.9, 0.9, 0.9])  # mean 0.7; the bare prompt (first) far behind
-    assert reached(lagging, EditConfig(z_stop_prob=0.6))
+    assert reached(lagging, EditConfig(z_stop_prob=0.6, z_stop_bare=False))
     assert not reached(lagging, EditConfig(z_stop_prob=0.6, z_stop_bare=True))
     assert reached(torch.tensor([0.65, 0.7, 0.6, 0.9]), EditConfig(z_stop_prob=0.6, z_stop_bare=True))
     assert not reached(torch.tensor([0.65, 0.5, 0.5, 0.5]), EditConfig(z_stop_prob=0.6, z_stop_bare=True))
+
+
+def test_baselines_run_nmke_only_settings_as_published() -> None:
+    for method in ("alphaedit", "memit"):
+        resolved = EditConfig(method=method).resolved()
+        assert resolved.z_optimizer == "adam" and resolved.key_columns == "mean" and not resolved.z_stop_bare
+        legacy = {k: v for k, v in resolved.to_json().items() if k not in ADDED_FIELDS}
+        assert EditConfig(method=method).identity() == legacy  # keys of runs made before these fields
+    assert EditConfig().resolved() == EditConfig()

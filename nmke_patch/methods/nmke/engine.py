@@ -92,7 +92,7 @@ class Editor:
         c0: dict[int, torch.Tensor],
         past_keys: dict[int, torch.Tensor] | None = None,
     ) -> None:
-        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.model, self.tokenizer, self.config = model, tokenizer, config.resolved()
         self.spec = spec_for_model(model)
         num_layers = len(decoder_layers(model, self.spec))
         self.layers = (
@@ -460,7 +460,8 @@ class Editor:
     # -- lifelong state ---------------------------------------------------------------------------
 
     def keys_state(self) -> dict[int, torch.Tensor]:
-        """Keys of every edit made by this editor, per layer ``[T, D]`` (they become ``C_past`` later)."""
+        """Key columns of every edit made by this editor (one or two per request, weighted), per layer
+        ``[columns, D]``; they become ``C_past`` later."""
         return {
             l: torch.cat(self.new_keys[l]) if self.new_keys[l] else torch.zeros(0, self.d_ff)
             for l in self.layers
