@@ -51,7 +51,7 @@ from nmke_patch.architectures import decoder_layers, spec_for_model
 from nmke_patch.checkpoints import load_checkpoint, run_key, save_checkpoint
 from nmke_patch.create import LoadedModel
 from nmke_patch.evaluate import compare, evaluate
-from nmke_patch.methods.nmke.config import EditConfig
+from nmke_patch.methods.nmke.config import ADDED_FIELDS, EditConfig
 from nmke_patch.methods.nmke.engine import Editor
 from nmke_patch.models import load_base
 from nmke_patch.paths import home
@@ -361,17 +361,30 @@ def markdown(data: dict[str, Any], plots: list[Path]) -> str:
         body,
         "",
     ]
-    final = [r for r in rows if r["method"] == "nmke" and r["batch_size"] == 1]
-    if final:
+    for name in sorted({r["method"] for r in rows if r["method"].startswith("nmke")}):
+        final = [r for r in rows if r["method"] == name and r["batch_size"] == 1]
+        if not final:
+            continue
         last = max(final, key=lambda r: r["T"])
         checks = []
         for key, op, bound in TARGETS:
             value = last.get(key)
             ok = value is not None and (value >= bound if op == ">=" else value <= bound)
             checks.append(f"{key} {_cell(key, value)} ({op} {bound}: {'met' if ok else '**not met**'})")
-        lines += [f"Issue 4 figures, NMKE sequential at T = {last['T']}: " + "; ".join(checks) + ".", ""]
-    shown = ("masked_solve", "neuron_score", "max_neurons", "contrast_weight", "z_stop_prob", "max_sweeps")
-    for name, config in sorted(data.get("configs", {}).items()):
+        lines += [f"Issue 4 figures, {name} sequential at T = {last['T']}: " + "; ".join(checks) + ".", ""]
+    shown = (
+        "masked_solve",
+        "neuron_score",
+        "max_neurons",
+        "contrast_weight",
+        "z_stop_prob",
+        "min_preservation",
+        "z_optimizer",
+        "z_stop_bare",
+        "key_columns",
+    )
+    for name, written in sorted(data.get("configs", {}).items()):
+        config = {**ADDED_FIELDS, **written}  # runs from before a field existed had its old meaning
         if config.get("method") == "nmke":
             lines += [f"Settings of {name}: " + ", ".join(f"{k}={config.get(k)}" for k in shown) + ".", ""]
     if plots:
@@ -402,6 +415,10 @@ def plot(data: dict[str, Any], out_dir: Path) -> list[Path]:
     for r in data["rows"]:
         series.setdefault((r["method"], r["mode"]), []).append(r)
     colors = {"nmke": "tab:blue", "alphaedit": "tab:orange", "memit": "tab:green"}
+    variants = sorted({m for m, _ in series if m not in colors})
+    colors |= {
+        m: c for m, c in zip(variants, ["tab:purple", "tab:red", "tab:brown", "tab:gray"], strict=False)
+    }
     styles = ["-", "--", ":", "-."]
     modes = sorted({m for _, m in series}, key=lambda m: (m != "sequential", m))
     files = []
@@ -442,9 +459,26 @@ def plot(data: dict[str, Any], out_dir: Path) -> list[Path]:
     return files
 
 
-def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """One report's data from the ``lifelong.json`` of runs made in separate processes."""
+def merge_results(parts: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    """One report's data from the ``lifelong.json`` of runs made in separate processes (``names``: their
+    out dirs). A method run in more than one of them (e.g. under different settings) is labelled with
+    the out dir's name: ``nmke (nmke-seq-defaults)``."""
     first = parts[0]
+    seen: dict[tuple[str, str], int] = {}
+    for p in parts:
+        for key in {(r["method"], r["mode"]) for r in p["rows"]}:
+            seen[key] = seen.get(key, 0) + 1
+    parts = [
+        {
+            **p,
+            "rows": [
+                {**r, "method": f"{r['method']} ({name})"} if seen[(r["method"], r["mode"])] > 1 else r
+                for r in p["rows"]
+            ],
+            "configs": {f"{k} ({name})": c for k, c in p.get("configs", {}).items()},
+        }
+        for p, name in zip(parts, names, strict=True)
+    ]
     if any(p["facts"] != first["facts"] or p["layers"] != first["layers"] for p in parts):
         raise SystemExit("--include: the runs used different facts or layers; they cannot share a table")
     merged = dict(first)
@@ -464,7 +498,9 @@ def report(args: argparse.Namespace) -> None:
     if missing:
         print(f"no results in {', '.join(map(str, missing))}", file=sys.stderr)
         return
-    data = merge_results([json.loads(f.read_text(encoding="utf-8")) for f in files])
+    data = merge_results(
+        [json.loads(f.read_text(encoding="utf-8")) for f in files], [f.parent.name for f in files]
+    )
     plots = plot(data, Path(args.out_dir))
     body = markdown(data, plots)
     print(body)
