@@ -206,8 +206,9 @@ def compute_target_value(
     with replay_prefix(decoder_layers(model, spec), layer, edited_layer_output):
         for steps in range(1, config.z_steps + 1):
             lp, kl_new = scores(run())
-            p_now = float(torch.exp(lp.detach()).mean())
-            if reached(torch.exp(lp.detach()), config):
+            p_rows = torch.exp(lp.detach())
+            p_now = float(p_rows.mean())
+            if reached(p_rows, config):
                 steps -= 1
                 break
             kl = torch.sum(torch.exp(kl_ref) * (kl_ref - kl_new))
