@@ -56,7 +56,7 @@ from nmke_patch.methods.nmke.engine import Editor
 from nmke_patch.models import load_base
 from nmke_patch.paths import home
 from nmke_patch.requests import EditRequest, read_requests
-from nmke_patch.stats import StatsSource, load_or_compute_c0
+from nmke_patch.stats import StatsSource, load_or_compute_c0, load_or_compute_first_token
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Lifelong editing (issue 4)"
@@ -148,12 +148,9 @@ class Benchmark:
         spec = spec_for_model(model)
         base_config = EditConfig().with_overrides(**args.overrides)
         self.layers = list(base_config.layers or spec.default_layers(len(decoder_layers(model, spec))))
-        self.c0 = load_or_compute_c0(
-            model,
-            tokenizer,
-            self.layers,
-            StatsSource(base_config.stats_corpus, base_config.stats_tokens, base_config.seed),
-        )
+        source = StatsSource(base_config.stats_corpus, base_config.stats_tokens, base_config.seed)
+        self.c0 = load_or_compute_c0(model, tokenizer, self.layers, source)
+        self.c_first = load_or_compute_first_token(model, tokenizer, self.layers, source)
         top = max(args.milestones)
         self.runs: list[Run] = []
         for size in ([] if args.no_sequential else [1]) + args.batch_sizes:
@@ -199,7 +196,7 @@ class Benchmark:
         """The run's editor with its edits on the model (every other run's edits are off)."""
         if run.editor is None:
             model, tokenizer = self.loaded.model, self.loaded.tokenizer
-            run.editor = Editor(model, tokenizer, run.config, c0=self.c0, past_keys={})
+            run.editor = Editor(model, tokenizer, run.config, c0=self.c0, past_keys={}, c_first=self.c_first)
             if self.args.resume:
                 restored = load_checkpoint(self._checkpoint_dir(run), self._run_key(run))
                 if restored is not None:

@@ -23,7 +23,7 @@ from .patch import Manifest, ParentRef, Patch
 from .requests import EditRequest
 from .sources import PatchSource, resolve_patches
 from .stack import PatchStack
-from .stats import StatsSource, load_or_compute_c0
+from .stats import StatsSource, load_or_compute_c0, load_or_compute_first_token
 from .version import __version__
 
 logger = logging.getLogger(__name__)
@@ -91,8 +91,12 @@ def create_patch(
 
     spec = spec_for_model(model)
     layers = list(config.layers) if config.layers else spec.default_layers(len(decoder_layers(model, spec)))
-    c0 = load_or_compute_c0(
-        model, tokenizer, layers, StatsSource(config.stats_corpus, config.stats_tokens, config.seed)
+    source = StatsSource(config.stats_corpus, config.stats_tokens, config.seed)
+    c0 = load_or_compute_c0(model, tokenizer, layers, source)
+    c_first = (
+        load_or_compute_first_token(model, tokenizer, layers, source)
+        if config.resolved().first_token_weight > 0
+        else None
     )
     fingerprints: dict[str, str | None] = {spec.weight_name(l): None for l in layers}
     for p in parents:
@@ -106,7 +110,12 @@ def create_patch(
                 layer = int(key.split(".")[1])
                 past_keys[layer] = torch.cat([past_keys.get(layer, torch.zeros(0, keys.shape[1])), keys])
         editor = Editor(
-            model, tokenizer, config.with_overrides(layers=tuple(layers)), c0=c0, past_keys=past_keys
+            model,
+            tokenizer,
+            config.with_overrides(layers=tuple(layers)),
+            c0=c0,
+            past_keys=past_keys,
+            c_first=c_first,
         )
         key = run_key(requests, config, parents)
         folder = Path(checkpoint_dir) if checkpoint_dir else None

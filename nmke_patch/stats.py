@@ -12,7 +12,8 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -150,6 +151,39 @@ def key_second_moments(
     return {l: (sums[l] / count).cpu() for l in layers}
 
 
+@torch.no_grad()
+def first_token_moments(
+    model: PreTrainedModel,
+    spec: ArchitectureSpec,
+    rows: Iterable[list[int]],
+    layers: Sequence[int],
+    *,
+    batch: int = 512,
+) -> dict[int, torch.Tensor]:
+    """``E[k k^T]`` of the key at a text's first position, the token drawn as often as it occurs in ``rows``.
+
+    A first token's key depends on that token alone (nothing precedes it) and is unlike the same token's
+    key later in a text; every later token attends to it, so a change there reaches the whole text. Keys
+    of each distinct token are computed once, from one-token inputs, and weighted by their counts.
+    """
+    device = next(model.parameters()).device
+    counts = Counter(t for r in rows for t in r)
+    ids = torch.tensor(sorted(counts), dtype=torch.long)
+    weight = torch.tensor([counts[int(t)] for t in ids], dtype=torch.float32)
+    paths = {f"k{l}": f"{spec.layers}.{l}.{spec.mlp_out}" for l in layers}
+    sums: dict[int, torch.Tensor] = {}
+    for s in range(0, len(ids), batch):
+        chunk = ids[s : s + batch, None].to(device)
+        w = weight[s : s + batch, None].to(device)
+        with capture(model, inputs=paths) as seen, stop_after(decoder_layers(model, spec)[max(layers)]):
+            model(input_ids=chunk, attention_mask=torch.ones_like(chunk))
+        for l in layers:
+            k = seen[f"k{l}"][:, 0].float()
+            sums[l] = sums.get(l, 0) + (k * w).T @ k  # type: ignore[assignment, operator]
+    total = float(weight.sum())
+    return {l: (sums[l] / total).cpu() for l in layers}
+
+
 @dataclass(frozen=True)
 class StatsSource:
     """Which preserved text the statistics come from."""
@@ -172,12 +206,34 @@ def load_or_compute_c0(
     model: PreTrainedModel, tokenizer: Any, layers: Sequence[int], source: StatsSource, *, cache: bool = True
 ) -> dict[int, torch.Tensor]:
     """``C0`` for each layer, from the disk cache when present (a second ``create`` reuses it)."""
+    return _load_or_compute(model, tokenizer, layers, source, "layer", key_second_moments, cache=cache)
+
+
+def load_or_compute_first_token(
+    model: PreTrainedModel, tokenizer: Any, layers: Sequence[int], source: StatsSource, *, cache: bool = True
+) -> dict[int, torch.Tensor]:
+    """:func:`first_token_moments` for each layer over the same preserved text, cached like ``C0``."""
+    return _load_or_compute(model, tokenizer, layers, source, "first", first_token_moments, cache=cache)
+
+
+def _load_or_compute(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    layers: Sequence[int],
+    source: StatsSource,
+    kind: str,
+    compute: Callable[
+        [PreTrainedModel, ArchitectureSpec, list[list[int]], Sequence[int]], dict[int, torch.Tensor]
+    ],
+    *,
+    cache: bool,
+) -> dict[int, torch.Tensor]:
     spec = spec_for_model(model)
     folder = home() / "stats" / model_fingerprint(model)[:24] / source.key
     result: dict[int, torch.Tensor] = {}
     missing = []
     for l in layers:
-        file = folder / f"layer{l}.safetensors"
+        file = folder / f"{kind}{l}.safetensors"
         if cache and file.is_file():
             try:
                 with safe_open(str(file), framework="pt") as fh:
@@ -187,20 +243,20 @@ def load_or_compute_c0(
                 logger.warning("ignoring unreadable statistics cache %s", file)
         missing.append(l)
     if missing:
-        logger.info("computing key statistics for layers %s from %s", missing, source.key)
+        logger.info("computing %s key statistics for layers %s from %s", kind, missing, source.key)
         if source.corpus is None:
             rows = sample_text(model, tokenizer, source.tokens, source.seed)
         else:
             rows = corpus_rows(tokenizer, source.corpus.split(os.pathsep), source.tokens)
-        computed = key_second_moments(model, spec, rows, missing)
+        computed = compute(model, spec, rows, missing)
         folder.mkdir(parents=True, exist_ok=True)
         for l, c0 in computed.items():
             result[l] = c0
             if cache:
-                fd, tmp = tempfile.mkstemp(prefix=f".layer{l}.", suffix=".tmp", dir=folder)
+                fd, tmp = tempfile.mkstemp(prefix=f".{kind}{l}.", suffix=".tmp", dir=folder)
                 os.close(fd)
                 save_file({"c0": c0.contiguous()}, tmp, metadata={"layer": str(l), "source": source.key})
-                os.replace(tmp, folder / f"layer{l}.safetensors")
+                os.replace(tmp, folder / f"{kind}{l}.safetensors")
     return result
 
 

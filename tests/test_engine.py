@@ -532,3 +532,73 @@ def test_baselines_run_nmke_only_settings_as_published() -> None:
         legacy = {k: v for k, v in resolved.to_json().items() if k not in ADDED_FIELDS}
         assert EditConfig(method=method).identity() == legacy  # keys of runs made before these fields
     assert EditConfig().resolved() == EditConfig()
+
+
+@pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
+def test_first_token_statistics_weight_each_token_by_its_count(arch: str) -> None:
+    model = MODEL_FACTORIES[arch](init_range=0.2)
+    spec = spec_for_model(model)
+    rows = [[3, 4, 3], [5, 3]]
+    got = stats_module.first_token_moments(model, spec, rows, [1, 2])
+    path = f"{spec.layers}.1.{spec.mlp_out}"
+    expected = torch.zeros_like(got[1])
+    for token, count in ((3, 3), (4, 1), (5, 1)):
+        with capture(model, inputs={"k": path}) as seen:
+            model(input_ids=torch.tensor([[token, 7]]))  # a later token cannot change the first key
+        k = seen["k"][0, 0].float()
+        expected += count * torch.outer(k, k)
+    torch.testing.assert_close(got[1], expected / 5)
+
+
+def test_first_token_weight_adds_first_token_statistics_to_c0(tiny_tokenizer) -> None:
+    lm = loaded("llama", tiny_tokenizer)
+    d_ff = lm.model.config.intermediate_size
+    c0 = {l: torch.eye(d_ff) for l in (1, 2)}
+    first = {l: torch.full((d_ff, d_ff), float(l)) for l in (1, 2)}
+    config = TINY_CONFIG.with_overrides(first_token_weight=0.5)
+    editor = Editor(lm.model, tiny_tokenizer, config, c0=c0, c_first=first)
+    torch.testing.assert_close(editor.c0[2], torch.eye(d_ff) + 1.0)
+    with pytest.raises(ValueError, match="first-token"):
+        Editor(lm.model, tiny_tokenizer, config, c0=c0)
+    # the dense baselines keep the published statistics
+    dense = Editor(lm.model, tiny_tokenizer, config.with_overrides(method="alphaedit"), c0=c0)
+    torch.testing.assert_close(dense.c0[2], torch.eye(d_ff))
+
+
+def test_first_token_statistics_are_cached(monkeypatch: pytest.MonkeyPatch, tiny_tokenizer) -> None:
+    calls = []
+    real = stats_module.first_token_moments
+
+    def counting(*args, **kwargs):
+        calls.append(args[3])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stats_module, "first_token_moments", counting)
+    lm = loaded("gpt2", tiny_tokenizer)
+    config = TINY_CONFIG.with_overrides(first_token_weight=0.1)
+    create_patch(requests()[:1], loaded=lm, config=config, name="a")
+    create_patch(requests()[:1], loaded=lm, config=config, name="b")
+    create_patch(requests()[:1], loaded=lm, config=TINY_CONFIG, name="c")
+    assert calls == [[1, 2]]
+
+
+@pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
+def test_subject_opening_the_prompt_is_contrasted_with_its_nearest_tokens(arch: str, tiny_tokenizer) -> None:
+    lm = loaded(arch, tiny_tokenizer)
+    spec = spec_for_model(lm.model)
+    d_ff = lm.model.config.intermediate_size if arch == "llama" else lm.model.config.n_inner
+    editor = Editor(
+        lm.model,
+        tiny_tokenizer,
+        TINY_CONFIG.with_overrides(contrast_subjects=4),
+        c0={l: torch.eye(d_ff) for l in (1, 2)},
+    )
+    contrast = editor._contrast_keys([EditRequest("{} w3", "w2", "w4")])
+    subject = tiny_tokenizer("w2").input_ids[0]
+    table = lm.model.get_input_embeddings().weight.detach()
+    similarity = torch.nn.functional.cosine_similarity(table, table[subject][None], dim=1)
+    similarity[subject] = -2
+    nearest = similarity.topk(4).indices
+    with capture(lm.model, inputs={"k": f"{spec.layers}.2.{spec.mlp_out}"}) as seen:
+        lm.model(input_ids=nearest[:, None])  # each alone: the first key of a text
+    torch.testing.assert_close(contrast[2], seen["k"][:, 0].float().T)

@@ -26,9 +26,18 @@ ADDED_FIELDS: dict[str, Any] = {
     "z_stop_bare": False,
     "key_columns": "mean",
     "bare_weight": 0.5,
+    "first_token_weight": 0.0,
 }
 # NMKE's own target-value and key settings; the dense baselines run as published (see EditConfig.resolved).
-NMKE_ONLY = ("z_optimizer", "z_step", "z_momentum", "z_stop_bare", "key_columns", "bare_weight")
+NMKE_ONLY = (
+    "z_optimizer",
+    "z_step",
+    "z_momentum",
+    "z_stop_bare",
+    "key_columns",
+    "bare_weight",
+    "first_token_weight",
+)
 
 
 @dataclass(frozen=True)
@@ -122,6 +131,12 @@ class EditConfig:
         "Null space = eigenvectors of C0 with the smallest eigenvalues holding at "
         "most this share of the trace (a relative rule that transfers between models).",
     )
+    first_token_weight: float = _f(
+        0.0,
+        "Preserved first-token keys: C0 + first_token_weight * E[k k^T] of keys at a text's first position, "
+        "tokens drawn as often as they occur in the preservation text (0 = off). Every later token reads "
+        "the first one, so a change there reaches the whole text. NMKE only.",
+    )
     stats_tokens: int = _f(20000, "Tokens of preservation text for the key statistics C0.")
     stats_corpus: str | None = _f(
         None, "Text file(s) (os.pathsep-separated) for C0; None = text sampled from the model."
@@ -187,6 +202,7 @@ class EditConfig:
             (0 < self.projector_energy < 1, "projector_energy must be in (0, 1)"),
             (0 < self.landing < 1, "landing must be in (0, 1)"),
             (self.reuse_touched >= 0, "reuse_touched must be >= 0"),
+            (self.first_token_weight >= 0, "first_token_weight must be >= 0"),
             (self.min_preservation >= 0, "min_preservation must be >= 0"),
             (self.contrast_subjects >= 0 and self.contrast_weight >= 0, "contrast settings must be >= 0"),
             (self.max_sweeps >= 1 and 0 <= self.sweep_until <= 1, "max_sweeps >= 1, sweep_until in [0, 1]"),

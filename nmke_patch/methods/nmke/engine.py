@@ -91,6 +91,7 @@ class Editor:
         *,
         c0: dict[int, torch.Tensor],
         past_keys: dict[int, torch.Tensor] | None = None,
+        c_first: dict[int, torch.Tensor] | None = None,
     ) -> None:
         self.model, self.tokenizer, self.config = model, tokenizer, config.resolved()
         self.spec = spec_for_model(model)
@@ -106,6 +107,11 @@ class Editor:
         self.weights = {l: params[self.spec.weight_name(l)] for l in self.layers}
         self.d_ff = int(self.weights[self.layers[0]].shape[self.spec.neuron_axis])
         self.c0 = {l: c0[l].float().cpu() for l in self.layers}
+        if self.config.first_token_weight > 0:
+            if c_first is None:
+                raise ValueError("first_token_weight > 0 needs the first-token statistics (c_first)")
+            for l in self.layers:
+                self.c0[l] = self.c0[l] + self.config.first_token_weight * c_first[l].float().cpu()
         self.basis = (
             {l: nullspace_basis(self.c0[l], config.projector_energy) for l in self.layers}
             if config.method == "alphaedit" or (config.method == "nmke" and config.masked_solve == "post")
@@ -201,12 +207,14 @@ class Editor:
 
     @torch.no_grad()
     def _contrast_keys(self, requests: Sequence[EditRequest]) -> dict[int, torch.Tensor]:
-        """Keys ``[D, m]`` per layer of the subjects the model itself expects in the requests' prompts.
+        """Keys ``[D, m]`` per layer of subjects like the edited one, in the requests' own prompts.
 
-        For each request, the ``contrast_subjects`` most likely next tokens after the prompt text that
-        precedes the subject (other than the subject's own first token) are fed in its place; their keys at
-        that token share the prompt context with the edited subject's key. The solve keeps the layer's output
-        on them, so an edit of one subject does not carry over to its likely alternatives.
+        For each request, ``contrast_subjects`` candidate tokens are fed in place of the subject, after the
+        prompt text that precedes it: the model's most likely next tokens there (other than the subject's
+        own first token) or, when nothing precedes the subject (a prompt that opens with it), the tokens
+        nearest the subject's first token in the input embedding (a text's first key depends on its token
+        alone). The solve keeps the layer's output on their keys, so an edit of one subject does not carry
+        over to its likely alternatives.
         """
         cfg, spec = self.config, self.spec
         if cfg.method != "nmke" or cfg.contrast_subjects == 0:
@@ -216,21 +224,31 @@ class Editor:
         last_key_module = get_submodule(self.model, f"{spec.layers}.{self.layers[-1]}.{spec.mlp_out}")
         for r in requests:
             before = r.prompt.split("{}", 1)[0]
-            if not before.strip():
-                continue
             # without its trailing space: tokenizers attach that space to the next word (" France")
             ids = self.tokenizer(before.rstrip(" "), return_tensors="pt").input_ids.to(self.device)
-            logits = self.model(input_ids=ids, use_cache=False).logits[0, -1]
             own = self.tokenizer(before + r.subject).input_ids[ids.shape[1] : ids.shape[1] + 1]
-            if own:
+            if not own:
+                continue
+            if before.strip():
+                logits = self.model(input_ids=ids, use_cache=False).logits[0, -1]
                 logits[own[0]] = -float("inf")
-            candidates = logits.topk(cfg.contrast_subjects).indices
+                candidates = logits.topk(cfg.contrast_subjects).indices
+            else:
+                candidates = self._nearest_tokens(own[0], cfg.contrast_subjects)
             rows = torch.cat([ids.expand(len(candidates), -1), candidates[:, None]], dim=1)
             with capture(self.model, inputs=inputs) as seen, stop_after(last_key_module):
                 self.model.base_model(input_ids=rows, use_cache=False)
             for l in self.layers:
                 out[l].append(seen[f"k{l}"][:, -1].float().cpu().T)
         return {l: torch.cat(v, dim=1) for l, v in out.items() if v}
+
+    def _nearest_tokens(self, token: int, count: int) -> torch.Tensor:
+        """The ``count`` tokens (not ``token``) whose input embeddings have the highest cosine with its."""
+        table = cast(torch.Tensor, self.model.get_input_embeddings().weight).detach().float()
+        unit = table / table.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        similarity = unit @ unit[token]
+        similarity[token] = -float("inf")
+        return similarity.topk(min(count, len(similarity) - 1)).indices.to(self.device)
 
     # -- model state ----------------------------------------------------------------------------
 
