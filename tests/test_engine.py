@@ -602,3 +602,26 @@ def test_subject_opening_the_prompt_is_contrasted_with_its_nearest_tokens(arch: 
     with capture(lm.model, inputs={"k": f"{spec.layers}.2.{spec.mlp_out}"}) as seen:
         lm.model(input_ids=nearest[:, None])  # each alone: the first key of a text
     torch.testing.assert_close(contrast[2], seen["k"][:, 0].float().T)
+
+
+@pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
+def test_contrast_words_are_completed_greedily_and_keyed_at_their_last_token(
+    arch: str, tiny_tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lm = loaded(arch, tiny_tokenizer)
+    d_ff = lm.model.config.intermediate_size if arch == "llama" else lm.model.config.n_inner
+    editor = Editor(lm.model, tiny_tokenizer, TINY_CONFIG, c0={l: torch.eye(d_ff) for l in (1, 2)})
+    # a stand-in word rule: a token continues the current word when its id is even
+    monkeypatch.setattr(editor, "_added_text", lambda ids, t: "x" if t % 2 == 0 else " x")
+    context = torch.tensor([[5, 6]])
+    candidates = torch.arange(10, 18)
+    rows, last = editor._complete_words(context, candidates, max_extra=3)
+    for i, c in enumerate(candidates.tolist()):
+        seq = [5, 6, c]
+        for _ in range(3):
+            nxt = int(lm.model(input_ids=torch.tensor([seq])).logits[0, -1].argmax())
+            if nxt % 2:
+                break
+            seq.append(nxt)
+        assert int(last[i]) == len(seq) - 1 and rows[i, : len(seq)].tolist() == seq
+    assert (last > 2).any() and (last == 2).any()  # some words grew, some ended at once

@@ -27,6 +27,7 @@ ADDED_FIELDS: dict[str, Any] = {
     "key_columns": "mean",
     "bare_weight": 0.5,
     "first_token_weight": 0.0,
+    "contrast_words": False,
 }
 # NMKE's own target-value and key settings; the dense baselines run as published (see EditConfig.resolved).
 NMKE_ONLY = (
@@ -37,6 +38,7 @@ NMKE_ONLY = (
     "key_columns",
     "bare_weight",
     "first_token_weight",
+    "contrast_words",
 )
 
 
@@ -164,6 +166,13 @@ class EditConfig:
         "NMKE: per request, the model's most likely alternatives for the subject in its prompt (top next "
         "tokens after the text before the subject) whose keys the solve must keep (0 = off). Keeps an edit of "
         "one subject from carrying over to similar subjects in the same context.",
+    )
+    contrast_words: bool = _f(
+        False,
+        "Contrast subjects shaped like the edited one: candidates capitalised when the subject is, each "
+        "completed greedily to a whole word (up to 3 more tokens) and keyed at its last token, as the "
+        "subject is. Multi-token names end in tokens ('aka' of Osaka) whose keys share a 'name ending "
+        "here' direction that single-token candidates do not cover. NMKE only.",
     )
     contrast_weight: float = _f(
         0.1,

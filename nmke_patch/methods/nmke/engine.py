@@ -229,18 +229,69 @@ class Editor:
             own = self.tokenizer(before + r.subject).input_ids[ids.shape[1] : ids.shape[1] + 1]
             if not own:
                 continue
+            wide = (64 if cfg.contrast_words else 1) * cfg.contrast_subjects
             if before.strip():
                 logits = self.model(input_ids=ids, use_cache=False).logits[0, -1]
                 logits[own[0]] = -float("inf")
-                candidates = logits.topk(cfg.contrast_subjects).indices
+                pool = logits.topk(min(len(logits), wide)).indices
             else:
-                candidates = self._nearest_tokens(own[0], cfg.contrast_subjects)
-            rows = torch.cat([ids.expand(len(candidates), -1), candidates[:, None]], dim=1)
+                pool = self._nearest_tokens(own[0], wide)
+            if cfg.contrast_words:  # few names among the predictions: top up with tokens like the subject's
+                pool = torch.cat([pool, self._nearest_tokens(own[0], 8 * cfg.contrast_subjects)])
+                candidates = self._like_subject(ids, pool, r.subject, cfg.contrast_subjects)
+                rows, last = self._complete_words(ids, candidates)
+            else:
+                candidates = pool[: cfg.contrast_subjects]
+                rows = torch.cat([ids.expand(len(candidates), -1), candidates[:, None]], dim=1)
+                last = torch.full((len(candidates),), rows.shape[1] - 1, device=self.device)
             with capture(self.model, inputs=inputs) as seen, stop_after(last_key_module):
                 self.model.base_model(input_ids=rows, use_cache=False)
+            at = torch.arange(len(rows), device=self.device)
             for l in self.layers:
-                out[l].append(seen[f"k{l}"][:, -1].float().cpu().T)
+                out[l].append(seen[f"k{l}"][at, last].float().cpu().T)
         return {l: torch.cat(v, dim=1) for l, v in out.items() if v}
+
+    def _added_text(self, ids: list[int], token: int) -> str:
+        return str(self.tokenizer.decode([*ids, token]))[len(self.tokenizer.decode(ids)) :]
+
+    def _like_subject(self, ids: torch.Tensor, pool: torch.Tensor, subject: str, count: int) -> torch.Tensor:
+        """The first ``count`` tokens of ``pool`` that start a word capitalised as ``subject`` is."""
+        context = ids[0].tolist()
+        capital = subject[:1].isupper()
+        keep: list[int] = []
+        for t in dict.fromkeys(pool.tolist()):
+            text = self._added_text(context, t).strip()
+            if text[:1].isalpha() and text[:1].isupper() == capital:
+                keep.append(t)
+            if len(keep) == count:
+                break
+        return torch.tensor(keep or pool[:count].tolist(), dtype=torch.long, device=self.device)
+
+    @torch.no_grad()
+    def _complete_words(
+        self, ids: torch.Tensor, candidates: torch.Tensor, max_extra: int = 3
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``context + candidate``, each extended greedily while the model continues the same word.
+
+        Returns ``(rows [m, L], last [m])``: rows right-padded by repeating their last token (causal
+        attention: what follows a position cannot change its key) and the index of each row's last token.
+        """
+        rows = torch.cat([ids.expand(len(candidates), -1), candidates[:, None]], dim=1)
+        last = torch.full((len(rows),), rows.shape[1] - 1, device=self.device)
+        growing = torch.ones(len(rows), dtype=torch.bool, device=self.device)
+        at = torch.arange(len(rows), device=self.device)
+        for _ in range(max_extra):
+            logits = self.model(input_ids=rows, use_cache=False).logits[at, last]
+            nxt = logits.argmax(-1)
+            for i in torch.nonzero(growing).flatten().tolist():
+                added = self._added_text(rows[i, : int(last[i]) + 1].tolist(), int(nxt[i]))
+                growing[i] = bool(added) and added[0].isalnum()
+            if not growing.any():
+                break
+            rows = torch.cat([rows, rows[at, last][:, None]], dim=1)
+            last = last + growing.long()
+            rows[at[growing], last[growing]] = nxt[growing]
+        return rows, last
 
     def _nearest_tokens(self, token: int, count: int) -> torch.Tensor:
         """The ``count`` tokens (not ``token``) whose input embeddings have the highest cosine with its."""
