@@ -227,7 +227,7 @@ class Editor:
             # without its trailing space: tokenizers attach that space to the next word (" France")
             ids = self.tokenizer(before.rstrip(" "), return_tensors="pt").input_ids.to(self.device)
             own = self.tokenizer(before + r.subject).input_ids[ids.shape[1] : ids.shape[1] + 1]
-            if not own:
+            if not own or not (before.strip() or cfg.contrast_subject_first):
                 continue
             wide = (64 if cfg.contrast_words else 1) * cfg.contrast_subjects
             if before.strip():
