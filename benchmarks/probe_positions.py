@@ -82,7 +82,9 @@ def main(paths: list[str]) -> None:
                 undone_first = perplexity(model, tokenizer, paragraphs, max_tokens=1024)[0]
             with change_only_at(model, base, "first"):
                 only_first = perplexity(model, tokenizer, paragraphs, max_tokens=1024)[0]
-            exact = score_targets(model, tokenizer, [f.prompt for f in facts], [f.target for f in facts]).exact
+            exact = score_targets(
+                model, tokenizer, [f.prompt for f in facts], [f.target for f in facts]
+            ).exact
             kinds: Counter[str] = Counter()
             examples = []
             for fact, was, now in zip(facts, base_exact.tolist(), exact.tolist(), strict=True):
