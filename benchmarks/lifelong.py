@@ -150,7 +150,6 @@ class Benchmark:
         self.layers = list(base_config.layers or spec.default_layers(len(decoder_layers(model, spec))))
         source = StatsSource(base_config.stats_corpus, base_config.stats_tokens, base_config.seed)
         self.c0 = load_or_compute_c0(model, tokenizer, self.layers, source)
-        self.c_first = load_or_compute_first_token(model, tokenizer, self.layers, source)
         top = max(args.milestones)
         self.runs: list[Run] = []
         for size in ([] if args.no_sequential else [1]) + args.batch_sizes:
@@ -165,6 +164,10 @@ class Benchmark:
                     batch_size=size,
                 )
                 self.runs.append(Run(method, size, points, config))
+        needs_first = any(run.config.resolved().first_token_weight > 0 for run in self.runs)
+        self.c_first = (
+            load_or_compute_first_token(model, tokenizer, self.layers, source) if needs_first else None
+        )
         self.rows: list[dict[str, Any]] = []
         self.stopped: str | None = None
         self.started = time.perf_counter()
@@ -379,6 +382,8 @@ def markdown(data: dict[str, Any], plots: list[Path]) -> str:
         "z_optimizer",
         "z_stop_bare",
         "key_columns",
+        "contrast_subject_first",
+        "contrast_words",
     )
     for name, written in sorted(data.get("configs", {}).items()):
         config = {**ADDED_FIELDS, **written}  # runs from before a field existed had its old meaning

@@ -42,7 +42,11 @@ def main() -> None:
     layers = list(spec.default_layers(model.config.num_hidden_layers))
     source = StatsSource(config.stats_corpus, config.stats_tokens, config.seed)
     c0 = load_or_compute_c0(model, tokenizer, layers, source)
-    c_first = load_or_compute_first_token(model, tokenizer, layers, source)
+    c_first = (
+        load_or_compute_first_token(model, tokenizer, layers, source)
+        if config.first_token_weight > 0
+        else None
+    )
     editor = Editor(model, tokenizer, config, c0=c0, c_first=c_first)
     sample = requests[args.start : args.start + args.n]
     for optimizer in ("adam", "normalized"):

@@ -131,6 +131,7 @@ class Editor:
             model, tokenizer, config.n_prefixes, config.prefix_tokens, config.seed
         )
         self._working: Patch | None = None
+        self._unit_embeddings: torch.Tensor | None = None
         self._serial = 0
         norm = get_submodule(model, self.spec.final_norm)
         self._norm_gain = cast(torch.Tensor, norm.weight).detach()
@@ -295,8 +296,10 @@ class Editor:
 
     def _nearest_tokens(self, token: int, count: int) -> torch.Tensor:
         """The ``count`` tokens (not ``token``) whose input embeddings have the highest cosine with its."""
-        table = cast(torch.Tensor, self.model.get_input_embeddings().weight).detach().float()
-        unit = table / table.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        if self._unit_embeddings is None:  # input embeddings are never edited: normalise them once
+            table = cast(torch.Tensor, self.model.get_input_embeddings().weight).detach().float()
+            self._unit_embeddings = table / table.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        unit = self._unit_embeddings
         similarity = unit @ unit[token]
         similarity[token] = -float("inf")
         return similarity.topk(min(count, len(similarity) - 1)).indices.to(self.device)
