@@ -109,7 +109,7 @@ def main(paths: list[str]) -> None:
             f"change only at the first position {drift(only_first):+.1f}%"
         )
         print(f"unrelated facts lost: {sum(kinds.values())}; position doing most damage: {dict(kinds)}")
-        for line in examples[:10]:
+        for line in examples:
             print("  ", line)
 
 
