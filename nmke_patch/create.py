@@ -18,7 +18,7 @@ from .errors import InvalidRequestError
 from .methods.nmke.config import EditConfig
 from .methods.nmke.engine import Editor
 from .methods.nmke.prompts import encode, target_logprobs_from_hidden
-from .models import BaseModelInfo, tensor_fingerprint
+from .models import BaseModelInfo, check_resident, tensor_fingerprint
 from .patch import Manifest, ParentRef, Patch
 from .requests import EditRequest
 from .sources import PatchSource, resolve_patches
@@ -83,6 +83,7 @@ def create_patch(
         raise InvalidRequestError("no edit requests")
     parents = resolve_patches(on)
     model, tokenizer = loaded.model, loaded.tokenizer
+    check_resident(model)  # C0 sampling and the edit read every weight
     stack = PatchStack.for_model(model)
     if stack.applied:
         raise InvalidRequestError(

@@ -17,7 +17,6 @@ only target positions are unembedded.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import math
@@ -34,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .compat import cache_argument, returned_cache
 from .delta import TensorDelta
 from .errors import InvalidRequestError
 from .methods.nmke.prompts import encode
@@ -207,11 +207,6 @@ def _head(model: nn.Module) -> Any:
     return get()
 
 
-def _cache_of(output: Any) -> Any:
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else getattr(output, "past_key_values", None)
-
-
 @dataclass
 class _Stem:
     """A shared prefix, run once: its final hidden states and its keys/values per layer."""
@@ -229,7 +224,7 @@ def _run_stems(
     for batch in _buckets(list(range(len(stems))), lambda i: len(stems[i]), max_batch_tokens):
         ids, mask = _pad([stems[i] for i in batch], pad)
         result = _backbone(model)(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True)
-        layers = getattr(_cache_of(result), "layers", None)
+        layers = getattr(returned_cache(result), "layers", None)
         if not layers or not all(hasattr(l, "keys") and hasattr(l, "values") for l in layers):
             return None
         for b, i in enumerate(batch):
@@ -269,7 +264,7 @@ def _continue_from_stems(
             values[b, :, : v.shape[1]] = v
         cache.update(keys, values, layer)
     base = _backbone(model)
-    cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    cache_arg = cache_argument(base)
     positions = torch.tensor(lengths, device=device)[:, None] + torch.arange(lu, device=device)[None, :]
     return base(
         input_ids=suffixes, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_arg: cache}
@@ -409,7 +404,7 @@ def greedy_generate(
         mask[i, width - len(e) :] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_arg = cache_argument(model)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     generated = []
     for step in range(max_new_tokens):
@@ -419,7 +414,7 @@ def greedy_generate(
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = positions[:, -1:] + 1
-        past = out.cache if hasattr(out, "cache") else out.past_key_values
+        past = returned_cache(out)
         out = model(
             input_ids=nxt[:, None],
             attention_mask=mask,

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 if TYPE_CHECKING:
+    from torch import nn
     from transformers import PreTrainedModel
 
 from .errors import ModelLoadError
@@ -171,6 +173,24 @@ def load_base(
         model_type=loaded.config.model_type,
     )
     return loaded, tokenizer, info
+
+
+def check_resident(model: nn.Module, names: Iterable[str] | None = None) -> None:
+    """Refuse weights that are not in memory: ``device_map`` offloading (to ``cpu`` beside GPUs, or ``disk``)
+    leaves them on the meta device, and nmke-patch reads and edits weights in place.
+
+    Raises:
+        ModelLoadError: naming the first offloaded parameter (of ``names``, default all).
+    """
+    params = dict(model.named_parameters())
+    for name in params if names is None else names:
+        if name in params and params[name].is_meta:
+            raise ModelLoadError(
+                f"parameter {name!r} is offloaded (on the meta device): the device_map put part of the model on "
+                "'cpu' or 'disk' with offloading, and nmke-patch needs every weight it reads or edits in memory; "
+                "use a device_map that keeps the weights on the devices (e.g. 'auto' with enough max_memory) or "
+                "load without one"
+            )
 
 
 def tensor_fingerprint(tensor: torch.Tensor) -> str:

@@ -18,7 +18,7 @@ from torch import nn
 from .architectures import ArchitectureSpec, decoder_layers, spec_for_model
 from .delta import TensorDelta, add_delta, gather_neurons, scatter_neurons
 from .errors import PatchMismatchError, PatchNotAppliedError
-from .models import tensor_fingerprint
+from .models import check_resident, tensor_fingerprint
 from .patch import Patch
 from .threads import one_thread
 
@@ -86,6 +86,8 @@ class PatchStack:
                 f"{self.spec.model_type} model (wrong model?)"
             )
         param = self._params[delta.name]
+        if param.is_meta:
+            check_resident(self.model, [delta.name])  # raises, explaining device_map offloading
         if tuple(param.shape) != tuple(delta.shape):
             raise PatchMismatchError(
                 f"patch {patch.describe()}: tensor {delta.name!r} has shape {list(param.shape)} in the model but "

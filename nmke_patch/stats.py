@@ -27,6 +27,7 @@ from transformers import PreTrainedModel
 from .architectures import ArchitectureSpec, decoder_layers, spec_for_model
 from .errors import ModelLoadError
 from .paths import home
+from .sampling import end_token_ids, sample_continuations
 from .tracing import capture, stop_after
 
 logger = logging.getLogger(__name__)
@@ -66,35 +67,27 @@ def model_fingerprint(model: nn.Module) -> str:
     return fp
 
 
-@torch.no_grad()
 def sample_text(
     model: PreTrainedModel, tokenizer: Any, tokens: int, seed: int, *, seq_len: int = 128, batch: int = 32
 ) -> list[list[int]]:
-    """About ``tokens`` tokens of text sampled from the model (top-k 40, seeded), as token-id rows."""
-    device = next(model.parameters()).device
+    """About ``tokens`` tokens of text sampled from the model (top-k 40, seeded), as token-id rows.
+
+    The draws come from a CPU generator (:mod:`nmke_patch.sampling`): the same text on any device.
+    """
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(
         model.config, "n_positions", seq_len
     )
     seq_len = min(seq_len, int(limit or seq_len))
+    generator = torch.Generator().manual_seed(seed)
+    banned = end_token_ids(model, tokenizer)
     rows: list[list[int]] = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        while sum(len(r) for r in rows) < tokens:
-            starts = [
-                tokenizer(SAMPLE_STARTS[(len(rows) + i) % len(SAMPLE_STARTS)]).input_ids[-1]
-                for i in range(batch)
-            ]
-            start = torch.tensor(starts, device=device).unsqueeze(1)
-            out = cast(Any, model).generate(
-                start,
-                max_new_tokens=seq_len - 1,
-                min_new_tokens=seq_len - 1,
-                do_sample=True,
-                top_k=40,
-                pad_token_id=tokenizer.pad_token_id,
-                attention_mask=torch.ones_like(start),
-            )
-            rows.extend(out.tolist())
+    while sum(len(r) for r in rows) < tokens:
+        starts = [
+            tokenizer(SAMPLE_STARTS[(len(rows) + i) % len(SAMPLE_STARTS)]).input_ids[-1] for i in range(batch)
+        ]
+        rows.extend(
+            sample_continuations(model, starts, seq_len - 1, top_k=40, generator=generator, banned=banned)
+        )
     return rows
 
 

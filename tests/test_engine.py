@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MODEL_FACTORIES, assert_state_equal, state_copy
+from conftest import MODEL_FACTORIES, assert_state_equal, random_patch, state_copy
 
 from nmke_patch import stats as stats_module
 from nmke_patch.architectures import spec_for_model
 from nmke_patch.checkpoints import run_key
 from nmke_patch.create import LoadedModel, create_patch
-from nmke_patch.errors import InvalidRequestError
+from nmke_patch.errors import InvalidRequestError, ModelLoadError
 from nmke_patch.methods.nmke.attribution import final_norm_scale, neuron_scores
 from nmke_patch.methods.nmke.config import ADDED_FIELDS, EditConfig
 from nmke_patch.methods.nmke.engine import Editor
@@ -625,3 +625,35 @@ def test_contrast_words_are_completed_greedily_and_keyed_at_their_last_token(
             seq.append(nxt)
         assert int(last[i]) == len(seq) - 1 and rows[i, : len(seq)].tolist() == seq
     assert (last > 2).any() and (last == 2).any()  # some words grew, some ended at once
+
+
+def test_offloaded_weights_are_refused_before_anything_runs(tiny_tokenizer, tmp_path: Path) -> None:
+    """``device_map`` offloading leaves weights on the meta device: create and apply say so (no cryptic copy error)."""
+    lm = loaded("llama", tiny_tokenizer)
+    patch = random_patch(lm.model, layers=(1,)).save(tmp_path / "p.nmke")
+    mlp = lm.model.model.layers[1].mlp
+    mlp.down_proj.weight = torch.nn.Parameter(torch.empty_like(mlp.down_proj.weight, device="meta"))
+    with pytest.raises(ModelLoadError, match="offloaded"):
+        create_patch(requests(), loaded=lm, config=TINY_CONFIG, name="t")
+    with pytest.raises(ModelLoadError, match=r"model\.layers\.1\.mlp\.down_proj\.weight.*offloaded"):
+        PatchStack.for_model(lm.model).apply(patch)
+    assert PatchStack.for_model(lm.model).applied == []
+
+
+def test_overrides_take_the_field_type_and_refuse_the_wrong_one() -> None:
+    as_int = EditConfig().with_overrides(min_preservation=30, z_steps=7.0, layers=[3, 4])
+    as_float = EditConfig().with_overrides(min_preservation=30.0, z_steps=7, layers=(3, 4))
+    assert (
+        as_int == as_float and isinstance(as_int.min_preservation, float) and isinstance(as_int.z_steps, int)
+    )
+    assert run_key(requests(), as_int, []) == run_key(requests(), as_float, [])  # --set x=30 resumes x=30.0
+    assert EditConfig().with_overrides(max_neurons=None, stats_corpus=None).max_neurons is None
+    for bad in (
+        {"z_steps": "abc"},
+        {"z_steps": 2.5},
+        {"contrast_words": 1},
+        {"landing": "0.9"},
+        {"layers": [1, "2"]},
+    ):
+        with pytest.raises(InvalidRequestError, match=next(iter(bad))):
+            EditConfig().with_overrides(**bad)

@@ -18,6 +18,31 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help}, **kw)
 
 
+def _coerce(name: str, annotation: str, value: Any) -> Any:
+    """``value`` as the type of field ``name`` (an int for a float field becomes a float, so ``--set x=30``
+    and ``x=30.0`` are the same setting and the same run key); anything else of the wrong type is refused."""
+    if value is None and ("None" in annotation or name == "layers"):
+        return None
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if name == "layers":
+        if isinstance(value, list | tuple) and all(
+            isinstance(x, int) and not isinstance(x, bool) for x in value
+        ):
+            return tuple(value)
+    elif annotation.startswith("bool"):
+        if isinstance(value, bool):
+            return value
+    elif annotation.startswith("int"):
+        if number and float(value).is_integer():
+            return int(value)
+    elif annotation.startswith("float"):
+        if number:
+            return float(value)
+    elif isinstance(value, str):
+        return value
+    raise InvalidRequestError(f"invalid config: {name} must be {annotation.split(' = ')[0]} (got {value!r})")
+
+
 # Fields added after configs were first written, with the value a config written without them meant.
 ADDED_FIELDS: dict[str, Any] = {
     "z_optimizer": "adam",
@@ -250,8 +275,8 @@ class EditConfig:
         unknown = set(kw) - known
         if unknown:
             raise InvalidRequestError(f"unknown config fields: {sorted(unknown)}")
-        if "layers" in kw and kw["layers"] is not None:
-            kw["layers"] = tuple(int(x) for x in kw["layers"])
+        types = {f.name: str(f.type) for f in fields(self)}
+        kw = {k: _coerce(k, types[k], v) for k, v in kw.items()}
         return replace(self, **kw)
 
     def resolved(self) -> EditConfig:

@@ -4,33 +4,28 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
+from ...sampling import end_token_ids, sample_continuations
+
 PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You", "In", "It", "When")
 
 
-@torch.no_grad()
 def sample_prefixes(model: PreTrainedModel, tokenizer: Any, n: int, length: int, seed: int) -> list[str]:
-    """``n`` short context prefixes sampled from the model itself (top-5 sampling, seeded), each ending in '. '."""
+    """``n`` short context prefixes sampled from the model itself (top-5 sampling, seeded), each ending in '. '.
+
+    The draws come from a CPU generator (:mod:`nmke_patch.sampling`): the same prefixes on any device.
+    """
     if n == 0:
         return []
-    device = next(model.parameters()).device
     starts = [tokenizer(PREFIX_STARTS[i % len(PREFIX_STARTS)]).input_ids[-1] for i in range(n)]
-    start = torch.tensor(starts, device=device).unsqueeze(1)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        out = cast(Any, model).generate(
-            start,
-            max_new_tokens=length,
-            min_new_tokens=length,
-            do_sample=True,
-            top_k=5,
-            pad_token_id=tokenizer.pad_token_id,
-            attention_mask=torch.ones_like(start),
-        )
+    generator = torch.Generator().manual_seed(seed)
+    out = sample_continuations(
+        model, starts, length, top_k=5, generator=generator, banned=end_token_ids(model, tokenizer)
+    )
     prefixes = []
     for row in out:
         text = (

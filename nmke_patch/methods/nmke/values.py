@@ -11,15 +11,14 @@ equals optimising through full forward passes).
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from ...architectures import ArchitectureSpec, decoder_layers
+from ...compat import cache_argument, returned_cache
 from ...requests import EditRequest
 from ...tracing import capture, replay_prefix
 from .config import EditConfig
@@ -56,16 +55,11 @@ class _Split:
     kl_position: int  # suffix position of the last row's (the KL prompt's) next-token distribution
 
 
-def _cache_argument(backbone: nn.Module) -> str:
-    """transformers renamed ``past_key_values`` to ``cache`` (5.x deprecates the old name)."""
-    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
-
-
 def _split(model: PreTrainedModel, spec: ArchitectureSpec, layer: int, batch: Batch) -> _Split:
     backbone = model.base_model
     with torch.no_grad(), capture(model, outputs={"out": f"{spec.layers}.{layer}"}) as seen:
         result = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=True)
-    cache = getattr(result, "cache", None) or result.past_key_values
+    cache = returned_cache(result)
     lengths = batch.attention_mask.sum(dim=1).tolist()
     cuts = batch.subject_pos.tolist()
     n_rows, width = len(cuts), max(cuts)
@@ -165,7 +159,7 @@ def compute_target_value(
     counts = torch.tensor([len(t) for t in batch.target_ids[:n_prompts]], device=device, dtype=torch.float32)
     unembed = model.get_output_embeddings()
     backbone = model.base_model
-    cache_arg = _cache_argument(backbone)
+    cache_arg = cache_argument(backbone)
 
     def scores(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean target log-probability per prompt ``[P]`` and the KL prompt's next-token log-probabilities."""
