@@ -56,7 +56,7 @@ from nmke_patch.methods.nmke.engine import Editor
 from nmke_patch.models import load_base
 from nmke_patch.paths import home
 from nmke_patch.requests import EditRequest, read_requests
-from nmke_patch.stats import StatsSource, load_or_compute_c0, load_or_compute_first_token
+from nmke_patch.stats import load_statistics
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Lifelong editing (issue 4)"
@@ -148,8 +148,6 @@ class Benchmark:
         spec = spec_for_model(model)
         base_config = EditConfig().with_overrides(**args.overrides)
         self.layers = list(base_config.layers or spec.default_layers(len(decoder_layers(model, spec))))
-        source = StatsSource(base_config.stats_corpus, base_config.stats_tokens, base_config.seed)
-        self.c0 = load_or_compute_c0(model, tokenizer, self.layers, source)
         top = max(args.milestones)
         self.runs: list[Run] = []
         for size in ([] if args.no_sequential else [1]) + args.batch_sizes:
@@ -164,10 +162,7 @@ class Benchmark:
                     batch_size=size,
                 )
                 self.runs.append(Run(method, size, points, config))
-        needs_first = any(run.config.resolved().first_token_weight > 0 for run in self.runs)
-        self.c_first = (
-            load_or_compute_first_token(model, tokenizer, self.layers, source) if needs_first else None
-        )
+        self.stats = load_statistics(model, tokenizer, self.layers, [run.config for run in self.runs])
         self.rows: list[dict[str, Any]] = []
         self.stopped: str | None = None
         self.started = time.perf_counter()
@@ -199,7 +194,15 @@ class Benchmark:
         """The run's editor with its edits on the model (every other run's edits are off)."""
         if run.editor is None:
             model, tokenizer = self.loaded.model, self.loaded.tokenizer
-            run.editor = Editor(model, tokenizer, run.config, c0=self.c0, past_keys={}, c_first=self.c_first)
+            run.editor = Editor(
+                model,
+                tokenizer,
+                run.config,
+                c0=self.stats.c0,
+                past_keys={},
+                c_first=self.stats.c_first,
+                bank=self.stats.bank,
+            )
             if self.args.resume:
                 restored = load_checkpoint(self._checkpoint_dir(run), self._run_key(run))
                 if restored is not None:

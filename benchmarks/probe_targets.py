@@ -24,7 +24,7 @@ from nmke_patch.methods.nmke.engine import Editor
 from nmke_patch.methods.nmke.values import compute_target_value
 from nmke_patch.models import load_base
 from nmke_patch.requests import read_requests
-from nmke_patch.stats import StatsSource, load_or_compute_c0, load_or_compute_first_token
+from nmke_patch.stats import load_statistics
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,14 +40,8 @@ def main() -> None:
     config = EditConfig()
     spec = spec_for_model(model)
     layers = list(spec.default_layers(model.config.num_hidden_layers))
-    source = StatsSource(config.stats_corpus, config.stats_tokens, config.seed)
-    c0 = load_or_compute_c0(model, tokenizer, layers, source)
-    c_first = (
-        load_or_compute_first_token(model, tokenizer, layers, source)
-        if config.first_token_weight > 0
-        else None
-    )
-    editor = Editor(model, tokenizer, config, c0=c0, c_first=c_first)
+    stats = load_statistics(model, tokenizer, layers, [config])
+    editor = Editor(model, tokenizer, config, c0=stats.c0, c_first=stats.c_first, bank=stats.bank)
     sample = requests[args.start : args.start + args.n]
     for optimizer in ("adam", "normalized"):
         cfg = config.with_overrides(z_optimizer=optimizer, z_stop_bare=False)

@@ -23,7 +23,7 @@ from .patch import Manifest, ParentRef, Patch
 from .requests import EditRequest
 from .sources import PatchSource, resolve_patches
 from .stack import PatchStack
-from .stats import StatsSource, load_or_compute_c0, load_or_compute_first_token
+from .stats import load_statistics
 from .version import __version__
 
 logger = logging.getLogger(__name__)
@@ -92,13 +92,7 @@ def create_patch(
 
     spec = spec_for_model(model)
     layers = list(config.layers) if config.layers else spec.default_layers(len(decoder_layers(model, spec)))
-    source = StatsSource(config.stats_corpus, config.stats_tokens, config.seed)
-    c0 = load_or_compute_c0(model, tokenizer, layers, source)
-    c_first = (
-        load_or_compute_first_token(model, tokenizer, layers, source)
-        if config.resolved().first_token_weight > 0
-        else None
-    )
+    stats = load_statistics(model, tokenizer, layers, [config])
     fingerprints: dict[str, str | None] = {spec.weight_name(l): None for l in layers}
     for p in parents:
         stack.apply(p)
@@ -114,9 +108,10 @@ def create_patch(
             model,
             tokenizer,
             config.with_overrides(layers=tuple(layers)),
-            c0=c0,
+            c0=stats.c0,
             past_keys=past_keys,
-            c_first=c_first,
+            c_first=stats.c_first,
+            bank=stats.bank,
         )
         key = run_key(requests, config, parents)
         folder = Path(checkpoint_dir) if checkpoint_dir else None

@@ -39,15 +39,18 @@ def sample_continuations(
     top_k: int,
     generator: torch.Generator,
     banned: Sequence[int] = (),
+    prefix_ids: Sequence[int] = (),
 ) -> list[list[int]]:
     """One row per start token: the start and ``new_tokens`` tokens sampled after it (top-k, temperature 1).
 
     Args:
         generator: a CPU generator; its state advances, so consecutive calls continue one random stream.
         banned: token ids never drawn (the end-of-text ids, so every row runs to full length).
+        prefix_ids: tokens every row continues from (before its start token), left out of the result.
     """
     device = next(model.parameters()).device
-    rows = torch.tensor(list(start_ids), dtype=torch.long).unsqueeze(1)
+    skip = len(prefix_ids)
+    rows = torch.tensor([[*prefix_ids, s] for s in start_ids], dtype=torch.long)
     step = rows
     cache = None
     cache_arg = cache_argument(model)
@@ -68,4 +71,4 @@ def sample_continuations(
         scores = scores.masked_fill(scores < kth, -float("inf"))
         step = torch.multinomial(scores.softmax(dim=-1), num_samples=1, generator=generator)
         rows = torch.cat([rows, step], dim=1)
-    return cast(list[list[int]], rows.tolist())
+    return cast(list[list[int]], rows[:, skip:].tolist())

@@ -68,11 +68,20 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 def sample_text(
-    model: PreTrainedModel, tokenizer: Any, tokens: int, seed: int, *, seq_len: int = 128, batch: int = 32
+    model: PreTrainedModel,
+    tokenizer: Any,
+    tokens: int,
+    seed: int,
+    *,
+    seq_len: int = 128,
+    batch: int = 32,
+    prefix: str = "",
 ) -> list[list[int]]:
     """About ``tokens`` tokens of text sampled from the model (top-k 40, seeded), as token-id rows.
 
-    The draws come from a CPU generator (:mod:`nmke_patch.sampling`): the same text on any device.
+    Each row starts with one of :data:`SAMPLE_STARTS`; ``prefix`` (e.g. an encyclopedia header) is text the
+    model continues from, left out of the rows. The draws come from a CPU generator
+    (:mod:`nmke_patch.sampling`): the same text on any device.
     """
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(
         model.config, "n_positions", seq_len
@@ -80,13 +89,22 @@ def sample_text(
     seq_len = min(seq_len, int(limit or seq_len))
     generator = torch.Generator().manual_seed(seed)
     banned = end_token_ids(model, tokenizer)
+    prefix_ids = tokenizer(prefix).input_ids if prefix else []
     rows: list[list[int]] = []
     while sum(len(r) for r in rows) < tokens:
         starts = [
             tokenizer(SAMPLE_STARTS[(len(rows) + i) % len(SAMPLE_STARTS)]).input_ids[-1] for i in range(batch)
         ]
         rows.extend(
-            sample_continuations(model, starts, seq_len - 1, top_k=40, generator=generator, banned=banned)
+            sample_continuations(
+                model,
+                starts,
+                seq_len - 1,
+                top_k=40,
+                generator=generator,
+                banned=banned,
+                prefix_ids=prefix_ids,
+            )
         )
     return rows
 
@@ -177,6 +195,48 @@ def first_token_moments(
     return {l: (sums[l] / total).cpu() for l in layers}
 
 
+@torch.no_grad()
+def key_bank(
+    model: PreTrainedModel,
+    spec: ArchitectureSpec,
+    rows: Iterable[list[int]],
+    layers: Sequence[int],
+    *,
+    size: int,
+    seed: int = 0,
+    batch: int = 16,
+) -> dict[int, torch.Tensor]:
+    """``[size, d_ff]`` keys per layer at token positions drawn at random from ``rows`` (never a text's first
+    position, whose key depends on its token alone), float16: the preserved text's keys themselves, for
+    finding those nearest an edited subject's."""
+    device = next(model.parameters()).device
+    rows = [r for r in rows if len(r) > 1]
+    positions = [(i, p) for i, r in enumerate(rows) for p in range(1, len(r))]
+    pick = torch.randperm(len(positions), generator=torch.Generator().manual_seed(seed))[:size]
+    wanted: dict[int, list[int]] = {}
+    for j in sorted(pick.tolist()):
+        i, p = positions[j]
+        wanted.setdefault(i, []).append(p)
+    out: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
+    paths = {f"k{l}": f"{spec.layers}.{l}.{spec.mlp_out}" for l in layers}
+    chosen = sorted(wanted)
+    for s in range(0, len(chosen), batch):
+        chunk = chosen[s : s + batch]
+        width = max(len(rows[i]) for i in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for b, i in enumerate(chunk):
+            ids[b, : len(rows[i])] = torch.tensor(rows[i])
+            mask[b, : len(rows[i])] = 1
+        with capture(model, inputs=paths) as seen, stop_after(decoder_layers(model, spec)[max(layers)]):
+            model(input_ids=ids.to(device), attention_mask=mask.to(device))
+        at_row = torch.tensor([b for b, i in enumerate(chunk) for _ in wanted[i]])
+        at_pos = torch.tensor([p for i in chunk for p in wanted[i]])
+        for l in layers:
+            out[l].append(seen[f"k{l}"][at_row.to(device), at_pos.to(device)].to("cpu", torch.float16))
+    return {l: torch.cat(v) for l, v in out.items()}
+
+
 @dataclass(frozen=True)
 class StatsSource:
     """Which preserved text the statistics come from."""
@@ -184,11 +244,18 @@ class StatsSource:
     corpus: str | None
     tokens: int
     seed: int
+    prefix: str = ""  # model-sampled text: what the model continues (not counted itself)
+
+    @classmethod
+    def of(cls, config: Any) -> StatsSource:
+        """The source an :class:`~nmke_patch.methods.nmke.config.EditConfig` asks for."""
+        return cls(config.stats_corpus, config.stats_tokens, config.seed, config.stats_prefix)
 
     @property
     def key(self) -> str:
         if self.corpus is None:
-            return f"model-sampled-s{self.seed}-{self.tokens}"
+            style = f"-p{hashlib.sha256(self.prefix.encode()).hexdigest()[:12]}" if self.prefix else ""
+            return f"model-sampled-s{self.seed}-{self.tokens}{style}"
         digest = hashlib.sha256()
         for path in self.corpus.split(os.pathsep):
             digest.update(Path(path).read_bytes())
@@ -207,6 +274,54 @@ def load_or_compute_first_token(
 ) -> dict[int, torch.Tensor]:
     """:func:`first_token_moments` for each layer over the same preserved text, cached like ``C0``."""
     return _load_or_compute(model, tokenizer, layers, source, "first", first_token_moments, cache=cache)
+
+
+def load_or_compute_bank(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    layers: Sequence[int],
+    source: StatsSource,
+    size: int,
+    *,
+    cache: bool = True,
+) -> dict[int, torch.Tensor]:
+    """:func:`key_bank` of ``size`` keys per layer over the same preserved text, cached like ``C0``."""
+
+    def compute(
+        model: PreTrainedModel, spec: ArchitectureSpec, rows: list[list[int]], layers: Sequence[int]
+    ) -> dict[int, torch.Tensor]:
+        return key_bank(model, spec, rows, layers, size=size, seed=source.seed)
+
+    return _load_or_compute(model, tokenizer, layers, source, f"bank{size}-", compute, cache=cache)
+
+
+@dataclass
+class KeyStatistics:
+    """What an editor needs of the preserved text: ``C0`` and, when its settings use them, the first-position
+    statistics and the key bank."""
+
+    c0: dict[int, torch.Tensor]
+    c_first: dict[int, torch.Tensor] | None = None
+    bank: dict[int, torch.Tensor] | None = None
+
+
+def load_statistics(
+    model: PreTrainedModel, tokenizer: Any, layers: Sequence[int], configs: Sequence[Any]
+) -> KeyStatistics:
+    """The statistics for editors with ``configs`` (EditConfigs sharing one preserved text), each computed
+    once and cached; the optional ones only when some config uses them."""
+    source = StatsSource.of(configs[0])
+    resolved = [c.resolved() for c in configs]
+    banks = [c.bank_size for c in resolved if c.contrast_bank > 0]
+    return KeyStatistics(
+        c0=load_or_compute_c0(model, tokenizer, layers, source),
+        c_first=(
+            load_or_compute_first_token(model, tokenizer, layers, source)
+            if any(c.first_token_weight > 0 for c in resolved)
+            else None
+        ),
+        bank=load_or_compute_bank(model, tokenizer, layers, source, max(banks)) if banks else None,
+    )
 
 
 def _load_or_compute(
@@ -238,7 +353,7 @@ def _load_or_compute(
     if missing:
         logger.info("computing %s key statistics for layers %s from %s", kind, missing, source.key)
         if source.corpus is None:
-            rows = sample_text(model, tokenizer, source.tokens, source.seed)
+            rows = sample_text(model, tokenizer, source.tokens, source.seed, prefix=source.prefix)
         else:
             rows = corpus_rows(tokenizer, source.corpus.split(os.pathsep), source.tokens)
         computed = compute(model, spec, rows, missing)

@@ -657,3 +657,79 @@ def test_overrides_take_the_field_type_and_refuse_the_wrong_one() -> None:
     ):
         with pytest.raises(InvalidRequestError, match=next(iter(bad))):
             EditConfig().with_overrides(**bad)
+
+
+@pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
+def test_key_bank_holds_keys_of_the_preserved_text(arch: str) -> None:
+    model = MODEL_FACTORIES[arch](init_range=0.2)
+    spec = spec_for_model(model)
+    rows = [[3, 4, 5, 6, 7], [8, 9, 10], [11]]
+    bank = stats_module.key_bank(model, spec, rows, [1, 2], size=5, seed=0)
+    assert bank[1].shape == (5, bank[1].shape[1]) and bank[1].dtype == torch.float16
+    for l in (1, 2):
+        every = []
+        for r in rows[:2]:  # the one-token row has no position after the first
+            with capture(model, inputs={"k": f"{spec.layers}.{l}.{spec.mlp_out}"}) as seen:
+                model(input_ids=torch.tensor([r]))
+            every.append(seen["k"][0, 1:].to(torch.float16))
+        keys = torch.cat(every)  # 6 non-first positions; the bank holds 5 of them, each once
+        hits = [int((keys == b).all(dim=1).nonzero()[0]) for b in bank[l]]
+        assert len(set(hits)) == 5
+
+
+def test_nearest_preserved_keys_rank_by_cosine_on_the_selected_neurons(tiny_tokenizer) -> None:
+    lm = loaded("llama", tiny_tokenizer)
+    d_ff = lm.model.config.intermediate_size
+    bank = torch.zeros(4, d_ff)
+    bank[0, :2] = torch.tensor([1.0, 0.0])  # along the subject on neurons 0-1
+    bank[1, :2] = torch.tensor([0.0, 1.0])
+    bank[2, :2] = torch.tensor([-1.0, 0.0])
+    bank[3, 2] = 100.0  # huge, but on a neuron the edit may not change
+    config = TINY_CONFIG.with_overrides(contrast_bank=2)
+    c0 = {l: torch.eye(d_ff) for l in (1, 2)}
+    editor = Editor(lm.model, tiny_tokenizer, config, c0=c0, bank={1: bank, 2: bank})
+    subject = torch.zeros(1, d_ff)
+    subject[0, :3] = torch.tensor([2.0, 0.5, 50.0])
+    near = editor._nearest_preserved_keys(
+        {1: subject, 2: subject}, torch.tensor([0]), {1: torch.arange(2), 2: torch.arange(2)}
+    )
+    assert torch.equal(near[1], bank[[0, 1]].T)
+
+
+def test_contrast_bank_keys_are_kept_by_the_edit(tiny_tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    lm = loaded("llama", tiny_tokenizer)
+    spec = spec_for_model(lm.model)
+    chosen: list[torch.Tensor] = []
+    original = Editor._nearest_preserved_keys
+
+    def recording(self, *args):  # type: ignore[no-untyped-def]
+        out = original(self, *args)
+        chosen.append(out[2])
+        return out
+
+    monkeypatch.setattr(Editor, "_nearest_preserved_keys", recording)
+    changes = []
+    for weight in (0.0, 1e4):
+        config = TINY_CONFIG.with_overrides(contrast_subjects=0, contrast_bank=3, contrast_weight=weight)
+        patch = create_patch(requests()[:1], loaded=lm, config=config, name="t")
+        delta = {d.name: d for d in patch.deltas}[spec.weight_name(2)]
+        rows = torch.zeros(delta.shape[delta.neuron_axis], delta.delta.shape[1])
+        rows[delta.indices] = delta.delta.float()
+        changes.append(float((rows.T @ chosen[-1]).norm()))
+    assert chosen[0].shape[1] == 3 and torch.equal(chosen[0], chosen[1])
+    assert changes[1] < 0.05 * changes[0], changes
+
+
+def test_contrast_keep_leaves_contrast_keys_in_the_past_statistics(tiny_tokenizer) -> None:
+    lm = loaded("llama", tiny_tokenizer)
+    d_ff = lm.model.config.intermediate_size
+    c0 = {l: torch.eye(d_ff) for l in (1, 2)}
+    config = TINY_CONFIG.with_overrides(contrast_subjects=4, contrast_weight=0.5, contrast_keep=0.2)
+    editor = Editor(lm.model, tiny_tokenizer, config, c0=c0)
+    contrast = editor._contrast_keys(requests()[:1])
+    editor.edit(requests()[:1], 0)
+    editor.release()
+    for l in (1, 2):
+        new = editor.new_keys[l][0]
+        expected = new.T @ new + 0.2 * 0.5 * contrast[l] @ contrast[l].T
+        torch.testing.assert_close(editor.c_past[l], expected)

@@ -54,6 +54,10 @@ ADDED_FIELDS: dict[str, Any] = {
     "first_token_weight": 0.0,
     "contrast_words": False,
     "contrast_subject_first": False,
+    "contrast_keep": 0.0,
+    "stats_prefix": "",
+    "contrast_bank": 0,
+    "bank_size": 4096,
 }
 # NMKE's own target-value and key settings; the dense baselines run as published (see EditConfig.resolved).
 NMKE_ONLY = (
@@ -66,6 +70,9 @@ NMKE_ONLY = (
     "first_token_weight",
     "contrast_words",
     "contrast_subject_first",
+    "contrast_keep",
+    "contrast_bank",
+    "bank_size",
 )
 
 
@@ -167,6 +174,12 @@ class EditConfig:
         "the first one, so a change there reaches the whole text. NMKE only.",
     )
     stats_tokens: int = _f(20000, "Tokens of preservation text for the key statistics C0.")
+    stats_prefix: str = _f(
+        "",
+        "Model-sampled preservation text: text the model continues from (e.g. an encyclopedia header, for "
+        "text dense in named entities like the Wikipedia text of MEMIT/AlphaEdit's statistics); not counted "
+        "itself. '' = plain continuations of common sentence openings.",
+    )
     stats_corpus: str | None = _f(
         None, "Text file(s) (os.pathsep-separated) for C0; None = text sampled from the model."
     )
@@ -213,6 +226,19 @@ class EditConfig:
         "Weight of each contrast key, in units of one edited key. 0.1 kept the single-edit neighbours as well "
         "as 1 did, with less perplexity drift over 100 edits (+22% vs +32%, BENCHMARKS.md).",
     )
+    contrast_bank: int = _f(
+        0,
+        "NMKE: per request and layer, this many keys of the preserved text most like the subject's key on the "
+        "selected neurons (cosine; from a bank of `bank_size` keys) join the contrast keys (0 = off): "
+        "the text an edit would carry over to most.",
+    )
+    bank_size: int = _f(4096, "Keys of the preserved text kept per layer for `contrast_bank` (float16).")
+    contrast_keep: float = _f(
+        0.0,
+        "Experimental: share of each edit's contrast weight kept in C_past, so later edits keep earlier "
+        "edits' contrast subjects too (0 = off). Kept only in the editor and its checkpoints, not in the "
+        "key state a patch carries to `--on` children.",
+    )
     max_sweeps: int = _f(
         1,
         "Passes over the edited layers per batch: another pass (from the edited model) runs while a request's "
@@ -247,7 +273,11 @@ class EditConfig:
             (self.reuse_touched >= 0, "reuse_touched must be >= 0"),
             (self.first_token_weight >= 0, "first_token_weight must be >= 0"),
             (self.min_preservation >= 0, "min_preservation must be >= 0"),
-            (self.contrast_subjects >= 0 and self.contrast_weight >= 0, "contrast settings must be >= 0"),
+            (
+                min(self.contrast_subjects, self.contrast_weight, self.contrast_keep, self.contrast_bank) >= 0
+                and self.bank_size >= 1,
+                "contrast settings must be >= 0",
+            ),
             (self.max_sweeps >= 1 and 0 <= self.sweep_until <= 1, "max_sweeps >= 1, sweep_until in [0, 1]"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.n_prefixes >= 0 and self.prefix_tokens >= 1, "n_prefixes >= 0 and prefix_tokens >= 1"),

@@ -92,8 +92,11 @@ class Editor:
         c0: dict[int, torch.Tensor],
         past_keys: dict[int, torch.Tensor] | None = None,
         c_first: dict[int, torch.Tensor] | None = None,
+        bank: dict[int, torch.Tensor] | None = None,
     ) -> None:
         self.model, self.tokenizer, self.config = model, tokenizer, config.resolved()
+        if self.config.contrast_bank > 0 and bank is None:
+            raise ValueError("contrast_bank > 0 needs the key bank of the preserved text (bank)")
         self.spec = spec_for_model(model)
         num_layers = len(decoder_layers(model, self.spec))
         self.layers = (
@@ -121,6 +124,11 @@ class Editor:
             l: (past_keys or {}).get(l, torch.zeros(0, self.d_ff)).float().cpu() for l in self.layers
         }
         self.c_past = {l: self.past_keys[l].T @ self.past_keys[l] for l in self.layers}
+        self.bank = (
+            {l: bank[l].float() for l in self.layers}
+            if bank is not None and self.config.contrast_bank
+            else {}
+        )
         self.new_keys: dict[int, list[torch.Tensor]] = {l: [] for l in self.layers}
         self.cum = {
             l: torch.zeros(self.d_ff, self.weights[l].shape[1 - self.spec.neuron_axis]) for l in self.layers
@@ -251,6 +259,24 @@ class Editor:
             for l in self.layers:
                 out[l].append(seen[f"k{l}"][at, last].float().cpu().T)
         return {l: torch.cat(v, dim=1) for l, v in out.items() if v}
+
+    def _nearest_preserved_keys(
+        self, keys_subject: dict[int, torch.Tensor], bare: torch.Tensor, selected: dict[int, torch.Tensor]
+    ) -> dict[int, torch.Tensor]:
+        """Per layer, the ``contrast_bank`` keys of the preserved text (the bank) most like each request's
+        subject key on the neurons the edit may change (cosine): the text an edit would carry over to most.
+        Returns ``[D, m * requests]`` per layer."""
+        m = self.config.contrast_bank
+        if not self.bank or m == 0:
+            return {}
+        out = {}
+        for l, bank in self.bank.items():
+            s = selected[l].to(torch.long)
+            sub = torch.nn.functional.normalize(bank[:, s], dim=1)
+            subject = torch.nn.functional.normalize(keys_subject[l][bare][:, s], dim=1)  # [u, |S|]
+            nearest = (sub @ subject.T).topk(min(m, len(bank)), dim=0).indices  # [m, u]
+            out[l] = bank[nearest.T.reshape(-1)].T
+        return out
 
     def _added_text(self, ids: list[int], token: int) -> str:
         return str(self.tokenizer.decode([*ids, token]))[len(self.tokenizer.decode(ids)) :]
@@ -489,6 +515,8 @@ class Editor:
         t2 = time.perf_counter()
         selected = self._select(fw, owner, len(requests), columns)
         contrast = self._contrast_keys(requests)
+        for l, near in self._nearest_preserved_keys(fw.keys_subject, bare, selected).items():
+            contrast[l] = torch.cat([contrast[l], near], dim=1) if l in contrast else near
         t3 = time.perf_counter()
         solve_s = 0.0
         sweeps = self.config.max_sweeps if self.config.method == "nmke" else 1  # baselines: as published
@@ -506,6 +534,9 @@ class Editor:
             new = columns.weights.sqrt()[:, None] * (columns.key_map @ after.keys_subject[l])  # [c, D]
             self.new_keys[l].append(new)
             self.c_past[l] += new.T @ new
+            if self.config.contrast_keep > 0 and l in contrast:
+                kept = self.config.contrast_keep * self.config.contrast_weight
+                self.c_past[l] += kept * contrast[l] @ contrast[l].T
         t5 = time.perf_counter()
         per = 1.0 / len(requests)
         records = []

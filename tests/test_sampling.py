@@ -1,0 +1,58 @@
+"""Seeded sampling that does not depend on the device: equal to ``generate`` on the CPU, prefixes left out."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import MODEL_FACTORIES
+
+from nmke_patch.sampling import end_token_ids, sample_continuations
+from nmke_patch.stats import StatsSource, sample_text
+
+
+@pytest.mark.parametrize("top_k", [5, 40])
+@pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
+def test_cpu_draws_equal_generate(arch: str, top_k: int, tiny_tokenizer) -> None:
+    """The statistics cached before this sampler existed came from ``generate``: same tokens on the CPU."""
+    model = MODEL_FACTORIES[arch](init_range=0.2)
+    starts = [3, 7, 11, 3]
+    torch.manual_seed(5)
+    expected = model.generate(
+        torch.tensor(starts)[:, None],
+        attention_mask=torch.ones(len(starts), 1, dtype=torch.long),
+        do_sample=True,
+        top_k=top_k,
+        max_new_tokens=12,
+        min_new_tokens=12,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+    )
+    banned = end_token_ids(model, tiny_tokenizer)
+    rows = sample_continuations(
+        model, starts, 12, top_k=top_k, generator=torch.Generator().manual_seed(5), banned=banned
+    )
+    assert rows == expected.tolist()
+    assert all(t not in banned for row in rows for t in row[1:])
+
+
+def test_one_generator_continues_one_stream_and_prefixes_are_left_out(tiny_tokenizer) -> None:
+    model = MODEL_FACTORIES["llama"](init_range=0.2)
+    gen = torch.Generator().manual_seed(0)
+    first, second = (sample_continuations(model, [3, 4], 6, top_k=8, generator=gen) for _ in range(2))
+    assert first != second  # the generator advanced
+    again = sample_continuations(model, [3, 4], 6, top_k=8, generator=torch.Generator().manual_seed(0))
+    assert again == first
+    prefixed = sample_continuations(
+        model, [3, 4], 6, top_k=8, generator=torch.Generator().manual_seed(0), prefix_ids=[9, 10, 11]
+    )
+    assert [len(r) for r in prefixed] == [7, 7] and [r[0] for r in prefixed] == [3, 4]
+    assert prefixed != first  # the prefix is context the model continues from
+
+
+def test_sampled_text_prefix_is_part_of_the_cache_key(tiny_tokenizer) -> None:
+    plain = StatsSource(None, 300, 0)
+    assert plain.key == "model-sampled-s0-300"  # statistics cached before prefixes existed stay valid
+    assert StatsSource(None, 300, 0, "From Wikipedia\n").key != plain.key
+    model = MODEL_FACTORIES["gpt2"](init_range=0.2)
+    rows = sample_text(model, tiny_tokenizer, 40, 0, seq_len=8, batch=3, prefix="w5 w6 w7")
+    assert len(rows) == 6 and all(len(r) == 8 for r in rows)
+    assert rows != sample_text(model, tiny_tokenizer, 40, 0, seq_len=8, batch=3)
