@@ -86,10 +86,12 @@ def sample_text(
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(
         model.config, "n_positions", seq_len
     )
-    seq_len = min(seq_len, int(limit or seq_len))
+    prefix_ids = tokenizer(prefix).input_ids if prefix else []
+    seq_len = min(seq_len, int(limit or seq_len) - len(prefix_ids))  # the prefix takes positions too
+    if seq_len < 2:
+        raise ModelLoadError(f"stats_prefix takes {len(prefix_ids)} of the model's {limit} positions")
     generator = torch.Generator().manual_seed(seed)
     banned = end_token_ids(model, tokenizer)
-    prefix_ids = tokenizer(prefix).input_ids if prefix else []
     rows: list[list[int]] = []
     while sum(len(r) for r in rows) < tokens:
         starts = [

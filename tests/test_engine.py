@@ -530,7 +530,9 @@ def test_baselines_run_nmke_only_settings_as_published() -> None:
         resolved = EditConfig(method=method).resolved()
         assert resolved.z_optimizer == "adam" and resolved.key_columns == "mean" and not resolved.z_stop_bare
         legacy = {k: v for k, v in resolved.to_json().items() if k not in ADDED_FIELDS}
-        assert EditConfig(method=method).identity() == legacy  # keys of runs made before these fields
+        shared = {"stats_prefix": EditConfig().stats_prefix}  # the preserved text is every method's
+        assert EditConfig(method=method).identity() == legacy | shared  # as before, but for the shared text
+        assert EditConfig(method=method, stats_prefix="").identity() == legacy  # keys of runs made before
     assert EditConfig().resolved() == EditConfig()
 
 

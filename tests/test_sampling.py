@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import MODEL_FACTORIES
 
+from nmke_patch.errors import ModelLoadError
 from nmke_patch.sampling import end_token_ids, sample_continuations
 from nmke_patch.stats import StatsSource, sample_text
 
@@ -56,3 +57,11 @@ def test_sampled_text_prefix_is_part_of_the_cache_key(tiny_tokenizer) -> None:
     rows = sample_text(model, tiny_tokenizer, 40, 0, seq_len=8, batch=3, prefix="w5 w6 w7")
     assert len(rows) == 6 and all(len(r) == 8 for r in rows)
     assert rows != sample_text(model, tiny_tokenizer, 40, 0, seq_len=8, batch=3)
+
+
+def test_prefix_takes_positions_from_the_sampled_rows(tiny_tokenizer) -> None:
+    model = MODEL_FACTORIES["gpt2"](init_range=0.2)  # 64 positions
+    rows = sample_text(model, tiny_tokenizer, 100, 0, seq_len=128, batch=2, prefix=" ".join(["w5"] * 10))
+    assert all(len(r) == 64 - 10 for r in rows)
+    with pytest.raises(ModelLoadError, match="stats_prefix"):
+        sample_text(model, tiny_tokenizer, 100, 0, prefix=" ".join(["w5"] * 63))

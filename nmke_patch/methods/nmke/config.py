@@ -175,10 +175,11 @@ class EditConfig:
     )
     stats_tokens: int = _f(20000, "Tokens of preservation text for the key statistics C0.")
     stats_prefix: str = _f(
-        "",
-        "Model-sampled preservation text: text the model continues from (e.g. an encyclopedia header, for "
-        "text dense in named entities like the Wikipedia text of MEMIT/AlphaEdit's statistics); not counted "
-        "itself. '' = plain continuations of common sentence openings.",
+        "From Wikipedia, the free encyclopedia\n\n",
+        "Model-sampled preservation text continues this header (not counted itself), so it reads like an "
+        "encyclopedia, dense in named entities, as the Wikipedia text of MEMIT/AlphaEdit's statistics: over "
+        "100 dev edits neighbour agreement 0.61 -> 0.66, unrelated-fact retention 0.56 -> 0.68, drift +4.9% -> "
+        "+3.4% at equal efficacy (BENCHMARKS.md). '' = continuations of plain sentence openings (before).",
     )
     stats_corpus: str | None = _f(
         None, "Text file(s) (os.pathsep-separated) for C0; None = text sampled from the model."
