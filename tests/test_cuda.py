@@ -16,7 +16,7 @@ import torch
 from conftest import MODEL_FACTORIES, assert_state_equal, random_patch, save_tiny, state_copy
 from nmke_patch.cli.main import app
 from test_engine import TINY_CONFIG, loaded, requests
-from test_evaluate import HELDOUT, _request
+from test_evaluate import SMALL_EVALUATION, _request
 from transformers import PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
@@ -25,7 +25,6 @@ from nmke_patch.errors import ModelLoadError
 from nmke_patch.evaluate import evaluate_pair
 from nmke_patch.models import load_base
 from nmke_patch.patch import Patch, load_patch
-from nmke_patch.requests import Neighbor
 from nmke_patch.stack import PatchStack
 from nmke_patch.stats import StatsSource, load_or_compute_c0
 
@@ -131,12 +130,7 @@ def test_evaluate_on_cuda_matches_cpu(tiny_tokenizer, tmp_path: Path, monkeypatc
     model = MODEL_FACTORIES["llama"]()
     patch = random_patch(model, indices=[0, 1, 2], name="a")
     request = _request(model, tiny_tokenizer, new_is_best=False)
-    kwargs = {
-        "heldout_text": HELDOUT,
-        "unrelated": [Neighbor("w7 w8", "w9")],
-        "generations": 2,
-        "generation_tokens": 6,
-    }
+    kwargs = SMALL_EVALUATION
     monkeypatch.setenv("NMKE_PATCH_HOME", str(tmp_path / "cpu"))
     on_cpu = evaluate_pair(model, tiny_tokenizer, [request], [patch], force=True, **kwargs)
     model.to(DEVICE)

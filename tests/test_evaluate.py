@@ -27,6 +27,12 @@ from nmke_patch.evaluate import (
 from nmke_patch.requests import EditRequest, Neighbor
 
 HELDOUT = ["w5 w6 w7 w8 w9 w10 w11 w12", "w20 w21 w22 w23 w24 w25 w26 w27 w28 w29 w30"]
+SMALL_EVALUATION: dict = {  # evaluate_pair settings for tiny models: two texts, one fact, short generations
+    "heldout_text": HELDOUT,
+    "unrelated": [Neighbor("w7 w8", "w9")],
+    "generations": 2,
+    "generation_tokens": 6,
+}
 TOL = {"rtol": 0.0, "atol": 1e-5}  # float32 forward passes of different batch shapes
 
 
@@ -154,12 +160,7 @@ def test_evaluate_pair_restores_base_and_counts_footprint(
     a = random_patch(model, indices=[0, 1, 2], name="a")
     b = random_patch(model, indices=[2, 3], name="b", seed=1)
     request = _request(model, tiny_tokenizer, new_is_best=False)
-    kwargs = {
-        "heldout_text": HELDOUT,
-        "unrelated": [Neighbor("w7 w8", "w9")],
-        "generations": 2,
-        "generation_tokens": 6,
-    }
+    kwargs = SMALL_EVALUATION
     result = evaluate_pair(model, tiny_tokenizer, [request], [a, b], force=True, **kwargs)
     assert_state_equal(model, before)
     assert not result["base_cached"] and len(result["patched"]["details"]["generations"]) == 2
