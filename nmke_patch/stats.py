@@ -131,6 +131,25 @@ def corpus_rows(tokenizer: Any, paths: Sequence[str], tokens: int, *, seq_len: i
     return rows
 
 
+def _key_pass(
+    model: PreTrainedModel, spec: ArchitectureSpec, rows: Sequence[list[int]], layers: Sequence[int]
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One right-padded forward pass over ``rows``, stopped after the last of ``layers``: the keys ``k<l>``
+    ``[B, T, d_ff]`` (inputs of each layer's MLP output projection) and the padding mask ``[B, T]``, both on
+    the model's device."""
+    device = next(model.parameters()).device
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    paths = {f"k{l}": f"{spec.layers}.{l}.{spec.mlp_out}" for l in layers}
+    with capture(model, inputs=paths) as seen, stop_after(decoder_layers(model, spec)[max(layers)]):
+        model(input_ids=ids.to(device), attention_mask=mask.to(device))
+    return dict(seen), mask.to(device)
+
+
 @torch.no_grad()
 def key_second_moments(
     model: PreTrainedModel,
@@ -141,22 +160,12 @@ def key_second_moments(
     batch: int = 16,
 ) -> dict[int, torch.Tensor]:
     """``C0[l] = mean over tokens of k k^T`` (float32, ``[d_ff, d_ff]``) for each layer in ``layers``."""
-    device = next(model.parameters()).device
     sums: dict[int, torch.Tensor] = {}
     count = 0
     rows = list(rows)
-    paths = {f"k{l}": f"{spec.layers}.{l}.{spec.mlp_out}" for l in layers}
     for s in range(0, len(rows), batch):
-        chunk = rows[s : s + batch]
-        width = max(len(r) for r in chunk)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for i, r in enumerate(chunk):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
-        with capture(model, inputs=paths) as seen, stop_after(decoder_layers(model, spec)[max(layers)]):
-            model(input_ids=ids.to(device), attention_mask=mask.to(device))
-        keep = mask.bool().to(device)
+        seen, mask = _key_pass(model, spec, rows[s : s + batch], layers)
+        keep = mask.bool()
         for l in layers:
             k = seen[f"k{l}"][keep].float()
             sums[l] = sums.get(l, 0) + k.T @ k  # type: ignore[assignment, operator]
@@ -220,18 +229,10 @@ def key_bank(
         i, p = positions[j]
         wanted.setdefault(i, []).append(p)
     out: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
-    paths = {f"k{l}": f"{spec.layers}.{l}.{spec.mlp_out}" for l in layers}
     chosen = sorted(wanted)
     for s in range(0, len(chosen), batch):
         chunk = chosen[s : s + batch]
-        width = max(len(rows[i]) for i in chunk)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for b, i in enumerate(chunk):
-            ids[b, : len(rows[i])] = torch.tensor(rows[i])
-            mask[b, : len(rows[i])] = 1
-        with capture(model, inputs=paths) as seen, stop_after(decoder_layers(model, spec)[max(layers)]):
-            model(input_ids=ids.to(device), attention_mask=mask.to(device))
+        seen, _ = _key_pass(model, spec, [rows[i] for i in chunk], layers)
         at_row = torch.tensor([b for b, i in enumerate(chunk) for _ in wanted[i]])
         at_pos = torch.tensor([p for i in chunk for p in wanted[i]])
         for l in layers:
