@@ -277,7 +277,7 @@ class EditConfig:
             (
                 min(self.contrast_subjects, self.contrast_weight, self.contrast_keep, self.contrast_bank) >= 0
                 and self.bank_size >= 1,
-                "contrast settings must be >= 0",
+                "contrast settings must be >= 0 and bank_size >= 1",
             ),
             (self.max_sweeps >= 1 and 0 <= self.sweep_until <= 1, "max_sweeps >= 1, sweep_until in [0, 1]"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
