@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/probe_damage.py control PATCH [PATCH ...]   # the patch vs a random one of the same size
     python benchmarks/probe_damage.py single 0-6 [JSON]           # what each dev record's edit alone does
+    python benchmarks/probe_damage.py lookalike 0-6 [JSON]        # ... to the same prompt's other subjects
 
 ``control``: for each patch, the packaged unrelated facts the base answers (exact match) and the patched
 model does not, the median base margin (log P(answer) - log P(best other token), first answer token) of
@@ -13,6 +14,10 @@ replaced by a random direction of the same length (seed 0).
 ``single``: each listed record of ``data/counterfact_dev.jsonl`` edited alone (today's defaults, or the
 EditConfig overrides in JSON), and the unrelated facts whose margin turns negative, with the three largest
 margin drops.
+
+``lookalike``: each listed record edited alone, and what it does to the true facts of every other dev
+record with the same prompt template (other subjects the base answers): the edit's own margin (new over
+true target, first token), the look-alikes' mean margin change and how many of them turn negative.
 """
 
 from __future__ import annotations
@@ -133,11 +138,46 @@ def single(spec: str, overrides: str) -> None:
     print(f"{total} lost over {len(indices)} single edits")
 
 
+def lookalike(spec: str, overrides: str) -> None:
+    lo, _, hi = spec.partition("-")
+    loaded = LoadedModel(*load_base())
+    model, tokenizer = loaded.model, loaded.tokenizer
+    requests = read_requests(ROOT / "data" / "counterfact_dev.jsonl")
+    config = EditConfig().with_overrides(**json.loads(overrides))
+    total = 0
+    changes: list[float] = []
+    own_margins: list[float] = []
+    for i in range(int(lo), int(hi or lo) + 1):
+        r = requests[i]
+        others = [
+            Neighbor(q.text, q.target_true)
+            for q in requests
+            if q.prompt == r.prompt and q.subject != r.subject and q.target_true
+        ]
+        base = margins(model, tokenizer, others)
+        stack = PatchStack.for_model(model)
+        stack.apply(create_patch([r], loaded=loaded, config=config, name="probe"))
+        after = margins(model, tokenizer, others)
+        own = margins(model, tokenizer, [Neighbor(r.text, r.target_new)])[0]
+        stack.unload_all()
+        known = [j for j in range(len(others)) if base[j] > 0]
+        lost = sum(after[j] < 0 for j in known)
+        change = statistics.mean(after[j] - base[j] for j in known) if known else 0.0
+        total += lost
+        own_margins.append(own)
+        changes += [after[j] - base[j] for j in known]
+        print(f"{i} {r.subject!r} -> {r.target_new!r} [{r.prompt}]: own margin {own:+.2f}; "
+              f"{len(known)} look-alikes, mean margin change {change:+.2f}, {lost} lost", flush=True)  # fmt: skip
+    print(f"{total} look-alikes lost; mean margin change {statistics.mean(changes):+.3f}; "
+          f"edits landed {sum(m > 0 for m in own_margins)}/{len(own_margins)}")  # fmt: skip
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    if len(sys.argv) < 3 or sys.argv[1] not in ("control", "single"):
+    if len(sys.argv) < 3 or sys.argv[1] not in ("control", "single", "lookalike"):
         sys.exit(__doc__)
     if sys.argv[1] == "control":
         control(sys.argv[2:])
     else:
-        single(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "{}")
+        run = single if sys.argv[1] == "single" else lookalike
+        run(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "{}")

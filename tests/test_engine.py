@@ -735,3 +735,30 @@ def test_contrast_keep_leaves_contrast_keys_in_the_past_statistics(tiny_tokenize
         new = editor.new_keys[l][0]
         expected = new.T @ new + 0.2 * 0.5 * contrast[l] @ contrast[l].T
         torch.testing.assert_close(editor.c_past[l], expected)
+
+
+def test_contrast_score_steers_the_budget_off_neurons_look_alikes_share(
+    tiny_tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lm = loaded("llama", tiny_tokenizer)
+    spec = spec_for_model(lm.model)
+    d_ff = lm.model.config.intermediate_size
+
+    def chosen(score: float, shared: torch.Tensor | None) -> set[int]:
+        def contrast_keys(self, requests):  # type: ignore[no-untyped-def]
+            keys = torch.zeros(d_ff, 2)
+            if shared is not None:
+                keys[shared] = 1e3  # look-alike subjects drive these neurons hard
+            return {1: keys, 2: keys}
+
+        monkeypatch.setattr(Editor, "_contrast_keys", contrast_keys)
+        config = TINY_CONFIG.with_overrides(contrast_weight=0.0, contrast_score=score)
+        patch = create_patch(requests()[:1], loaded=lm, config=config, name="t")
+        delta = {d.name: d for d in patch.deltas}[spec.weight_name(2)]
+        return set(delta.indices.tolist())
+
+    plain = chosen(0.0, None)
+    shared = torch.tensor(sorted(plain)[:3])
+    assert chosen(0.0, shared) == plain  # the score alone decides; contrast keys unused at 0
+    steered = chosen(1.0, shared)
+    assert len(steered) == len(plain) and not steered & set(shared.tolist())

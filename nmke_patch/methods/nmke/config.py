@@ -58,6 +58,7 @@ ADDED_FIELDS: dict[str, Any] = {
     "stats_prefix": "",
     "contrast_bank": 0,
     "bank_size": 4096,
+    "contrast_score": 0.0,
 }
 # NMKE's own target-value and key settings; the dense baselines run as published (see EditConfig.resolved).
 NMKE_ONLY = (
@@ -73,6 +74,7 @@ NMKE_ONLY = (
     "contrast_keep",
     "contrast_bank",
     "bank_size",
+    "contrast_score",
 )
 
 
@@ -227,6 +229,12 @@ class EditConfig:
         "Weight of each contrast key, in units of one edited key. 0.1 kept the single-edit neighbours as well "
         "as 1 did, with less perplexity drift over 100 edits (+22% vs +32%, BENCHMARKS.md).",
     )
+    contrast_score: float = _f(
+        0.0,
+        "specificity ranking: a neuron's preserved-text activity C0_ii is joined by this times its mean "
+        "squared activity on the contrast subjects' keys, so the budget goes to neurons that tell the "
+        "edited subject apart from its look-alikes, not to ones all subjects of the prompt share (0 = off).",
+    )
     contrast_bank: int = _f(
         0,
         "NMKE: per request and layer, this many keys of the preserved text most like the subject's key on the "
@@ -275,7 +283,14 @@ class EditConfig:
             (self.first_token_weight >= 0, "first_token_weight must be >= 0"),
             (self.min_preservation >= 0, "min_preservation must be >= 0"),
             (
-                min(self.contrast_subjects, self.contrast_weight, self.contrast_keep, self.contrast_bank) >= 0
+                min(
+                    self.contrast_subjects,
+                    self.contrast_weight,
+                    self.contrast_keep,
+                    self.contrast_bank,
+                    self.contrast_score,
+                )
+                >= 0
                 and self.bank_size >= 1,
                 "contrast settings must be >= 0 and bank_size >= 1",
             ),

@@ -402,7 +402,12 @@ class Editor:
         )
 
     def _select(
-        self, fw: _Forward, owner: list[int], n_requests: int, columns: _Columns
+        self,
+        fw: _Forward,
+        owner: list[int],
+        n_requests: int,
+        columns: _Columns,
+        contrast: dict[int, torch.Tensor],
     ) -> dict[int, torch.Tensor]:
         """Neurons each layer may change for this batch (union over its requests)."""
         cfg = self.config
@@ -443,7 +448,10 @@ class Editor:
                     mine = columns.owner == i
                     k = columns.key_map[mine] @ fw.keys_subject[l]  # the request's key columns
                     energy = (columns.weights[mine, None] * k.pow(2)).sum(dim=0)
-                    cheap = energy / torch.diagonal(self.c0[l]).clamp_min(1e-12)
+                    reference = torch.diagonal(self.c0[l])
+                    if cfg.contrast_score > 0 and l in contrast:  # look-alike subjects' activity too
+                        reference = reference + cfg.contrast_score * contrast[l].pow(2).mean(dim=1)
+                    cheap = energy / reference.clamp_min(1e-12)
                     priority = cheap if cfg.neuron_score == "specificity" else ranks(priority) + ranks(cheap)
                 # prefer neurons earlier edits already changed: a smaller lifetime patch
                 if cfg.reuse_touched > 0:
@@ -513,8 +521,8 @@ class Editor:
         # every prompt of a request gets the same change of the edited layer's output: z - h on its bare row
         row_targets = fw.out_subject + (z.T - fw.out_subject[bare])[own]
         t2 = time.perf_counter()
-        selected = self._select(fw, owner, len(requests), columns)
         contrast = self._contrast_keys(requests)
+        selected = self._select(fw, owner, len(requests), columns, contrast)
         for l, near in self._nearest_preserved_keys(fw.keys_subject, bare, selected).items():
             contrast[l] = torch.cat([contrast[l], near], dim=1) if l in contrast else near
         t3 = time.perf_counter()
