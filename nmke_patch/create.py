@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 
 from .architectures import decoder_layers, spec_for_model
 from .checkpoints import load_checkpoint, run_key, save_checkpoint
-from .errors import InvalidRequestError
+from .errors import InvalidPatchError, InvalidRequestError
 from .methods.nmke.config import EditConfig
 from .methods.nmke.engine import Editor
 from .methods.nmke.prompts import encode, target_logprobs_from_hidden
@@ -57,6 +58,29 @@ def target_probabilities(
     return torch.cat(out) if out else torch.zeros(0)
 
 
+def parent_key_rows(
+    parents: Sequence[Patch], model: nn.Module, layers: Sequence[int]
+) -> dict[int, torch.Tensor]:
+    """Per edited layer, the parents' state rows (``keys.<l>`` and ``contrast.<l>``) whose ``F^T F`` starts
+    the run's ``C_past``. A row of another width than the layer's neurons is refused before anything runs;
+    state of layers this run does not edit is not needed."""
+    spec = spec_for_model(model)
+    params = dict(model.named_parameters())
+    rows: dict[int, list[torch.Tensor]] = {}
+    for p in parents:
+        for key, t in sorted(p.state.items()):
+            layer = int(key.split(".")[1])
+            if layer not in layers:
+                continue
+            width = params[spec.weight_name(layer)].shape[spec.neuron_axis]
+            if t.shape[1] != width:
+                raise InvalidPatchError(
+                    f"patch {p.name!r}: state {key!r} has rows of {t.shape[1]} neurons; layer {layer} has {width}"
+                )
+            rows.setdefault(layer, []).append(t.float())
+    return {l: torch.cat(v) for l, v in rows.items()}
+
+
 def create_patch(
     requests: Sequence[EditRequest],
     *,
@@ -92,6 +116,7 @@ def create_patch(
 
     spec = spec_for_model(model)
     layers = list(config.layers) if config.layers else spec.default_layers(len(decoder_layers(model, spec)))
+    past_keys = parent_key_rows(parents, model, layers)
     stats = load_statistics(model, tokenizer, layers, [config])
     fingerprints: dict[str, str | None] = {spec.weight_name(l): None for l in layers}
     for p in parents:
@@ -99,11 +124,6 @@ def create_patch(
     try:
         params = dict(model.named_parameters())
         fingerprints = {n: tensor_fingerprint(params[n]) for n in fingerprints}
-        past_keys: dict[int, torch.Tensor] = {}
-        for p in parents:
-            for key, keys in p.state.items():
-                layer = int(key.split(".")[1])
-                past_keys[layer] = torch.cat([past_keys.get(layer, torch.zeros(0, keys.shape[1])), keys])
         editor = Editor(
             model,
             tokenizer,
@@ -151,7 +171,7 @@ def create_patch(
             [r.target_true for r in requests if r.target_true],
         )
         deltas = editor.final_deltas()
-        keys_state = {f"keys.{l}": k for l, k in editor.keys_state().items()}
+        keys_state = editor.chain_state()
     finally:
         stack.unload_all()
     true_iter = iter(final_true.tolist())

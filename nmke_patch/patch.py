@@ -111,8 +111,10 @@ class Patch:
     """sha256 (hex) of ``deltas.safetensors`` (computed from the tensors when not given)."""
     path: Path | None = None
     state: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Optional editing state that travels with the patch chain: ``keys.<layer>`` float32 ``[T, d_ff]``,
-    the keys of the edits (accumulated as past-key statistics by later ``create --on`` runs)."""
+    """Optional editing state that travels with the patch chain: ``keys.<layer>`` float32 ``[T, d_ff]``, the
+    keys of the edits, and (with ``contrast_keep``) ``contrast.<layer>`` ``[m, d_ff]``, rows whose ``F^T F`` is
+    the contrast statistics the edits kept; later ``create --on`` runs start their past-key statistics
+    from both."""
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -392,7 +394,8 @@ def load_patch(path: str | os.PathLike[str]) -> Patch:
 
 
 def _load_state(root: Path, data: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The optional ``state.safetensors``: hash-checked, only float32 ``[T, D]`` tensors named ``keys.<int>``."""
+    """The optional ``state.safetensors``: hash-checked, only finite float32 ``[T, D]`` tensors named
+    ``keys.<int>`` or ``contrast.<int>``."""
     if "state_sha256" not in data:
         return {}
     where = str(root)
@@ -410,7 +413,7 @@ def _load_state(root: Path, data: dict[str, Any]) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt") as fh:
             for key in fh.keys():
                 prefix, _, layer = key.partition(".")
-                if prefix != "keys" or not layer.isdigit():
+                if prefix not in ("keys", "contrast") or not layer.isdigit():
                     raise InvalidPatchError(f"{where}: unexpected tensor {key!r} in {STATE_FILE}")
                 t = fh.get_tensor(key)
                 if t.dtype != torch.float32 or t.dim() != 2 or not bool(torch.isfinite(t).all()):

@@ -762,3 +762,58 @@ def test_contrast_score_steers_the_budget_off_neurons_look_alikes_share(
     assert chosen(0.0, shared) == plain  # the score alone decides; contrast keys unused at 0
     steered = chosen(1.0, shared)
     assert len(steered) == len(plain) and not steered & set(shared.tolist())
+
+
+def test_compress_rows_keeps_the_second_moment_in_at_most_d_rows() -> None:
+    from nmke_patch.methods.nmke.engine import compress_rows
+
+    rows = torch.randn(7, 5, generator=torch.Generator().manual_seed(0))
+    assert compress_rows(rows[:4]) is not None and torch.equal(compress_rows(rows[:4]), rows[:4])
+    packed = compress_rows(rows)
+    assert packed.shape == (5, 5)
+    torch.testing.assert_close(packed.T @ packed, rows.T @ rows, rtol=1e-5, atol=1e-5)
+
+
+def test_kept_contrast_travels_to_children(
+    tiny_tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nmke_patch.patch import load_patch
+
+    lm = loaded("llama", tiny_tokenizer)
+    editors: list[Editor] = []
+    starts: list[dict[int, torch.Tensor]] = []
+    original_init = Editor.__init__
+
+    def recording_init(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        original_init(self, *args, **kwargs)
+        editors.append(self)
+        starts.append({l: c.clone() for l, c in self.c_past.items()})
+
+    monkeypatch.setattr(Editor, "__init__", recording_init)
+    # 30 contrast keys per edit and layer: more rows than the layer's 48 neurons after two edits
+    config = TINY_CONFIG.with_overrides(contrast_subjects=30, contrast_weight=0.5, contrast_keep=0.2)
+    parent = create_patch(requests(), loaded=lm, config=config, name="parent")
+    assert {k.split(".")[0] for k in parent.state} == {"keys", "contrast"}
+    assert all(t.shape[0] <= 48 for k, t in parent.state.items() if k.startswith("contrast"))
+    parent.save(tmp_path / "parent.nmke")
+    reloaded = load_patch(tmp_path / "parent.nmke")
+    create_patch(requests()[:1], loaded=lm, config=config, name="child", on=[reloaded])
+    first = editors[0]
+    for l in (1, 2):  # the child starts from exactly the parent's past statistics, kept contrast included
+        torch.testing.assert_close(starts[1][l], first.c_past[l], rtol=1e-4, atol=1e-4)
+    keys_only = parent.state["keys.1"].T @ parent.state["keys.1"]
+    assert not torch.allclose(keys_only, first.c_past[1], rtol=1e-2, atol=1e-2)  # the contrast part counts
+
+
+def test_parent_state_of_the_wrong_width_is_refused_before_editing(tiny_tokenizer) -> None:
+    from dataclasses import replace
+
+    from nmke_patch.errors import InvalidPatchError
+
+    lm = loaded("llama", tiny_tokenizer)
+    before = state_copy(lm.model)
+    parent = create_patch(requests()[:1], loaded=lm, config=TINY_CONFIG, name="parent")
+    bad = replace(parent, state={**parent.state, "contrast.1": torch.zeros(3, 47)})
+    with pytest.raises(InvalidPatchError, match="47 neurons"):
+        create_patch(requests()[1:], loaded=lm, config=TINY_CONFIG, name="child", on=[bad])
+    assert_state_equal(lm.model, before)

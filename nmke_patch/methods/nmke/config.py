@@ -244,9 +244,8 @@ class EditConfig:
     bank_size: int = _f(4096, "Keys of the preserved text kept per layer for `contrast_bank` (float16).")
     contrast_keep: float = _f(
         0.0,
-        "Experimental: share of each edit's contrast weight kept in C_past, so later edits keep earlier "
-        "edits' contrast subjects too (0 = off). Kept only in the editor and its checkpoints, not in the "
-        "key state a patch carries to `--on` children.",
+        "Share of each edit's contrast weight kept in C_past, so later edits keep earlier edits' contrast "
+        "subjects too (0 = off). Travels with the patch (state `contrast.<layer>`) to `--on` children.",
     )
     max_sweeps: int = _f(
         1,

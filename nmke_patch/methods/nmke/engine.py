@@ -8,6 +8,7 @@ for checkpoints. The dense baselines (AlphaEdit, MEMIT) run through the same loo
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -80,6 +81,16 @@ class _Columns:
     owner: torch.Tensor  # [c] request index of each column
 
 
+def compress_rows(rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` ``[m, D]`` unchanged while ``m <= D``, else ``D`` rows with the same ``rows^T rows`` (from its
+    eigendecomposition, in float64): a second-moment factor that never outgrows ``[D, D]``."""
+    if rows.shape[0] <= rows.shape[1]:
+        return rows
+    gram = rows.double().T @ rows.double()
+    values, vectors = torch.linalg.eigh((gram + gram.T) / 2)
+    return (values.clamp_min(0).sqrt()[:, None] * vectors.T).float()
+
+
 class Editor:
     """Computes NMKE / AlphaEdit / MEMIT edits on a live model."""
 
@@ -130,6 +141,8 @@ class Editor:
             else {}
         )
         self.new_keys: dict[int, list[torch.Tensor]] = {l: [] for l in self.layers}
+        # kept contrast statistics (contrast_keep) of this editor's edits, as rows F with F^T F = their sum
+        self.kept_contrast = {l: torch.zeros(0, self.d_ff) for l in self.layers}
         self.cum = {
             l: torch.zeros(self.d_ff, self.weights[l].shape[1 - self.spec.neuron_axis]) for l in self.layers
         }
@@ -545,6 +558,8 @@ class Editor:
             if self.config.contrast_keep > 0 and l in contrast:
                 kept = self.config.contrast_keep * self.config.contrast_weight
                 self.c_past[l] += kept * contrast[l] @ contrast[l].T
+                rows = torch.cat([self.kept_contrast[l], math.sqrt(kept) * contrast[l].T])
+                self.kept_contrast[l] = compress_rows(rows)
         t5 = time.perf_counter()
         per = 1.0 / len(requests)
         records = []
@@ -578,13 +593,22 @@ class Editor:
             for l in self.layers
         }
 
+    def chain_state(self) -> dict[str, torch.Tensor]:
+        """What a patch carries to later ``create --on`` runs, per layer: ``keys.<l>`` (:meth:`keys_state`)
+        and, with ``contrast_keep``, ``contrast.<l>``: rows whose ``F^T F`` is the contrast statistics these
+        edits left in ``C_past``. A child's ``C_past`` starts as the sum of both over its parents."""
+        out = {f"keys.{l}": keys.contiguous() for l, keys in self.keys_state().items()}
+        for l, rows in self.kept_contrast.items():
+            if rows.numel():
+                out[f"contrast.{l}"] = rows.contiguous()
+        return out
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Everything needed to resume: accumulated deltas, touched masks, new keys."""
-        out: dict[str, torch.Tensor] = {}
-        for l, keys in self.keys_state().items():
+        """Everything needed to resume: accumulated deltas, touched masks, :meth:`chain_state`, C_past."""
+        out = self.chain_state()
+        for l in self.layers:
             out[f"cum.{l}"] = self.cum[l].contiguous()
             out[f"touched.{l}"] = self.touched[l].to(torch.uint8).contiguous()
-            out[f"keys.{l}"] = keys.contiguous()
             out[f"c_past.{l}"] = self.c_past[l].contiguous()
         return out
 
@@ -596,5 +620,7 @@ class Editor:
             keys = tensors[f"keys.{l}"].float()
             self.new_keys[l] = [keys] if keys.numel() else []
             self.c_past[l] = tensors[f"c_past.{l}"].float().clone()
+            kept = tensors.get(f"contrast.{l}")  # absent in checkpoints written before it existed
+            self.kept_contrast[l] = torch.zeros(0, self.d_ff) if kept is None else kept.float().clone()
         self.records = list(records)
         self._refresh_weights()
