@@ -817,3 +817,24 @@ def test_parent_state_of_the_wrong_width_is_refused_before_editing(tiny_tokenize
     with pytest.raises(InvalidPatchError, match="47 neurons"):
         create_patch(requests()[1:], loaded=lm, config=TINY_CONFIG, name="child", on=[bad])
     assert_state_equal(lm.model, before)
+
+
+@pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
+def test_listed_look_alikes_contrast_a_subject_opening_the_prompt(arch: str, tiny_tokenizer) -> None:
+    lm = loaded(arch, tiny_tokenizer)
+    spec = spec_for_model(lm.model)
+    d_ff = lm.model.config.intermediate_size if arch == "llama" else lm.model.config.n_inner
+    config = TINY_CONFIG.with_overrides(contrast_subjects=4, contrast_first="list")
+    editor = Editor(lm.model, tiny_tokenizer, config, c0={l: torch.eye(d_ff) for l in (1, 2)})
+    contrast = editor._contrast_keys([EditRequest("{} w3", "w2 w5", "w4")])
+    # the names the model lists after the subject ("w2 w5,"), neither the subject nor a word of it
+    ids = tiny_tokenizer("w2 w5,", return_tensors="pt").input_ids
+    order = lm.model(input_ids=ids).logits[0, -1].argsort(descending=True).tolist()
+    words = [tiny_tokenizer.decode([t]).strip() for t in order]
+    names = [w for w in words if w.startswith("w") and w not in ("w2", "w5")][:4]
+    alone = torch.tensor([tiny_tokenizer(w).input_ids for w in names])
+    with capture(lm.model, inputs={"k": f"{spec.layers}.2.{spec.mlp_out}"}) as seen:
+        lm.model(input_ids=alone)  # each at the start of a text, as the subject is in the prompt
+    torch.testing.assert_close(contrast[2], seen["k"][:, -1].float().T)
+    default = Editor(lm.model, tiny_tokenizer, TINY_CONFIG.with_overrides(contrast_subjects=4), c0=editor.c0)
+    assert not torch.allclose(default._contrast_keys([EditRequest("{} w3", "w2 w5", "w4")])[2], contrast[2])

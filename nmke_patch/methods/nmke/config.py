@@ -59,6 +59,7 @@ ADDED_FIELDS: dict[str, Any] = {
     "contrast_bank": 0,
     "bank_size": 4096,
     "contrast_score": 0.0,
+    "contrast_first": "embedding",
 }
 # NMKE's own target-value and key settings; the dense baselines run as published (see EditConfig.resolved).
 NMKE_ONLY = (
@@ -75,6 +76,7 @@ NMKE_ONLY = (
     "contrast_bank",
     "bank_size",
     "contrast_score",
+    "contrast_first",
 )
 
 
@@ -217,6 +219,14 @@ class EditConfig:
         "embedding (no text precedes it to predict alternatives from; a text's first key depends on its "
         "token alone). Over 100 edits: perplexity drift +8.3% instead of +11.1%, the rest equal. NMKE only.",
     )
+    contrast_first: Literal["embedding", "list"] = _f(
+        "embedding",
+        "contrast_subject_first: where the look-alikes of a subject opening the prompt come from. embedding: "
+        "the tokens nearest its first token, each alone; list: the names the model lists after it "
+        "('Vancouver,' -> Toronto, Seattle), completed to whole words and keyed at their last token at the "
+        "start of a text, as the subject is (a multi-token name is keyed after its first token, where a "
+        "lone first token is not like it). NMKE only.",
+    )
     contrast_words: bool = _f(
         False,
         "Contrast subjects shaped like the edited one: candidates capitalised when the subject is, each "
@@ -270,6 +280,7 @@ class EditConfig:
             (self.z_optimizer in ("adam", "normalized"), "z_optimizer must be adam or normalized"),
             (self.z_step > 0 and 0 <= self.z_momentum < 1, "z_step must be > 0 and z_momentum in [0, 1)"),
             (self.key_columns in ("mean", "contexts"), "key_columns must be mean or contexts"),
+            (self.contrast_first in ("embedding", "list"), "contrast_first must be embedding or list"),
             (0 < self.bare_weight < 1, "bare_weight must be in (0, 1)"),
             (0 < self.ratio_min <= self.ratio_max <= 1, "need 0 < ratio_min <= ratio_max <= 1"),
             (

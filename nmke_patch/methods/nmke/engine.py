@@ -251,27 +251,72 @@ class Editor:
             own = self.tokenizer(before + r.subject).input_ids[ids.shape[1] : ids.shape[1] + 1]
             if not own or not (before.strip() or cfg.contrast_subject_first):
                 continue
-            wide = (64 if cfg.contrast_words else 1) * cfg.contrast_subjects
-            if before.strip():
-                logits = self.model(input_ids=ids, use_cache=False).logits[0, -1]
-                logits[own[0]] = -float("inf")
-                pool = logits.topk(min(len(logits), wide)).indices
-            else:
-                pool = self._nearest_tokens(own[0], wide)
-            if cfg.contrast_words:  # few names among the predictions: top up with tokens like the subject's
-                pool = torch.cat([pool, self._nearest_tokens(own[0], 8 * cfg.contrast_subjects)])
-                candidates = self._like_subject(ids, pool, r.subject, cfg.contrast_subjects)
-                rows, last = self._complete_words(ids, candidates)
-            else:
-                candidates = pool[: cfg.contrast_subjects]
-                rows = torch.cat([ids.expand(len(candidates), -1), candidates[:, None]], dim=1)
-                last = torch.full((len(candidates),), rows.shape[1] - 1, device=self.device)
+            rows, last = self._contrast_rows(r, ids, own[0], opens=not before.strip())
             with capture(self.model, inputs=inputs) as seen, stop_after(last_key_module):
                 self.model.base_model(input_ids=rows, use_cache=False)
             at = torch.arange(len(rows), device=self.device)
             for l in self.layers:
                 out[l].append(seen[f"k{l}"][at, last].float().cpu().T)
         return {l: torch.cat(v, dim=1) for l, v in out.items() if v}
+
+    def _contrast_rows(
+        self, r: EditRequest, ids: torch.Tensor, own: int, *, opens: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token rows of one request's contrast subjects, right-padded, and each row's last subject token.
+
+        ``ids``: the prompt text before the subject; ``own``: the subject's first token; ``opens``: no text
+        precedes the subject.
+        """
+        cfg = self.config
+        if opens and cfg.contrast_first == "list":
+            listed = self._listed(r.subject, cfg.contrast_subjects)
+            if listed is not None:
+                return listed
+        wide = (64 if cfg.contrast_words else 1) * cfg.contrast_subjects
+        if not opens:
+            logits = self.model(input_ids=ids, use_cache=False).logits[0, -1]
+            logits[own] = -float("inf")
+            pool = logits.topk(min(len(logits), wide)).indices
+        else:
+            pool = self._nearest_tokens(own, wide)
+        if cfg.contrast_words:  # few names among the predictions: top up with tokens like the subject's
+            pool = torch.cat([pool, self._nearest_tokens(own, 8 * cfg.contrast_subjects)])
+            candidates = self._like_subject(ids, pool, r.subject, cfg.contrast_subjects)
+            return self._complete_words(ids, candidates)
+        candidates = pool[: cfg.contrast_subjects]
+        rows = torch.cat([ids.expand(len(candidates), -1), candidates[:, None]], dim=1)
+        return rows, torch.full((len(candidates),), rows.shape[1] - 1, device=self.device)
+
+    @torch.no_grad()
+    def _listed(self, subject: str, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Names the model lists after ``subject`` ("Vancouver," -> Toronto, Seattle, ...), each completed
+        greedily to a whole word and then put at the start of a text, as the subject of a prompt that opens
+        with it is: ``(rows, last)`` as :meth:`_complete_words`, or None if the model lists no name."""
+        ids = self.tokenizer(subject + ",", return_tensors="pt").input_ids.to(self.device)
+        logits = self.model(input_ids=ids, use_cache=False).logits[0, -1]
+        pool = logits.topk(min(len(logits), 8 * count)).indices
+        rows, last = self._complete_words(ids, self._like_subject(ids, pool, subject, 2 * count))
+        n, taken = ids.shape[1], {subject, *subject.split()}  # not the subject, nor a word of it
+        names = [
+            str(self.tokenizer.decode(rows[i, n : int(last[i]) + 1].tolist())).strip()
+            for i in range(len(rows))
+        ]
+        names = [
+            w
+            for w in dict.fromkeys(names)
+            if len(w) > 1 and w not in taken and w[:1].isupper() == subject[:1].isupper()
+        ][:count]
+        if not names:
+            return None
+        encoded = [self.tokenizer(w).input_ids for w in names]
+        width = max(len(e) for e in encoded)
+        padded = [
+            e + [e[-1]] * (width - len(e)) for e in encoded
+        ]  # causal: padding after a key cannot move it
+        return (
+            torch.tensor(padded, device=self.device),
+            torch.tensor([len(e) - 1 for e in encoded], device=self.device),
+        )
 
     def _nearest_preserved_keys(
         self, keys_subject: dict[int, torch.Tensor], bare: torch.Tensor, selected: dict[int, torch.Tensor]
