@@ -838,3 +838,34 @@ def test_listed_look_alikes_contrast_a_subject_opening_the_prompt(arch: str, tin
     torch.testing.assert_close(contrast[2], seen["k"][:, -1].float().T)
     default = Editor(lm.model, tiny_tokenizer, TINY_CONFIG.with_overrides(contrast_subjects=4), c0=editor.c0)
     assert not torch.allclose(default._contrast_keys([EditRequest("{} w3", "w2 w5", "w4")])[2], contrast[2])
+
+
+def test_past_weight_scales_the_past_keys_in_the_solve(
+    tiny_tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nmke_patch.methods.nmke import engine
+
+    lm = loaded("llama", tiny_tokenizer)
+    d_ff = lm.model.config.intermediate_size
+    past = torch.randn(3, d_ff, generator=torch.Generator().manual_seed(0))
+    seen: list[torch.Tensor] = []
+    original = engine.solve_layer
+
+    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(kwargs["c_past"].clone())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "solve_layer", recording)
+    for weight in (1.0, 0.25):
+        config = TINY_CONFIG.with_overrides(contrast_subjects=0, past_weight=weight)
+        editor = Editor(
+            lm.model,
+            tiny_tokenizer,
+            config,
+            c0={l: torch.eye(d_ff) for l in (1, 2)},
+            past_keys={1: past, 2: past},
+        )
+        editor.edit(requests()[:1], 0)
+        editor.release()
+    torch.testing.assert_close(seen[0], past.T @ past)
+    torch.testing.assert_close(seen[2], 0.25 * (past.T @ past))

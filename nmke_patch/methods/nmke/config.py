@@ -60,6 +60,7 @@ ADDED_FIELDS: dict[str, Any] = {
     "bank_size": 4096,
     "contrast_score": 0.0,
     "contrast_first": "embedding",
+    "past_weight": 1.0,
 }
 # NMKE's own target-value and key settings; the dense baselines run as published (see EditConfig.resolved).
 NMKE_ONLY = (
@@ -77,6 +78,7 @@ NMKE_ONLY = (
     "bank_size",
     "contrast_score",
     "contrast_first",
+    "past_weight",
 )
 
 
@@ -257,6 +259,12 @@ class EditConfig:
         "Share of each edit's contrast weight kept in C_past, so later edits keep earlier edits' contrast "
         "subjects too (0 = off). Travels with the patch (state `contrast.<layer>`) to `--on` children.",
     )
+    past_weight: float = _f(
+        1.0,
+        "Weight of the past edits' keys (C_past) in NMKE's soft solve, in units of the edit's own key. "
+        "Past keys pile up: after T edits a new key competes with T of them, so edits land less as T grows "
+        "(benchmarks/probe_decay.py); below 1 they land more at the risk of moving earlier edits. NMKE only.",
+    )
     max_sweeps: int = _f(
         1,
         "Passes over the edited layers per batch: another pass (from the edited model) runs while a request's "
@@ -291,6 +299,7 @@ class EditConfig:
             (0 < self.landing < 1, "landing must be in (0, 1)"),
             (self.reuse_touched >= 0, "reuse_touched must be >= 0"),
             (self.first_token_weight >= 0, "first_token_weight must be >= 0"),
+            (self.past_weight > 0, "past_weight must be > 0"),
             (self.min_preservation >= 0, "min_preservation must be >= 0"),
             (
                 min(

@@ -543,7 +543,9 @@ class Editor:
             keys = (scale * (columns.key_map @ key_rows)).T  # [D, c]
             # MEMIT spreading over the layers left
             residual = (scale * (columns.residual_map @ (row_targets - out_rows))).T / (n - j)  # [d, c]
-            protect = self.c_past[l]
+            protect = (
+                self.c_past[l] if self.config.past_weight == 1 else self.config.past_weight * self.c_past[l]
+            )
             if l in contrast:
                 protect = protect + self.config.contrast_weight * contrast[l] @ contrast[l].T
             rows, x, _kept = solve_layer(
