@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -378,18 +379,23 @@ def test_state_file_round_trips_without_warnings(tmp_path: Path, tiny_tokenizer)
         load_patch(saved.path)
 
 
-def test_resume_equals_uninterrupted_run(tmp_path: Path, tiny_tokenizer) -> None:
+# the second: kept contrast rows (40 per edit and layer) outgrow 2 x 48 neurons and are compressed mid-run
+@pytest.mark.parametrize("overrides", [{}, {"contrast_subjects": 40, "contrast_keep": 0.2}])
+def test_resume_equals_uninterrupted_run(tmp_path: Path, tiny_tokenizer, overrides: dict[str, Any]) -> None:
+    config = TINY_CONFIG.with_overrides(**overrides)
     reqs = [*requests(), EditRequest("w20 {} w21", "w22", "w23")]
-    full = create_patch(reqs, loaded=loaded("llama", tiny_tokenizer), config=TINY_CONFIG, name="t")
+    full = create_patch(reqs, loaded=loaded("llama", tiny_tokenizer), config=config, name="t")
     lm = loaded("llama", tiny_tokenizer)
     ckpt = tmp_path / "ckpt"
     with pytest.raises(KeyboardInterrupt):
-        create_patch(reqs, loaded=lm, config=TINY_CONFIG, name="t", checkpoint_dir=ckpt, stop_after=1)
-    assert json.loads((ckpt / "progress.json").read_text())["next_index"] == 1
-    resumed = create_patch(reqs, loaded=lm, config=TINY_CONFIG, name="t", checkpoint_dir=ckpt, resume=True)
+        create_patch(reqs, loaded=lm, config=config, name="t", checkpoint_dir=ckpt, stop_after=2)
+    assert json.loads((ckpt / "progress.json").read_text())["next_index"] == 2
+    resumed = create_patch(reqs, loaded=lm, config=config, name="t", checkpoint_dir=ckpt, resume=True)
     assert full.id == resumed.id  # same bytes of deltas.safetensors
+    assert full.state.keys() == resumed.state.keys()
+    assert all(torch.equal(full.state[k], resumed.state[k]) for k in full.state)  # the chain state too
     with pytest.raises(InvalidRequestError, match="different run"):
-        create_patch(reqs[:2], loaded=lm, config=TINY_CONFIG, name="t", checkpoint_dir=ckpt, resume=True)
+        create_patch(reqs[:2], loaded=lm, config=config, name="t", checkpoint_dir=ckpt, resume=True)
 
 
 def test_key_statistics_are_cached(monkeypatch: pytest.MonkeyPatch, tiny_tokenizer) -> None:

@@ -141,7 +141,8 @@ class Editor:
             else {}
         )
         self.new_keys: dict[int, list[torch.Tensor]] = {l: [] for l in self.layers}
-        # kept contrast statistics (contrast_keep) of this editor's edits, as rows F with F^T F = their sum
+        # kept contrast statistics (contrast_keep) of this editor's edits, as rows F with F^T F = their sum,
+        # at most 2 d_ff of them (compress_rows)
         self.kept_contrast = {l: torch.zeros(0, self.d_ff) for l in self.layers}
         self.cum = {
             l: torch.zeros(self.d_ff, self.weights[l].shape[1 - self.spec.neuron_axis]) for l in self.layers
@@ -606,7 +607,8 @@ class Editor:
                 kept = self.config.contrast_keep * self.config.contrast_weight
                 self.c_past[l] += kept * contrast[l] @ contrast[l].T
                 rows = torch.cat([self.kept_contrast[l], math.sqrt(kept) * contrast[l].T])
-                self.kept_contrast[l] = compress_rows(rows)
+                # compressed once it doubles a full factor: an eigendecomposition every ~d_ff/m edits
+                self.kept_contrast[l] = compress_rows(rows) if len(rows) > 2 * self.d_ff else rows
         t5 = time.perf_counter()
         per = 1.0 / len(requests)
         records = []
@@ -647,13 +649,16 @@ class Editor:
         out = {f"keys.{l}": keys.contiguous() for l, keys in self.keys_state().items()}
         for l, rows in self.kept_contrast.items():
             if rows.numel():
-                out[f"contrast.{l}"] = rows.contiguous()
+                out[f"contrast.{l}"] = compress_rows(rows).contiguous()
         return out
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Everything needed to resume: accumulated deltas, touched masks, :meth:`chain_state`, C_past."""
-        out = self.chain_state()
+        """Everything needed to resume: accumulated deltas, touched masks, new keys, kept contrast rows (as
+        they are, so a resumed run compresses them when an uninterrupted one would), C_past."""
+        out = {f"keys.{l}": keys.contiguous() for l, keys in self.keys_state().items()}
         for l in self.layers:
+            if self.kept_contrast[l].numel():
+                out[f"contrast.{l}"] = self.kept_contrast[l].contiguous()
             out[f"cum.{l}"] = self.cum[l].contiguous()
             out[f"touched.{l}"] = self.touched[l].to(torch.uint8).contiguous()
             out[f"c_past.{l}"] = self.c_past[l].contiguous()
