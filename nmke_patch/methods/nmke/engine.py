@@ -311,9 +311,8 @@ class Editor:
             return None
         encoded = [self.tokenizer(w).input_ids for w in names]
         width = max(len(e) for e in encoded)
-        padded = [
-            e + [e[-1]] * (width - len(e)) for e in encoded
-        ]  # causal: padding after a key cannot move it
+        # right-padded by repeating the last token: causal attention, so padding cannot move a key before it
+        padded = [e + [e[-1]] * (width - len(e)) for e in encoded]
         return (
             torch.tensor(padded, device=self.device),
             torch.tensor([len(e) - 1 for e in encoded], device=self.device),
