@@ -514,6 +514,12 @@ def report(args: argparse.Namespace) -> None:
         print(f"updated {ROOT / 'BENCHMARKS.md'}", file=sys.stderr)
 
 
+def default_checkpoint_dir(out_dir: str | Path) -> Path:
+    """Where the editor states of the runs reported to ``out_dir`` live unless ``--checkpoint-dir`` says."""
+    out_key = hashlib.sha256(str(Path(out_dir).resolve()).encode()).hexdigest()[:12]
+    return home() / "lifelong" / out_key
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -559,8 +565,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.checkpoint_dir is None:
-        out_key = hashlib.sha256(str(Path(args.out_dir).resolve()).encode()).hexdigest()[:12]
-        args.checkpoint_dir = str(home() / "lifelong" / out_key)
+        args.checkpoint_dir = str(default_checkpoint_dir(args.out_dir))
     if args.report_only:
         report(args)
         return

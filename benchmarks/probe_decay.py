@@ -13,17 +13,16 @@ now, and the mean P(new) right after the edit was made (from the run's records).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from pathlib import Path
 
 import torch
+from lifelong import default_checkpoint_dir
 from safetensors.torch import load_file
 
 from nmke_patch.architectures import spec_for_model
 from nmke_patch.create import target_probabilities
 from nmke_patch.models import load_base
-from nmke_patch.paths import home
 from nmke_patch.requests import read_requests
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,8 +38,7 @@ def main() -> None:
     parser.add_argument("--bucket", type=int, default=100)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    key = hashlib.sha256(str(Path(args.out_dir).resolve()).encode()).hexdigest()[:12]
-    folder = home() / "lifelong" / key / args.run
+    folder = default_checkpoint_dir(args.out_dir) / args.run
     progress = json.loads((folder / "progress.json").read_text())
     records = progress["records"]
     state = load_file(str(folder / "state.safetensors"))
