@@ -5,7 +5,8 @@ Usage::
     python benchmarks/edit_speed.py --n 10 --threads 2   # run on an otherwise idle machine
 
 Edits ``--n`` records of ``data/counterfact_dev.jsonl`` (from ``--start``) one at a time after one warm-up
-edit, with the default settings (``--set KEY=JSON`` overrides; ``--method`` for the baselines), and writes
+edit, with the default settings (``--set KEY=JSON`` overrides; ``--methods`` for the baselines; each
+``--variant 'LABEL:KEY=JSON;...'`` adds an NMKE row with other settings, measured in the same run), and writes
 the mean seconds per edit (total, target value z, attribution and mask, solve, other forward passes) to the
 section "## Time per edit (issue 3)" of BENCHMARKS.md.
 """
@@ -47,6 +48,16 @@ def measure(method: str, n: int, start: int, overrides: dict[str, object]) -> di
     return out
 
 
+def parse_variant(text: str, base: dict[str, object]) -> tuple[str, dict[str, object]]:
+    """``LABEL:KEY=JSON;KEY=JSON`` -> (label, the base overrides updated with these)."""
+    label, _, settings = text.partition(":")
+    overrides = dict(base)
+    for item in filter(None, settings.split(";")):
+        key, _, value = item.partition("=")
+        overrides[key.strip()] = json.loads(value)
+    return label, overrides
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=10)
@@ -54,17 +65,26 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--methods", default="nmke,alphaedit")
     parser.add_argument("--set", action="append", default=[], help="EditConfig override KEY=JSON")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL:KEY=JSON[;KEY=JSON]",
+        help="an extra NMKE row with these overrides, measured in the same run (side by side)",
+    )
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
+    runs = [(method, method, overrides) for method in args.methods.split(",")]
+    runs += [("nmke", *parse_variant(v, overrides)) for v in args.variant]
     rows = []
-    for method in args.methods.split(","):
-        r = measure(method, args.n, args.start, overrides)
-        print(method, json.dumps({k: round(v, 3) for k, v in r.items()}), flush=True)
+    for method, label, settings in runs:
+        r = measure(method, args.n, args.start, settings)
+        print(label, json.dumps({k: round(v, 3) for k, v in r.items()}), flush=True)
         share = r["attribution"] / r["total"]
         rows.append(
-            f"| {method} | {r['wall_per_edit']:.2f} | {r['z']:.2f} ({r['z_steps']:.1f} steps) "
+            f"| {label} | {r['wall_per_edit']:.2f} | {r['z']:.2f} ({r['z_steps']:.1f} steps) "
             f"| {r['attribution']:.2f} ({share:.0%}) | {r['solve']:.2f} | {r['forward']:.2f} |"
         )
     if args.no_write:
@@ -72,6 +92,7 @@ def main() -> None:
     body = (
         f"Command: `python benchmarks/edit_speed.py --n {args.n} --threads {args.threads}"
         + "".join(f" --set {s}" for s in args.set)
+        + "".join(f" --variant '{v}'" for v in args.variant)
         + f"` on an otherwise idle machine ({cpu_name()}, {args.threads} threads, torch {torch.__version__}, "
         f"{date.today()}); records {args.start + 1}-{args.start + args.n} of the development set, sequential "
         "single edits after one warm-up edit. Seconds per edit; attribution includes the mask and the contrast "
