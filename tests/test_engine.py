@@ -305,7 +305,7 @@ def test_soft_solve_lands_the_requested_share_on_selected_neurons_only() -> None
     drifts = []
     for landing in (0.5, 0.9):
         config = EditConfig(masked_solve="soft", landing=landing, min_preservation=0.0)
-        rows, x, _ = solve_layer(
+        rows, x, *_ = solve_layer(
             keys,
             residual,
             config=config,
@@ -321,11 +321,16 @@ def test_soft_solve_lands_the_requested_share_on_selected_neurons_only() -> None
         drifts.append(float(torch.trace(x.T @ c0[rows][:, rows] @ x)))
     assert drifts[0] < drifts[1]  # landing more costs more change on preserved text
     capped = EditConfig(masked_solve="soft", landing=0.9, min_preservation=1e4)
-    rows, x, _ = solve_layer(
+    rows, x, *_ = solve_layer(
         keys, residual, config=capped, c0=c0, c_past=torch.zeros(d_ff, d_ff), basis=None, selected=selected
     )
     assert float(torch.trace(x.T @ c0[rows][:, rows] @ x)) < drifts[1]  # the cap binds: less drift,
-    assert float(((x.T @ keys[rows]).T @ residual) / residual.norm() ** 2) < 0.9  # and less landed
+    landed = float(((x.T @ keys[rows]).T @ residual) / residual.norm() ** 2)
+    assert landed < 0.9  # and less landed,
+    update = solve_layer(
+        keys, residual, config=capped, c0=c0, c_past=torch.zeros(d_ff, d_ff), basis=None, selected=selected
+    )
+    assert update.share == pytest.approx(landed, abs=1e-4)  # which the update reports
 
 
 @pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
@@ -360,6 +365,40 @@ def test_reusing_touched_neurons_shrinks_the_lifetime_patch(arch: str, tiny_toke
         per_edit = [sum(m["neurons"].values()) for m in patch.manifest.metrics]
         assert per_edit[0] == per_edit[1]  # the budget per edit is the same
     assert union[1.0] < union[0.0], union
+
+
+def test_budget_grows_only_where_the_edit_cannot_land(
+    tiny_tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nmke_patch.methods.nmke import engine
+
+    lm = loaded("llama", tiny_tokenizer)
+    d_ff = lm.model.config.intermediate_size
+    budget = int(0.1 * d_ff)
+    sizes: list[int] = []
+    original = engine.solve_layer
+
+    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
+        sizes.append(len(kwargs["selected"]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "solve_layer", recording)
+    neurons = {}
+    for floor in (0.0, 1e6):  # nothing to keep, no drift floor: lands at the budget; a huge floor: never
+        for grow in (None, 0.5):
+            sizes.clear()
+            config = TINY_CONFIG.with_overrides(
+                max_neurons=0.1, min_preservation=floor, grow_budget_to=grow, contrast_subjects=0
+            )
+            patch = create_patch(requests()[:1], loaded=lm, config=config, name="t")
+            neurons[floor, grow] = patch.manifest.metrics[0]["neurons"]
+            if floor == 0.0 or grow is None:
+                assert sizes == [budget, budget]  # one solve per layer, within the budget
+            else:  # doubling per layer up to half the layer, which the tiny model's mask may not fill
+                assert sizes[0] == budget and len(sizes) > 2 and max(sizes) > budget
+                assert max(sizes) <= d_ff // 2
+    assert neurons[0.0, None] == neurons[0.0, 0.5] == {"1": budget, "2": budget}
+    assert all(n > budget for n in neurons[1e6, 0.5].values()), neurons  # the record counts what changed
 
 
 def test_state_file_round_trips_without_warnings(tmp_path: Path, tiny_tokenizer) -> None:
@@ -516,7 +555,7 @@ def test_landing_counts_parallel_columns_together() -> None:
     r = torch.randn(3, 1).expand(3, 2)
     c0 = torch.eye(8)
     config = EditConfig(landing=0.6, min_preservation=0.0)
-    _, x, _ = solve_layer(
+    _, x, *_ = solve_layer(
         keys, r, config=config, c0=c0, c_past=torch.zeros(8, 8), basis=None, selected=torch.arange(8)
     )
     realised = (x.T @ keys * r).sum(dim=0) / r.pow(2).sum(dim=0)

@@ -61,6 +61,7 @@ ADDED_FIELDS: dict[str, Any] = {
     "contrast_score": 0.0,
     "contrast_first": "embedding",
     "past_weight": 1.0,
+    "grow_budget_to": None,
 }
 # NMKE's own target-value and key settings; the dense baselines run as published (see EditConfig.resolved).
 NMKE_ONLY = (
@@ -78,6 +79,7 @@ NMKE_ONLY = (
     "bank_size",
     "contrast_score",
     "contrast_first",
+    "grow_budget_to",
     "past_weight",
 )
 
@@ -145,6 +147,13 @@ class EditConfig:
         0.1,
         "Sparsity budget: at most this fraction of a layer's neurons per edit "
         "(None = the published mask size). Ignored by the dense baselines.",
+    )
+    grow_budget_to: float | None = _f(
+        None,
+        "'soft' solve: when an edit cannot realise `landing` on a layer at the `min_preservation` floor "
+        "within `max_neurons`, its budget on that layer doubles (the next neurons of its mask, by rank) until "
+        "it does or reaches this fraction (None = never). Late in a lifelong run the past edits' keys fill "
+        "the budgeted neurons and new edits stop landing (benchmarks/probe_decay.py). NMKE only.",
     )
     neuron_score: Literal["hybrid", "specificity", "combined"] = _f(
         "specificity",
@@ -300,6 +309,10 @@ class EditConfig:
             (self.reuse_touched >= 0, "reuse_touched must be >= 0"),
             (self.first_token_weight >= 0, "first_token_weight must be >= 0"),
             (self.past_weight > 0, "past_weight must be > 0"),
+            (
+                self.grow_budget_to is None or 0 < self.grow_budget_to <= 1,
+                "grow_budget_to must be a fraction in (0, 1]",
+            ),
             (self.min_preservation >= 0, "min_preservation must be >= 0"),
             (
                 min(

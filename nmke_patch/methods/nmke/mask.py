@@ -58,10 +58,12 @@ def hybrid_mask(scores: torch.Tensor, ratios: MaskRatios) -> tuple[torch.Tensor,
     return mask, torch.maximum(ranks(r_ge), ranks(r_sp))
 
 
+def ranked_candidates(mask: torch.Tensor, priority: torch.Tensor) -> torch.Tensor:
+    """Indices of the masked neurons, highest ``priority`` first."""
+    candidates = torch.nonzero(mask).flatten()
+    return candidates[torch.argsort(priority[candidates], descending=True, stable=True)]
+
+
 def apply_budget(mask: torch.Tensor, priority: torch.Tensor, budget: int) -> torch.Tensor:
     """Indices (sorted) of at most ``budget`` masked neurons with the highest ``priority``."""
-    candidates = torch.nonzero(mask).flatten()
-    if candidates.numel() > budget:
-        keep = priority[candidates].topk(budget).indices
-        candidates = candidates[keep]
-    return torch.sort(candidates).values
+    return torch.sort(ranked_candidates(mask, priority)[:budget]).values

@@ -5,6 +5,7 @@ and MEMIT itself."""
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -31,6 +32,16 @@ def _landing(keys: torch.Tensor, b: torch.Tensor, gram: torch.Tensor, weights: t
     return float((weights * shares).sum() / weights.sum())
 
 
+class LayerUpdate(NamedTuple):
+    """One layer's solve: neuron indices, their changes ``[len(rows), d]`` (``X = Delta^T``), the dimension
+    of the null space used, and (soft solve) the weighted share of the residual realised (else 1)."""
+
+    rows: torch.Tensor
+    x: torch.Tensor
+    kept_dim: int
+    share: float = 1.0
+
+
 def _soft_restricted_solve(
     ks: torch.Tensor,
     r: torch.Tensor,
@@ -47,7 +58,7 @@ def _soft_restricted_solve(
     ``landing`` of its residual, but never below ``min_weight`` (then the edit lands less).
     ``tr(X^T C0 X)`` is the expected squared change of this layer's output on preserved text, so ``mu``
     trades the edit against exactly the drift it causes. ``weights`` (per column, default equal) weight
-    the columns' shares in the landing.
+    the columns' shares in the landing. Returns ``X`` and the share it realises.
     """
     k, c0d, cpd = ks.double(), c0s.double(), c_past_s.double()
     rd = r.double()
@@ -73,7 +84,7 @@ def _soft_restricted_solve(
                 break
     log_mu = max(lo, math.log10(min_weight)) if min_weight > 0 else lo  # drift cap: land less instead
     x = torch.linalg.solve(k @ k.T + b(log_mu), k @ rd.T)
-    return x.float(), 10.0**log_mu
+    return x.float(), _landing(k, b(log_mu), gram, w)
 
 
 def solve_layer(
@@ -86,7 +97,7 @@ def solve_layer(
     basis: torch.Tensor | None,
     selected: torch.Tensor | None,
     weights: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
+) -> LayerUpdate:
     """Solve for the value-vector changes of one layer.
 
     Args:
@@ -98,8 +109,7 @@ def solve_layer(
         weights: ``[u]`` weight of each column in the soft solve's landing (None = equal).
 
     Returns:
-        ``(rows, X, kept_dim)``: neuron indices, their changes ``[len(rows), d]`` (``X = Delta^T``), and the
-        dimension of the null space used.
+        The :class:`LayerUpdate`.
     """
     k = keys.float()
     r = residuals.float()
@@ -108,15 +118,15 @@ def solve_layer(
     if config.method == "memit":
         a = config.memit_lambda * c0 + k @ k.T
         x = torch.linalg.solve(a, k @ r.T)
-        return torch.arange(dim), x, dim
+        return LayerUpdate(torch.arange(dim), x, dim)
     if config.method == "nmke" and config.masked_solve == "soft":
         assert selected is not None
         s = selected.to(torch.long)
         ks = k[s]
-        x, _mu = _soft_restricted_solve(
+        x, share = _soft_restricted_solve(
             ks, r, c0[s][:, s], c_past[s][:, s], config.landing, config.min_preservation, weights
         )
-        return s, x, len(s)
+        return LayerUpdate(s, x, len(s), share)
     if config.method == "nmke" and config.masked_solve == "exact":
         assert selected is not None
         s = selected.to(torch.long)
@@ -124,12 +134,12 @@ def solve_layer(
         sub_basis = nullspace_basis(c0[s][:, s], config.projector_energy)
         lhs = _project(sub_basis, ks @ ks.T + c_past[s][:, s]) + lam * torch.eye(len(s))
         x = torch.linalg.solve(lhs, _project(sub_basis, ks @ r.T))
-        return s, x, int(sub_basis.shape[1])
+        return LayerUpdate(s, x, int(sub_basis.shape[1]))
     assert basis is not None
     lhs = _project(basis, k @ k.T + c_past) + lam * torch.eye(dim)
     x = torch.linalg.solve(lhs, _project(basis, k @ r.T))
     if config.method == "nmke":  # reference post-mask: zero the rows of unselected neurons
         assert selected is not None
         s = selected.to(torch.long)
-        return s, x[s], int(basis.shape[1])
-    return torch.arange(dim), x, int(basis.shape[1])
+        return LayerUpdate(s, x[s], int(basis.shape[1]))
+    return LayerUpdate(torch.arange(dim), x, int(basis.shape[1]))
