@@ -150,10 +150,10 @@ class EditConfig:
     )
     grow_budget_to: float | None = _f(
         None,
-        "'soft' solve: when an edit cannot realise `landing` on a layer at the `min_preservation` floor "
-        "within `max_neurons`, its budget on that layer doubles (the next neurons of its mask, by rank) until "
-        "it does or reaches this fraction (None = never). Late in a lifelong run the past edits' keys fill "
-        "the budgeted neurons and new edits stop landing (benchmarks/probe_decay.py). NMKE only.",
+        "An edit whose P(new) stays below `sweep_until` after its sweeps is solved again from the model "
+        "before it on twice the neurons per layer (the next of its mask, by rank), until it lands or its "
+        "budget reaches this fraction (None = never). Late in a lifelong run the past edits' keys fill the "
+        "budgeted neurons and new edits stop landing (benchmarks/probe_decay.py). NMKE only.",
     )
     neuron_score: Literal["hybrid", "specificity", "combined"] = _f(
         "specificity",

@@ -531,19 +531,14 @@ class Editor:
         fw: _Forward,
         row_targets: torch.Tensor,
         columns: _Columns,
-        ranked: dict[int, list[torch.Tensor]],
+        selected: dict[int, torch.Tensor],
         contrast: dict[int, torch.Tensor],
-    ) -> dict[int, torch.Tensor]:
+    ) -> None:
         """One pass over the edited layers, ascending: each realises its share of what is still missing.
 
-        ``row_targets`` ``[B, d]``: the last edited layer's output each prompt row should have. Returns the
-        neurons changed per layer.
+        ``row_targets`` ``[B, d]``: the last edited layer's output each prompt row should have.
         """
-        cfg = self.config
         n = len(self.layers)
-        budget = self._budget(cfg.max_neurons)
-        cap = budget if cfg.grow_budget_to is None else max(budget, self._budget(cfg.grow_budget_to))
-        changed = {}
         scale = columns.weights.sqrt()[:, None]
         start, entry = self.layers[0], fw.entry
         for j, l in enumerate(self.layers):
@@ -560,27 +555,44 @@ class Editor:
             )
             if l in contrast:
                 protect = protect + self.config.contrast_weight * contrast[l] @ contrast[l].T
-            size = budget
-            while True:
-                update = solve_layer(
-                    keys,
-                    residual,
-                    config=cfg,
-                    c0=self.c0[l],
-                    c_past=protect,
-                    basis=self.basis.get(l),
-                    selected=self._take(ranked[l], size),
-                    weights=columns.weights,
-                )
-                # the soft solve lands less only where the drift floor binds: give it more neurons
-                if update.share >= cfg.landing - 1e-3 or size >= cap:
-                    break
-                size = min(2 * size, cap)
+            update = solve_layer(
+                keys,
+                residual,
+                config=self.config,
+                c0=self.c0[l],
+                c_past=protect,
+                basis=self.basis.get(l),
+                selected=selected[l],
+                weights=columns.weights,
+            )
             self.cum[l][update.rows] += update.x
             self.touched[l][update.rows] = True
-            changed[l] = update.rows
             self._refresh_weights()
-        return changed
+
+    def _apply_sweeps(
+        self,
+        batch: Batch,
+        fw: _Forward,
+        row_targets: torch.Tensor,
+        columns: _Columns,
+        selected: dict[int, torch.Tensor],
+        contrast: dict[int, torch.Tensor],
+        bare: torch.Tensor,
+    ) -> tuple[_Forward, float]:
+        """Sweeps until every request reaches ``sweep_until`` (at most ``max_sweeps``; the dense baselines
+        make one). Returns the forward pass of the edited model and the seconds spent solving."""
+        solve_s = 0.0
+        sweeps = self.config.max_sweeps if self.config.method == "nmke" else 1  # baselines: as published
+        for _ in range(sweeps):
+            t_sweep = time.perf_counter()
+            self._sweep(batch, fw, row_targets, columns, selected, contrast)
+            t_after = time.perf_counter()
+            after = self._forward(batch, self.layers)
+            solve_s += t_after - t_sweep
+            if float(torch.exp(after.target_lp[bare]).min()) >= self.config.sweep_until:
+                break
+            fw = after
+        return after, solve_s
 
     def edit(self, requests: Sequence[EditRequest], start_index: int) -> list[EditRecord]:
         """Edit ``requests`` together (one solve per layer) and keep the result on the live model."""
@@ -607,20 +619,25 @@ class Editor:
         for l, near in self._nearest_preserved_keys(fw.keys_subject, bare, budgeted).items():
             contrast[l] = torch.cat([contrast[l], near], dim=1) if l in contrast else near
         t3 = time.perf_counter()
+        cfg = self.config
+        size = self._budget(cfg.max_neurons)
+        cap = size if cfg.grow_budget_to is None else max(size, self._budget(cfg.grow_budget_to))
+        cap = min(cap, max(len(r) for per_request in ranked.values() for r in per_request))  # masks' size
+        saved = {l: (self.cum[l].clone(), self.touched[l].clone()) for l in self.layers} if cap > size else {}
         solve_s = 0.0
-        changed: dict[int, set[int]] = {l: set() for l in self.layers}
-        sweeps = self.config.max_sweeps if self.config.method == "nmke" else 1  # baselines: as published
-        for _ in range(sweeps):
-            t_sweep = time.perf_counter()
-            for l, rows in self._sweep(batch, fw, row_targets, columns, ranked, contrast).items():
-                changed[l].update(rows.tolist())
-            t_after = time.perf_counter()
-            after = self._forward(batch, self.layers)
+        while True:
+            selected = {l: self._take(ranked[l], size) for l in self.layers}
+            after, seconds = self._apply_sweeps(batch, fw, row_targets, columns, selected, contrast, bare)
+            solve_s += seconds
             p_after = torch.exp(after.target_lp[bare])
-            solve_s += t_after - t_sweep
-            if float(p_after.min()) >= self.config.sweep_until:
+            if float(p_after.min()) >= cfg.sweep_until or size >= cap:
                 break
-            fw = after
+            # it did not land: solve it again from the model before it, on twice the neurons
+            for l, (cum, touched) in saved.items():
+                self.cum[l].copy_(cum)
+                self.touched[l].copy_(touched)
+            self._refresh_weights()
+            size = min(2 * size, cap)
         for l in self.layers:
             new = columns.weights.sqrt()[:, None] * (columns.key_map @ after.keys_subject[l])  # [c, D]
             self.new_keys[l].append(new)
@@ -641,7 +658,7 @@ class Editor:
                 p_new_before=float(p_before[i]),
                 p_new_after=float(p_after[i]),
                 z_steps=targets[i].steps,
-                neurons={str(l): len(changed[l]) for l in self.layers},
+                neurons={str(l): int(selected[l].numel()) for l in self.layers},
                 seconds={
                     "total": (t5 - t0) * per,
                     "z": (t2 - t1) * per,

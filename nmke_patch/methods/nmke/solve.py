@@ -33,13 +33,12 @@ def _landing(keys: torch.Tensor, b: torch.Tensor, gram: torch.Tensor, weights: t
 
 
 class LayerUpdate(NamedTuple):
-    """One layer's solve: neuron indices, their changes ``[len(rows), d]`` (``X = Delta^T``), the dimension
-    of the null space used, and (soft solve) the weighted share of the residual realised (else 1)."""
+    """One layer's solve: neuron indices, their changes ``[len(rows), d]`` (``X = Delta^T``) and the
+    dimension of the null space used."""
 
     rows: torch.Tensor
     x: torch.Tensor
     kept_dim: int
-    share: float = 1.0
 
 
 def _soft_restricted_solve(
@@ -58,7 +57,7 @@ def _soft_restricted_solve(
     ``landing`` of its residual, but never below ``min_weight`` (then the edit lands less).
     ``tr(X^T C0 X)`` is the expected squared change of this layer's output on preserved text, so ``mu``
     trades the edit against exactly the drift it causes. ``weights`` (per column, default equal) weight
-    the columns' shares in the landing. Returns ``X`` and the share it realises.
+    the columns' shares in the landing.
     """
     k, c0d, cpd = ks.double(), c0s.double(), c_past_s.double()
     rd = r.double()
@@ -84,7 +83,7 @@ def _soft_restricted_solve(
                 break
     log_mu = max(lo, math.log10(min_weight)) if min_weight > 0 else lo  # drift cap: land less instead
     x = torch.linalg.solve(k @ k.T + b(log_mu), k @ rd.T)
-    return x.float(), _landing(k, b(log_mu), gram, w)
+    return x.float(), 10.0**log_mu
 
 
 def solve_layer(
@@ -123,10 +122,10 @@ def solve_layer(
         assert selected is not None
         s = selected.to(torch.long)
         ks = k[s]
-        x, share = _soft_restricted_solve(
+        x, _mu = _soft_restricted_solve(
             ks, r, c0[s][:, s], c_past[s][:, s], config.landing, config.min_preservation, weights
         )
-        return LayerUpdate(s, x, len(s), share)
+        return LayerUpdate(s, x, len(s))
     if config.method == "nmke" and config.masked_solve == "exact":
         assert selected is not None
         s = selected.to(torch.long)
