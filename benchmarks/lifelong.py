@@ -388,10 +388,17 @@ def markdown(data: dict[str, Any], plots: list[Path]) -> str:
         "contrast_subject_first",
         "contrast_words",
     )
+    defaults = EditConfig().to_json()
     for name, written in sorted(data.get("configs", {}).items()):
         config = {**ADDED_FIELDS, **written}  # runs from before a field existed had its old meaning
         if config.get("method") == "nmke":
-            lines += [f"Settings of {name}: " + ", ".join(f"{k}={config.get(k)}" for k in shown) + ".", ""]
+            other = [  # anything else off today's default (layers: in the facts line)
+                f"{k}={json.dumps(v)}"
+                for k, v in config.items()
+                if k not in (*shown, "layers") and defaults.get(k, v) != v
+            ]
+            settings = [f"{k}={config.get(k)}" for k in shown] + other
+            lines += [f"Settings of {name}: " + ", ".join(settings) + ".", ""]
     if plots:
         lines += [
             "Plots: " + ", ".join(f"`{p.relative_to(ROOT) if p.is_relative_to(ROOT) else p}`" for p in plots),
