@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, cast
 
 import torch
@@ -570,22 +571,16 @@ class Editor:
             self._refresh_weights()
 
     def _apply_sweeps(
-        self,
-        batch: Batch,
-        fw: _Forward,
-        row_targets: torch.Tensor,
-        columns: _Columns,
-        selected: dict[int, torch.Tensor],
-        contrast: dict[int, torch.Tensor],
-        bare: torch.Tensor,
+        self, sweep: Callable[[_Forward], None], batch: Batch, fw: _Forward, bare: torch.Tensor
     ) -> tuple[_Forward, float]:
-        """Sweeps until every request reaches ``sweep_until`` (at most ``max_sweeps``; the dense baselines
-        make one). Returns the forward pass of the edited model and the seconds spent solving."""
+        """``sweep`` (one pass from a forward pass) until every request reaches ``sweep_until``, at most
+        ``max_sweeps`` times (the dense baselines: once). Returns the forward pass of the edited model and
+        the seconds spent solving."""
         solve_s = 0.0
         sweeps = self.config.max_sweeps if self.config.method == "nmke" else 1  # baselines: as published
         for _ in range(sweeps):
             t_sweep = time.perf_counter()
-            self._sweep(batch, fw, row_targets, columns, selected, contrast)
+            sweep(fw)
             t_after = time.perf_counter()
             after = self._forward(batch, self.layers)
             solve_s += t_after - t_sweep
@@ -627,7 +622,15 @@ class Editor:
         solve_s = 0.0
         while True:
             selected = {l: self._take(ranked[l], size) for l in self.layers}
-            after, seconds = self._apply_sweeps(batch, fw, row_targets, columns, selected, contrast, bare)
+            sweep = partial(
+                self._sweep,
+                batch,
+                row_targets=row_targets,
+                columns=columns,
+                selected=selected,
+                contrast=contrast,
+            )
+            after, seconds = self._apply_sweeps(sweep, batch, fw, bare)
             solve_s += seconds
             p_after = torch.exp(after.target_lp[bare])
             if float(p_after.min()) >= cfg.sweep_until or size >= cap:
