@@ -519,6 +519,7 @@ class Editor:
         return ranked
 
     def _budget(self, fraction: float | None) -> int:
+        """Neurons per layer for a budget given as a fraction (None, or a dense method: all)."""
         return self.d_ff if fraction is None or self.config.dense else max(1, int(fraction * self.d_ff))
 
     @staticmethod
