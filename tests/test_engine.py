@@ -305,7 +305,7 @@ def test_soft_solve_lands_the_requested_share_on_selected_neurons_only() -> None
     drifts = []
     for landing in (0.5, 0.9):
         config = EditConfig(masked_solve="soft", landing=landing, min_preservation=0.0)
-        rows, x, *_ = solve_layer(
+        rows, x, _ = solve_layer(
             keys,
             residual,
             config=config,
@@ -321,7 +321,7 @@ def test_soft_solve_lands_the_requested_share_on_selected_neurons_only() -> None
         drifts.append(float(torch.trace(x.T @ c0[rows][:, rows] @ x)))
     assert drifts[0] < drifts[1]  # landing more costs more change on preserved text
     capped = EditConfig(masked_solve="soft", landing=0.9, min_preservation=1e4)
-    rows, x, *_ = solve_layer(
+    rows, x, _ = solve_layer(
         keys, residual, config=capped, c0=c0, c_past=torch.zeros(d_ff, d_ff), basis=None, selected=selected
     )
     assert float(torch.trace(x.T @ c0[rows][:, rows] @ x)) < drifts[1]  # the cap binds: less drift,
@@ -548,7 +548,7 @@ def test_landing_counts_parallel_columns_together() -> None:
     r = torch.randn(3, 1).expand(3, 2)
     c0 = torch.eye(8)
     config = EditConfig(landing=0.6, min_preservation=0.0)
-    _, x, *_ = solve_layer(
+    _, x, _ = solve_layer(
         keys, r, config=config, c0=c0, c_past=torch.zeros(8, 8), basis=None, selected=torch.arange(8)
     )
     realised = (x.T @ keys * r).sum(dim=0) / r.pow(2).sum(dim=0)
