@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import platform
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -30,3 +32,12 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def parse_settings(pairs: Iterable[str]) -> dict[str, object]:
+    """``KEY=JSON`` command-line settings (``--set``) as EditConfig overrides."""
+    settings = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        settings[key.strip()] = json.loads(value)
+    return settings

@@ -20,7 +20,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from _report import update_section
+from _report import parse_settings, update_section
 
 from nmke_patch.create import LoadedModel, create_patch
 from nmke_patch.evaluate import evaluate_pair
@@ -121,7 +121,7 @@ def main() -> None:
     if args.summarize:
         summarize()
         return
-    overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
+    overrides = parse_settings(args.set)
     RESULTS.mkdir(exist_ok=True)
     run(args.method, args.n, args.facts, overrides, args.tag or args.method)
 

@@ -21,7 +21,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from _report import cpu_name, update_section
+from _report import cpu_name, parse_settings, update_section
 
 from nmke_patch.create import LoadedModel, create_patch
 from nmke_patch.methods.nmke.config import EditConfig
@@ -51,11 +51,7 @@ def measure(method: str, n: int, start: int, overrides: dict[str, object]) -> di
 def parse_variant(text: str, base: dict[str, object]) -> tuple[str, dict[str, object]]:
     """``LABEL:KEY=JSON;KEY=JSON`` -> (label, the base overrides updated with these)."""
     label, _, settings = text.partition(":")
-    overrides = dict(base)
-    for item in filter(None, settings.split(";")):
-        key, _, value = item.partition("=")
-        overrides[key.strip()] = json.loads(value)
-    return label, overrides
+    return label, {**base, **parse_settings(filter(None, settings.split(";")))}
 
 
 def main() -> None:
@@ -75,7 +71,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
+    overrides = parse_settings(args.set)
     runs = [(method, method, overrides) for method in args.methods.split(",")]
     runs += [("nmke", *parse_variant(v, overrides)) for v in args.variant]
     rows = []

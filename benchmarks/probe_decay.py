@@ -46,7 +46,7 @@ def main() -> None:
     records = progress["records"]
     after = torch.tensor([rec["p_new_after"] for rec in records])
     layers = [sum(rec["neurons"].values()) / len(rec["neurons"]) for rec in records]
-    d_ff: int | None = None  # known once the run's deltas are loaded
+    d_ff: int | None = None  # from the run's deltas, when loaded
     p_new = p_true = torch.zeros(len(records))
     if not args.records_only:
         p_new, p_true, d_ff = _on_model(folder, args.facts, len(records))
@@ -59,7 +59,7 @@ def main() -> None:
         e = min(len(records), s + args.bucket)
         now = (
             "- | -"
-            if d_ff is None
+            if args.records_only
             else f"{(p_new[s:e] > p_true[s:e]).float().mean():.2f} | {p_new[s:e].mean():.2f}"
         )
         neurons = sum(layers[s:e]) / (e - s)
@@ -67,7 +67,7 @@ def main() -> None:
         print(
             f"| {s + 1}-{e} | {now} | {after[s:e].mean():.2f} | {int((after[s:e] < 0.5).sum())} | {share} |"
         )
-    if d_ff is not None:
+    if not args.records_only:
         print(f"all: efficacy {(p_new > p_true).float().mean():.3f}")
 
 

@@ -18,7 +18,7 @@ from nmke_patch.errors import InvalidRequestError, ModelLoadError
 from nmke_patch.methods.nmke.attribution import final_norm_scale, neuron_scores
 from nmke_patch.methods.nmke.config import ADDED_FIELDS, EditConfig
 from nmke_patch.methods.nmke.engine import Editor
-from nmke_patch.methods.nmke.mask import apply_budget, hybrid_mask, mask_ratios
+from nmke_patch.methods.nmke.mask import apply_budget, hybrid_mask, mask_ratios, ranked_candidates
 from nmke_patch.methods.nmke.prompts import encode
 from nmke_patch.methods.nmke.solve import solve_layer
 from nmke_patch.methods.nmke.values import NormalizedDescent, compute_target_value, reached
@@ -67,7 +67,7 @@ def test_mask_ratios_within_bounds_and_budget_respected() -> None:
     mask, priority = hybrid_mask(scores, ratios)
     assert mask.shape == (200,) and mask.dtype == torch.bool
     assert 0.3 * 200 <= int(mask.sum()) <= 0.8 * 200
-    chosen = apply_budget(mask, priority, 20)
+    chosen = apply_budget([ranked_candidates(mask, priority)], 20)
     assert chosen.numel() == 20 and bool(mask[chosen].all())
     assert torch.equal(chosen, torch.sort(chosen).values)
 

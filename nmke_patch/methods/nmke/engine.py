@@ -28,7 +28,7 @@ from ...stats import nullspace_basis
 from ...tracing import capture, replay_prefix, stop_after
 from .attribution import neuron_scores
 from .config import EditConfig
-from .mask import hybrid_mask, mask_ratios, ranked_candidates, ranks
+from .mask import apply_budget, hybrid_mask, mask_ratios, ranked_candidates, ranks
 from .prompts import Batch, encode, sample_prefixes, target_logprobs_from_hidden
 from .solve import solve_layer
 from .values import compute_target_value
@@ -468,7 +468,7 @@ class Editor:
         columns: _Columns,
         contrast: dict[int, torch.Tensor],
     ) -> dict[int, list[torch.Tensor]]:
-        """Per layer, each request's candidate neurons (its mask), best first; :meth:`_take` budgets them."""
+        """Per layer, each request's candidate neurons (its mask), best first; ``apply_budget`` budgets them."""
         cfg = self.config
         if cfg.dense:
             return {l: [torch.arange(self.d_ff)] for l in self.layers}
@@ -521,11 +521,6 @@ class Editor:
     def _budget(self, fraction: float | None) -> int:
         """Neurons per layer for a budget given as a fraction (None, or a dense method: all)."""
         return self.d_ff if fraction is None or self.config.dense else max(1, int(fraction * self.d_ff))
-
-    @staticmethod
-    def _take(ranked: list[torch.Tensor], budget: int) -> torch.Tensor:
-        """The union (sorted) of each request's ``budget`` best candidates."""
-        return torch.unique(torch.cat([r[:budget] for r in ranked]))
 
     def _sweep(
         self,
@@ -610,19 +605,18 @@ class Editor:
         row_targets = fw.out_subject + (z.T - fw.out_subject[bare])[own]
         t2 = time.perf_counter()
         contrast = self._contrast_keys(requests)
-        ranked = self._select(fw, owner, len(requests), columns, contrast)
-        budgeted = {l: self._take(ranked[l], self._budget(self.config.max_neurons)) for l in self.layers}
-        for l, near in self._nearest_preserved_keys(fw.keys_subject, bare, budgeted).items():
-            contrast[l] = torch.cat([contrast[l], near], dim=1) if l in contrast else near
-        t3 = time.perf_counter()
         cfg = self.config
         size = self._budget(cfg.max_neurons)
+        ranked = self._select(fw, owner, len(requests), columns, contrast)
+        selected = {l: apply_budget(ranked[l], size) for l in self.layers}
+        for l, near in self._nearest_preserved_keys(fw.keys_subject, bare, selected).items():
+            contrast[l] = torch.cat([contrast[l], near], dim=1) if l in contrast else near
+        t3 = time.perf_counter()
         cap = size if cfg.grow_budget_to is None else max(size, self._budget(cfg.grow_budget_to))
         cap = min(cap, max(len(r) for per_request in ranked.values() for r in per_request))  # masks' size
         saved = {l: (self.cum[l].clone(), self.touched[l].clone()) for l in self.layers} if cap > size else {}
         solve_s = 0.0
         while True:
-            selected = {l: self._take(ranked[l], size) for l in self.layers}
             sweep = partial(
                 self._sweep,
                 batch,
@@ -642,6 +636,7 @@ class Editor:
                 self.touched[l].copy_(touched)
             self._refresh_weights()
             size = min(2 * size, cap)
+            selected = {l: apply_budget(ranked[l], size) for l in self.layers}
         for l in self.layers:
             new = columns.weights.sqrt()[:, None] * (columns.key_map @ after.keys_subject[l])  # [c, D]
             self.new_keys[l].append(new)

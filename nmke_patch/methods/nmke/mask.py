@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,6 @@ def ranked_candidates(mask: torch.Tensor, priority: torch.Tensor) -> torch.Tenso
     return candidates[torch.argsort(priority[candidates], descending=True, stable=True)]
 
 
-def apply_budget(mask: torch.Tensor, priority: torch.Tensor, budget: int) -> torch.Tensor:
-    """Indices (sorted) of at most ``budget`` masked neurons with the highest ``priority``."""
-    return torch.sort(ranked_candidates(mask, priority)[:budget]).values
+def apply_budget(ranked: Sequence[torch.Tensor], budget: int) -> torch.Tensor:
+    """The union (sorted) of each request's ``budget`` best candidates (:func:`ranked_candidates`)."""
+    return torch.unique(torch.cat([r[:budget] for r in ranked]))
