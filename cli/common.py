@@ -7,9 +7,18 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
-console = Console()
-err_console = Console(stderr=True)
+# Names, prompts and paths come from strangers' patches and facts: never read them as Rich markup
+# ("[/]" in a patch name would crash the printer, "[black on black]" would hide text). Styling is explicit.
+console = Console(markup=False)
+err_console = Console(stderr=True, markup=False, highlight=False)
+
+
+def labelled(label: str, style: str, message: str) -> Text:
+    """``label`` in ``style``, then ``message`` as plain text (no markup is read from it)."""
+    return Text.assemble((label, style), " ", message)
+
 
 ModelOpt = Annotated[
     str | None,
@@ -35,7 +44,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 PatchesArg = Annotated[
     list[str],
     typer.Argument(
-        help="Patch directories (NAME.nmke), edit packs, or hf://user/pack@rev references, in order."
+        metavar="PATCH",
+        help="Patch directories (NAME.nmke), edit packs, or hf://user/pack@rev references, in order.",
     ),
 ]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output directory.")]

@@ -22,7 +22,7 @@ from nmke_patch.methods.nmke.config import EditConfig
 from nmke_patch.patch import PATCH_SUFFIX
 from nmke_patch.requests import read_requests
 
-from .common import DeviceMapOpt, DeviceOpt, DtypeOpt, ModelOpt, console
+from .common import DeviceMapOpt, DeviceOpt, DtypeOpt, ModelOpt, console, err_console
 
 
 def _parse_layers(text: str | None) -> tuple[int, ...] | None:
@@ -56,6 +56,7 @@ def create(
     facts: Annotated[
         Path,
         typer.Argument(
+            metavar="FACTS",
             help="Facts to write: a JSON list or JSONL of records (ours, CounterFact or ZsRE).",
             exists=True,
             dir_okay=False,
@@ -112,7 +113,7 @@ def create(
         overrides["layers"] = _parse_layers(layers)
     if stats_corpus:
         overrides["stats_corpus"] = stats_corpus
-    if stats_tokens:
+    if stats_tokens is not None:
         overrides["stats_tokens"] = stats_tokens
     overrides |= _parse_settings(settings or [])
     config = EditConfig().with_overrides(**overrides)
@@ -148,6 +149,13 @@ def create(
                 checkpoint_every=checkpoint_every,
                 progress=progress,
             )
+        except KeyboardInterrupt:
+            if checkpoint.exists():
+                err_console.print(
+                    f"checkpoint kept in {checkpoint}: the same command with --resume continues from it",
+                    soft_wrap=True,
+                )
+            raise
         finally:
             status.stop()
     saved = patch.save(out, overwrite=overwrite)

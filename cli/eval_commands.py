@@ -131,6 +131,16 @@ def _print_table(result: dict[str, Any], title: str) -> None:
     console.print(table)
 
 
+def _chart_path(path: Path) -> Path:
+    """Where ``--plot PATH`` writes: PATH, with ``.png`` added unless it ends in an image extension
+    (``.png``, ``.svg``, ``.pdf``, ``.jpg``); refused when it is a directory."""
+    if path.is_dir():
+        raise NmkePatchError(f"--plot {path} is a directory; give a file name such as {path / 'eval.png'}")
+    if path.suffix.lower() in {".png", ".svg", ".pdf", ".jpg", ".jpeg"}:
+        return path
+    return path.with_name(path.name + ".png")
+
+
 def _plot(result: dict[str, Any], path: Path, title: str) -> None:
     plt = _require_matplotlib()
     rows = _rows(result)
@@ -185,7 +195,10 @@ def eval_command(
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     plot: Annotated[
-        Path | None, typer.Option("--plot", help="Also write a PNG bar chart to this path.")
+        Path | None,
+        typer.Option(
+            "--plot", help="Also write a bar chart to this file (PNG unless it ends in .svg, .pdf or .jpg)."
+        ),
     ] = None,
     limit: Annotated[
         int | None, typer.Option("--limit", min=1, help="Evaluate only the first N facts.")
@@ -216,7 +229,7 @@ def eval_command(
     ] = 0,
 ) -> None:
     """Evaluate the base model and the model with PATCH... applied, side by side, on FACTS."""
-    from nmke_patch.evaluate import evaluate_pair, load_unrelated
+    from nmke_patch.evaluate import evaluate_pair, load_unrelated, read_user_text
     from nmke_patch.models import load_base
 
     resolved = resolve_patches(patches)  # validate everything before the slow part
@@ -225,9 +238,10 @@ def eval_command(
     if unrelated is not None:
         extra["unrelated"] = load_unrelated(str(unrelated))
     if heldout is not None:
-        extra["heldout_text"] = heldout.read_text(encoding="utf-8")
+        extra["heldout_text"] = read_user_text(heldout)
     if plot is not None:
         _require_matplotlib()
+        plot = _chart_path(plot)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or idle_threads())
     try:

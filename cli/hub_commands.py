@@ -9,7 +9,7 @@ import typer
 
 from nmke_patch.hub import pull_pack, push_pack, read_pack_json
 
-from .common import console
+from .common import console, labelled
 
 TokenOpt = Annotated[
     str | None,
@@ -55,7 +55,7 @@ def pull(
     """Download an edit pack and verify every patch in it (paths, schema, sha256)."""
     folder = pull_pack(repo_id, revision=revision, local_dir=out, token=token)
     for entry in read_pack_json(folder):  # already verified by pull_pack
-        console.print(f"[green]ok[/] {entry['name']} ({entry['id'][:12]})", highlight=False)
+        console.print(labelled("ok", "green", f"{entry['name']} ({entry['id'][:12]})"), highlight=False)
     typer.echo(str(folder))
 
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Any, NoReturn, cast
 
 import typer
 
 from nmke_patch.errors import NmkePatchError
 
-from .common import err_console
+from .common import err_console, labelled
 
 app = typer.Typer(
     name="nmke-patch",
@@ -48,8 +49,19 @@ def _register() -> None:
 _register()
 
 
+def _is_usage_error(exc: BaseException) -> bool:
+    """A click usage error (typer may bundle its own copy of click, so match the interface, not a class)."""
+    return callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    err_console.print(labelled("error:", "bold red", message), soft_wrap=True)
+    sys.exit(code)
+
+
 def run() -> None:
-    """Console-script entry point: one clear line and a non-zero exit on any expected error."""
+    """Console-script entry point: one clear line and a non-zero exit on any expected error
+    (2 for a usage error, 130 when interrupted)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not {"-v", "--verbose"} & set(sys.argv[1:]):
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -57,27 +69,32 @@ def run() -> None:
 
         hf_logging.disable_progress_bar()
     try:
-        app(standalone_mode=False)
+        # Not standalone, so our errors reach the handlers below; typer then returns the exit code of a
+        # typer.Exit (Ctrl-C becomes Exit(130)) instead of exiting.
+        code = app(standalone_mode=False)
     except NmkePatchError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
-    except (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError) as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(1)
+        _fail(str(exc), exc.exit_code)
+    except (
+        FileNotFoundError,
+        FileExistsError,
+        PermissionError,
+        IsADirectoryError,
+        NotADirectoryError,
+    ) as exc:
+        _fail(str(exc), 1)
     except KeyboardInterrupt:
-        err_console.print("interrupted")
-        sys.exit(130)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
+        code = 130
     except typer.Abort:
         sys.exit(1)
-    except Exception as exc:  # click usage errors come through here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    except Exception as exc:
+        if not _is_usage_error(exc):
+            raise
+        cast(Any, exc).show()
+        sys.exit(cast(Any, exc).exit_code)
+    if code == 130:
+        err_console.print("interrupted")
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

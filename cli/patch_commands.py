@@ -7,13 +7,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from nmke_patch.patch import Patch
 from nmke_patch.sources import resolve_patches
 from nmke_patch.stack import PatchStack
 
-from .common import DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, ModelOpt, OutOpt, PatchesArg, console
+from .common import DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, ModelOpt, OutOpt, PatchesArg, console, labelled
 
 
 def patch_summary(patch: Patch) -> dict[str, Any]:
@@ -49,7 +50,11 @@ def patch_summary(patch: Patch) -> dict[str, Any]:
 def _print_summary(patch: Patch) -> None:
     s = patch_summary(patch)
     console.print(
-        f"[bold]{s['name']}[/]  id {s['id'][:16]}  created {s['created_at']} (nmke-patch {s['tool_version']})"
+        labelled(
+            str(s["name"]),
+            "bold",
+            f" id {s['id'][:16]}  created {s['created_at']} (nmke-patch {s['tool_version']})",
+        )
     )
     base = s["base_model"]
     console.print(
@@ -104,9 +109,27 @@ def _load(model: str | None, device: str | None, dtype: str | None) -> tuple[Any
     return loaded, tokenizer
 
 
+OverwriteOpt = Annotated[
+    bool, typer.Option(help="Write into --out even when it is an existing directory that is not empty.")
+]
+
+
+def _check_out(out: Path, model: str | None, overwrite: bool) -> None:
+    """Refuse, before anything loads, to write over the model being read, over a file, or (without
+    ``--overwrite``) into a directory that is not empty."""
+    if model is not None and Path(model).exists() and out.resolve() == Path(model).resolve():
+        raise FileExistsError(f"--out {out} is the model being read; choose another directory")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; choose a directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"{out} already exists and is not empty; pass --overwrite or choose another --out"
+        )
+
+
 def _save(model: Any, tokenizer: Any, out: Path, applied: list[Patch]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with console.status(f"saving to {out}"):
+    with console.status(escape(f"saving to {out}")):
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
         (out / "nmke_patches.json").write_text(
@@ -121,15 +144,21 @@ def apply(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     force: ForceOpt = False,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Apply patches in order to a base model and save the merged model (loadable by plain transformers)."""
+    _check_out(out, model, overwrite)
     resolved = resolve_patches(patches)  # validate every patch before loading anything
     loaded, tokenizer = _load(model, device, dtype)
     stack = PatchStack.for_model(loaded)
     for p in resolved:
         for o in stack.apply(p, force=force):
             console.print(
-                f"[yellow]overlap:[/] {p.name} and {o.other} both touch {o.num_neurons} neurons of {o.tensor}"
+                labelled(
+                    "overlap:",
+                    "yellow",
+                    f"{p.name} and {o.other} both touch {o.num_neurons} neurons of {o.tensor}",
+                )
             )
     _save(loaded, tokenizer, out, resolved)
     console.print(f"applied {len(resolved)} patch(es); merged model saved to {out}")
@@ -140,8 +169,10 @@ def revert(
     model: Annotated[str, typer.Option("--model", "-m", help="The merged model directory (from `apply`).")],
     out: OutOpt,
     force: ForceOpt = False,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Exactly revert patches from a saved merged model: the result is bit-identical to the base."""
+    _check_out(out, model, overwrite)
     resolved = resolve_patches(patches)
     loaded, tokenizer = _load(model, None, None)
     stack = PatchStack.for_model(loaded)
@@ -165,7 +196,11 @@ def verify(
         stack.check(p, fingerprints=True)
         stack.apply(p)
         console.print(
-            f"[green]ok[/] {p.describe()}: {len(p.deltas)} tensors, {p.num_neurons} neurons match the base"
+            labelled(
+                "ok",
+                "green",
+                f"{p.describe()}: {len(p.deltas)} tensors, {p.num_neurons} neurons match the base",
+            )
         )
 
 

@@ -10,7 +10,7 @@ import typer
 from nmke_patch.export.peft import export_peft
 from nmke_patch.sources import resolve_patches
 
-from .common import OutOpt, PatchesArg, console
+from .common import OutOpt, PatchesArg, console, labelled
 
 
 class PeftFormatChoice(str, Enum):
@@ -63,8 +63,11 @@ def export_peft_command(
     else:
         worst = max(report.module_errors.items(), key=lambda kv: kv[1])
         console.print(
-            f"[yellow]lossy:[/] relative Frobenius error {report.relative_error:.3g} overall "
-            f"(worst {worst[1]:.3g} in {worst[0]})"
+            labelled(
+                "lossy:",
+                "yellow",
+                f"relative Frobenius error {report.relative_error:.3g} overall (worst {worst[1]:.3g} in {worst[0]})",
+            )
         )
     console.print(f"load with: PeftModel.from_pretrained(base_model, {str(report.path)!r})", highlight=False)
 

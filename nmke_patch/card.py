@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .patch import Patch
+
+
+def _index(metric: Any, default: int) -> int:
+    index = metric.get("index", default) if isinstance(metric, dict) else default
+    return index if isinstance(index, int) else default
+
+
+def _fmt(value: Any) -> str:
+    """A probability with 3 decimals; empty for null or anything that is not a finite number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return ""
+    try:
+        return f"{float(value):.3f}" if math.isfinite(value) else ""
+    except OverflowError:
+        return ""
 
 
 def patch_card(patch: Patch) -> str:
@@ -29,11 +45,10 @@ def patch_card(patch: Patch) -> str:
         "| # | prompt | new target | P(new) before | P(new) after |",
         "|---|---|---|---|---|",
     ]
-    metrics = {int(x.get("index", i)): x for i, x in enumerate(m.metrics)}
+    metrics = {_index(x, i): x for i, x in enumerate(m.metrics)}
     for i, r in enumerate(m.requests):
         prompt = str(r.get("prompt", "")).replace("{}", str(r.get("subject", ""))).replace("|", "\\|")
         mx = metrics.get(i, {})
         before, after = mx.get("p_new_before"), mx.get("p_new_after")
-        fmt = lambda v: "" if v is None else f"{float(v):.3f}"  # noqa: E731
-        lines.append(f"| {i} | {prompt} | {r.get('target_new', '')} | {fmt(before)} | {fmt(after)} |")
+        lines.append(f"| {i} | {prompt} | {r.get('target_new', '')} | {_fmt(before)} | {_fmt(after)} |")
     return "\n".join(lines) + "\n"

@@ -115,7 +115,12 @@ def create_patch(
         )
 
     spec = spec_for_model(model)
-    layers = list(config.layers) if config.layers else spec.default_layers(len(decoder_layers(model, spec)))
+    num_layers = len(decoder_layers(model, spec))
+    layers = list(config.layers) if config.layers else spec.default_layers(num_layers)
+    if layers[-1] >= num_layers:
+        raise InvalidRequestError(
+            f"layers {layers}: the model has {num_layers} decoder layers (0-{num_layers - 1})"
+        )
     past_keys = parent_key_rows(parents, model, layers)
     stats = load_statistics(model, tokenizer, layers, [config])
     fingerprints: dict[str, str | None] = {spec.weight_name(l): None for l in layers}

@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import HubError, InvalidPatchError
+from .jsonio import load_json_text
 from .patch import CARD_FILE, DELTAS_FILE, MANIFEST_FILE, PATCH_SUFFIX, STATE_FILE, Patch, load_patch
 from .sources import HF_PREFIX, PACK_FILE, PatchSource, resolve_patches
 
@@ -309,15 +310,16 @@ def read_pack_json(pack_dir: Path, *, where: str | None = None) -> list[dict[str
     if file.stat().st_size > MAX_PACK_JSON_BYTES:
         raise InvalidPatchError(f"{where}: {PACK_FILE} is larger than {MAX_PACK_JSON_BYTES} bytes")
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
         raise InvalidPatchError(f"{where}: {PACK_FILE} is not valid JSON ({exc})") from exc
+    data = load_json_text(text, f"{where}: {PACK_FILE}")
     if not isinstance(data, dict) or data.get("format") != PACK_FORMAT:
         raise InvalidPatchError(
             f"{where}: {PACK_FILE} is not an nmke-patch pack (format must be {PACK_FORMAT!r})"
         )
     version = data.get("format_version")
-    if version != PACK_FORMAT_VERSION or isinstance(version, bool):
+    if type(version) is not int or version != PACK_FORMAT_VERSION:  # not True, not 1.0
         raise InvalidPatchError(
             f"{where}: pack format version {version!r} is not supported (reads v{PACK_FORMAT_VERSION});"
             " upgrade nmke-patch"

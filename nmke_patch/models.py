@@ -129,6 +129,32 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return names[dtype]
 
 
+def resolve_device(device: str | None) -> torch.device | None:
+    """``--device`` as a torch device, refused before any loading when it is malformed or absent here."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ModelLoadError(f"unknown device {device!r}; use e.g. cpu, cuda, cuda:1") from exc
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ModelLoadError(
+                f"device {device!r}: no CUDA device available (torch {torch.__version__}"
+                f"{'' if torch.version.cuda else ', a build without CUDA'})"
+            )
+        if dev.index is not None and dev.index >= count:
+            raise ModelLoadError(
+                f"device {device!r}: only {count} CUDA device(s) here (cuda:0..cuda:{count - 1})"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"device {device!r}: MPS is not available here")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ModelLoadError(f"device {device!r}: nmke-patch runs on cpu, cuda or mps")
+    return dev
+
+
 def load_base(
     model: str | os.PathLike[str] | None = None,
     *,
@@ -151,6 +177,7 @@ def load_base(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    target = resolve_device(device)
     source = default_model_dir() if model is None else model
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype) or "auto"}
     if device_map is not None:
@@ -160,8 +187,8 @@ def load_base(
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load model {str(source)!r}: {exc}".splitlines()[0]) from exc
-    if device_map is None and device is not None:
-        cast(Any, loaded).to(device)
+    if device_map is None and target is not None:
+        cast(Any, loaded).to(target)
     loaded.eval()
     loaded.requires_grad_(False)
     if tokenizer.pad_token is None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import re
+import secrets
 import shutil
-import tempfile
-import warnings
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,6 +26,7 @@ from safetensors.torch import save
 
 from .delta import TensorDelta
 from .errors import InvalidPatchError
+from .jsonio import load_json_text
 from .threads import one_thread
 from .version import __version__
 
@@ -38,6 +40,13 @@ STATE_FILE = "state.safetensors"
 CARD_FILE = "README.md"
 PATCH_SUFFIX = ".nmke"
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+MAX_DIM = 2**20
+"""Largest dimension a weight of a patch may declare (the largest real MLPs have ~2**16)."""
+MAX_ELEMENTS = 2**32
+"""Most elements a weight of a patch may declare."""
+MAX_LAYER = 9999
+_STATE_KEY_RE = re.compile(r"(keys|contrast)\.(0|[1-9][0-9]{0,3})")
+_NUMERIC_METRICS = ("p_new_before", "p_new_after", "p_new_final", "p_true_final")
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -184,7 +193,7 @@ class Patch:
         if target.exists() and not overwrite:
             raise FileExistsError(f"{target} already exists; choose another name or pass overwrite")
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        staging = _staging_dir(target)
         try:
             payload = serialize_deltas(self.deltas)
             with open(staging / DELTAS_FILE, "wb") as fh:
@@ -205,7 +214,16 @@ class Patch:
                     manifest, created_at=datetime.now(timezone.utc).replace(microsecond=0).isoformat()
                 )
             saved = replace(self, manifest=manifest, id=sha, path=target)
-            text = json.dumps(saved.manifest_json(sha, state_sha), indent=2, ensure_ascii=False) + "\n"
+            try:
+                text = json.dumps(
+                    saved.manifest_json(sha, state_sha), indent=2, ensure_ascii=False, allow_nan=False
+                )
+            except ValueError as exc:  # readers refuse NaN and Infinity: never write them
+                raise InvalidPatchError(
+                    f"{target}: the manifest holds NaN or Infinity (in method, requests or metrics); JSON"
+                    " has no such numbers"
+                ) from exc
+            text += "\n"
             (staging / MANIFEST_FILE).write_text(text, encoding="utf-8")
             if card:
                 from .card import patch_card
@@ -225,6 +243,19 @@ class Patch:
             return saved
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _staging_dir(target: Path) -> Path:
+    """A new hidden ``.NAME.tmp-XXXXXXXX`` directory next to ``target``, with the permissions the umask gives
+    (``tempfile.mkdtemp`` makes it 0700, and the patch directory would keep that)."""
+    for _ in range(100):
+        path = target.parent / f".{target.name}.tmp-{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"could not create a staging directory next to {target}")
 
 
 def serialize_deltas(deltas: tuple[TensorDelta, ...]) -> bytes:
@@ -248,15 +279,44 @@ def _sha256_file(path: Path) -> str:
 # -- reading -----------------------------------------------------------------------------------------
 
 
-def _require(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+def _require(
+    obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, what: str = "manifest"
+) -> Any:
+    """``obj[key]`` if present and of type ``kind``; ``what`` names ``obj`` in the error (``tensors[0]``)."""
     if key not in obj:
-        raise InvalidPatchError(f"{where}: manifest is missing required field {key!r}")
+        raise InvalidPatchError(f"{where}: {what} is missing required field {key!r}")
     value = obj[key]
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
-        raise InvalidPatchError(
-            f"{where}: manifest field {key!r} has the wrong type ({type(value).__name__})"
-        )
+        raise InvalidPatchError(f"{where}: {what} field {key!r} has the wrong type ({type(value).__name__})")
     return value
+
+
+def check_shape(shape: Any, what: str) -> tuple[int, int]:
+    """A declared weight shape: two positive ints, each at most :data:`MAX_DIM`, at most
+    :data:`MAX_ELEMENTS` in all (a lying shape must not make readers or exporters allocate)."""
+    if (
+        not isinstance(shape, (list, tuple))
+        or len(shape) != 2
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
+    ):
+        raise InvalidPatchError(
+            f"{what} has an invalid shape {list(shape) if isinstance(shape, tuple) else shape!r}"
+        )
+    if max(shape) > MAX_DIM or shape[0] * shape[1] > MAX_ELEMENTS:
+        raise InvalidPatchError(
+            f"{what} declares shape {list(shape)}: larger than any supported weight (each dimension at most "
+            f"{MAX_DIM}, at most {MAX_ELEMENTS} elements)"
+        )
+    return shape[0], shape[1]
+
+
+def _finite_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -272,9 +332,10 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     if file.stat().st_size > MAX_MANIFEST_BYTES:
         raise InvalidPatchError(f"{root}: {MANIFEST_FILE} is larger than {MAX_MANIFEST_BYTES} bytes")
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
         raise InvalidPatchError(f"{root}: {MANIFEST_FILE} is not valid JSON ({exc})") from exc
+    data = load_json_text(text, f"{root}: {MANIFEST_FILE}")
     where = str(root)
     if not isinstance(data, dict):
         raise InvalidPatchError(f"{where}: {MANIFEST_FILE} must hold a JSON object")
@@ -301,31 +362,38 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         index = metric.get("index", i)
         if not isinstance(index, int) or isinstance(index, bool):
             raise InvalidPatchError(f"{where}: metrics[{i}].index must be an integer")
+        for key in _NUMERIC_METRICS:
+            if metric.get(key) is not None and not _finite_number(metric[key]):
+                raise InvalidPatchError(f"{where}: metrics[{i}].{key} must be a finite number or null")
     if data.get("deltas_file", DELTAS_FILE) != DELTAS_FILE:
         raise InvalidPatchError(f"{where}: deltas_file must be {DELTAS_FILE!r}")
     unknown = set(data) - _KNOWN_KEYS
     if unknown:
-        warnings.warn(f"{where}: ignoring unknown manifest fields {sorted(unknown)}", stacklevel=2)
+        logger.warning("%s: ignoring unknown manifest fields %s", where, sorted(unknown))
     return data
 
 
-def _validate_tensor_entry(entry: Any, where: str) -> tuple[str, tuple[int, int], int, torch.dtype, int]:
+def _validate_tensor_entry(
+    entry: Any, index: int, where: str
+) -> tuple[str, tuple[int, int], int, torch.dtype, int]:
     if not isinstance(entry, dict):
         raise InvalidPatchError(f"{where}: each entry of 'tensors' must be an object")
-    name = _require(entry, "name", str, where)
-    shape = _require(entry, "shape", list, where)
-    if len(shape) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
-        raise InvalidPatchError(f"{where}: tensor {name!r} has an invalid shape {shape!r}")
-    axis = _require(entry, "neuron_axis", int, where)
+    what = f"tensors[{index}]"
+    name = _require(entry, "name", str, where, what)
+    for key in ("shape", "neuron_axis", "dtype", "num_neurons", "fingerprint"):
+        if key not in entry:
+            raise InvalidPatchError(f"{where}: {what} ({name!r}) is missing required field {key!r}")
+    shape = check_shape(entry["shape"], f"{where}: tensor {name!r}")
+    axis = _require(entry, "neuron_axis", int, where, what)
     if axis not in (0, 1):
         raise InvalidPatchError(f"{where}: tensor {name!r} has neuron_axis {axis}, expected 0 or 1")
-    dtype_str = _require(entry, "dtype", str, where)
+    dtype_str = _require(entry, "dtype", str, where, what)
     if dtype_str not in _DTYPES:
         raise InvalidPatchError(f"{where}: tensor {name!r} has unsupported dtype {dtype_str!r}")
-    k = _require(entry, "num_neurons", int, where)
+    k = _require(entry, "num_neurons", int, where, what)
     if k < 0 or k > shape[axis]:
         raise InvalidPatchError(f"{where}: tensor {name!r} claims {k} neurons of {shape[axis]}")
-    return name, (shape[0], shape[1]), axis, _DTYPES[dtype_str], k
+    return name, shape, axis, _DTYPES[dtype_str], k
 
 
 def load_patch(path: str | os.PathLike[str]) -> Patch:
@@ -347,7 +415,7 @@ def load_patch(path: str | os.PathLike[str]) -> Patch:
         raise InvalidPatchError(
             f"{where}: {DELTAS_FILE} does not match the manifest's sha256 (file tampered with or truncated)"
         )
-    entries = [_validate_tensor_entry(e, where) for e in data["tensors"]]
+    entries = [_validate_tensor_entry(e, i, where) for i, e in enumerate(data["tensors"])]
     names = [e[0] for e in entries]
     if len(set(names)) != len(names):
         raise InvalidPatchError(f"{where}: a tensor is listed twice in the manifest")
@@ -367,7 +435,7 @@ def load_patch(path: str | os.PathLike[str]) -> Patch:
                 original = fh.get_tensor(_tensor_key(name, "original"))
                 deltas.append(
                     _check_tensors(
-                        where, name, shape, axis, dtype, k, indices, delta, original, entry.get("fingerprint")
+                        where, name, shape, axis, dtype, k, indices, delta, original, entry["fingerprint"]
                     )
                 )
     except InvalidPatchError:
@@ -395,7 +463,8 @@ def load_patch(path: str | os.PathLike[str]) -> Patch:
 
 def _load_state(root: Path, data: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The optional ``state.safetensors``: hash-checked, only finite float32 ``[T, D]`` tensors named
-    ``keys.<int>`` or ``contrast.<int>``."""
+    ``keys.<layer>`` or ``contrast.<layer>`` (``<layer>`` in ASCII digits, no leading zero, at most
+    :data:`MAX_LAYER`)."""
     if "state_sha256" not in data:
         return {}
     where = str(root)
@@ -412,9 +481,11 @@ def _load_state(root: Path, data: dict[str, Any]) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt") as fh:
             for key in fh.keys():
-                prefix, _, layer = key.partition(".")
-                if prefix not in ("keys", "contrast") or not layer.isdigit():
-                    raise InvalidPatchError(f"{where}: unexpected tensor {key!r} in {STATE_FILE}")
+                if not _STATE_KEY_RE.fullmatch(key):
+                    raise InvalidPatchError(
+                        f"{where}: unexpected tensor {key!r} in {STATE_FILE} (expected keys.<layer> or "
+                        f"contrast.<layer>, layer 0-{MAX_LAYER})"
+                    )
                 t = fh.get_tensor(key)
                 if t.dtype != torch.float32 or t.dim() != 2 or not bool(torch.isfinite(t).all()):
                     raise InvalidPatchError(

@@ -6,13 +6,13 @@ any computation starts.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import InvalidRequestError
+from .jsonio import load_json_text
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,19 @@ def _from_counterfact(record: dict[str, Any], index: int) -> EditRequest:
     return _from_native(native, index)
 
 
+def _zsre_strings(record: dict[str, Any], key: str, index: int) -> list[str]:
+    """A ZsRE field that holds one string or a list of them (``answers``, ``rephrase``); absent: ``[]``."""
+    value = record.get(key)
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(v, str) and v.strip() for v in items):
+        raise InvalidRequestError(
+            f"record {index}: ZsRE field {key!r} must be a non-empty string or a list of non-empty strings"
+        )
+    return items
+
+
 def _from_zsre(record: dict[str, Any], index: int) -> EditRequest:
     subject = record.get("subject")
     src = record.get("src")
@@ -129,17 +142,21 @@ def _from_zsre(record: dict[str, Any], index: int) -> EditRequest:
             f"record {index}: ZsRE field 'subject' must be a string that occurs in 'src'"
         )
     alt = record.get("alt")
+    if not isinstance(alt, str) or not alt.strip():
+        raise InvalidRequestError(
+            f"record {index}: ZsRE field 'alt' (the new answer) must be a non-empty string"
+        )
+    answers = _zsre_strings(record, "answers", index)
     loc, loc_ans = record.get("loc"), record.get("loc_ans")
     neighborhood = []
     if isinstance(loc, str) and isinstance(loc_ans, str):
         neighborhood.append({"prompt": loc.removeprefix("nq question: "), "target": loc_ans})
-    rephrase = record.get("rephrase")
     native = {
         "prompt": src.replace(subject, "{}", 1),
         "subject": subject,
         "target_new": alt,
-        "target_true": (record.get("answers") or [None])[0],
-        "paraphrases": [rephrase] if isinstance(rephrase, str) else [],
+        "target_true": answers[0] if answers else None,
+        "paraphrases": _zsre_strings(record, "rephrase", index),
         "neighborhood": neighborhood,
         "id": record.get("case_id"),
     }
@@ -152,33 +169,45 @@ def parse_request(record: Any, index: int) -> EditRequest:
         raise InvalidRequestError(f"record {index}: must be a JSON object")
     if "requested_rewrite" in record:
         return _from_counterfact(record, index)
-    if "src" in record and "alt" in record:
+    if "src" in record and "prompt" not in record:
         return _from_zsre(record, index)
     return _from_native(record, index)
 
 
+def _parse_records(text: str, file: Path) -> list[Any]:
+    """The records of a facts file: a JSON list, JSONL (one record per line) or one JSON object."""
+    if text.lstrip().startswith("["):
+        records = load_json_text(text, str(file), InvalidRequestError)
+        assert isinstance(records, list)
+        return records
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines:
+        return []
+    try:
+        first = load_json_text(lines[0][1], f"{file}: line {lines[0][0]}", InvalidRequestError)
+    except InvalidRequestError:
+        if len(lines) == 1 or not lines[0][1].lstrip().startswith("{"):
+            raise
+        # not JSONL: one (pretty-printed) object
+        try:
+            return [load_json_text(text, str(file), InvalidRequestError)]
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(
+                f"{exc} (expected a JSON list of records, JSONL with one record per line, or one JSON object)"
+            ) from exc
+    rest = [load_json_text(line, f"{file}: line {n}", InvalidRequestError) for n, line in lines[1:]]
+    return [first, *rest]
+
+
 def read_requests(path: str | os.PathLike[str]) -> list[EditRequest]:
-    """Read a JSON list or JSONL file of records; every record is validated before returning."""
+    """Read a facts file (a JSON list, JSONL, or one JSON object; UTF-8, a byte-order mark is allowed);
+    every record is validated before returning."""
     file = Path(path)
     try:
-        text = file.read_text(encoding="utf-8")
+        text = file.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise InvalidRequestError(f"{file}: not UTF-8 text") from exc
-    stripped = text.lstrip()
-    records: list[Any]
-    if stripped.startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InvalidRequestError(f"{file}: invalid JSON ({exc})") from exc
-    else:
-        records = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise InvalidRequestError(f"{file}: line {lineno} is not valid JSON ({exc.msg})") from exc
+    records = _parse_records(text, file)
     if not records:
         raise InvalidRequestError(f"{file}: no records")
     return [parse_request(r, i) for i, r in enumerate(records)]

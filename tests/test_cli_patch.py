@@ -265,3 +265,76 @@ def test_entry_point_errors_are_one_line(
 
     code, err = _run_main(monkeypatch, capsys, "verify", _patch_dir(patch), "--model", str(tmp_path / "nope"))
     _assert_one_line_error(code, err, "could not load model")
+
+    code, err = _run_main(
+        monkeypatch, capsys, "verify", _patch_dir(patch), "--model", str(base), "--device", "tpu:9"
+    )
+    _assert_one_line_error(code, err, "unknown device 'tpu:9'")
+    if not torch.cuda.is_available():
+        code, err = _run_main(
+            monkeypatch, capsys, "verify", _patch_dir(patch), "--model", str(base), "--device", "cuda"
+        )
+        _assert_one_line_error(code, err, "no CUDA device available")
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["inspect"], "Missing argument"),
+        (["inspect", "x.nmke", "--bogus"], "No such option: --bogus"),
+        (["no-such-command"], "No such command"),
+        (["create", "missing.json", "-o", "x.nmke"], "does not exist"),
+        (["export-peft", "x.nmke", "--out", "o", "--format", "xyz"], "'xyz' is not one of"),
+    ],
+)
+def test_usage_errors_exit_2_without_a_traceback(
+    args: list[str], expected: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = _run_main(monkeypatch, capsys, *args)
+    assert code == 2 and "Traceback" not in err and expected in err, err
+
+
+def test_ctrl_c_exits_130(
+    llama_setup: tuple[Path, Patch], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted(*_: object, **__: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("nmke_patch.cli.patch_commands.resolve_patches", interrupted)
+    code, err = _run_main(monkeypatch, capsys, "inspect", _patch_dir(llama_setup[1]))
+    assert code == 130 and err.strip() == "interrupted"
+
+
+def test_untrusted_names_are_printed_as_text_not_markup(tmp_path: Path) -> None:
+    model = MODEL_FACTORIES["llama"]()
+    hidden = random_patch(model, name="a[black on black] (hidden)[/]").save(tmp_path / "hidden.nmke")
+    closing = random_patch(model, name="b[/]", seed=1).save(tmp_path / "closing.nmke")
+    for patch, name in ((hidden, "a[black on black] (hidden)[/]"), (closing, "b[/]")):
+        result = runner.invoke(app, ["inspect", _patch_dir(patch)])
+        assert result.exit_code == 0, result.output
+        assert name in result.output
+
+
+def test_apply_refuses_to_write_over_its_model_or_a_full_directory(
+    llama_setup: tuple[Path, Patch], tmp_path: Path
+) -> None:
+    base, patch = llama_setup
+    before = _weights(base)
+    patch_files = sorted(p.name for p in Path(_patch_dir(patch)).iterdir())
+    result = runner.invoke(app, ["apply", _patch_dir(patch), "--model", str(base), "--out", str(base)])
+    assert isinstance(result.exception, FileExistsError) and "is the model being read" in str(
+        result.exception
+    )
+    _assert_equal(_weights(base), before)
+    result = runner.invoke(
+        app, ["apply", _patch_dir(patch), "--model", str(base), "--out", _patch_dir(patch)]
+    )
+    assert isinstance(result.exception, FileExistsError) and "--overwrite" in str(result.exception)
+    assert sorted(p.name for p in Path(_patch_dir(patch)).iterdir()) == patch_files
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "notes.txt").write_text("mine")
+    args = ["apply", _patch_dir(patch), "--model", str(base), "--out", str(full)]
+    assert isinstance(runner.invoke(app, args).exception, FileExistsError)
+    assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0
+    assert (full / "notes.txt").read_text() == "mine" and (full / "nmke_patches.json").exists()

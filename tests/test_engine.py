@@ -516,6 +516,36 @@ def test_configs_written_before_added_fields_keep_their_meaning_and_run_key() ->
     assert run_key(requests(), current, []) != run_key(requests(), restored, [])
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"mode": "foo"}, "mode must be one of sequential, batch"),
+        ({"neuron_score": "bogus"}, "neuron_score must be one of hybrid, specificity, combined"),
+        ({"masked_solve": "bogus"}, "masked_solve must be one of soft, exact, post"),
+        ({"method": "rome"}, "method must be one of nmke, alphaedit, memit"),
+        ({"layers": [1, 3]}, "layers must be consecutive"),
+        ({"layers": [-1, 0]}, "layers must be consecutive"),
+        ({"stats_tokens": 0}, "stats_tokens must be >= 1"),
+    ],
+)
+def test_config_refuses_values_outside_its_choices(override: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidRequestError, match=message):
+        EditConfig().with_overrides(**override)
+
+
+def test_layers_beyond_the_model_are_refused_before_statistics(tiny_tokenizer, monkeypatch) -> None:
+    lm = loaded("llama", tiny_tokenizer)
+    before = state_copy(lm.model)
+
+    def no_statistics(*_: object, **__: object) -> None:
+        raise AssertionError("statistics computed for an invalid layer")
+
+    monkeypatch.setattr("nmke_patch.create.load_statistics", no_statistics)
+    with pytest.raises(InvalidRequestError, match="the model has 4 decoder layers"):
+        create_patch(requests(), loaded=lm, config=TINY_CONFIG.with_overrides(layers=(3, 4)), name="t")
+    assert_state_equal(lm.model, before)
+
+
 @pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
 def test_context_key_columns_fit_bare_and_prefixed_prompts_separately(arch: str, tiny_tokenizer) -> None:
     lm = loaded(arch, tiny_tokenizer)

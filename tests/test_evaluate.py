@@ -14,6 +14,7 @@ from nmke_patch.cli.main import app
 from transformers import PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
+from nmke_patch.errors import InvalidRequestError
 from nmke_patch.evaluate import (
     compare,
     evaluate,
@@ -220,11 +221,16 @@ def test_cli_eval_json_and_plot(tiny_tokenizer: PreTrainedTokenizerFast, tmp_pat
         "unrelated_retention",
         "zsre_neighborhood_agreement",
     }
-    table = CliRunner().invoke(app, [*args, "--plot", str(tmp_path / "eval.png")])
+    table = CliRunner().invoke(app, [*args, "--plot", str(tmp_path / "chart")])  # no extension: .png added
     assert table.exit_code == 0, table.output
     assert "efficacy" in table.output and "patch bytes" in table.output
     pytest.importorskip("matplotlib")
-    assert (tmp_path / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"chart written to {tmp_path / 'chart.png'}" in " ".join(table.output.split())
+    assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    bad = CliRunner().invoke(app, [*args[:-5], "--heldout", str(tmp_path / "latin1.txt"), *args[-3:]])
+    assert isinstance(bad.exception, InvalidRequestError) and "not UTF-8" in str(bad.exception), bad.output
 
 
 def test_cli_plot_without_matplotlib_fails_early(

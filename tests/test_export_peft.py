@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from typer.testing import CliRunner
 
 from nmke_patch.architectures import spec_for_model
 from nmke_patch.delta import scatter_neurons
-from nmke_patch.errors import ExportError
+from nmke_patch.errors import ExportError, InvalidPatchError, PatchMismatchError
 from nmke_patch.export.peft import CONFIG_FILE, WEIGHTS_FILE, export_peft
 from nmke_patch.patch import Patch
 from nmke_patch.stack import PatchStack
@@ -229,6 +230,57 @@ def test_refuses_mixed_bases_and_bad_arguments(tmp_path: Path) -> None:
         export_peft([dense_patch], tmp_path, fmt="shira")
     with pytest.raises(ExportError, match="no patches"):
         export_peft([], tmp_path)
+
+
+def _declaring(patch: Patch, shape: tuple[int, int], index: int = 0) -> Patch:
+    """``patch`` with tensor ``index`` claiming weight ``shape`` (its neurons and payload unchanged)."""
+    deltas = list(patch.deltas)
+    deltas[index] = replace(deltas[index], shape=shape)
+    return replace(patch, deltas=tuple(deltas))
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ((32, 10**12), r"declares shape \[32, 1000000000000\]: larger than any supported weight"),
+        ((32, 25_000_000), r"larger than any supported weight"),  # was a 100 MB adapter from 1.8 KB
+        ((32, 1_000_000), r"1000000 neurons for a residual width of 32, more than 64x"),
+    ],
+)
+def test_refuses_shapes_no_weight_has_before_allocating(
+    shape: tuple[int, int], message: str, tmp_path: Path
+) -> None:
+    patch = _declaring(random_patch(MODEL_FACTORIES["llama"](), neurons=1), shape)
+    with pytest.raises(InvalidPatchError, match=message):
+        export_peft([patch], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuses_contradicting_widths_and_checks_against_the_model(tmp_path: Path) -> None:
+    model = MODEL_FACTORIES["llama"]()
+    patch = random_patch(model)
+    wider = _declaring(patch, (64, 48), index=1)  # one tensor claims another residual width than the other
+    with pytest.raises(InvalidPatchError, match=r"residual width of 64 where other tensors have 32"):
+        export_peft([wider], tmp_path / "out")
+    grown = _declaring(patch, (32, 96))  # credible on its own; only the model can tell
+    with pytest.raises(
+        PatchMismatchError, match=r"declares shape \[32, 96\] but the base model has shape \[32, 48\]"
+    ):
+        export_peft([grown], tmp_path / "out", model=model)
+    assert not (tmp_path / "out").exists()
+    assert export_peft([patch], tmp_path / "out", model=model).exact
+
+
+def test_adapter_files_follow_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        report = export_peft([random_patch(MODEL_FACTORIES["llama"]())], tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert {f.name: f.stat().st_mode & 0o777 for f in report.path.iterdir()} == {
+        CONFIG_FILE: 0o644,
+        WEIGHTS_FILE: 0o644,  # safetensors' save_file made it 0600
+    }
 
 
 def test_cli_export_peft(tmp_path: Path) -> None:

@@ -150,7 +150,7 @@ def _flip_byte(data: bytes, pos: int = -3) -> bytes:
 
 def test_tampered_pack_is_refused_and_nothing_applied(hub, two_patches):
     a, b = two_patches
-    for repo in ("user/t1", "user/t2", "user/t3", "user/t4", "user/t5"):
+    for repo in ("user/t1", "user/t2", "user/t3", "user/t4", "user/t5", "user/t6", "user/t7"):
         push_pack([a.path, b.path], repo, token=TOKEN)
     deltas = f"patches/languages.nmke/{DELTAS_FILE}"
     hub.files("user/t1")[deltas] = _flip_byte(hub.files("user/t1")[deltas])
@@ -167,6 +167,8 @@ def test_tampered_pack_is_refused_and_nothing_applied(hub, two_patches):
     pack = json.loads(hub.files("user/t5")["pack.json"])
     pack["patches"][1]["name"] = "harmless"
     hub.files("user/t5")["pack.json"] = json.dumps(pack).encode()
+    hub.files("user/t6")["pack.json"] = b"[" * 200_000  # was a RecursionError traceback
+    hub.files("user/t7")["pack.json"] = b'{"format": "nmke-pack", "format_version": 1' + b"0" * 5000 + b"}"
 
     model = tiny_llama()
     before = state_copy(model)
@@ -176,6 +178,8 @@ def test_tampered_pack_is_refused_and_nothing_applied(hub, two_patches):
         ("user/t3", "not a plain relative path"),
         ("user/t4", "not supported"),
         ("user/t5", "calls it 'harmless'"),
+        ("user/t6", r"hf://user/t6: pack\.json is not valid JSON \(nested more than 64 levels"),
+        ("user/t7", r"hf://user/t7: pack\.json is not valid JSON \(an integer of 5001 digits"),
     ):
         with pytest.raises(InvalidPatchError, match=why):
             patches = resolve_patches([f"hf://{repo}"])

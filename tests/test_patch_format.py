@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import struct
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from conftest import MODEL_FACTORIES, assert_state_equal, random_patch, state_copy
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 from nmke_patch.delta import TensorDelta, make_delta
 from nmke_patch.errors import InvalidPatchError, PatchMismatchError
@@ -28,6 +31,7 @@ from nmke_patch.patch import (
     CARD_FILE,
     DELTAS_FILE,
     MANIFEST_FILE,
+    STATE_FILE,
     Manifest,
     ParentRef,
     Patch,
@@ -259,12 +263,37 @@ def test_created_at_is_filled_in_when_empty(tmp_path: Path) -> None:
     assert not (tmp_path / "blank.nmke" / CARD_FILE).exists()
 
 
-def test_unknown_manifest_fields_warn_but_load(tmp_path: Path) -> None:
+def test_unknown_manifest_fields_warn_but_load(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     root = random_patch(MODEL_FACTORIES["llama"]()).save(tmp_path / "p.nmke").path
     assert root is not None
     _edit_manifest(root, lambda m: m.update(future_field={"x": 1}))
-    with pytest.warns(UserWarning, match="future_field"):
+    with caplog.at_level(logging.WARNING, logger="nmke_patch.patch"):
         load_patch(root)
+    # one log line (the CLI prints it as "WARNING nmke_patch.patch: ..."), not a UserWarning with source
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{root}: ignoring unknown manifest fields ['future_field']"
+    ]
+
+
+def test_saved_files_and_directory_follow_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        root = random_patch(MODEL_FACTORIES["llama"]()).save(tmp_path / "p.nmke").path
+    finally:
+        os.umask(old)
+    assert root is not None
+    assert root.stat().st_mode & 0o777 == 0o755  # mkdtemp's 0700 used to stick to the patch directory
+    assert {f.stat().st_mode & 0o777 for f in root.iterdir()} == {0o644}
+
+
+def test_non_finite_numbers_are_never_written(tmp_path: Path) -> None:
+    patch = random_patch(MODEL_FACTORIES["llama"]())
+    bad = replace(
+        patch, manifest=replace(patch.manifest, metrics=[{"index": 0, "p_new_before": float("nan")}])
+    )
+    with pytest.raises(InvalidPatchError, match=r"p\.nmke: the manifest holds NaN or Infinity"):
+        bad.save(tmp_path / "p.nmke")
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- the apply rule --------------------------------------------------------------------------------------
@@ -549,6 +578,53 @@ CASES: list[tuple[str, Corruption, str]] = [
     ("fingerprint-not-string", set_entry("fingerprint", 5), r"fingerprint must be a string"),
     ("tensor-listed-twice", dup_entry, r"a tensor is listed twice"),
     ("parent-malformed", set_field("parents", [{"name": "p"}]), r"each parent must be an object"),
+    (
+        "shape-huge",  # export-peft used to allocate the declared [32, 10**12] weight's one-hot rows
+        set_entry("shape", [32, 10**12]),
+        r"declares shape \[32, 1000000000000\]: larger than any supported weight",
+    ),
+    ("shape-too-many-elements", set_entry("shape", [2**20, 2**20]), r"larger than any supported weight"),
+    ("shape-not-a-list", set_entry("shape", "32x48"), r"invalid shape '32x48'"),
+    (
+        "tensor-name-missing",
+        lambda root: _edit_manifest(root, lambda m: m["tensors"][0].pop("name")),
+        r": tensors\[0\] is missing required field 'name'",
+    ),
+    (
+        "fingerprint-missing",
+        lambda root: _edit_manifest(root, lambda m: m["tensors"][1].pop("fingerprint")),
+        r": tensors\[1\] \('model\.layers\.2\.mlp\.down_proj\.weight'\) is missing required field 'fingerprint'",
+    ),
+    (
+        "deeply-nested",
+        manifest_text(b"[" * 200_000),
+        r"manifest\.json is not valid JSON \(nested more than 64 levels deep\)",
+    ),
+    (
+        "huge-integer",
+        manifest_text(b'{"format": "nmke-patch", "format_version": 1' + b"0" * 5000 + b"}"),
+        r"manifest\.json is not valid JSON \(an integer of 5001 digits",
+    ),
+    (
+        "nan-anywhere",
+        set_field("method", {"name": "x", "config": {"lr": float("nan")}}),
+        r"manifest\.json is not valid JSON \(NaN is not a JSON number\)",
+    ),
+    (
+        "metric-infinity",
+        set_field("metrics", [{"index": 0, "p_new_before": float("inf")}]),
+        r"not valid JSON \(Infinity is not a JSON number\)",
+    ),
+    (
+        "metric-string",
+        set_field("metrics", [{"index": 0, "p_new_before": "abc"}]),
+        r"metrics\[0\]\.p_new_before must be a finite number or null",
+    ),
+    (
+        "metric-list",
+        set_field("metrics", [{"index": 0, "p_new_after": [1]}]),
+        r"metrics\[0\]\.p_new_after must be a finite number or null",
+    ),
 ]
 
 
@@ -694,15 +770,59 @@ def test_local_pack_is_verified_like_a_pulled_one(llama: torch.nn.Module, tmp_pa
             "the pack was modified",
         ),
         "no format": ({"patches": good["patches"]}, "not an nmke-patch pack"),
+        "string entries": (
+            {**good, "patches": [e["path"] for e in good["patches"]]},
+            "entry must be an object",
+        ),
+        "wrong name": (
+            {**good, "patches": [{**good["patches"][0], "name": "other"}, good["patches"][1]]},
+            "pack.json calls it 'other'",
+        ),
+        "version 1.0": ({**good, "format_version": 1.0}, r"pack format version 1\.0 is not supported"),
     }
     for data, message in cases.values():
         (pack / "pack.json").write_text(json.dumps(data))
         with pytest.raises(InvalidPatchError, match=message):
             resolve_patches([pack])
 
-    (pack / "pack.json").write_text("{")
-    with pytest.raises(InvalidPatchError, match=r"pack\.json is not valid JSON"):
-        resolve_patches([pack])
+    for text, reason in [
+        ("{", "Expecting property name"),
+        ("[" * 200_000, "nested more than 64 levels deep"),
+        ('{"format": "nmke-pack", "format_version": 1' + "0" * 5000 + "}", "an integer of 5001 digits"),
+    ]:
+        (pack / "pack.json").write_text(text)
+        with pytest.raises(InvalidPatchError, match=rf"pack\.json is not valid JSON \({reason}"):
+            resolve_patches([pack])
+
+
+def _with_state_keys(root: Path, keys: list[str]) -> None:
+    """Replace the saved patch's state.safetensors by ``keys`` (float32 [1, 48]) with a matching hash."""
+    raw = save({k: torch.zeros(1, 48) for k in keys})
+    (root / STATE_FILE).write_bytes(raw)
+    _edit_manifest(root, lambda m: m.update(state_sha256=_sha256(raw)))
+
+
+@pytest.mark.parametrize(
+    "key", ["keys.\u00b2", "keys.\u0661", "keys.01", "keys.10000", "keys.-1", "keys", "cum.1"]
+)
+def test_state_keys_must_be_plain_layer_numbers(key: str, llama: torch.nn.Module, tmp_path: Path) -> None:
+    """``str.isdigit`` accepted ``keys.²`` and ``create --on`` then died in ``int()``."""
+    saved = replace(random_patch(llama), state={"keys.1": torch.zeros(1, 48)}).save(tmp_path / "p.nmke")
+    assert saved.path is not None
+    _with_state_keys(saved.path, ["keys.1", "contrast.1", "keys.0", key])
+    with pytest.raises(
+        InvalidPatchError, match=rf"p\.nmke: unexpected tensor {re.escape(repr(key))} in state"
+    ):
+        load_patch(saved.path)
+    _with_state_keys(saved.path, ["keys.1", "contrast.1", "keys.0", "keys.9999"])
+    assert sorted(load_patch(saved.path).state) == ["contrast.1", "keys.0", "keys.1", "keys.9999"]
+
+
+def test_fingerprint_may_be_null_but_not_missing(llama: torch.nn.Module, tmp_path: Path) -> None:
+    root = random_patch(llama).save(tmp_path / "p.nmke").path
+    assert root is not None
+    _edit_manifest(root, lambda m: m["tensors"][0].update(fingerprint=None))
+    assert load_patch(root).deltas[0].fingerprint is None
 
 
 # -- regressions of fixed bugs ----------------------------------------------------------------------------

@@ -19,17 +19,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
+from torch import nn
 
-from ..architectures import spec_for_model_type
+from ..architectures import ArchitectureSpec, spec_for_model_type
 from ..delta import TensorDelta
-from ..errors import ExportError
-from ..patch import Patch
+from ..errors import ExportError, InvalidPatchError, PatchMismatchError
+from ..patch import Patch, check_shape
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 _BASE_KEYS = ("name_or_path", "revision", "architecture", "model_type")
+MAX_FF_RATIO = 64
+"""Most MLP neurons per residual dimension a credible weight has (real models: 2.7 to 8)."""
 
 PeftFormat = Literal["lora", "shira"]
 
@@ -95,6 +98,40 @@ def _check_same_base(patches: Sequence[Patch]) -> dict[str, Any]:
     if not isinstance(base.get("model_type"), str):
         raise ExportError(f"patch {first.describe()} does not record its base model's model_type")
     return base
+
+
+def _check_shapes(patches: Sequence[Patch], spec: ArchitectureSpec, model: nn.Module | None) -> None:
+    """Refuse, before anything is allocated, a declared shape that no real weight has: out of bounds, an MLP
+    more than :data:`MAX_FF_RATIO` times wider than its residual stream, residual widths that differ
+    between tensors, payloads that do not match it, or (given ``model``) another shape than the model's."""
+    params = dict(model.named_parameters()) if model is not None else {}
+    d_model: int | None = None
+    for p in patches:
+        for d in p.deltas:
+            what = f"patch {p.describe()}: tensor {d.name!r}"
+            shape = check_shape(tuple(d.shape), what)
+            axis = d.neuron_axis if d.neuron_axis in (0, 1) else spec.neuron_axis  # else _compose refuses
+            d_ff, width = shape[axis], shape[1 - axis]
+            if d_ff > MAX_FF_RATIO * width:
+                raise InvalidPatchError(
+                    f"{what} declares shape {list(shape)}: {d_ff} neurons for a residual width of {width}, more"
+                    f" than {MAX_FF_RATIO}x; no real MLP has that shape (the manifest's shape is not credible)"
+                )
+            if d_model is not None and width != d_model:
+                raise InvalidPatchError(
+                    f"{what} declares a residual width of {width} where other tensors have {d_model}; the"
+                    " patches' shapes contradict each other"
+                )
+            d_model = width
+            if tuple(d.delta.shape) != (d.num_neurons, width):
+                raise InvalidPatchError(f"{what}: delta must have shape [{d.num_neurons}, {width}]")
+            param = params.get(d.name)
+            if model is not None and (param is None or tuple(param.shape) != shape):
+                found = "no such parameter" if param is None else f"shape {list(param.shape)}"
+                raise PatchMismatchError(
+                    f"{what} declares shape {list(shape)} but the base model has {found}; the patch is not for"
+                    " this model"
+                )
 
 
 def _compose(patches: Sequence[Patch], model_type: str) -> list[_Composed]:
@@ -220,7 +257,8 @@ def _write(out: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], 
     weights, cfg = out / WEIGHTS_FILE, out / CONFIG_FILE
     tmp_weights, tmp_cfg = out / f".{WEIGHTS_FILE}.tmp", out / f".{CONFIG_FILE}.tmp"
     try:
-        save_file(tensors, str(tmp_weights), metadata={"format": "pt", "nmke_patches": provenance})
+        # written from Python so the file gets the umask's permissions (safetensors' save_file makes 0600)
+        tmp_weights.write_bytes(save(tensors, metadata={"format": "pt", "nmke_patches": provenance}))
         tmp_cfg.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp_weights, weights)
         os.replace(tmp_cfg, cfg)
@@ -237,6 +275,7 @@ def export_peft(
     fmt: PeftFormat = "lora",
     rank: int | None = None,
     base_model_name_or_path: str | None = None,
+    model: nn.Module | None = None,
 ) -> ExportReport:
     """Write the composed effect of ``patches`` (deltas summed per weight, in order) as a PEFT adapter.
 
@@ -248,9 +287,13 @@ def export_peft(
         rank: LoRA only: truncate each module's delta to rank ``min(rank, k)`` by SVD (lossy; the error
             is reported).
         base_model_name_or_path: recorded in the config; default: the patches' base model.
+        model: the base model (a ``meta``-device copy will do); when given, every tensor's declared shape
+            must equal its parameter's. Without it the shapes are still checked for credibility.
 
     Raises:
         ExportError: mixed base models or architectures, SHiRA on a Conv1D model, a bad ``rank``.
+        InvalidPatchError: a declared shape no real weight has (checked before anything is allocated).
+        PatchMismatchError: a declared shape differs from ``model``'s parameter.
     """
     patches = list(patches)
     if not patches:
@@ -269,6 +312,7 @@ def export_peft(
             f"SHiRA supports nn.Linear layers only; {model_type} keeps its MLP output projection in a "
             f"{spec.module_kind} module; export as lora instead"
         )
+    _check_shapes(patches, spec, model)
     composed = _compose(patches, model_type)
     modules = [c.module for c in composed]
     config: dict[str, Any] = {

@@ -6,8 +6,9 @@ Every constant of the method is a field here, with its default and meaning; see
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from ...errors import InvalidRequestError
 
@@ -82,6 +83,20 @@ NMKE_ONLY = (
     "grow_budget_to",
     "past_weight",
 )
+
+
+@functools.cache
+def _choices() -> dict[str, tuple[Any, ...]]:
+    """The allowed values of every ``Literal`` field of :class:`EditConfig`."""
+    out = {}
+    for name, hint in get_type_hints(EditConfig).items():
+        members = (
+            (hint,) if get_origin(hint) is Literal else get_args(hint)
+        )  # a Literal, or a union's members
+        for member in members:
+            if get_origin(member) is Literal:
+                out[name] = get_args(member) + ((None,) if type(None) in members else ())
+    return out
 
 
 @dataclass(frozen=True)
@@ -291,13 +306,16 @@ class EditConfig:
     seed: int = _f(0, "Seed for prefix sampling and preservation text.")
 
     def __post_init__(self) -> None:
+        for name, choices in _choices().items():
+            if getattr(self, name) not in choices:
+                allowed = ", ".join(map(str, choices))
+                raise InvalidRequestError(
+                    f"invalid config: {name} must be one of {allowed} (got {getattr(self, name)!r})"
+                )
         checks = [
-            (self.method in ("nmke", "alphaedit", "memit"), "method must be nmke, alphaedit or memit"),
             (self.z_steps >= 1 and self.z_lr > 0, "z_steps must be >= 1 and z_lr > 0"),
-            (self.z_optimizer in ("adam", "normalized"), "z_optimizer must be adam or normalized"),
             (self.z_step > 0 and 0 <= self.z_momentum < 1, "z_step must be > 0 and z_momentum in [0, 1)"),
-            (self.key_columns in ("mean", "contexts"), "key_columns must be mean or contexts"),
-            (self.contrast_first in ("embedding", "list"), "contrast_first must be embedding or list"),
+            (self.stats_tokens >= 1, "stats_tokens must be >= 1"),
             (0 < self.bare_weight < 1, "bare_weight must be in (0, 1)"),
             (0 < self.ratio_min <= self.ratio_max <= 1, "need 0 < ratio_min <= ratio_max <= 1"),
             (
@@ -331,8 +349,12 @@ class EditConfig:
             (self.n_prefixes >= 0 and self.prefix_tokens >= 1, "n_prefixes >= 0 and prefix_tokens >= 1"),
             (
                 self.layers is None
-                or (len(self.layers) > 0 and list(self.layers) == sorted(set(self.layers))),
-                "layers must be ascending and distinct",
+                or (
+                    len(self.layers) > 0
+                    and self.layers[0] >= 0
+                    and list(self.layers) == list(range(self.layers[0], self.layers[0] + len(self.layers)))
+                ),
+                "layers must be consecutive, ascending and >= 0 (e.g. 4,5,6 or 4-8)",
             ),
         ]
         for ok, message in checks:

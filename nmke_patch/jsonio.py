@@ -1,0 +1,78 @@
+"""One strict reader for JSON that comes from strangers: manifests, ``pack.json`` and facts files.
+
+Python's ``json`` accepts ``NaN`` and ``Infinity``, raises ``RecursionError`` on deep nesting and
+``ValueError`` on integers of more than 4300 digits. :func:`load_json_text` refuses all of these with the
+caller's error type and one line naming the file, so no traceback escapes and nothing downstream ever
+sees a non-finite number, an absurd integer or a structure too deep to walk.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from .errors import InvalidPatchError, NmkePatchError
+
+MAX_DEPTH = 64
+"""Deepest nesting of arrays and objects accepted."""
+MAX_INT_DIGITS = 64
+"""Longest integer literal accepted (digits, sign excluded)."""
+
+
+class _Refused(ValueError):
+    """A literal the strict reader does not accept (raised from the parse hooks)."""
+
+
+def _no_constant(name: str) -> Any:
+    raise _Refused(f"{name} is not a JSON number")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _Refused(f"an integer of {len(text.lstrip('-'))} digits (at most {MAX_INT_DIGITS})")
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Refused(f"{text[:20]} is out of range for a float")
+    return value
+
+
+def _depth_ok(value: Any) -> bool:
+    """Whether ``value`` nests at most :data:`MAX_DEPTH` levels (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > MAX_DEPTH:
+            return False
+        stack.extend((child, depth + 1) for child in children)
+    return True
+
+
+def load_json_text(text: str, what: str, error: type[NmkePatchError] = InvalidPatchError) -> Any:
+    """Parse ``text`` as strict JSON, or raise ``error("{what} is not valid JSON (reason)")``.
+
+    Strict: no ``NaN``/``Infinity`` (nor floats that overflow to it), integers of at most
+    :data:`MAX_INT_DIGITS` digits, nesting at most :data:`MAX_DEPTH` levels.
+    """
+    try:
+        value = json.loads(
+            text, parse_constant=_no_constant, parse_int=_bounded_int, parse_float=_finite_float
+        )
+    except json.JSONDecodeError as exc:
+        raise error(f"{what} is not valid JSON ({exc.msg}: line {exc.lineno} column {exc.colno})") from exc
+    except _Refused as exc:
+        raise error(f"{what} is not valid JSON ({exc})") from exc
+    except RecursionError as exc:
+        raise error(f"{what} is not valid JSON (nested more than {MAX_DEPTH} levels deep)") from exc
+    except ValueError as exc:  # e.g. a float literal Python cannot convert
+        raise error(f"{what} is not valid JSON ({exc})") from exc
+    if not _depth_ok(value):
+        raise error(f"{what} is not valid JSON (nested more than {MAX_DEPTH} levels deep)")
+    return value

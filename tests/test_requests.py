@@ -1,0 +1,127 @@
+"""Facts files from strangers: the accepted layouts, ZsRE records, and one clear error for anything else."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nmke_patch.errors import InvalidRequestError
+from nmke_patch.requests import read_requests
+
+RECORD = {"prompt": "The capital of {} is", "subject": "France", "target_new": "Rome", "target_true": "Paris"}
+ZSRE = {
+    "subject": "Watts Humphrey",
+    "src": "What university did Watts Humphrey attend?",
+    "alt": "University of Michigan",
+    "answers": ["Illinois Institute of Technology"],
+    "rephrase": "What university did Watts Humphrey take part in?",
+}
+
+
+def _write(tmp_path: Path, text: str | bytes, name: str = "facts.json") -> Path:
+    file = tmp_path / name
+    if isinstance(text, bytes):
+        file.write_bytes(text)
+    else:
+        file.write_text(text, encoding="utf-8")
+    return file
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\ufeff" + json.dumps([RECORD]),  # a byte-order mark (Windows editors write one)
+        "\ufeff" + json.dumps(RECORD) + "\n",  # ... before JSONL
+        json.dumps(RECORD, indent=2),  # one pretty-printed object
+        json.dumps(RECORD),  # one object on one line (JSONL of one record)
+    ],
+    ids=["bom-list", "bom-jsonl", "pretty-object", "one-line-object"],
+)
+def test_accepted_layouts(text: str, tmp_path: Path) -> None:
+    (request,) = read_requests(_write(tmp_path, text))
+    assert (request.text, request.target_new, request.target_true) == (
+        "The capital of France is",
+        "Rome",
+        "Paris",
+    )
+
+
+def test_jsonl_keeps_reading_line_by_line(tmp_path: Path) -> None:
+    other = {**RECORD, "subject": "Spain"}
+    assert [
+        r.subject for r in read_requests(_write(tmp_path, f"{json.dumps(RECORD)}\n\n{json.dumps(other)}\n"))
+    ] == [
+        "France",
+        "Spain",
+    ]
+    with pytest.raises(InvalidRequestError, match=r"facts\.json: line 3 is not valid JSON \(Expecting"):
+        read_requests(_write(tmp_path, f"{json.dumps(RECORD)}\n\n{{\n"))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[" * 200_000, r"facts\.json is not valid JSON \(nested more than 64 levels deep\)"),
+        ("[" + "1" * 5000 + "]", r"facts\.json is not valid JSON \(an integer of 5000 digits"),
+        (
+            json.dumps(RECORD) + '\n{"a": ' + "[" * 200_000,
+            r"facts\.json: line 2 is not valid JSON \(nested more than",
+        ),
+        ('{"a": ' + "9" * 5000 + "}\n", r"facts\.json: line 1 is not valid JSON \(an integer of 5000 digits"),
+        ('[{"prompt": "{} is", "subject": "A", "target_new": NaN}]', r"\(NaN is not a JSON number\)"),
+        (
+            "{\n  " + json.dumps(RECORD)[1:-1] + ",\n}",
+            r"facts\.json is not valid JSON .*expected a JSON list",
+        ),
+    ],
+    ids=["deep-list", "huge-int", "deep-jsonl-line", "huge-int-jsonl", "nan", "broken-pretty-object"],
+)
+def test_hostile_json_is_one_clear_error(text: str, message: str, tmp_path: Path) -> None:
+    """Deep nesting and huge integers used to escape as RecursionError / ValueError tracebacks."""
+    with pytest.raises(InvalidRequestError, match=message):
+        read_requests(_write(tmp_path, text))
+
+
+def _zsre(tmp_path: Path, **fields: Any) -> Path:
+    record = {k: v for k, v in {**ZSRE, **fields}.items() if v is not None}
+    return _write(tmp_path, json.dumps([record]))
+
+
+def test_zsre_answers_and_rephrase_as_string_or_list(tmp_path: Path) -> None:
+    (r,) = read_requests(_zsre(tmp_path, answers="Illinois Institute of Technology", rephrase=["A {}", "B"]))
+    assert r.target_true == "Illinois Institute of Technology"  # was 'I', the first character
+    assert r.paraphrases == ("A {}", "B")  # a list used to be dropped
+    (r,) = read_requests(_zsre(tmp_path, answers=[], rephrase=None))
+    assert (r.target_true, r.paraphrases) == (None, ())
+    (r,) = read_requests(_write(tmp_path, json.dumps([ZSRE])))
+    assert r.prompt == "What university did {} attend?" and r.target_new == "University of Michigan"
+    assert r.paraphrases == ("What university did Watts Humphrey take part in?",)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"alt": None}, r"record 0: ZsRE field 'alt' \(the new answer\) must be a non-empty string"),
+        ({"alt": ""}, r"record 0: ZsRE field 'alt'"),
+        ({"answers": [5]}, r"record 0: ZsRE field 'answers' must be a non-empty string or a list"),
+        ({"answers": ""}, r"record 0: ZsRE field 'answers'"),
+        ({"answers": {"a": 1}}, r"record 0: ZsRE field 'answers'"),
+        ({"rephrase": 7}, r"record 0: ZsRE field 'rephrase' must be a non-empty string or a list"),
+        ({"rephrase": ["ok", ""]}, r"record 0: ZsRE field 'rephrase'"),
+    ],
+    ids=[
+        "alt-missing",
+        "alt-empty",
+        "answers-int",
+        "answers-empty",
+        "answers-object",
+        "rephrase-int",
+        "rephrase-blank",
+    ],
+)
+def test_bad_zsre_records_name_the_field(fields: dict[str, Any], message: str, tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequestError, match=message):
+        read_requests(_zsre(tmp_path, **fields))
