@@ -68,7 +68,9 @@ def create(
         str, typer.Option(help="nmke (sparse), or the dense baselines alphaedit / memit.")
     ] = "nmke",
     mode: Annotated[str, typer.Option(help="sequential (one edit at a time) or batch.")] = "sequential",
-    batch_size: Annotated[int, typer.Option(help="Requests per solve with --mode batch.")] = 10,
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, help="Requests per solve with --mode batch (default 10).")
+    ] = None,
     max_neurons: Annotated[
         float | None,
         typer.Option(help="Sparsity budget: at most this fraction of a layer's neurons per edit (nmke)."),
@@ -88,7 +90,7 @@ def create(
         list[str] | None, typer.Option("--set", help="Any config field, KEY=VALUE (see docs/method.md).")
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its checkpoint.")] = False,
-    checkpoint_every: Annotated[int, typer.Option(help="Write a checkpoint every N edits.")] = 25,
+    checkpoint_every: Annotated[int, typer.Option(min=1, help="Write a checkpoint every N edits.")] = 25,
     name: Annotated[
         str | None, typer.Option(help="Patch name (default: the output directory's stem).")
     ] = None,
@@ -104,18 +106,24 @@ def create(
     requests = read_requests(facts)  # every record validated before anything is computed
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite or choose another --out")
-    overrides: dict[str, object] = {"method": method, "mode": mode}
-    if mode == "batch":
-        overrides["batch_size"] = batch_size
-    if max_neurons is not None:
-        overrides["max_neurons"] = max_neurons
-    if layers:
-        overrides["layers"] = _parse_layers(layers)
-    if stats_corpus:
-        overrides["stats_corpus"] = stats_corpus
-    if stats_tokens is not None:
-        overrides["stats_tokens"] = stats_tokens
-    overrides |= _parse_settings(settings or [])
+    if batch_size is not None and mode != "batch":
+        raise InvalidRequestError("--batch-size needs --mode batch")
+    options: dict[str, object] = {
+        "method": method,
+        "mode": mode,
+        "batch_size": 10 if mode == "batch" and batch_size is None else batch_size,
+        "max_neurons": max_neurons,
+        "layers": _parse_layers(layers),
+        "stats_corpus": stats_corpus or None,
+        "stats_tokens": stats_tokens,
+    }
+    overrides = {k: v for k, v in options.items() if v is not None}
+    extra = _parse_settings(settings or [])
+    clash = sorted(set(extra) & set(options))
+    if clash:
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in clash)
+        raise InvalidRequestError(f"--set {', '.join(clash)}: use {flags} instead (one place per setting)")
+    overrides |= extra
     config = EditConfig().with_overrides(**overrides)
     with console.status("loading model"):
         loaded = LoadedModel(*load_base(model, device=device, dtype=dtype, device_map=device_map))

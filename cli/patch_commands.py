@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 import typer
 from rich.markup import escape
 from rich.table import Table
@@ -162,6 +163,25 @@ def apply(
             )
     _save(loaded, tokenizer, out, resolved)
     console.print(f"applied {len(resolved)} patch(es); merged model saved to {out}")
+    params = dict(loaded.named_parameters())
+    narrow = sorted(
+        {
+            p.name
+            for p in resolved
+            for d in p.deltas
+            if torch.finfo(d.original.dtype).bits < torch.finfo(params[d.name].dtype).bits
+        }
+    )
+    if narrow:
+        console.print(
+            labelled(
+                "note:",
+                "yellow",
+                f"{', '.join(narrow)} recorded weights in a narrower dtype than this model's, so `revert` "
+                "cannot restore this model's own values from the merged copy; keep the base (unloading in "
+                "memory stays exact)",
+            )
+        )
 
 
 def revert(

@@ -24,16 +24,22 @@ from .patch import Patch
 from .requests import EditRequest
 
 
-def run_key(requests: Sequence[EditRequest], config: EditConfig, parents: Sequence[Patch]) -> str:
-    """sha256 of everything that determines a run's result: its requests, settings and parents."""
-    payload = json.dumps(
-        {
-            "requests": [r.to_json() for r in requests],
-            "config": config.identity(),
-            "parents": [p.id for p in parents],
-        },
-        sort_keys=True,
-    )
+def run_key(
+    requests: Sequence[EditRequest],
+    config: EditConfig,
+    parents: Sequence[Patch],
+    model: str | None = None,
+) -> str:
+    """sha256 of everything that determines a run's result: its requests, settings, parents and (when
+    given) the base model's fingerprint, so a checkpoint is never resumed on other weights or dtype."""
+    identity: dict[str, object] = {
+        "requests": [r.to_json() for r in requests],
+        "config": config.identity(),
+        "parents": [p.id for p in parents],
+    }
+    if model is not None:
+        identity["model"] = model
+    payload = json.dumps(identity, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -68,7 +74,7 @@ def load_checkpoint(
     data = json.loads(progress.read_text())
     if data.get("run_key") != run_key:
         raise InvalidRequestError(
-            f"checkpoint {folder} belongs to a different run (facts, settings or parents differ); "
+            f"checkpoint {folder} belongs to a different run (facts, settings, parents or base model differ); "
             "delete it or run without --resume"
         )
     with safe_open(str(folder / "state.safetensors"), framework="pt") as fh:

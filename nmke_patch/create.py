@@ -23,8 +23,8 @@ from .models import BaseModelInfo, check_resident, tensor_fingerprint
 from .patch import Manifest, ParentRef, Patch
 from .requests import EditRequest
 from .sources import PatchSource, resolve_patches
-from .stack import PatchStack
-from .stats import load_statistics
+from .stack import PatchStack, check_lineage
+from .stats import load_statistics, model_fingerprint
 from .version import __version__
 
 logger = logging.getLogger(__name__)
@@ -106,6 +106,7 @@ def create_patch(
     if not requests:
         raise InvalidRequestError("no edit requests")
     parents = resolve_patches(on)
+    check_lineage(parents)  # before any work: a chain is given whole, oldest first
     model, tokenizer = loaded.model, loaded.tokenizer
     check_resident(model)  # C0 sampling and the edit read every weight
     stack = PatchStack.for_model(model)
@@ -122,6 +123,7 @@ def create_patch(
             f"layers {layers}: the model has {num_layers} decoder layers (0-{num_layers - 1})"
         )
     past_keys = parent_key_rows(parents, model, layers)
+    base_fingerprint = model_fingerprint(model)  # weights and dtype, before the parents go on
     stats = load_statistics(model, tokenizer, layers, [config])
     fingerprints: dict[str, str | None] = {spec.weight_name(l): None for l in layers}
     for p in parents:
@@ -138,7 +140,7 @@ def create_patch(
             c_first=stats.c_first,
             bank=stats.bank,
         )
-        key = run_key(requests, config, parents)
+        key = run_key(requests, config, parents, base_fingerprint)
         folder = Path(checkpoint_dir) if checkpoint_dir else None
         start = 0
         if folder is not None and resume:

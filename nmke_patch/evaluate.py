@@ -800,6 +800,11 @@ def evaluate_pair(
     stack = PatchStack.for_model(model)
     if stack.applied:
         raise InvalidRequestError("evaluate_pair needs the base model: unload the applied patches first")
+    try:  # do the patches fit? (before the slow base evaluation; unloading is exact)
+        for p in resolved:
+            stack.apply(p, force=force)
+    finally:
+        stack.unload_all()
     say = progress or (lambda _stage: None)
     if kwargs.get("unrelated") is None:
         kwargs["unrelated"] = load_unrelated()

@@ -338,3 +338,39 @@ def test_apply_refuses_to_write_over_its_model_or_a_full_directory(
     assert isinstance(runner.invoke(app, args).exception, FileExistsError)
     assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0
     assert (full / "notes.txt").read_text() == "mine" and (full / "nmke_patches.json").exists()
+
+
+def test_create_options_that_contradict_or_do_nothing_are_refused_before_loading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    facts = tmp_path / "facts.json"
+    facts.write_text(json.dumps([{"prompt": "w1 {} w2", "subject": "w3", "target_new": "w4"}]))
+    out = str(tmp_path / "x.nmke")
+    nowhere = str(tmp_path / "no-model")  # never loaded: every refusal comes first
+    cases = [
+        (["--batch-size", "3"], 1, "--batch-size needs --mode batch"),
+        (["--max-neurons", "0.1", "--set", "max_neurons=0.2"], 1, "use --max-neurons instead"),
+        (["--set", "mode=batch"], 1, "use --mode instead"),
+        (["--checkpoint-every", "0"], 2, "--checkpoint-every"),
+    ]
+    for extra, expected_code, message in cases:
+        code, err = _run_main(
+            monkeypatch, capsys, "create", str(facts), "-o", out, "--model", nowhere, *extra
+        )
+        assert code == expected_code and message in err and "Traceback" not in err, err
+    assert not Path(out).exists()
+
+
+def test_apply_notes_a_patch_recorded_in_a_narrower_dtype(
+    llama_setup: tuple[Path, Patch], tmp_path: Path
+) -> None:
+    base, same = llama_setup
+    narrow = random_patch(MODEL_FACTORIES["llama"](dtype=torch.bfloat16), name="bf16made", seed=3)
+    narrow_dir = _patch_dir(narrow.save(tmp_path / "bf16made.nmke"))
+    result = runner.invoke(app, ["apply", narrow_dir, "--model", str(base), "--out", str(tmp_path / "m1")])
+    assert result.exit_code == 0, result.output
+    assert "bf16made recorded weights in a narrower dtype" in " ".join(result.output.split())
+    result = runner.invoke(
+        app, ["apply", _patch_dir(same), "--model", str(base), "--out", str(tmp_path / "m2")]
+    )
+    assert result.exit_code == 0 and "narrower dtype" not in result.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from nmke_patch import stats as stats_module
 from nmke_patch.architectures import spec_for_model
 from nmke_patch.checkpoints import run_key
 from nmke_patch.create import LoadedModel, create_patch
-from nmke_patch.errors import InvalidRequestError, ModelLoadError
+from nmke_patch.errors import InvalidRequestError, ModelLoadError, PatchMismatchError
 from nmke_patch.methods.nmke.attribution import final_norm_scale, neuron_scores
 from nmke_patch.methods.nmke.config import ADDED_FIELDS, EditConfig
 from nmke_patch.methods.nmke.engine import Editor
@@ -428,6 +429,27 @@ def test_resume_equals_uninterrupted_run(tmp_path: Path, tiny_tokenizer, overrid
     assert all(torch.equal(full.state[k], resumed.state[k]) for k in full.state)  # the chain state too
     with pytest.raises(InvalidRequestError, match="different run"):
         create_patch(reqs[:2], loaded=lm, config=config, name="t", checkpoint_dir=ckpt, resume=True)
+    other = MODEL_FACTORIES["llama"](init_range=0.2, seed=1)  # same facts and settings, other weights
+    other_lm = LoadedModel(other, tiny_tokenizer, lm.info)
+    with pytest.raises(InvalidRequestError, match="different run"):
+        create_patch(reqs, loaded=other_lm, config=config, name="t", checkpoint_dir=ckpt, resume=True)
+
+
+def test_a_chain_is_given_whole_and_oldest_first(tmp_path: Path, tiny_tokenizer, monkeypatch) -> None:
+    lm = loaded("llama", tiny_tokenizer)
+    a = random_patch(lm.model, name="a", seed=1).save(tmp_path / "a.nmke")
+    stack = PatchStack.for_model(lm.model)
+    stack.apply(a)
+    b = random_patch(lm.model, name="b", seed=2, parents=(a,)).save(tmp_path / "b.nmke")
+    stack.unload_all()
+
+    def no_statistics(*_: object, **__: object) -> None:
+        raise AssertionError("statistics loaded before the parents were checked")
+
+    monkeypatch.setattr("nmke_patch.create.load_statistics", no_statistics)
+    for on, where in (([b], "a (not given)"), ([b, a], "a (listed after it)")):
+        with pytest.raises(PatchMismatchError, match=re.escape(where)):
+            create_patch(requests()[:1], loaded=lm, config=TINY_CONFIG, name="c", on=on)
 
 
 def test_key_statistics_are_cached(monkeypatch: pytest.MonkeyPatch, tiny_tokenizer) -> None:

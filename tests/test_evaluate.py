@@ -14,7 +14,7 @@ from nmke_patch.cli.main import app
 from transformers import PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
-from nmke_patch.errors import InvalidRequestError
+from nmke_patch.errors import InvalidRequestError, PatchMismatchError
 from nmke_patch.evaluate import (
     compare,
     evaluate,
@@ -172,6 +172,26 @@ def test_evaluate_pair_restores_base_and_counts_footprint(
     assert fp["mean_share"] == pytest.approx(4 / 48) and fp == footprint([a, b])
     again = evaluate_pair(model, tiny_tokenizer, [request], [a, b], force=True, **kwargs)
     assert again["base_cached"] and again["base"]["metrics"] == result["base"]["metrics"]
+
+
+def test_evaluate_pair_refuses_a_patch_that_does_not_fit_before_evaluating(
+    tiny_tokenizer: PreTrainedTokenizerFast, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NMKE_PATCH_HOME", str(tmp_path / "home"))
+    model = MODEL_FACTORIES["llama"]()
+    before = state_copy(model)
+    fits = random_patch(model, name="fits")
+    other = random_patch(MODEL_FACTORIES["llama"](seed=1), name="other", seed=1)
+
+    def no_evaluation(*_: object, **__: object) -> None:
+        raise AssertionError("evaluated before the patches were checked")
+
+    monkeypatch.setattr("nmke_patch.evaluate.evaluate", no_evaluation)
+    request = _request(model, tiny_tokenizer, new_is_best=False)
+    with pytest.raises(PatchMismatchError, match="other"):
+        evaluate_pair(model, tiny_tokenizer, [request], [fits, other], **SMALL_EVALUATION)
+    assert_state_equal(model, before)
+    assert not (tmp_path / "home").exists()  # no base result cached
 
 
 def test_cli_eval_json_and_plot(tiny_tokenizer: PreTrainedTokenizerFast, tmp_path: Path) -> None:

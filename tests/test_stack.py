@@ -111,6 +111,33 @@ def test_patch_is_checked_against_its_parents_state(tmp_path):
     assert_state_equal(model, before)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_a_chain_made_in_fp32_applies_to_the_model_in_a_narrower_dtype(dtype, tmp_path):
+    """The child's recorded originals are fp32 (base + parent); in bf16 the replay rounds twice."""
+    model = MODEL_FACTORIES["llama"]()
+    stack = PatchStack.for_model(model)
+    chain = []
+    for i in range(3):  # every patch of the chain touches neurons its parents touched
+        patch = random_patch(
+            model, name=f"p{i}", indices=[1, 2, 3, 4 + i], parents=tuple(chain), seed=i, scale=0.3
+        )
+        chain.append(saved(patch, tmp_path))
+        stack.apply(chain[-1])
+    narrow = MODEL_FACTORIES["llama"](dtype=dtype)
+    before = state_copy(narrow)
+    narrow_stack = PatchStack.for_model(narrow)
+    for patch in chain:
+        narrow_stack.apply(patch)
+    narrow_stack.unload_all()
+    assert_state_equal(narrow, before)
+
+    other = MODEL_FACTORIES["llama"](dtype=dtype, seed=1)  # another base: still refused
+    other_stack = PatchStack.for_model(other)
+    other_stack.apply(chain[0], force=True)
+    with pytest.raises(PatchMismatchError, match="differ from the values the patch was made on"):
+        other_stack.apply(chain[1])
+
+
 def test_double_apply_and_unknown_unload_refused(tmp_path):
     model = MODEL_FACTORIES["llama"]()
     p = saved(random_patch(model), tmp_path)
