@@ -83,7 +83,10 @@ def create(
     ] = None,
     stats_corpus: Annotated[
         str | None,
-        typer.Option(help="Text file(s) for key statistics (default: text sampled from the model)."),
+        typer.Option(
+            help="Text file(s) for key statistics, several joined with os.pathsep (':' on Linux and macOS, "
+            "';' on Windows); default: text sampled from the model."
+        ),
     ] = None,
     stats_tokens: Annotated[int | None, typer.Option(help="Tokens of text for key statistics.")] = None,
     settings: Annotated[
@@ -102,6 +105,7 @@ def create(
     """Compute edits for FACTS with NMKE (or a dense baseline) and write them as a patch."""
     from nmke_patch.create import LoadedModel, create_patch
     from nmke_patch.models import load_base
+    from nmke_patch.stats import check_corpus
 
     requests = read_requests(facts)  # every record validated before anything is computed
     if out.exists() and not overwrite:
@@ -125,6 +129,7 @@ def create(
         raise InvalidRequestError(f"--set {', '.join(clash)}: use {flags} instead (one place per setting)")
     overrides |= extra
     config = EditConfig().with_overrides(**overrides)
+    check_corpus(config.stats_corpus)  # a missing corpus file fails before the model loads
     with console.status("loading model"):
         loaded = LoadedModel(*load_base(model, device=device, dtype=dtype, device_map=device_map))
     checkpoint = out.with_name(out.name + ".checkpoint")

@@ -39,7 +39,8 @@ def export_peft_command(
         str | None,
         typer.Option(
             "--base-model",
-            help="base_model_name_or_path to record in the adapter config (default: the patches').",
+            help="base_model_name_or_path to record in the adapter config (default: the patches'); also "
+            "asserts that the patches share this base, so differing recorded names only warn.",
         ),
     ] = None,
 ) -> None:
@@ -52,14 +53,22 @@ def export_peft_command(
         rank=rank,
         base_model_name_or_path=base_model,
     )
+    for warning in report.warnings:
+        console.print(labelled("warning:", "yellow", warning))
     ranks = sorted(set(report.ranks.values()))
     rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]} (per module)"
     console.print(
         f"exported {len(resolved)} patch(es) as {report.format.upper()} to {report.path}: "
         f"{len(report.modules)} modules, rank {rank_text}, {report.adapter_bytes:,} bytes"
     )
-    if report.relative_error is None:
+    if report.exact:
         console.print("exact: merge_and_unload() reproduces the patched fp32 weights")
+    elif report.relative_error is None:
+        shared = sum(report.shared_neurons.values())
+        console.print(
+            f"within 2 ulp where patches share neurons ({shared} neurons in {len(report.shared_neurons)} "
+            "modules): merge_and_unload() adds their summed delta; elsewhere exact"
+        )
     else:
         worst = max(report.module_errors.items(), key=lambda kv: kv[1])
         console.print(

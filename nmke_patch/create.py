@@ -24,7 +24,7 @@ from .patch import Manifest, ParentRef, Patch
 from .requests import EditRequest
 from .sources import PatchSource, resolve_patches
 from .stack import PatchStack, check_lineage
-from .stats import load_statistics, model_fingerprint
+from .stats import check_corpus, load_statistics, model_fingerprint
 from .version import __version__
 
 logger = logging.getLogger(__name__)
@@ -107,6 +107,7 @@ def create_patch(
         raise InvalidRequestError("no edit requests")
     parents = resolve_patches(on)
     check_lineage(parents)  # before any work: a chain is given whole, oldest first
+    check_corpus(config.stats_corpus)
     model, tokenizer = loaded.model, loaded.tokenizer
     check_resident(model)  # C0 sampling and the edit read every weight
     stack = PatchStack.for_model(model)

@@ -111,6 +111,40 @@ def sample_text(
     return rows
 
 
+def _corpus_error(path: str, exc: OSError | None) -> ModelLoadError:
+    reason = "empty entry" if exc is None else exc.strerror or str(exc)
+    return ModelLoadError(
+        f"cannot read stats corpus file {path!r}: {reason}; stats_corpus is one text file or several "
+        f"joined with os.pathsep ({os.pathsep!r} here)"
+    )
+
+
+def corpus_files(corpus: str) -> list[Path]:
+    """The files of a ``stats_corpus`` value (joined with ``os.pathsep``), each checked to open for reading.
+
+    Raises:
+        ModelLoadError: naming the first entry that is empty, missing, a directory or unreadable.
+    """
+    files = []
+    for path in corpus.split(os.pathsep):
+        if not path:
+            raise _corpus_error(path, None)
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise _corpus_error(path, exc) from exc
+        files.append(Path(path))
+    return files
+
+
+def check_corpus(corpus: str | None) -> None:
+    """Refuse a ``stats_corpus`` (``None``: model-sampled text) that :func:`corpus_files` refuses; cheap, so
+    callers can run it before loading a model."""
+    if corpus is not None:
+        corpus_files(corpus)
+
+
 def corpus_rows(tokenizer: Any, paths: Sequence[str], tokens: int, *, seq_len: int = 128) -> list[list[int]]:
     """Token rows of up to ``tokens`` tokens from the user's text files (split into ``seq_len`` chunks)."""
     rows: list[list[int]] = []
@@ -119,7 +153,7 @@ def corpus_rows(tokenizer: Any, paths: Sequence[str], tokens: int, *, seq_len: i
         try:
             text = Path(path).read_text(encoding="utf-8", errors="replace")
         except OSError as exc:
-            raise ModelLoadError(f"cannot read stats corpus {path}: {exc}") from exc
+            raise _corpus_error(str(path), exc) from exc
         ids = tokenizer(text).input_ids
         for s in range(0, len(ids), seq_len):
             rows.append(ids[s : s + seq_len])
@@ -249,6 +283,9 @@ class StatsSource:
     seed: int
     prefix: str = ""  # model-sampled text: what the model continues (not counted itself)
 
+    def __post_init__(self) -> None:
+        check_corpus(self.corpus)  # before anything is sampled, hashed or computed
+
     @classmethod
     def of(cls, config: Any) -> StatsSource:
         """The source an :class:`~nmke_patch.methods.nmke.config.EditConfig` asks for."""
@@ -260,8 +297,11 @@ class StatsSource:
             style = f"-p{hashlib.sha256(self.prefix.encode()).hexdigest()[:12]}" if self.prefix else ""
             return f"model-sampled-s{self.seed}-{self.tokens}{style}"
         digest = hashlib.sha256()
-        for path in self.corpus.split(os.pathsep):
-            digest.update(Path(path).read_bytes())
+        for file in corpus_files(self.corpus):
+            try:
+                digest.update(file.read_bytes())
+            except OSError as exc:  # removed since the check
+                raise _corpus_error(str(file), exc) from exc
         return f"corpus-{digest.hexdigest()[:16]}-{self.tokens}"
 
 

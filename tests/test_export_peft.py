@@ -154,6 +154,7 @@ def test_stacked_overlapping_patches(arch: str, fmt: str, tmp_path: Path) -> Non
     ref = patched_copy(arch, [a, b])
     report = export_peft([a, b], tmp_path, fmt=fmt)  # type: ignore[arg-type]
     assert len(report.modules) == 3
+    assert report.shared_neurons == {report.modules[1]: 2} and not report.exact  # neurons 3, 4 of layer 2
     if fmt == "lora":
         assert [report.ranks[m] for m in report.modules] == [5, 7, 4]  # layer 2: union of 0..6
 
@@ -232,6 +233,58 @@ def test_refuses_mixed_bases_and_bad_arguments(tmp_path: Path) -> None:
         export_peft([], tmp_path)
 
 
+def _on_base(patch: Patch, name_or_path: str) -> Patch:
+    return replace(
+        patch,
+        manifest=replace(
+            patch.manifest, base_model={**patch.manifest.base_model, "name_or_path": name_or_path}
+        ),
+    )
+
+
+def test_base_paths_compare_normalised_and_base_model_asserts(tmp_path: Path) -> None:
+    model = MODEL_FACTORIES["llama"]()
+    a = _on_base(random_patch(model, seed=1, name="a", layers=(1,)), "llama-fp32")
+    b = _on_base(random_patch(model, seed=2, name="b", layers=(2,)), "./llama-fp32/")
+    assert export_peft([a, b], tmp_path / "ab").warnings == ()  # one local model, typed two ways
+    c = _on_base(b, "other-model")
+    with pytest.raises(
+        ExportError, match=r"different base models \(name_or_path 'llama-fp32' vs 'other-model'"
+    ):
+        export_peft([a, c], tmp_path / "ac")
+    report = export_peft([a, c], tmp_path / "ac", base_model_name_or_path="org/base")
+    assert len(report.warnings) == 1 and "'other-model'" in report.warnings[0]
+    assert "'org/base'" in report.warnings[0]
+    assert json.loads((tmp_path / "ac" / CONFIG_FILE).read_text())["base_model_name_or_path"] == "org/base"
+    gpt2 = random_patch(MODEL_FACTORIES["gpt2"](), name="g")
+    with pytest.raises(ExportError, match="different architectures"):  # not something a name can assert
+        export_peft([a, gpt2], tmp_path / "ag", base_model_name_or_path="org/base")
+
+
+def test_refuses_a_child_before_or_without_its_parent(tmp_path: Path) -> None:
+    model = MODEL_FACTORIES["llama"]()
+    a = random_patch(model, seed=1, name="a")
+    b = random_patch(model, seed=2, name="b", parents=(a,))
+    with pytest.raises(PatchMismatchError, match=r"made on top of a \(not given\)"):
+        export_peft([b], tmp_path / "out")
+    with pytest.raises(PatchMismatchError, match=r"made on top of a \(listed after it\)"):
+        export_peft([b, a], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert export_peft([a, b], tmp_path / "out").modules
+
+
+def test_exact_only_where_no_neuron_is_shared(tmp_path: Path) -> None:
+    model = MODEL_FACTORIES["llama"]()
+    a = random_patch(model, seed=1, name="a", indices=[0, 1, 2])
+    disjoint = random_patch(model, seed=2, name="d", indices=[3, 4])
+    shared = random_patch(model, seed=3, name="s", indices=[2, 3])
+    report = export_peft([a, disjoint], tmp_path / "ad")
+    assert report.exact and report.shared_neurons == {}
+    report = export_peft([a, shared], tmp_path / "as")
+    assert not report.exact and report.relative_error is None
+    assert set(report.shared_neurons.values()) == {1} and len(report.shared_neurons) == 2
+
+
 def _declaring(patch: Patch, shape: tuple[int, int], index: int = 0) -> Patch:
     """``patch`` with tensor ``index`` claiming weight ``shape`` (its neurons and payload unchanged)."""
     deltas = list(patch.deltas)
@@ -300,6 +353,32 @@ def test_cli_export_peft(tmp_path: Path) -> None:
         app, ["export-peft", str(gpt2.path), "-o", str(tmp_path / "c"), "--format", "shira"]
     )
     assert isinstance(result.exception, ExportError)
+
+
+def test_cli_export_peft_lineage_sharing_and_base_model(tmp_path: Path) -> None:
+    from nmke_patch.cli.main import app
+
+    model = MODEL_FACTORIES["llama"]()
+    a = random_patch(model, seed=1, name="a", indices=[0, 1, 2]).save(tmp_path / "a.nmke")
+    b = random_patch(model, seed=2, name="b", indices=[2, 3], parents=(a,)).save(tmp_path / "b.nmke")
+    c = _on_base(random_patch(model, seed=3, name="c", indices=[9]), "./tiny/").save(tmp_path / "c.nmke")
+    other = _on_base(random_patch(model, seed=4, name="o", indices=[9]), "elsewhere").save(
+        tmp_path / "o.nmke"
+    )
+    runner = CliRunner()
+    result = runner.invoke(app, ["export-peft", str(b.path), "-o", str(tmp_path / "b")])
+    assert isinstance(result.exception, PatchMismatchError) and not (tmp_path / "b").exists()
+    result = runner.invoke(app, ["export-peft", str(a.path), str(b.path), "-o", str(tmp_path / "ab")])
+    assert result.exit_code == 0, result.output
+    assert "exact:" not in result.output and "within 2 ulp where patches share neurons" in result.output
+    result = runner.invoke(app, ["export-peft", str(a.path), str(c.path), "-o", str(tmp_path / "ac")])
+    assert result.exit_code == 0, result.output  # 'tiny' and './tiny/' are one path
+    assert "exact: merge_and_unload() reproduces" in result.output and "warning" not in result.output
+    args = ["export-peft", str(a.path), str(other.path), "-o", str(tmp_path / "ao")]
+    assert isinstance(runner.invoke(app, args).exception, ExportError)
+    result = runner.invoke(app, [*args, "--base-model", "org/tiny"])
+    assert result.exit_code == 0, result.output
+    assert "warning: patches a" in result.output and "'elsewhere'" in result.output
 
 
 @pytest.mark.default_model

@@ -3,7 +3,8 @@
 A neuron-masked delta touching ``k`` neurons of an MLP output projection is exactly a rank-``k`` LoRA:
 ``lora_A`` holds ``k`` one-hot rows selecting those neurons (input features), ``lora_B`` holds the ``k``
 value-vector changes as columns, and ``r = lora_alpha = k`` gives scaling 1. ``B @ A`` then reproduces the
-delta bit for bit, so ``merge_and_unload()`` gives the same fp32 weights as applying the patch. SHiRA
+delta bit for bit, so ``merge_and_unload()`` gives the same fp32 weights as applying the patch (within 2
+ulp where stacked patches share a neuron: their deltas are summed before the merge adds them). SHiRA
 stores the same entries as a sparse (index, value) list. ``rank`` asks for a smaller, lossy LoRA
 (truncated SVD per module). See ``docs/peft.md``.
 """
@@ -26,6 +27,7 @@ from ..architectures import ArchitectureSpec, spec_for_model_type
 from ..delta import TensorDelta
 from ..errors import ExportError, InvalidPatchError, PatchMismatchError
 from ..patch import Patch, check_shape
+from ..stack import check_lineage
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -49,8 +51,11 @@ class ExportReport:
         rank: the config's ``r`` (LoRA: the largest per-module rank).
         adapter_bytes: size of ``adapter_model.safetensors``.
         relative_error: for a lossy (``rank``) export, ``||approx - delta||_F / ||delta||_F`` over all
-            modules together; ``None`` for exact exports.
+            modules together; ``None`` for full-rank exports.
         module_errors: the same per module (lossy exports only).
+        shared_neurons: per module, the neurons that more than one patch touches (only modules with
+            some); there the adapter holds the summed delta, and merging it is within 2 ulp of stacking.
+        warnings: base-model differences accepted because ``base_model_name_or_path`` was given.
     """
 
     path: Path
@@ -61,10 +66,13 @@ class ExportReport:
     adapter_bytes: int
     relative_error: float | None = None
     module_errors: dict[str, float] = field(default_factory=dict)
+    shared_neurons: dict[str, int] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
 
     @property
     def exact(self) -> bool:
-        return self.relative_error is None
+        """Whether ``merge_and_unload()`` gives weights ``torch.equal`` to applying the patches in order."""
+        return self.relative_error is None and not self.shared_neurons
 
 
 @dataclass(frozen=True)
@@ -76,11 +84,22 @@ class _Composed:
     d_model: int
     indices: torch.Tensor  # long [k], ascending
     delta: torch.Tensor  # float32 [k, d_model]
+    shared: int  # neurons touched by more than one patch (their delta is a sum, rounded once)
 
 
-def _check_same_base(patches: Sequence[Patch]) -> dict[str, Any]:
+def _normalised_name(name: Any) -> Any:
+    """``name_or_path`` as compared: a local path with ``./``, ``//`` and a trailing ``/`` removed."""
+    if not isinstance(name, str) or not name or "://" in name:
+        return name
+    return os.path.normpath(name)
+
+
+def _check_same_base(patches: Sequence[Patch], asserted: str | None) -> tuple[dict[str, Any], list[str]]:
+    """The first patch's base model, after refusing patches of other architectures, or (unless the caller
+    ``asserted`` a base model) of another ``name_or_path`` or revision; those are then warnings."""
     first = patches[0]
     base = first.manifest.base_model
+    warnings: list[str] = []
     for p in patches[1:]:
         other = p.manifest.base_model
         for key in ("model_type", "architecture"):
@@ -90,14 +109,24 @@ def _check_same_base(patches: Sequence[Patch]) -> dict[str, Any]:
                     f"({base.get(key)!r} vs {other.get(key)!r}); export patches of one base model together"
                 )
         for key in ("name_or_path", "revision"):
-            if other.get(key) != base.get(key):
+            ours, theirs = base.get(key), other.get(key)
+            if key == "name_or_path":
+                ours, theirs = _normalised_name(ours), _normalised_name(theirs)
+            if ours == theirs:
+                continue
+            differ = (
+                f"patches {first.describe()} and {p.describe()} were made on different base models "
+                f"({key} {base.get(key)!r} vs {other.get(key)!r})"
+            )
+            if not asserted:
                 raise ExportError(
-                    f"patches {first.describe()} and {p.describe()} were made on different base models "
-                    f"({key} {base.get(key)!r} vs {other.get(key)!r}); export patches of one base model together"
+                    f"{differ}; export patches of one base model together, or name that model with "
+                    "--base-model (base_model_name_or_path) if it is one model"
                 )
+            warnings.append(f"{differ}; exported for the given base model {asserted!r}, as asked")
     if not isinstance(base.get("model_type"), str):
         raise ExportError(f"patch {first.describe()} does not record its base model's model_type")
-    return base
+    return base, warnings
 
 
 def _check_shapes(patches: Sequence[Patch], spec: ArchitectureSpec, model: nn.Module | None) -> None:
@@ -155,7 +184,9 @@ def _compose(patches: Sequence[Patch], model_type: str) -> list[_Composed]:
             group.append(d)
     composed = []
     for name, group in by_name.items():
-        union = torch.unique(torch.cat([d.indices.to(torch.long) for d in group]), sorted=True)
+        union, counts = torch.unique(
+            torch.cat([d.indices.to(torch.long) for d in group]), sorted=True, return_counts=True
+        )
         if not union.numel():
             continue
         d_model = group[0].value_dim
@@ -170,6 +201,7 @@ def _compose(patches: Sequence[Patch], model_type: str) -> list[_Composed]:
                 d_model=d_model,
                 indices=union,
                 delta=acc,
+                shared=int((counts > 1).sum()),
             )
         )
     if not composed:
@@ -286,14 +318,17 @@ def export_peft(
         fmt: ``"lora"`` (exact, any architecture) or ``"shira"`` (exact, ``nn.Linear`` models only).
         rank: LoRA only: truncate each module's delta to rank ``min(rank, k)`` by SVD (lossy; the error
             is reported).
-        base_model_name_or_path: recorded in the config; default: the patches' base model.
+        base_model_name_or_path: recorded in the config; default: the patches' base model. Giving it also
+            asserts that the patches share that base: a ``name_or_path`` or revision that differs between
+            them is then a warning in the report instead of an error (architectures must still match).
         model: the base model (a ``meta``-device copy will do); when given, every tensor's declared shape
             must equal its parameter's. Without it the shapes are still checked for credibility.
 
     Raises:
+        PatchMismatchError: a patch listed before, or without, a patch it was made on top of (checked
+            first), or a declared shape that differs from ``model``'s parameter.
         ExportError: mixed base models or architectures, SHiRA on a Conv1D model, a bad ``rank``.
         InvalidPatchError: a declared shape no real weight has (checked before anything is allocated).
-        PatchMismatchError: a declared shape differs from ``model``'s parameter.
     """
     patches = list(patches)
     if not patches:
@@ -304,7 +339,8 @@ def export_peft(
         raise ExportError(
             "rank applies to lora exports only" if fmt != "lora" else f"rank must be >= 1, got {rank}"
         )
-    base = _check_same_base(patches)
+    check_lineage(patches)
+    base, warnings = _check_same_base(patches, base_model_name_or_path or None)
     model_type = base["model_type"]
     spec = spec_for_model_type(model_type)
     if fmt == "shira" and spec.module_kind != "linear":
@@ -356,4 +392,6 @@ def export_peft(
         adapter_bytes=size,
         relative_error=overall,
         module_errors=errors,
+        shared_neurons={c.module: c.shared for c in composed if c.shared},
+        warnings=tuple(warnings),
     )

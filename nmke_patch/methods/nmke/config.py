@@ -212,7 +212,8 @@ class EditConfig:
         "+3.4% at equal efficacy (BENCHMARKS.md). '' = continuations of plain sentence openings (before).",
     )
     stats_corpus: str | None = _f(
-        None, "Text file(s) (os.pathsep-separated) for C0; None = text sampled from the model."
+        None,
+        "Text file(s) for C0, several joined with os.pathsep (':' on Linux); None = text sampled from the model.",
     )
     # [7] solve
     lambda_reg: float = _f(
