@@ -15,9 +15,18 @@ console = Console(markup=False)
 err_console = Console(stderr=True, markup=False, highlight=False)
 
 
+_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)]}
+
+
+def shown(text: object) -> str:
+    """``text`` safe for a terminal: control characters (ESC, CR, ...) as visible ``\\xNN`` escapes, lone
+    surrogates replaced; a stranger's patch name cannot move the cursor or recolour the screen."""
+    return str(text).translate(_CONTROLS).encode("utf-8", "replace").decode("utf-8")
+
+
 def labelled(label: str, style: str, message: str) -> Text:
     """``label`` in ``style``, then ``message`` as plain text (no markup is read from it)."""
-    return Text.assemble((label, style), " ", message)
+    return Text.assemble((label, style), " ", shown(message))
 
 
 ModelOpt = Annotated[
@@ -49,3 +58,21 @@ PatchesArg = Annotated[
     ),
 ]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output directory.")]
+
+
+OverwriteOpt = Annotated[
+    bool, typer.Option(help="Write into --out even when it is an existing directory that is not empty.")
+]
+
+
+def check_out_dir(out: Path, model: str | None = None, overwrite: bool = False) -> None:
+    """Refuse, before anything loads, to write over the model being read, over a file, or (without
+    ``--overwrite``) into a directory that is not empty."""
+    if model is not None and Path(model).exists() and out.resolve() == Path(model).resolve():
+        raise FileExistsError(f"--out {out} is the model being read; choose another directory")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; choose a directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"{out} already exists and is not empty; pass --overwrite or choose another --out"
+        )

@@ -18,11 +18,12 @@ from rich.progress import (
 from rich.table import Table
 
 from nmke_patch.errors import InvalidRequestError
+from nmke_patch.jsonio import load_json_text
 from nmke_patch.methods.nmke.config import EditConfig
 from nmke_patch.patch import PATCH_SUFFIX
 from nmke_patch.requests import read_requests
 
-from .common import DeviceMapOpt, DeviceOpt, DtypeOpt, ModelOpt, console, err_console
+from .common import DeviceMapOpt, DeviceOpt, DtypeOpt, ModelOpt, console, err_console, shown
 
 
 def _parse_layers(text: str | None) -> tuple[int, ...] | None:
@@ -38,16 +39,14 @@ def _parse_layers(text: str | None) -> tuple[int, ...] | None:
 
 
 def _parse_settings(pairs: list[str]) -> dict[str, object]:
-    import json
-
     out: dict[str, object] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
             raise InvalidRequestError(f"--set takes KEY=VALUE (got {pair!r})")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
+        try:  # strict: NaN / Infinity stay strings, which the config then refuses for a number
+            out[key.strip()] = load_json_text(value, f"--set {key.strip()}", InvalidRequestError)
+        except InvalidRequestError:
             out[key.strip()] = value
     return out
 
@@ -105,6 +104,8 @@ def create(
     """Compute edits for FACTS with NMKE (or a dense baseline) and write them as a patch."""
     from nmke_patch.create import LoadedModel, create_patch
     from nmke_patch.models import load_base
+    from nmke_patch.sources import resolve_patches
+    from nmke_patch.stack import check_lineage
     from nmke_patch.stats import check_corpus
 
     requests = read_requests(facts)  # every record validated before anything is computed
@@ -118,7 +119,7 @@ def create(
         "batch_size": 10 if mode == "batch" and batch_size is None else batch_size,
         "max_neurons": max_neurons,
         "layers": _parse_layers(layers),
-        "stats_corpus": stats_corpus or None,
+        "stats_corpus": stats_corpus,
         "stats_tokens": stats_tokens,
     }
     overrides = {k: v for k, v in options.items() if v is not None}
@@ -130,6 +131,7 @@ def create(
     overrides |= extra
     config = EditConfig().with_overrides(**overrides)
     check_corpus(config.stats_corpus)  # a missing corpus file fails before the model loads
+    check_lineage(resolve_patches(on or []))  # and so does an incomplete or out-of-order chain
     with console.status("loading model"):
         loaded = LoadedModel(*load_base(model, device=device, dtype=dtype, device_map=device_map))
     checkpoint = out.with_name(out.name + ".checkpoint")
@@ -182,8 +184,8 @@ def create(
     for r, m in zip(requests, saved.manifest.metrics, strict=True):
         table.add_row(
             str(m["index"]),
-            r.text,
-            r.target_new,
+            shown(r.text),
+            shown(r.target_new),
             f"{m['p_new_before']:.3f}",
             f"{m['p_new_after']:.3f}",
             f"{m['p_new_final']:.3f}",

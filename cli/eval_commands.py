@@ -16,7 +16,7 @@ from nmke_patch.errors import NmkePatchError
 from nmke_patch.requests import read_requests
 from nmke_patch.sources import resolve_patches
 
-from .common import DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, ModelOpt, PatchesArg, console, err_console
+from .common import DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, ModelOpt, PatchesArg, console, err_console, shown
 
 SHARES = (
     "efficacy",
@@ -164,7 +164,7 @@ def _plot(result: dict[str, Any], path: Path, title: str) -> None:
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("share")
     ax.legend()
-    ax.set_title(title)
+    ax.set_title(title.replace("$", r"\$"))  # a '$' in a file or patch name is not mathtext
     b, p = result["base"]["metrics"], result["patched"]["metrics"]
     health = [k for k in ("perplexity", "fluency") if b.get(k) is not None and p.get(k) is not None]
     ax2.bar([i - 0.2 for i in range(len(health))], [b[k] for k in health], 0.4, label="base")
@@ -259,7 +259,7 @@ def eval_command(
             )
     finally:
         torch.set_num_threads(previous)
-    title = f"{len(requests)} facts from {facts.name}; patches: {', '.join(p.name for p in resolved)}"
+    title = shown(f"{len(requests)} facts from {facts.name}; patches: {', '.join(p.name for p in resolved)}")
     if plot is not None:
         _plot(result, plot, title)
     if as_json:
@@ -274,6 +274,7 @@ def eval_command(
                 for side in ("base", "patched")
             },
             "comparison": result["comparison"],
+            "chart": str(plot) if plot is not None else None,
         }
         typer.echo(json.dumps(out, indent=2))
         return

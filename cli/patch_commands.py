@@ -15,7 +15,20 @@ from nmke_patch.patch import Patch
 from nmke_patch.sources import resolve_patches
 from nmke_patch.stack import PatchStack
 
-from .common import DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, ModelOpt, OutOpt, PatchesArg, console, labelled
+from .common import (
+    DeviceOpt,
+    DtypeOpt,
+    ForceOpt,
+    JsonOpt,
+    ModelOpt,
+    OutOpt,
+    OverwriteOpt,
+    PatchesArg,
+    check_out_dir,
+    console,
+    labelled,
+    shown,
+)
 
 
 def patch_summary(patch: Patch) -> dict[str, Any]:
@@ -52,7 +65,7 @@ def _print_summary(patch: Patch) -> None:
     s = patch_summary(patch)
     console.print(
         labelled(
-            str(s["name"]),
+            shown(s["name"]),
             "bold",
             f" id {s['id'][:16]}  created {s['created_at']} (nmke-patch {s['tool_version']})",
         )
@@ -62,13 +75,17 @@ def _print_summary(patch: Patch) -> None:
         f"base: {base.get('name_or_path')} [{base.get('architecture')}]  method: {s['method'].get('name')}"
     )
     if s["parents"]:
-        console.print("parents: " + ", ".join(f"{p['name']} ({p['id'][:12]})" for p in s["parents"]))
+        console.print("parents: " + ", ".join(f"{shown(p['name'])} ({p['id'][:12]})" for p in s["parents"]))
     table = Table(title="edited tensors")
     for col in ("tensor", "neurons", "share", "bytes", "dtype"):
         table.add_column(col, justify="left" if col == "tensor" else "right")
     for t in s["tensors"]:
         table.add_row(
-            t["name"], f"{t['neurons']}/{t['of_neurons']}", f"{t['share']:.1%}", f"{t['bytes']:,}", t["dtype"]
+            shown(t["name"]),
+            f"{t['neurons']}/{t['of_neurons']}",
+            f"{t['share']:.1%}",
+            f"{t['bytes']:,}",
+            t["dtype"],
         )
     console.print(table)
     console.print(
@@ -83,8 +100,8 @@ def _print_summary(patch: Patch) -> None:
         fmt = lambda v: "" if v is None else f"{float(v):.3f}"  # noqa: E731
         facts.add_row(
             str(i),
-            str(r.get("prompt", "")).replace("{}", str(r.get("subject", ""))),
-            str(r.get("target_new", "")),
+            shown(str(r.get("prompt", "")).replace("{}", str(r.get("subject", "")))),
+            shown(r.get("target_new", "")),
             fmt(mx.get("p_new_before")),
             fmt(mx.get("p_new_after")),
         )
@@ -110,24 +127,6 @@ def _load(model: str | None, device: str | None, dtype: str | None) -> tuple[Any
     return loaded, tokenizer
 
 
-OverwriteOpt = Annotated[
-    bool, typer.Option(help="Write into --out even when it is an existing directory that is not empty.")
-]
-
-
-def _check_out(out: Path, model: str | None, overwrite: bool) -> None:
-    """Refuse, before anything loads, to write over the model being read, over a file, or (without
-    ``--overwrite``) into a directory that is not empty."""
-    if model is not None and Path(model).exists() and out.resolve() == Path(model).resolve():
-        raise FileExistsError(f"--out {out} is the model being read; choose another directory")
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} is a file; choose a directory")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"{out} already exists and is not empty; pass --overwrite or choose another --out"
-        )
-
-
 def _save(model: Any, tokenizer: Any, out: Path, applied: list[Patch]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with console.status(escape(f"saving to {out}")):
@@ -148,7 +147,7 @@ def apply(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Apply patches in order to a base model and save the merged model (loadable by plain transformers)."""
-    _check_out(out, model, overwrite)
+    check_out_dir(out, model, overwrite)
     resolved = resolve_patches(patches)  # validate every patch before loading anything
     loaded, tokenizer = _load(model, device, dtype)
     stack = PatchStack.for_model(loaded)
@@ -192,7 +191,7 @@ def revert(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Exactly revert patches from a saved merged model: the result is bit-identical to the base."""
-    _check_out(out, model, overwrite)
+    check_out_dir(out, model, overwrite)
     resolved = resolve_patches(patches)
     loaded, tokenizer = _load(model, None, None)
     stack = PatchStack.for_model(loaded)

@@ -10,7 +10,7 @@ import typer
 from nmke_patch.export.peft import export_peft
 from nmke_patch.sources import resolve_patches
 
-from .common import OutOpt, PatchesArg, console, labelled
+from .common import OutOpt, OverwriteOpt, PatchesArg, check_out_dir, console, labelled
 
 
 class PeftFormatChoice(str, Enum):
@@ -24,7 +24,9 @@ def export_peft_command(
     fmt: Annotated[
         PeftFormatChoice,
         typer.Option(
-            "--format", help="lora: exact, any architecture. shira: exact sparse, nn.Linear models only."
+            "--format",
+            help="lora: any architecture. shira: sparse, nn.Linear models only. Both are exact where no two "
+            "patches share a neuron (else within 2 ulp there).",
         ),
     ] = PeftFormatChoice.lora,
     rank: Annotated[
@@ -43,8 +45,10 @@ def export_peft_command(
             "asserts that the patches share this base, so differing recorded names only warn.",
         ),
     ] = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Export patches (composed in order) as a PEFT adapter directory, loadable without nmke-patch."""
+    check_out_dir(out, overwrite=overwrite)
     resolved = resolve_patches(patches)
     report = export_peft(
         resolved,
@@ -62,7 +66,7 @@ def export_peft_command(
         f"{len(report.modules)} modules, rank {rank_text}, {report.adapter_bytes:,} bytes"
     )
     if report.exact:
-        console.print("exact: merge_and_unload() reproduces the patched fp32 weights")
+        console.print("exact: merge_and_unload() reproduces the patched weights bit for bit")
     elif report.relative_error is None:
         shared = sum(report.shared_neurons.values())
         console.print(

@@ -41,25 +41,39 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _depth_ok(value: Any) -> bool:
-    """Whether ``value`` nests at most :data:`MAX_DEPTH` levels (iterative: no recursion)."""
+def _problem(value: Any) -> str | None:
+    """What is wrong with a parsed value, walked iteratively (no recursion): nesting deeper than
+    :data:`MAX_DEPTH`, or a string holding a lone UTF-16 surrogate (``"\\ud800"``), which no UTF-8 text,
+    terminal or tokenizer can take."""
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return "a string with a lone surrogate escape such as \\ud800"
+            continue
+        children = (
+            [*item.keys(), *item.values()]
+            if isinstance(item, dict)
+            else item
+            if isinstance(item, list)
+            else None
+        )
         if children is None:
             continue
         if depth > MAX_DEPTH:
-            return False
+            return f"nested more than {MAX_DEPTH} levels deep"
         stack.extend((child, depth + 1) for child in children)
-    return True
+    return None
 
 
 def load_json_text(text: str, what: str, error: type[NmkePatchError] = InvalidPatchError) -> Any:
     """Parse ``text`` as strict JSON, or raise ``error("{what} is not valid JSON (reason)")``.
 
     Strict: no ``NaN``/``Infinity`` (nor floats that overflow to it), integers of at most
-    :data:`MAX_INT_DIGITS` digits, nesting at most :data:`MAX_DEPTH` levels.
+    :data:`MAX_INT_DIGITS` digits, nesting at most :data:`MAX_DEPTH` levels, no lone surrogates.
     """
     try:
         value = json.loads(
@@ -73,6 +87,7 @@ def load_json_text(text: str, what: str, error: type[NmkePatchError] = InvalidPa
         raise error(f"{what} is not valid JSON (nested more than {MAX_DEPTH} levels deep)") from exc
     except ValueError as exc:  # e.g. a float literal Python cannot convert
         raise error(f"{what} is not valid JSON ({exc})") from exc
-    if not _depth_ok(value):
-        raise error(f"{what} is not valid JSON (nested more than {MAX_DEPTH} levels deep)")
+    problem = _problem(value)
+    if problem:
+        raise error(f"{what} is not valid JSON ({problem})")
     return value

@@ -54,10 +54,12 @@ def _within_rounding(a: torch.Tensor, b: torch.Tensor, size: torch.Tensor, *, st
 
 
 def check_lineage(patches: Sequence[Patch]) -> None:
-    """Refuse a list of patches in which a patch comes before (or without) a patch it was made on top
-    of: a chain is given whole, oldest first. Reads the manifests only; nothing is loaded."""
+    """Refuse a list of patches that names a patch twice or puts a patch before (or without) a patch it
+    was made on top of: a chain is given whole, oldest first. Reads the manifests only."""
     listed = {p.id for p in patches}
     for i, patch in enumerate(patches):
+        if patch.id in {p.id for p in patches[:i]}:
+            raise PatchMismatchError(f"patch {patch.describe()} is given twice")
         earlier = {p.id for p in patches[:i]}
         missing = [r for r in patch.manifest.parents if r.id not in earlier]
         if missing:

@@ -151,7 +151,11 @@ def corpus_rows(tokenizer: Any, paths: Sequence[str], tokens: int, *, seq_len: i
     total = 0
     for path in paths:
         try:
-            text = Path(path).read_text(encoding="utf-8", errors="replace")
+            text = Path(path).read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise ModelLoadError(
+                f"stats corpus file {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+            ) from exc
         except OSError as exc:
             raise _corpus_error(str(path), exc) from exc
         ids = tokenizer(text).input_ids

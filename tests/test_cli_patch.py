@@ -374,3 +374,32 @@ def test_apply_notes_a_patch_recorded_in_a_narrower_dtype(
         app, ["apply", _patch_dir(same), "--model", str(base), "--out", str(tmp_path / "m2")]
     )
     assert result.exit_code == 0 and "narrower dtype" not in result.output
+
+
+def test_control_characters_in_names_are_shown_escaped(tmp_path: Path) -> None:
+    patch = random_patch(MODEL_FACTORIES["llama"](), name="a\x1b[31mRED\x1b[0m\r\nforged line")
+    result = runner.invoke(app, ["inspect", _patch_dir(patch.save(tmp_path / "ctrl.nmke"))])
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output and "\r" not in result.output
+    assert "a\\x1b[31mRED\\x1b[0m\\x0d\\x0aforged line" in result.output
+
+
+def test_non_finite_settings_and_full_export_dirs_are_refused_first(
+    llama_setup: tuple[Path, Patch],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    facts = tmp_path / "facts.json"
+    facts.write_text(json.dumps([{"prompt": "w1 {} w2", "subject": "w3", "target_new": "w4"}]))
+    nowhere = str(tmp_path / "no-model")
+    code, err = _run_main(
+        monkeypatch, capsys, "create", str(facts), "-o", str(tmp_path / "x.nmke"), "--model", nowhere,
+        "--set", "z_clamp_norm=Infinity",
+    )  # fmt: skip
+    assert code == 1 and "z_clamp_norm must be float (got 'Infinity')" in err, err
+    full = tmp_path / "adapter"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    code, err = _run_main(monkeypatch, capsys, "export-peft", _patch_dir(llama_setup[1]), "--out", str(full))
+    assert code == 1 and "--overwrite" in err and sorted(p.name for p in full.iterdir()) == ["keep.txt"]

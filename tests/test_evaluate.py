@@ -198,7 +198,7 @@ def test_cli_eval_json_and_plot(tiny_tokenizer: PreTrainedTokenizerFast, tmp_pat
     model = MODEL_FACTORIES["llama"]()
     base_dir = save_tiny(model, tiny_tokenizer, tmp_path / "base")
     patch = random_patch(model, name="capitals").save(tmp_path / "capitals.nmke")
-    facts = tmp_path / "facts.jsonl"
+    facts = tmp_path / "facts $\\foo{$.jsonl"  # a "$" in a title is not mathtext for the chart
     records = [
         {
             "prompt": "w1 w2 {}",

@@ -217,9 +217,13 @@ def test_refuses_mixed_bases_and_bad_arguments(tmp_path: Path) -> None:
     gpt2 = random_patch(MODEL_FACTORIES["gpt2"](), name="g")
     with pytest.raises(ExportError, match="different architectures"):
         export_peft([llama, gpt2], tmp_path)
+    second = random_patch(MODEL_FACTORIES["llama"](), name="l2", seed=1)
     other = replace(
-        llama, manifest=replace(llama.manifest, base_model={**llama.manifest.base_model, "name_or_path": "x"})
+        second,
+        manifest=replace(second.manifest, base_model={**second.manifest.base_model, "name_or_path": "x"}),
     )
+    with pytest.raises(PatchMismatchError, match="given twice"):
+        export_peft([llama, llama], tmp_path)
     with pytest.raises(ExportError, match="different base models"):
         export_peft([llama, other], tmp_path)
     with pytest.raises(ExportError, match="lora exports only"):

@@ -76,8 +76,17 @@ def test_jsonl_keeps_reading_line_by_line(tmp_path: Path) -> None:
             "{\n  " + json.dumps(RECORD)[1:-1] + ",\n}",
             r"facts\.json is not valid JSON .*expected a JSON list",
         ),
+        ('[{"prompt": "{} is", "subject": "A\\ud800", "target_new": "B"}]', r"lone surrogate"),
     ],
-    ids=["deep-list", "huge-int", "deep-jsonl-line", "huge-int-jsonl", "nan", "broken-pretty-object"],
+    ids=[
+        "deep-list",
+        "huge-int",
+        "deep-jsonl-line",
+        "huge-int-jsonl",
+        "nan",
+        "broken-pretty-object",
+        "surrogate",
+    ],
 )
 def test_hostile_json_is_one_clear_error(text: str, message: str, tmp_path: Path) -> None:
     """Deep nesting and huge integers used to escape as RecursionError / ValueError tracebacks."""

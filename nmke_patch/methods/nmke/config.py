@@ -41,7 +41,12 @@ def _coerce(name: str, annotation: str, value: Any) -> Any:
             return float(value)
     elif isinstance(value, str):
         return value
-    raise InvalidRequestError(f"invalid config: {name} must be {annotation.split(' = ')[0]} (got {value!r})")
+    expected = (
+        "one of " + ", ".join(map(str, _choices()[name]))
+        if name in _choices()
+        else annotation.split(" = ")[0]
+    )
+    raise InvalidRequestError(f"invalid config: {name} must be {expected} (got {value!r})")
 
 
 # Fields added after configs were first written, with the value a config written without them meant.
