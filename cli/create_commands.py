@@ -131,7 +131,8 @@ def create(
     overrides |= extra
     config = EditConfig().with_overrides(**overrides)
     check_corpus(config.stats_corpus)  # a missing corpus file fails before the model loads
-    check_lineage(resolve_patches(on or []))  # and so does an incomplete or out-of-order chain
+    parents = resolve_patches(on or [])  # read and verified once, here
+    check_lineage(parents)  # an incomplete or out-of-order chain fails before the model loads too
     with console.status("loading model"):
         loaded = LoadedModel(*load_base(model, device=device, dtype=dtype, device_map=device_map))
     checkpoint = out.with_name(out.name + ".checkpoint")
@@ -158,7 +159,7 @@ def create(
                 loaded=loaded,
                 config=config,
                 name=name or out.name.removesuffix(PATCH_SUFFIX),
-                on=on or [],
+                on=parents,
                 checkpoint_dir=checkpoint,
                 resume=resume,
                 checkpoint_every=checkpoint_every,

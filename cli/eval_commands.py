@@ -12,7 +12,7 @@ import torch
 import typer
 from rich.table import Table
 
-from nmke_patch.errors import NmkePatchError
+from nmke_patch.errors import InvalidRequestError, NmkePatchError
 from nmke_patch.requests import read_requests
 from nmke_patch.sources import resolve_patches
 
@@ -229,7 +229,8 @@ def eval_command(
     ] = 0,
 ) -> None:
     """Evaluate the base model and the model with PATCH... applied, side by side, on FACTS."""
-    from nmke_patch.evaluate import evaluate_pair, load_unrelated, read_user_text
+    from nmke_patch.evaluate import evaluate_pair, load_unrelated
+    from nmke_patch.jsonio import read_user_text
     from nmke_patch.models import load_base
 
     resolved = resolve_patches(patches)  # validate everything before the slow part
@@ -238,7 +239,7 @@ def eval_command(
     if unrelated is not None:
         extra["unrelated"] = load_unrelated(str(unrelated))
     if heldout is not None:
-        extra["heldout_text"] = read_user_text(heldout)
+        extra["heldout_text"] = read_user_text(heldout, InvalidRequestError)
     if plot is not None:
         _require_matplotlib()
         plot = _chart_path(plot)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .patch import Patch
+from .patch import Patch, is_finite_number
 
 
 def _index(metric: Any, default: int) -> int:
@@ -16,12 +14,7 @@ def _index(metric: Any, default: int) -> int:
 
 def _fmt(value: Any) -> str:
     """A probability with 3 decimals; empty for null or anything that is not a finite number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return ""
-    try:
-        return f"{float(value):.3f}" if math.isfinite(value) else ""
-    except OverflowError:
-        return ""
+    return f"{float(value):.3f}" if is_finite_number(value) else ""
 
 
 def patch_card(patch: Patch) -> str:

@@ -36,7 +36,7 @@ from torch import nn
 from .compat import cache_argument, returned_cache
 from .delta import TensorDelta
 from .errors import InvalidRequestError
-from .jsonio import load_json_text
+from .jsonio import load_json_text, read_user_text
 from .methods.nmke.prompts import encode
 from .patch import Patch
 from .requests import EditRequest, Neighbor
@@ -95,14 +95,6 @@ def load_heldout() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def read_user_text(path: str | Path) -> str:
-    """A user's text file as UTF-8 (a leading BOM dropped); a clear error if it is not UTF-8."""
-    try:
-        return Path(path).read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InvalidRequestError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-
-
 def load_unrelated(path: str | None = None) -> list[Neighbor]:
     """Unrelated facts (``{"prompt", "target"}`` JSONL): ``path``, or the packaged set (empty if absent)."""
     if path is None:
@@ -112,7 +104,7 @@ def load_unrelated(path: str | None = None) -> list[Neighbor]:
             return []
         text = source.read_text(encoding="utf-8")
     else:
-        text = read_user_text(path)
+        text = read_user_text(path, InvalidRequestError)
     facts = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 from .errors import InvalidPatchError, NmkePatchError
@@ -91,3 +93,12 @@ def load_json_text(text: str, what: str, error: type[NmkePatchError] = InvalidPa
     if problem:
         raise error(f"{what} is not valid JSON ({problem})")
     return value
+
+
+def read_user_text(path: str | os.PathLike[str], error: type[NmkePatchError] = InvalidPatchError) -> str:
+    """A user's text file (facts, held-out text, a stats corpus) as UTF-8, a leading byte-order mark
+    dropped; ``error("{path}: not UTF-8 text (...)")`` if it is not UTF-8. Other OS errors pass through."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc

@@ -310,7 +310,8 @@ def check_shape(shape: Any, what: str) -> tuple[int, int]:
     return shape[0], shape[1]
 
 
-def _finite_number(value: Any) -> bool:
+def is_finite_number(value: Any) -> bool:
+    """A JSON number (not a bool) that is finite as a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     try:
@@ -363,7 +364,7 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         if not isinstance(index, int) or isinstance(index, bool):
             raise InvalidPatchError(f"{where}: metrics[{i}].index must be an integer")
         for key in _NUMERIC_METRICS:
-            if metric.get(key) is not None and not _finite_number(metric[key]):
+            if metric.get(key) is not None and not is_finite_number(metric[key]):
                 raise InvalidPatchError(f"{where}: metrics[{i}].{key} must be a finite number or null")
     if data.get("deltas_file", DELTAS_FILE) != DELTAS_FILE:
         raise InvalidPatchError(f"{where}: deltas_file must be {DELTAS_FILE!r}")

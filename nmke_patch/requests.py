@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidRequestError
-from .jsonio import load_json_text
+from .jsonio import load_json_text, read_user_text
 
 
 @dataclass(frozen=True)
@@ -203,10 +203,7 @@ def read_requests(path: str | os.PathLike[str]) -> list[EditRequest]:
     """Read a facts file (a JSON list, JSONL, or one JSON object; UTF-8, a byte-order mark is allowed);
     every record is validated before returning."""
     file = Path(path)
-    try:
-        text = file.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InvalidRequestError(f"{file}: not UTF-8 text") from exc
+    text = read_user_text(file, InvalidRequestError)
     records = _parse_records(text, file)
     if not records:
         raise InvalidRequestError(f"{file}: no records")

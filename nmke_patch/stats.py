@@ -26,6 +26,7 @@ from transformers import PreTrainedModel
 
 from .architectures import ArchitectureSpec, decoder_layers, spec_for_model
 from .errors import ModelLoadError
+from .jsonio import read_user_text
 from .paths import home
 from .sampling import end_token_ids, sample_continuations
 from .tracing import capture, stop_after
@@ -151,11 +152,7 @@ def corpus_rows(tokenizer: Any, paths: Sequence[str], tokens: int, *, seq_len: i
     total = 0
     for path in paths:
         try:
-            text = Path(path).read_text(encoding="utf-8-sig")
-        except UnicodeDecodeError as exc:
-            raise ModelLoadError(
-                f"stats corpus file {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})"
-            ) from exc
+            text = read_user_text(path, ModelLoadError)
         except OSError as exc:
             raise _corpus_error(str(path), exc) from exc
         ids = tokenizer(text).input_ids
