@@ -72,7 +72,9 @@ def _print_summary(patch: Patch) -> None:
     )
     base = s["base_model"]
     console.print(
-        f"base: {base.get('name_or_path')} [{base.get('architecture')}]  method: {s['method'].get('name')}"
+        shown(
+            f"base: {base.get('name_or_path')} [{base.get('architecture')}]  method: {s['method'].get('name')}"
+        )
     )
     if s["parents"]:
         console.print("parents: " + ", ".join(f"{shown(p['name'])} ({p['id'][:12]})" for p in s["parents"]))

@@ -378,10 +378,12 @@ def test_apply_notes_a_patch_recorded_in_a_narrower_dtype(
 
 def test_control_characters_in_names_are_shown_escaped(tmp_path: Path) -> None:
     patch = random_patch(MODEL_FACTORIES["llama"](), name="a\x1b[31mRED\x1b[0m\r\nforged line")
+    patch.manifest.base_model["name_or_path"] = "org/\x1b[2Jwiped"
     result = runner.invoke(app, ["inspect", _patch_dir(patch.save(tmp_path / "ctrl.nmke"))])
     assert result.exit_code == 0, result.output
     assert "\x1b" not in result.output and "\r" not in result.output
     assert "a\\x1b[31mRED\\x1b[0m\\x0d\\x0aforged line" in result.output
+    assert "base: org/\\x1b[2Jwiped" in result.output
 
 
 def test_non_finite_settings_and_full_export_dirs_are_refused_first(
