@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.progress import (
@@ -192,7 +192,26 @@ def create(
             f"{m['p_new_final']:.3f}",
         )
     console.print(table)
+    _report_landing(saved.manifest.metrics, config.sweep_until)
     console.print(f"patch written to {out}")
+
+
+def _report_landing(metrics: list[dict[str, Any]], threshold: float) -> None:
+    """One line on how many edits reach ``threshold`` (P(new) after all edits), and a warning naming those that
+    do not, so a user sees a weak edit before shipping it rather than after."""
+    weak = [m for m in metrics if float(m["p_new_final"]) < threshold]
+    console.print(
+        f"{len(metrics) - len(weak)} of {len(metrics)} edit(s) reach P(new) >= {threshold:g} after all edits"
+    )
+    if weak:
+        listed = ", ".join(f"#{m['index']} ({float(m['p_new_final']):.3f})" for m in weak[:20])
+        more = f" and {len(weak) - 20} more" if len(weak) > 20 else ""
+        err_console.print(
+            f"warning: {len(weak)} edit(s) below P(new) {threshold:g}: {listed}{more}. `nmke-patch eval` measures "
+            "them fully; `--set grow_budget_to=0.4` lets an edit that does not land use more neurons "
+            "(docs/method.md)",
+            soft_wrap=True,
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,57 @@
+"""``nmke-patch create`` end to end on a tiny model saved to disk: the patch, its table and the landing report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import save_tiny, tiny_llama
+from nmke_patch.cli.main import app
+from transformers import PreTrainedTokenizerFast
+from typer.testing import CliRunner
+
+from nmke_patch.patch import load_patch
+
+
+@pytest.fixture
+def setup(
+    tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerFast, monkeypatch: pytest.MonkeyPatch
+) -> list[str]:
+    monkeypatch.setenv("NMKE_PATCH_HOME", str(tmp_path / "home"))  # statistics cached here, not in ~/.cache
+    model_dir = save_tiny(tiny_llama(dtype=torch.float32), tiny_tokenizer, tmp_path / "model")
+    facts = tmp_path / "facts.json"
+    facts.write_text(
+        json.dumps(
+            [
+                {"prompt": "w3 {} w4", "subject": "w5", "target_new": "w6"},
+                {"prompt": "w7 w8 {} w9", "subject": "w10 w11", "target_new": "w12"},
+            ]
+        )
+    )
+    return ["create", str(facts), "--model", str(model_dir), "--layers", "1", "--stats-tokens", "200"]
+
+
+def test_create_writes_a_patch_and_reports_every_edit(setup: list[str], tmp_path: Path) -> None:
+    out = tmp_path / "p.nmke"
+    result = CliRunner().invoke(app, [*setup, "-o", str(out), "--set", "sweep_until=0.0"])
+    assert result.exit_code == 0, result.output
+    patch = load_patch(out)
+    assert len(patch.manifest.requests) == 2 and len(patch.manifest.metrics) == 2
+    assert "patch written to" in result.output and "w3 w5 w4" in result.output
+    assert "2 of 2 edit(s) reach P(new) >= 0 after all edits" in result.output
+    assert "warning" not in result.output
+
+
+def test_create_warns_about_edits_below_the_landing_threshold(setup: list[str], tmp_path: Path) -> None:
+    out = tmp_path / "p.nmke"
+    result = CliRunner().invoke(app, [*setup, "-o", str(out), "--set", "sweep_until=1.0"])
+    assert result.exit_code == 0, (
+        result.output
+    )  # the patch is still written: a weak edit is reported, not lost
+    finals = [m["p_new_final"] for m in load_patch(out).manifest.metrics]
+    assert all(p < 1.0 for p in finals)
+    text = " ".join(result.output.split())
+    assert "0 of 2 edit(s) reach P(new) >= 1 after all edits" in text
+    assert f"warning: 2 edit(s) below P(new) 1: #0 ({finals[0]:.3f}), #1 ({finals[1]:.3f})" in text
