@@ -75,19 +75,19 @@ def _from_native(record: dict[str, Any], index: int) -> EditRequest:
         raise InvalidRequestError(f"record {index}: field 'neighborhood' must be a list")
     for j, n in enumerate(raw_neighbors):
         if not isinstance(n, dict) or not all(
-            isinstance(n.get(k), str) and n.get(k) for k in ("prompt", "target")
+            isinstance(n.get(k), str) and n[k].strip() for k in ("prompt", "target")
         ):
             raise InvalidRequestError(
                 f"record {index}: field 'neighborhood[{j}]' must be an object with 'prompt' and 'target' strings"
             )
-        neighborhood.append(Neighbor(n["prompt"], n["target"]))
+        neighborhood.append(Neighbor(n["prompt"].rstrip(), n["target"].strip()))
     rid = record.get("id", record.get("case_id"))
-    return EditRequest(
-        prompt=prompt,
+    return EditRequest(  # prompts end right before the answer, which is scored with a leading space
+        prompt=prompt.rstrip(),
         subject=subject.strip(),  # type: ignore[union-attr]
         target_new=target_new.strip(),  # type: ignore[union-attr]
         target_true=target_true.strip() if target_true else None,
-        paraphrases=tuple(paraphrases),
+        paraphrases=tuple(p.rstrip() for p in paraphrases),
         neighborhood=tuple(neighborhood),
         id=None if rid is None else str(rid),
     )
@@ -152,7 +152,7 @@ def _from_zsre(record: dict[str, Any], index: int) -> EditRequest:
     if isinstance(loc, str) and isinstance(loc_ans, str):
         neighborhood.append({"prompt": loc.removeprefix("nq question: "), "target": loc_ans})
     native = {
-        "prompt": src.replace(subject, "{}", 1),
+        "prompt": "{}".join(src.rsplit(subject, 1)),  # the last occurrence, where encode() keys the subject
         "subject": subject,
         "target_new": alt,
         "target_true": answers[0] if answers else None,

@@ -134,3 +134,27 @@ def test_zsre_answers_and_rephrase_as_string_or_list(tmp_path: Path) -> None:
 def test_bad_zsre_records_name_the_field(fields: dict[str, Any], message: str, tmp_path: Path) -> None:
     with pytest.raises(InvalidRequestError, match=message):
         read_requests(_zsre(tmp_path, **fields))
+
+
+def test_zsre_subject_twice_keys_the_occurrence_encode_uses(tmp_path: Path) -> None:
+    (r,) = read_requests(
+        _zsre(tmp_path, src="Was Watts Humphrey the son of Watts Humphrey?", subject="Watts Humphrey")
+    )
+    assert r.prompt == "Was Watts Humphrey the son of {}?"  # encode() keys a subject at its last occurrence
+
+
+def test_prompts_end_before_the_answer(tmp_path: Path) -> None:
+    record = {
+        "prompt": "The capital of {} is  ",
+        "subject": " Spain ",
+        "target_new": " Lisbon",
+        "paraphrases": ["Spain's capital is\n"],
+        "neighborhood": [{"prompt": "The capital of Peru is ", "target": " Lima"}],
+    }
+    (r,) = read_requests(_write(tmp_path, json.dumps([record])))
+    assert r.text == "The capital of Spain is" and r.target_new == "Lisbon"  # not 'is   Lisbon' when scored
+    assert r.paraphrases == ("Spain's capital is",)
+    assert r.neighborhood[0].prompt == "The capital of Peru is" and r.neighborhood[0].target == "Lima"
+    blank = {**record, "neighborhood": [{"prompt": "The capital of Peru is", "target": "  "}]}
+    with pytest.raises(InvalidRequestError, match=r"record 0: field 'neighborhood\[0\]'"):
+        read_requests(_write(tmp_path, json.dumps([blank])))
