@@ -959,3 +959,55 @@ def test_past_weight_scales_the_past_keys_in_the_solve(
         editor.release()
     torch.testing.assert_close(seen[0], past.T @ past)
     torch.testing.assert_close(seen[2], 0.25 * (past.T @ past))
+
+
+def test_sink_ratio_leaves_out_a_bare_key_far_longer_than_its_prefixed_ones(tiny_tokenizer) -> None:
+    lm = loaded("llama", tiny_tokenizer)
+    c0 = {l: torch.eye(lm.model.config.intermediate_size) for l in (1, 2)}
+    config = TINY_CONFIG.with_overrides(key_columns="contexts", sink_ratio=2.0)
+    editor = Editor(lm.model, tiny_tokenizer, config, c0=c0)
+    columns = editor._columns([0, 0, 0, 1, 1, 1], 2)  # [bare 0, prefixed 0, bare 1, prefixed 1]
+    keys = {l: torch.ones(6, 4) for l in (1, 2)}
+    keys[2][0] *= 2.5  # request 0's bare key at layer 2: 2.5x its prefixed keys (a first-token sink)
+    keys[1][3] *= 1.5  # request 1's at layer 1: longer, but within the ratio
+    keys[2][4] *= 9.0  # a prefixed key is never left out
+    assert editor._active(columns, keys).tolist() == [[True, False], [True, True], [True, True], [True, True]]
+    off = Editor(lm.model, tiny_tokenizer, TINY_CONFIG.with_overrides(key_columns="contexts"), c0=c0)
+    assert bool(off._active(columns, keys).all())
+
+
+def test_a_column_left_out_at_later_layers_gets_its_residual_from_the_earlier_ones(
+    tiny_tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import nmke_patch.methods.nmke.engine as engine
+
+    real_solve, real_active = engine.solve_layer, Editor._active
+
+    def run(overrides: dict[str, Any], drop_bare_at_last: bool) -> tuple[list[torch.Tensor], dict]:
+        lm = loaded("llama", tiny_tokenizer)
+        seen: list[torch.Tensor] = []
+
+        def solve(keys: torch.Tensor, residuals: torch.Tensor, **kw: Any) -> Any:
+            seen.append(residuals.clone())
+            return real_solve(keys, residuals, **kw)
+
+        def active(self: Editor, columns: Any, keys: Any) -> torch.Tensor:
+            out = real_active(self, columns, keys)
+            if drop_bare_at_last:
+                out[columns.peer_map.sum(dim=1) > 0, -1] = False
+            return out
+
+        monkeypatch.setattr(engine, "solve_layer", solve)
+        monkeypatch.setattr(Editor, "_active", active)
+        config = TINY_CONFIG.with_overrides(key_columns="contexts", **overrides)
+        patch = create_patch(requests()[:1], loaded=lm, config=config, name="p")
+        return seen, {d.name: d.delta for d in patch.deltas}
+
+    plain, plain_deltas = run({}, False)
+    same, same_deltas = run({"sink_ratio": 1e9}, False)  # nothing that long: the same arithmetic
+    assert all(torch.equal(a, b) for a, b in zip(plain, same, strict=True))
+    assert all(torch.equal(plain_deltas[k], same_deltas[k]) for k in plain_deltas)
+    dropped, _ = run({}, True)
+    assert plain[0].shape[1] == 2 and dropped[1].shape[1] == 1  # the bare column is not solved at layer 2
+    assert torch.allclose(dropped[0][:, 0], 2 * plain[0][:, 0])  # layer 1 takes its whole residual
+    assert torch.allclose(dropped[0][:, 1], plain[0][:, 1])  # the prefixed column still spreads over two

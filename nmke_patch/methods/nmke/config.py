@@ -68,6 +68,7 @@ ADDED_FIELDS: dict[str, Any] = {
     "contrast_first": "embedding",
     "past_weight": 1.0,
     "grow_budget_to": None,
+    "sink_ratio": None,
 }
 # NMKE's own target-value and key settings; the dense baselines run as published (see EditConfig.resolved).
 NMKE_ONLY = (
@@ -87,6 +88,7 @@ NMKE_ONLY = (
     "contrast_first",
     "grow_budget_to",
     "past_weight",
+    "sink_ratio",
 )
 
 
@@ -151,6 +153,14 @@ class EditConfig:
         "prefixed ones (the first token of a text is special), so the mean fits neither. NMKE only.",
     )
     bare_weight: float = _f(0.5, "contexts: weight of the bare prompt's key column (the rest: prefixed).")
+    sink_ratio: float | None = _f(
+        None,
+        "contexts: at a layer where the bare prompt's key is more than this many times as long as the same "
+        "subject's keys after a context prefix, that column is left out and the other edited layers realise "
+        "its residual. Such a key is a text's first token where the first position is the attention sink "
+        "(the same key for every text, far longer: SmolLM2-135M layer 11, 3000 vs 6.5), so changing its output "
+        "changes every text. None = never. NMKE only.",
+    )
     # [3] attribution
     amplification: float = _f(30.0, "Amplification A of a neuron's contribution in the attribution score.")
     attribution_vocab: int = _f(
@@ -333,6 +343,7 @@ class EditConfig:
             (self.reuse_touched >= 0, "reuse_touched must be >= 0"),
             (self.first_token_weight >= 0, "first_token_weight must be >= 0"),
             (self.past_weight > 0, "past_weight must be > 0"),
+            (self.sink_ratio is None or self.sink_ratio > 0, "sink_ratio must be > 0"),
             (
                 self.grow_budget_to is None or 0 < self.grow_budget_to <= 1,
                 "grow_budget_to must be a fraction in (0, 1]",

@@ -80,6 +80,7 @@ class _Columns:
     residual_map: torch.Tensor  # [c, B]: what each column's residual is measured on
     weights: torch.Tensor  # [c], summing to 1 per request
     owner: torch.Tensor  # [c] request index of each column
+    peer_map: torch.Tensor  # [c, B]: rows whose mean key length a column is compared with (sink_ratio)
 
 
 def compress_rows(rows: torch.Tensor) -> torch.Tensor:
@@ -439,7 +440,7 @@ class Editor:
         """
         rows = len(owner)
         own = torch.tensor(owner)
-        maps, residual_maps, weights, column_owner = [], [], [], []
+        maps, residual_maps, weights, column_owner, peers = [], [], [], [], []
         for i in range(n_requests):
             mine = torch.nonzero(own == i).flatten()
             bare, prefixed = mine[0], mine[1:]
@@ -450,15 +451,38 @@ class Editor:
                 residual_maps.append(first)
                 weights.append(1.0)
                 column_owner.append(i)
+                peers.append(torch.zeros(rows))
             else:
                 rest = torch.zeros(rows).index_fill_(0, prefixed, 1.0 / len(prefixed))
                 maps += [first, rest]
                 residual_maps += [first, rest]
                 weights += [self.config.bare_weight, 1.0 - self.config.bare_weight]
                 column_owner += [i, i]
+                peers += [rest, torch.zeros(rows)]  # the bare key is checked against the prefixed ones
         return _Columns(
-            torch.stack(maps), torch.stack(residual_maps), torch.tensor(weights), torch.tensor(column_owner)
+            torch.stack(maps),
+            torch.stack(residual_maps),
+            torch.tensor(weights),
+            torch.tensor(column_owner),
+            torch.stack(peers),
         )
+
+    def _active(self, columns: _Columns, keys_subject: dict[int, torch.Tensor]) -> torch.Tensor:
+        """``[c, layers]``: whether each key column is solved for at each edited layer. With ``sink_ratio``,
+        a bare column whose key is more than that many times as long as the same subject's keys after a
+        context prefix is left out where it is: that is a text's first token at a layer where the first
+        position is the attention sink (its key the same for every text, and far longer), so changing its
+        output would change every text."""
+        active = torch.ones(len(columns.weights), len(self.layers), dtype=torch.bool)
+        ratio = self.config.sink_ratio
+        if ratio is None or self.config.method != "nmke":
+            return active
+        for j, l in enumerate(self.layers):
+            lengths = keys_subject[l].float().norm(dim=1)  # [B]
+            own = (columns.key_map @ keys_subject[l].float()).norm(dim=1)
+            peer = columns.peer_map @ lengths
+            active[:, j] = ~((peer > 0) & (own > ratio * peer))
+        return active
 
     def _select(
         self,
@@ -530,12 +554,13 @@ class Editor:
         columns: _Columns,
         selected: dict[int, torch.Tensor],
         contrast: dict[int, torch.Tensor],
+        active: torch.Tensor,
     ) -> None:
         """One pass over the edited layers, ascending: each realises its share of what is still missing.
 
-        ``row_targets`` ``[B, d]``: the last edited layer's output each prompt row should have.
+        ``row_targets`` ``[B, d]``: the last edited layer's output each prompt row should have; ``active``
+        ``[c, layers]``: where each column is solved for (:meth:`_active`).
         """
-        n = len(self.layers)
         scale = columns.weights.sqrt()[:, None]
         start, entry = self.layers[0], fw.entry
         for j, l in enumerate(self.layers):
@@ -544,9 +569,13 @@ class Editor:
             else:  # layers below the one edited last are unchanged since the previous pass
                 key_rows, out_rows, next_entry = self._keys_and_output(batch, l, start, entry)
                 start, entry = l, next_entry
-            keys = (scale * (columns.key_map @ key_rows)).T  # [D, c]
-            # MEMIT spreading over the layers left
-            residual = (scale * (columns.residual_map @ (row_targets - out_rows))).T / (n - j)  # [d, c]
+            cols = active[:, j]
+            if not bool(cols.any()):
+                continue
+            keys = (scale * (columns.key_map @ key_rows)).T[:, cols]  # [D, c]
+            # MEMIT spreading over the layers left (those where the column is solved for)
+            left = active[cols, j:].sum(dim=1)
+            residual = (scale * (columns.residual_map @ (row_targets - out_rows))).T[:, cols] / left  # [d, c]
             protect = (
                 self.c_past[l] if self.config.past_weight == 1 else self.config.past_weight * self.c_past[l]
             )
@@ -560,7 +589,7 @@ class Editor:
                 c_past=protect,
                 basis=self.basis.get(l),
                 selected=selected[l],
-                weights=columns.weights,
+                weights=columns.weights[cols],
             )
             self.cum[l][update.rows] += update.x
             self.touched[l][update.rows] = True
@@ -593,6 +622,7 @@ class Editor:
         columns = self._columns(owner, len(requests))
         last = self.layers[-1]
         fw = self._forward(batch, self.layers)
+        active = self._active(columns, fw.keys_subject)
         bare = torch.tensor([owner.index(i) for i in range(len(requests))])
         p_before = torch.exp(fw.target_lp[bare])
         t1 = time.perf_counter()
@@ -624,6 +654,7 @@ class Editor:
                 columns=columns,
                 selected=selected,
                 contrast=contrast,
+                active=active,
             )
             after, seconds = self._apply_sweeps(sweep, batch, fw, bare)
             solve_s += seconds
