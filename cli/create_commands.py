@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.progress import (
@@ -22,6 +22,10 @@ from nmke_patch.jsonio import load_json_text
 from nmke_patch.methods.nmke.config import EditConfig
 from nmke_patch.patch import PATCH_SUFFIX
 from nmke_patch.requests import read_requests
+
+if TYPE_CHECKING:
+    from nmke_patch.create import LoadedModel
+    from nmke_patch.patch import Patch
 
 from .common import DeviceMapOpt, DeviceOpt, DtypeOpt, ModelOpt, console, err_console, shown
 
@@ -193,7 +197,39 @@ def create(
         )
     console.print(table)
     _report_landing(saved.manifest.metrics, config.sweep_until)
+    with console.status("measuring held-out perplexity"):
+        _report_health(loaded, [*parents, saved])
     console.print(f"patch written to {out}")
+
+
+def _report_health(loaded: LoadedModel, chain: list[Patch]) -> None:
+    """Held-out perplexity (the text ``eval`` uses, first 1,024 tokens) without and with the new patch, and a
+    warning when it rises more than 10%: a patch that changes the model beyond its facts should not look
+    fine."""
+    from nmke_patch.evaluate import load_heldout, perplexity
+    from nmke_patch.stack import PatchStack
+
+    stack = PatchStack.for_model(loaded.model)
+    try:
+        for p in chain[:-1]:
+            stack.apply(p)
+        before, _ = perplexity(loaded.model, loaded.tokenizer, load_heldout(), max_tokens=1024)
+        stack.apply(chain[-1])
+        after, _ = perplexity(loaded.model, loaded.tokenizer, load_heldout(), max_tokens=1024)
+    finally:
+        stack.unload_all()
+    drift = 100.0 * (after / before - 1.0)
+    what = "with its parents, " if len(chain) > 1 else ""
+    console.print(
+        f"held-out perplexity ({what}without -> with this patch): {before:.2f} -> {after:.2f} ({drift:+.1f}%)"
+    )
+    if not drift <= 10.0:  # also NaN
+        err_console.print(
+            f"warning: held-out perplexity rose {drift:+.1f}%: the patch changes the model beyond its facts. "
+            "`nmke-patch eval` shows where; fewer edits per patch, `--set min_preservation=300` or other "
+            "`--layers` may help (docs/method.md)",
+            soft_wrap=True,
+        )
 
 
 def _report_landing(metrics: list[dict[str, Any]], threshold: float) -> None:

@@ -41,7 +41,22 @@ def test_create_writes_a_patch_and_reports_every_edit(setup: list[str], tmp_path
     assert len(patch.manifest.requests) == 2 and len(patch.manifest.metrics) == 2
     assert "patch written to" in result.output and "w3 w5 w4" in result.output
     assert "2 of 2 edit(s) reach P(new) >= 0 after all edits" in result.output
+    assert "held-out perplexity (without -> with this patch): " in result.output
     assert "warning" not in result.output
+
+
+def test_create_warns_when_held_out_perplexity_rises(
+    setup: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import nmke_patch.evaluate
+
+    readings = iter([(20.0, 1024), (31.0, 1024)])  # without, then with the patch
+    monkeypatch.setattr(nmke_patch.evaluate, "perplexity", lambda *a, **k: next(readings))
+    result = CliRunner().invoke(app, [*setup, "-o", str(tmp_path / "p.nmke")])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "held-out perplexity (without -> with this patch): 20.00 -> 31.00 (+55.0%)" in text
+    assert "warning: held-out perplexity rose +55.0%" in text
 
 
 def test_create_warns_about_edits_below_the_landing_threshold(setup: list[str], tmp_path: Path) -> None:
