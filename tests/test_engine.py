@@ -1011,3 +1011,14 @@ def test_a_column_left_out_at_later_layers_gets_its_residual_from_the_earlier_on
     assert plain[0].shape[1] == 2 and dropped[1].shape[1] == 1  # the bare column is not solved at layer 2
     assert torch.allclose(dropped[0][:, 0], 2 * plain[0][:, 0])  # layer 1 takes its whole residual
     assert torch.allclose(dropped[0][:, 1], plain[0][:, 1])  # the prefixed column still spreads over two
+
+
+def test_z_steps_are_sized_by_the_prefixed_rows_when_the_bare_one_is_a_sink() -> None:
+    from nmke_patch.methods.nmke.values import _reference_norm
+
+    rows = torch.zeros(4, 3)
+    rows[0, 0], rows[1, 1], rows[2, 1], rows[3, 2] = 100.0, 3.0, 4.0, 5.0  # bare row 25x the median (4)
+    assert float(_reference_norm(rows, None)) == 100.0  # off: the bare row, as published
+    assert float(_reference_norm(rows, 8.0)) == 4.0
+    assert float(_reference_norm(rows, 30.0)) == 100.0  # within the ratio
+    assert float(_reference_norm(rows[:1], 8.0)) == 100.0  # no prefixed rows to compare with

@@ -136,6 +136,18 @@ def reached(p_rows: torch.Tensor, config: EditConfig) -> bool:
     return p_mean >= config.z_stop_prob and (not config.z_stop_bare or float(p_rows[0]) >= config.z_stop_prob)
 
 
+def _reference_norm(rows: torch.Tensor, sink_ratio: float | None) -> torch.Tensor:
+    """The length that sets z's step and clamp: the bare prompt's output at the subject ``rows[0]``, unless
+    (``sink_ratio``) it is more than that many times the prefixed rows' median, as at a text's first token
+    where that position is the attention sink (SmolLM2-135M layer 11); then that median. The one delta is
+    added to every row, and a step sized by the sink would be far too long for the others."""
+    bare = rows[0].norm()
+    if sink_ratio is None or len(rows) < 2:
+        return bare
+    others = rows[1:].norm(dim=1).median()
+    return others if bool(bare > sink_ratio * others) else bare
+
+
 def compute_target_value(
     model: PreTrainedModel,
     tokenizer: Any,
@@ -173,7 +185,7 @@ def compute_target_value(
         p_before = float(lp0.exp().mean())
     h = split.layer_out[0, 0].float()
     delta = torch.zeros_like(h, requires_grad=True)
-    h_norm = h.norm()
+    h_norm = _reference_norm(split.layer_out[:n_prompts, 0].float(), config.sink_ratio)
     opt: torch.optim.Optimizer = (
         NormalizedDescent([delta], step=config.z_step * float(h_norm), momentum=config.z_momentum)
         if config.z_optimizer == "normalized"
