@@ -129,6 +129,12 @@ def _print_table(result: dict[str, Any], title: str) -> None:
         f"{fp['patch_bytes'] / max(1, fp['dense_bytes']):.1%} of dense",
     )
     console.print(table)
+    counts = result["patched"]["counts"]
+    if counts["with_target_true"] < counts["requests"]:
+        console.print(
+            f"{counts['with_target_true']} of {counts['requests']} records have target_true: efficacy, "
+            "generalization and specificity are measured on those only (docs/evaluation.md)"
+        )
 
 
 def _chart_path(path: Path) -> Path:

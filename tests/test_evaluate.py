@@ -244,6 +244,15 @@ def test_cli_eval_json_and_plot(tiny_tokenizer: PreTrainedTokenizerFast, tmp_pat
     table = CliRunner().invoke(app, [*args, "--plot", str(tmp_path / "chart")])  # no extension: .png added
     assert table.exit_code == 0, table.output
     assert "efficacy" in table.output and "patch bytes" in table.output
+    assert "records have target_true" not in table.output  # all three have one
+    records[1].pop("target_true")
+    facts.write_text("\n".join(json.dumps(r) for r in records))
+    partial = CliRunner().invoke(app, args)
+    assert partial.exit_code == 0, partial.output
+    assert (
+        "2 of 3 records have target_true: efficacy, generalization and specificity are measured on those"
+        in (" ".join(partial.output.split()))
+    )
     pytest.importorskip("matplotlib")
     assert f"chart written to {tmp_path / 'chart.png'}" in " ".join(table.output.split())
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
