@@ -972,7 +972,9 @@ def test_sink_ratio_leaves_out_a_bare_key_far_longer_than_its_prefixed_ones(tiny
     keys[1][3] *= 1.5  # request 1's at layer 1: longer, but within the ratio
     keys[2][4] *= 9.0  # a prefixed key is never left out
     assert editor._active(columns, keys).tolist() == [[True, False], [True, True], [True, True], [True, True]]
-    off = Editor(lm.model, tiny_tokenizer, TINY_CONFIG.with_overrides(key_columns="contexts"), c0=c0)
+    off = Editor(
+        lm.model, tiny_tokenizer, TINY_CONFIG.with_overrides(key_columns="contexts", sink_ratio=None), c0=c0
+    )
     assert bool(off._active(columns, keys).all())
 
 
