@@ -161,7 +161,7 @@ class EditConfig:
         "the same subject's keys after a context prefix, that column is left out and the other edited layers "
         "realise its residual; where the bare prompt's output at the last edited layer is, z's step and clamp "
         "are sized by the prefixed prompts' outputs instead. None = never. At 8, on the default model, "
-        "layers 7-11 went from wrecked (perplexity x10^18 after 100 edits) to +3.7%, and the default layers 4-8 "
+        "layers 7-11 went from wrecked (perplexity drift +6e19% after 100 edits) to +3.7%, and the default layers 4-8 "
         "(where such keys reach 3.8 times) gave the same result as None, digit for digit (BENCHMARKS.md). "
         "NMKE only.",
     )
