@@ -64,6 +64,12 @@ def _from_native(record: dict[str, Any], index: int) -> EditRequest:
             f"record {index}: field 'prompt' must contain exactly one '{{}}' (got {prompt!r})"
         )
     subject = _str(record, "subject", index)
+    assert subject is not None
+    if subject.strip() in prompt.split("{}")[1]:
+        raise InvalidRequestError(
+            f"record {index}: field 'subject' ({subject.strip()!r}) also occurs after '{{}}' in the prompt; the "
+            "edit is keyed at the subject's last occurrence, so put '{}' there or rephrase"
+        )
     target_new = _str(record, "target_new", index)
     target_true = _str(record, "target_true", index, required=False)
     paraphrases = record.get("paraphrases", [])
@@ -84,7 +90,7 @@ def _from_native(record: dict[str, Any], index: int) -> EditRequest:
     rid = record.get("id", record.get("case_id"))
     return EditRequest(  # prompts end right before the answer, which is scored with a leading space
         prompt=prompt.rstrip(),
-        subject=subject.strip(),  # type: ignore[union-attr]
+        subject=subject.strip(),
         target_new=target_new.strip(),  # type: ignore[union-attr]
         target_true=target_true.strip() if target_true else None,
         paraphrases=tuple(p.rstrip() for p in paraphrases),

@@ -158,3 +158,13 @@ def test_prompts_end_before_the_answer(tmp_path: Path) -> None:
     blank = {**record, "neighborhood": [{"prompt": "The capital of Peru is", "target": "  "}]}
     with pytest.raises(InvalidRequestError, match=r"record 0: field 'neighborhood\[0\]'"):
         read_requests(_write(tmp_path, json.dumps([blank])))
+
+
+def test_a_subject_repeated_after_the_placeholder_is_refused(tmp_path: Path) -> None:
+    record = {"prompt": "In {}, the city of Paris is", "subject": "Paris", "target_new": "big"}
+    with pytest.raises(InvalidRequestError, match=r"record 0: field 'subject' \('Paris'\) also occurs after"):
+        read_requests(_write(tmp_path, json.dumps([record])))
+    (r,) = read_requests(
+        _write(tmp_path, json.dumps([{**record, "prompt": "Paris is big. The mayor of {} is"}]))
+    )
+    assert r.text == "Paris is big. The mayor of Paris is"  # before the placeholder: the last one is keyed
