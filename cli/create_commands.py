@@ -88,7 +88,9 @@ def create(
         str | None,
         typer.Option(
             help="Text file(s) for key statistics, several joined with os.pathsep (':' on Linux and macOS, "
-            "';' on Windows); default: text sampled from the model."
+            "';' on Windows), or a data set: 'dataset:NAME[?config=C&split=S&field=F&revision=R]' (a Hub id "
+            "when online, or a local folder of .jsonl/.parquet/.csv files; needs nmke-patch[datasets]); "
+            "default: text sampled from the model."
         ),
     ] = None,
     stats_tokens: Annotated[int | None, typer.Option(help="Tokens of text for key statistics.")] = None,

@@ -25,6 +25,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .architectures import ArchitectureSpec, decoder_layers, spec_for_model
+from .dataset_corpus import DatasetCorpus, is_dataset
 from .errors import ModelLoadError
 from .jsonio import read_user_text
 from .paths import home
@@ -140,21 +141,32 @@ def corpus_files(corpus: str) -> list[Path]:
 
 
 def check_corpus(corpus: str | None) -> None:
-    """Refuse a ``stats_corpus`` (``None``: model-sampled text) that :func:`corpus_files` refuses; cheap, so
-    callers can run it before loading a model."""
-    if corpus is not None:
+    """Refuse a ``stats_corpus`` (``None``: model-sampled text) that :func:`corpus_files` or, for a
+    ``dataset:`` value, :meth:`DatasetCorpus.parse` refuses; cheap, so callers can run it before loading a
+    model."""
+    if corpus is not None and is_dataset(corpus):
+        DatasetCorpus.parse(corpus)
+    elif corpus is not None:
         corpus_files(corpus)
 
 
-def corpus_rows(tokenizer: Any, paths: Sequence[str], tokens: int, *, seq_len: int = 128) -> list[list[int]]:
-    """Token rows of up to ``tokens`` tokens from the user's text files (split into ``seq_len`` chunks)."""
-    rows: list[list[int]] = []
-    total = 0
+def _file_texts(paths: Sequence[str]) -> Iterable[str]:
     for path in paths:
         try:
-            text = read_user_text(path, ModelLoadError)
+            yield read_user_text(path, ModelLoadError)
         except OSError as exc:
             raise _corpus_error(str(path), exc) from exc
+
+
+def corpus_rows(tokenizer: Any, corpus: str, tokens: int, *, seq_len: int = 128) -> list[list[int]]:
+    """Token rows of up to ``tokens`` tokens (split into ``seq_len`` chunks) from a ``stats_corpus`` value:
+    the user's text files, or a ``dataset:`` (:mod:`nmke_patch.dataset_corpus`), read only as far as needed."""
+    texts = (
+        DatasetCorpus.parse(corpus).texts() if is_dataset(corpus) else _file_texts(corpus.split(os.pathsep))
+    )
+    rows: list[list[int]] = []
+    total = 0
+    for text in texts:
         ids = tokenizer(text).input_ids
         for s in range(0, len(ids), seq_len):
             rows.append(ids[s : s + seq_len])
@@ -162,7 +174,7 @@ def corpus_rows(tokenizer: Any, paths: Sequence[str], tokens: int, *, seq_len: i
             if total >= tokens:
                 return rows
     if not rows:
-        raise ModelLoadError(f"stats corpus {list(paths)} holds no text")
+        raise ModelLoadError(f"stats corpus {corpus!r} holds no text")
     return rows
 
 
@@ -297,6 +309,8 @@ class StatsSource:
         if self.corpus is None:
             style = f"-p{hashlib.sha256(self.prefix.encode()).hexdigest()[:12]}" if self.prefix else ""
             return f"model-sampled-s{self.seed}-{self.tokens}{style}"
+        if is_dataset(self.corpus):
+            return f"dataset-{DatasetCorpus.parse(self.corpus).key}-{self.tokens}"
         digest = hashlib.sha256()
         for file in corpus_files(self.corpus):
             try:
@@ -399,7 +413,7 @@ def _load_or_compute(
         if source.corpus is None:
             rows = sample_text(model, tokenizer, source.tokens, source.seed, prefix=source.prefix)
         else:
-            rows = corpus_rows(tokenizer, source.corpus.split(os.pathsep), source.tokens)
+            rows = corpus_rows(tokenizer, source.corpus, source.tokens)
         computed = compute(model, spec, rows, missing)
         folder.mkdir(parents=True, exist_ok=True)
         for l, c0 in computed.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,7 @@ def test_readable_corpus_is_accepted(corpus: Path, tiny_tokenizer: PreTrainedTok
     check_corpus(f"{corpus}{SEP}{corpus}")
     source = StatsSource(str(corpus), 50, 0)
     assert source.key.startswith("corpus-") and source.key == StatsSource(str(corpus), 50, 0).key
-    rows = corpus_rows(tiny_tokenizer, [str(corpus)], 50, seq_len=16)
+    rows = corpus_rows(tiny_tokenizer, str(corpus), 50, seq_len=16)
     assert sum(len(r) for r in rows) >= 50
 
 
@@ -76,3 +77,75 @@ def test_cli_create_names_the_corpus(tmp_path: Path, tiny_tokenizer: PreTrainedT
         assert isinstance(result.exception, ModelLoadError), result.output
         assert f"cannot read stats corpus file {bad!r}" in str(result.exception)
     assert not (tmp_path / "p.nmke").exists()
+
+
+# -- a `datasets` data set (offline here: a local folder of data files, as load_dataset takes) ----------------
+
+
+@pytest.fixture
+def dataset_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "wiki"
+    folder.mkdir()
+    rows = [{"id": i, "body": f"w{3 + i % 5} w{4 + i % 7} w{5 + i % 3} w6 w7"} for i in range(40)]
+    (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    return folder
+
+
+def test_dataset_corpus_is_streamed_into_rows(
+    dataset_dir: Path, tiny_tokenizer: PreTrainedTokenizerFast
+) -> None:
+    pytest.importorskip("datasets")
+    spec = f"dataset:{dataset_dir}?field=body"
+    check_corpus(spec)
+    rows = corpus_rows(tiny_tokenizer, spec, 30, seq_len=4)
+    assert sum(len(r) for r in rows) >= 30 and len(rows) < 40  # only as much as asked for is read
+    assert rows[0] == tiny_tokenizer("w3 w4 w5 w6 w7").input_ids[:4]
+    auto = corpus_rows(
+        tiny_tokenizer, f"dataset:{dataset_dir}", 30, seq_len=4
+    )  # no 'text': first string column
+    assert auto == rows
+    source = StatsSource(spec, 30, 0)
+    assert source.key.startswith("dataset-") and source.key != StatsSource(f"{spec}&split=train", 31, 0).key
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("dataset:", "no data set name after 'dataset:'"),
+        ("dataset:wiki?colour=red", "parameter 'colour' is unknown, repeated or empty"),
+        ("dataset:wiki?split=a&split=b", "parameter 'split' is unknown, repeated or empty"),
+        ("dataset:wiki?split=", "parameter 'split' is unknown, repeated or empty"),
+    ],
+)
+def test_bad_dataset_values_are_refused_before_loading(spec: str, message: str) -> None:
+    pytest.importorskip("datasets")
+    with pytest.raises(ModelLoadError, match=re.escape(message)):
+        check_corpus(spec)
+
+
+def test_unreadable_dataset_names_it(tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerFast) -> None:
+    pytest.importorskip("datasets")
+    with pytest.raises(ModelLoadError, match=r"cannot read stats corpus data set '.*nowhere'"):
+        corpus_rows(tiny_tokenizer, f"dataset:{tmp_path / 'nowhere'}", 30)
+    folder = tmp_path / "numbers"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(json.dumps({"n": 1}), encoding="utf-8")
+    with pytest.raises(ModelLoadError, match=r"no text in field 'text' \(columns: \['n'\]\)"):
+        corpus_rows(tiny_tokenizer, f"dataset:{folder}", 30)
+
+
+def test_missing_datasets_package_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_datasets(name: str, *args: object, **kwargs: object) -> object:
+        if name == "datasets":
+            raise ImportError("No module named 'datasets'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    with pytest.raises(
+        ModelLoadError, match=r"needs the 'datasets' package: pip install 'nmke-patch\[datasets\]'"
+    ):
+        check_corpus("dataset:wikitext")

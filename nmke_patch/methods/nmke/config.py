@@ -232,7 +232,9 @@ class EditConfig:
     )
     stats_corpus: str | None = _f(
         None,
-        "Text file(s) for C0, several joined with os.pathsep (':' on Linux); None = text sampled from the model.",
+        "Text file(s) for C0, several joined with os.pathsep (':' on Linux), or 'dataset:NAME?config=..&split=.."
+        "&field=..&revision=..' (datasets.load_dataset, streamed; nmke_patch/dataset_corpus.py); None = text "
+        "sampled from the model.",
     )
     # [7] solve
     lambda_reg: float = _f(
