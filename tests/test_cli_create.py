@@ -70,3 +70,17 @@ def test_create_warns_about_edits_below_the_landing_threshold(setup: list[str], 
     text = " ".join(result.output.split())
     assert "0 of 2 edit(s) reach P(new) >= 1 after all edits" in text
     assert f"warning: 2 edit(s) below P(new) 1: #0 ({finals[0]:.3f}), #1 ({finals[1]:.3f})" in text
+
+
+def test_create_with_a_dataset_as_stats_corpus(setup: list[str], tmp_path: Path) -> None:
+    pytest.importorskip("datasets")
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    lines = [json.dumps({"text": f"w{3 + i % 9} w{4 + i % 5} w6 w7 w8"}) for i in range(60)]
+    (folder / "train.jsonl").write_text("\n".join(lines), encoding="utf-8")
+    out = tmp_path / "p.nmke"
+    result = CliRunner().invoke(app, [*setup, "-o", str(out), "--stats-corpus", f"dataset:{folder}"])
+    assert result.exit_code == 0, result.output
+    assert load_patch(out).manifest.method["config"]["stats_corpus"] == f"dataset:{folder}"
+    home = tmp_path / "home" / "stats"
+    assert any(p.name.startswith("dataset-") for p in home.glob("*/*")), list(home.glob("*/*"))
