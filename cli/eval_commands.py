@@ -132,8 +132,8 @@ def _print_table(result: dict[str, Any], title: str) -> None:
     counts = result["patched"]["counts"]
     if counts["with_target_true"] < counts["requests"]:
         console.print(
-            f"{counts['with_target_true']} of {counts['requests']} records have target_true: efficacy, "
-            "generalization and specificity are measured on those only (docs/evaluation.md)"
+            f"{counts['with_target_true']} of {counts['requests']} records have target_true: efficacy and "
+            "generalization are measured on those only (docs/evaluation.md)"
         )
 
 

@@ -3,7 +3,8 @@
 ``NAME`` is what :func:`datasets.load_dataset` takes: a Hub id (``wikitext``, ``Salesforce/wikitext``, when
 online) or a local folder of data files (``.jsonl``, ``.parquet``, ``.csv``, ``.txt``). Optional query
 parameters: ``config``, ``split`` (default ``train``), ``field`` (default ``text``, else the first string
-column) and ``revision``. Rows are streamed, so only what ``stats_tokens`` needs is read, e.g.
+column) and ``revision``, ``&``-separated, percent-escaped where needed (``%3F`` for a ``?`` in a name,
+``+`` is kept as is). Rows are streamed, so only what ``stats_tokens`` needs is read, e.g.
 ``dataset:wikitext?config=wikitext-103-raw-v1&split=train``.
 """
 
@@ -12,8 +13,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import unquote
 
 from .errors import ModelLoadError
 
@@ -43,16 +45,17 @@ class DatasetCorpus:
         Raises:
             ModelLoadError: an empty name, an unknown or repeated parameter, or ``datasets`` not installed.
         """
-        name, _, query = corpus.removeprefix(PREFIX).partition("?")
-        if not name.strip():
+        raw_name, _, query = corpus.removeprefix(PREFIX).partition("?")
+        name = unquote(raw_name).strip()
+        if not name:
             raise ModelLoadError(f"stats corpus {corpus!r}: no data set name after {PREFIX!r}")
-        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
         params: dict[str, str] = {}
-        for key, value in pairs:
-            if key not in _PARAMS or key in params or not value:
+        for part in query.split("&") if query else []:
+            key, eq, value = part.partition("=")
+            key, value = unquote(key).strip(), unquote(value).strip()
+            if key not in _PARAMS or key in params or not eq or not value:
                 raise ModelLoadError(
-                    f"stats corpus {corpus!r}: parameter {key!r} is unknown, repeated or empty "
-                    f"(known: {', '.join(_PARAMS)})"
+                    f"stats corpus {corpus!r}: {part!r} is not one of {', '.join(_PARAMS)}=VALUE, once each"
                 )
             params[key] = value
         try:
@@ -61,13 +64,24 @@ class DatasetCorpus:
             raise ModelLoadError(
                 f"stats corpus {corpus!r} needs the 'datasets' package: pip install 'nmke-patch[datasets]'"
             ) from exc
-        return cls(name.strip(), **params)
+        return cls(name, **params)
 
     @property
     def key(self) -> str:
-        """Cache key part: the value's identity (pin ``revision`` for a Hub data set that may change)."""
-        text = "|".join(str(v) for v in (self.name, self.config, self.split, self.field, self.revision))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        """Cache key part: the value's identity and, for a local folder or file, its absolute path and the
+        content of its files (so another folder of the same name, or edited files, are not mistaken for it).
+        A Hub data set is known by name only: pin ``revision`` if it may change."""
+        digest = hashlib.sha256()
+        for value in (self.name, self.config, self.split, self.field, self.revision):
+            digest.update(f"{value}|".encode())
+        local = Path(self.name)
+        if local.exists():
+            files = sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else [local]
+            digest.update(str(local.resolve()).encode())
+            for file in files:
+                digest.update(f"|{file.relative_to(local) if local.is_dir() else file.name}|".encode())
+                digest.update(file.read_bytes())
+        return digest.hexdigest()[:16]
 
     def texts(self) -> Iterator[str]:
         """The data set's texts in order, streamed.

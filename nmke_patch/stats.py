@@ -158,12 +158,30 @@ def _file_texts(paths: Sequence[str]) -> Iterable[str]:
             raise _corpus_error(str(path), exc) from exc
 
 
+def _joined(texts: Iterable[str], size: int = 1 << 16) -> Iterable[str]:
+    """``texts`` without blank ones, joined by blank lines into pieces of at least ``size`` characters."""
+    piece: list[str] = []
+    length = 0
+    for text in texts:
+        if text.strip():
+            piece.append(text.strip())
+            length += len(piece[-1])
+            if length >= size:
+                yield "\n\n".join(piece)
+                piece, length = [], 0
+    if piece:
+        yield "\n\n".join(piece)
+
+
 def corpus_rows(tokenizer: Any, corpus: str, tokens: int, *, seq_len: int = 128) -> list[list[int]]:
     """Token rows of up to ``tokens`` tokens (split into ``seq_len`` chunks) from a ``stats_corpus`` value:
-    the user's text files, or a ``dataset:`` (:mod:`nmke_patch.dataset_corpus`), read only as far as needed."""
-    texts = (
-        DatasetCorpus.parse(corpus).texts() if is_dataset(corpus) else _file_texts(corpus.split(os.pathsep))
-    )
+    the user's text files (each tokenized whole), or a ``dataset:`` (:mod:`nmke_patch.dataset_corpus`), whose
+    non-blank rows are joined by blank lines into one stream (rows are often single lines); read only as far
+    as needed."""
+    if is_dataset(corpus):
+        texts = _joined(DatasetCorpus.parse(corpus).texts())
+    else:
+        texts = _file_texts(corpus.split(os.pathsep))
     rows: list[list[int]] = []
     total = 0
     for text in texts:

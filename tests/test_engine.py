@@ -1024,3 +1024,22 @@ def test_z_steps_are_sized_by_the_prefixed_rows_when_the_bare_one_is_a_sink() ->
     assert float(_reference_norm(rows, 8.0)) == 4.0
     assert float(_reference_norm(rows, 30.0)) == 100.0  # within the ratio
     assert float(_reference_norm(rows[:1], 8.0)) == 100.0  # no prefixed rows to compare with
+
+
+def test_a_key_column_left_out_is_not_ranked_for(tiny_tokenizer) -> None:
+    lm = loaded("llama", tiny_tokenizer)
+    c0 = {l: torch.eye(lm.model.config.intermediate_size) for l in (1, 2)}
+    editor = Editor(lm.model, tiny_tokenizer, TINY_CONFIG.with_overrides(key_columns="contexts"), c0=c0)
+    batch, owner = editor._batch(requests())
+    fw = editor._forward(batch, editor.layers)
+    columns = editor._columns(owner, 2)
+    everywhere = torch.ones(4, 2, dtype=torch.bool)
+    dropped = everywhere.clone()
+    dropped[[0, 2], 1] = False  # both bare columns left out at layer 2
+    ranked = editor._select(fw, owner, 2, columns, {}, dropped)
+    for row in (0, 3):  # the bare rows' keys weigh nothing: the same as zero keys there
+        fw.keys_subject[2][row] = 0.0
+    zeroed = editor._select(fw, owner, 2, columns, {}, everywhere)
+    assert all(torch.equal(a, b) for a, b in zip(ranked[2], zeroed[2], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(ranked[1], zeroed[1], strict=True))  # layer 1 untouched
+    editor.release()

@@ -13,6 +13,7 @@ from conftest import save_tiny, tiny_llama
 from transformers import PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
+from nmke_patch.dataset_corpus import DatasetCorpus
 from nmke_patch.errors import ModelLoadError
 from nmke_patch.methods.nmke.config import EditConfig
 from nmke_patch.stats import StatsSource, check_corpus, corpus_rows, load_statistics
@@ -105,16 +106,48 @@ def test_dataset_corpus_is_streamed_into_rows(
     )  # no 'text': first string column
     assert auto == rows
     source = StatsSource(spec, 30, 0)
-    assert source.key.startswith("dataset-") and source.key != StatsSource(f"{spec}&split=train", 31, 0).key
+    assert source.key.startswith("dataset-") and source.key == StatsSource(f"{spec}&split=train", 30, 0).key
+    assert source.key != StatsSource(f"dataset:{dataset_dir}?field=id", 30, 0).key
+    before = source.key
+    (dataset_dir / "train.jsonl").write_text(json.dumps({"body": "w9"}), encoding="utf-8")
+    assert source.key != before  # edited files are other text
+
+
+def test_dataset_rows_are_joined_into_one_stream(
+    tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerFast
+) -> None:
+    pytest.importorskip("datasets")
+    folder = tmp_path / "lines"
+    folder.mkdir()
+    lines = ["w3 w4", "", "   ", "w5", "w6 w7 w8"]  # one line per row, blank ones among them
+    (folder / "train.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in lines), encoding="utf-8")
+    rows = corpus_rows(tiny_tokenizer, f"dataset:{folder}", 100, seq_len=4)
+    assert rows == [tiny_tokenizer("w3 w4 w5 w6").input_ids, tiny_tokenizer("w7 w8").input_ids]
+
+
+def test_dataset_values_parse_like_their_documentation() -> None:
+    pytest.importorskip("datasets")
+    parsed = DatasetCorpus.parse("dataset:org/wiki%3Fx?config=a%26b&split=train+validation&field=%20body%20")
+    assert (parsed.name, parsed.config, parsed.split, parsed.field) == (
+        "org/wiki?x",
+        "a&b",
+        "train+validation",
+        "body",
+    )
 
 
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
         ("dataset:", "no data set name after 'dataset:'"),
-        ("dataset:wiki?colour=red", "parameter 'colour' is unknown, repeated or empty"),
-        ("dataset:wiki?split=a&split=b", "parameter 'split' is unknown, repeated or empty"),
-        ("dataset:wiki?split=", "parameter 'split' is unknown, repeated or empty"),
+        (
+            "dataset:wiki?colour=red",
+            "'colour=red' is not one of config, split, field, revision=VALUE, once each",
+        ),
+        ("dataset:wiki?split=a&split=b", "'split=b' is not one of"),
+        ("dataset:wiki?split=", "'split=' is not one of"),
+        ("dataset:wiki?config=a&", "'' is not one of"),
+        ("dataset:wiki?config", "'config' is not one of"),
     ],
 )
 def test_bad_dataset_values_are_refused_before_loading(spec: str, message: str) -> None:

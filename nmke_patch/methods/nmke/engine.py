@@ -491,15 +491,17 @@ class Editor:
         n_requests: int,
         columns: _Columns,
         contrast: dict[int, torch.Tensor],
+        active: torch.Tensor,
     ) -> dict[int, list[torch.Tensor]]:
-        """Per layer, each request's candidate neurons (its mask), best first; ``apply_budget`` budgets them."""
+        """Per layer, each request's candidate neurons (its mask), best first; ``apply_budget`` budgets them.
+        The specificity ranking counts only the key columns solved for at the layer (``active``)."""
         cfg = self.config
         if cfg.dense:
             return {l: [torch.arange(self.d_ff)] for l in self.layers}
         own = torch.tensor(owner)
         answers = fw.logits_last.argmax(dim=-1)
         ranked = {}
-        for l in self.layers:
+        for j, l in enumerate(self.layers):
             values = (
                 gather_neurons(self.weights[l].detach(), self.spec.neuron_axis, torch.arange(self.d_ff))
                 .float()
@@ -529,7 +531,8 @@ class Editor:
                 if cfg.neuron_score != "hybrid":
                     mine = columns.owner == i
                     k = columns.key_map[mine] @ fw.keys_subject[l]  # the request's key columns
-                    energy = (columns.weights[mine, None] * k.pow(2)).sum(dim=0)
+                    weight = columns.weights[mine] * active[mine, j]  # a sink key left out is not ranked for
+                    energy = (weight[:, None] * k.pow(2)).sum(dim=0)
                     reference = torch.diagonal(self.c0[l])
                     if cfg.contrast_score > 0 and l in contrast:  # look-alike subjects' activity too
                         reference = reference + cfg.contrast_score * contrast[l].pow(2).mean(dim=1)
@@ -637,7 +640,7 @@ class Editor:
         contrast = self._contrast_keys(requests)
         cfg = self.config
         size = self._budget(cfg.max_neurons)
-        ranked = self._select(fw, owner, len(requests), columns, contrast)
+        ranked = self._select(fw, owner, len(requests), columns, contrast, active)
         selected = {l: apply_budget(ranked[l], size) for l in self.layers}
         for l, near in self._nearest_preserved_keys(fw.keys_subject, bare, selected).items():
             contrast[l] = torch.cat([contrast[l], near], dim=1) if l in contrast else near
