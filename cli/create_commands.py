@@ -214,13 +214,14 @@ def _report_health(loaded: LoadedModel, chain: list[Patch]) -> None:
     from nmke_patch.evaluate import load_heldout, perplexity
     from nmke_patch.stack import PatchStack
 
+    text = load_heldout()
     stack = PatchStack.for_model(loaded.model)
     try:
         for p in chain[:-1]:
             stack.apply(p)
-        before, _ = perplexity(loaded.model, loaded.tokenizer, load_heldout(), max_tokens=1024)
+        before, _ = perplexity(loaded.model, loaded.tokenizer, text, max_tokens=1024)
         stack.apply(chain[-1])
-        after, _ = perplexity(loaded.model, loaded.tokenizer, load_heldout(), max_tokens=1024)
+        after, _ = perplexity(loaded.model, loaded.tokenizer, text, max_tokens=1024)
     finally:
         stack.unload_all()
     drift = 100.0 * (after / before - 1.0)
