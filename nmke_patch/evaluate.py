@@ -776,7 +776,7 @@ def evaluate_pair(
     progress: Progress | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
-    """Evaluate the base ``model``, then with ``patches`` applied (removed again afterwards), and compare.
+    """Evaluate ``model`` with ``patches`` applied (removed again afterwards), then the base, and compare.
 
     Args:
         model: a base model with no patches applied.
@@ -792,16 +792,17 @@ def evaluate_pair(
     stack = PatchStack.for_model(model)
     if stack.applied:
         raise InvalidRequestError("evaluate_pair needs the base model: unload the applied patches first")
-    try:  # do the patches fit? (before the slow base evaluation; unloading is exact)
-        for p in resolved:
-            stack.apply(p, force=force)
-    finally:
-        stack.unload_all()
     say = progress or (lambda _stage: None)
     if kwargs.get("unrelated") is None:
         kwargs["unrelated"] = load_unrelated()
     if kwargs.get("heldout_text") is None:
         kwargs["heldout_text"] = load_heldout()
+    try:  # the patched model first: a patch that does not fit fails before any evaluation
+        for p in resolved:
+            stack.apply(p, force=force)
+        patched = evaluate(model, tokenizer, requests, progress=lambda s: say(f"patched: {s}"), **kwargs)
+    finally:
+        stack.unload_all()  # exact: the base again, for its evaluation and its cache key
     file = _base_cache_file(model, tokenizer, requests, kwargs) if cache else None
     base = None
     if file is not None and file.is_file():
@@ -818,11 +819,5 @@ def evaluate_pair(
             staging = file.with_name(f".{file.name}.{os.getpid()}.tmp")
             staging.write_text(json.dumps(base), encoding="utf-8")
             os.replace(staging, file)
-    try:
-        for p in resolved:
-            stack.apply(p, force=force)
-        patched = evaluate(model, tokenizer, requests, progress=lambda s: say(f"patched: {s}"), **kwargs)
-    finally:
-        stack.unload_all()
     comparison = compare(base, patched, patches=resolved)
     return {"base": base, "patched": patched, "comparison": comparison, "base_cached": cached}
