@@ -413,7 +413,8 @@ def _load_or_compute(
     cache: bool,
 ) -> dict[int, torch.Tensor]:
     spec = spec_for_model(model)
-    folder = home() / "stats" / model_fingerprint(model)[:24] / source.key
+    key = source.key  # hashes a corpus's files: once per call
+    folder = home() / "stats" / model_fingerprint(model)[:24] / key
     result: dict[int, torch.Tensor] = {}
     missing = []
     for l in layers:
@@ -427,7 +428,7 @@ def _load_or_compute(
                 logger.warning("ignoring unreadable statistics cache %s", file)
         missing.append(l)
     if missing:
-        logger.info("computing %s key statistics for layers %s from %s", kind, missing, source.key)
+        logger.info("computing %s key statistics for layers %s from %s", kind, missing, key)
         if source.corpus is None:
             rows = sample_text(model, tokenizer, source.tokens, source.seed, prefix=source.prefix)
         else:
@@ -439,7 +440,7 @@ def _load_or_compute(
             if cache:
                 fd, tmp = tempfile.mkstemp(prefix=f".{kind}{l}.", suffix=".tmp", dir=folder)
                 os.close(fd)
-                save_file({"c0": c0.contiguous()}, tmp, metadata={"layer": str(l), "source": source.key})
+                save_file({"c0": c0.contiguous()}, tmp, metadata={"layer": str(l), "source": key})
                 os.replace(tmp, folder / f"{kind}{l}.safetensors")
     return result
 
