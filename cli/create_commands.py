@@ -11,6 +11,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -20,7 +21,7 @@ from rich.table import Table
 from nmke_patch.errors import InvalidRequestError
 from nmke_patch.jsonio import load_json_text
 from nmke_patch.methods.nmke.config import EditConfig
-from nmke_patch.patch import PATCH_SUFFIX
+from nmke_patch.patch import PATCH_SUFFIX, check_patch_target
 from nmke_patch.requests import read_requests
 
 if TYPE_CHECKING:
@@ -60,7 +61,8 @@ def create(
         Path,
         typer.Argument(
             metavar="FACTS",
-            help="Facts to write: a JSON list or JSONL of records (ours, CounterFact or ZsRE).",
+            help="Facts to write: a JSON list of records, JSONL (one per line) or one record (ours, CounterFact "
+            "or ZsRE; docs/format.md).",
             exists=True,
             dir_okay=False,
         ),
@@ -76,7 +78,10 @@ def create(
     ] = None,
     max_neurons: Annotated[
         float | None,
-        typer.Option(help="Sparsity budget: at most this fraction of a layer's neurons per edit (nmke)."),
+        typer.Option(
+            help="Sparsity budget: at most this fraction of a layer's neurons per edit (nmke only; default "
+            f"{EditConfig().max_neurons:g})."
+        ),
     ] = None,
     layers: Annotated[
         str | None, typer.Option(help="Edited layers, e.g. '4-8' or '3,4,5'. Default: per architecture.")
@@ -88,12 +93,15 @@ def create(
         str | None,
         typer.Option(
             help="Text file(s) for key statistics, several joined with os.pathsep (':' on Linux and macOS, "
-            "';' on Windows), or a data set: 'dataset:NAME[?config=C&split=S&field=F&revision=R]' (a Hub id "
-            "when online, or a local folder of .jsonl/.parquet/.csv files; needs nmke-patch[datasets]); "
+            "';' on Windows), or a data set: 'dataset:NAME\\[?config=C&split=S&field=F&revision=R]' (a Hub id "
+            "when online, or a local folder of .jsonl/.parquet/.csv files; needs nmke-patch\\[datasets]); "
             "default: text sampled from the model."
         ),
     ] = None,
-    stats_tokens: Annotated[int | None, typer.Option(help="Tokens of text for key statistics.")] = None,
+    stats_tokens: Annotated[
+        int | None,
+        typer.Option(help=f"Tokens of text for key statistics (default {EditConfig().stats_tokens:,})."),
+    ] = None,
     settings: Annotated[
         list[str] | None, typer.Option("--set", help="Any config field, KEY=VALUE (see docs/method.md).")
     ] = None,
@@ -102,7 +110,10 @@ def create(
     name: Annotated[
         str | None, typer.Option(help="Patch name (default: the output directory's stem).")
     ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing patch at --out.")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(help="Replace an existing patch at --out (only a patch directory is ever replaced)."),
+    ] = False,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     device_map: DeviceMapOpt = None,
@@ -115,8 +126,7 @@ def create(
     from nmke_patch.stats import check_corpus
 
     requests = read_requests(facts)  # every record validated before anything is computed
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite or choose another --out")
+    check_patch_target(out, overwrite=overwrite)  # before the model loads; save() checks again
     if batch_size is not None and mode != "batch":
         raise InvalidRequestError("--batch-size needs --mode batch")
     options: dict[str, object] = {
@@ -136,6 +146,14 @@ def create(
         raise InvalidRequestError(f"--set {', '.join(clash)}: use {flags} instead (one place per setting)")
     overrides |= extra
     config = EditConfig().with_overrides(**overrides)
+    unused = config.unused(set(overrides) - {"method"})
+    if unused:
+        given = ", ".join(f"--{k.replace('_', '-')}" if k in options else f"--set {k}" for k in unused)
+        raise InvalidRequestError(
+            f"{given}: not used by --method {config.method}"
+            + (f" with masked_solve={config.masked_solve}" if not config.dense else "")
+            + " (docs/method.md); drop it"
+        )
     check_corpus(config.stats_corpus)  # a missing corpus file fails before the model loads
     parents = resolve_patches(on or [])  # read and verified once, here
     check_lineage(parents)  # an incomplete or out-of-order chain fails before the model loads too
@@ -143,7 +161,7 @@ def create(
         loaded = LoadedModel(*load_base(model, device=device, dtype=dtype, device_map=device_map))
     checkpoint = out.with_name(out.name + ".checkpoint")
     columns = (
-        TextColumn("[bold]editing"),
+        TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -151,12 +169,25 @@ def create(
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("edits", total=len(requests))
+        task = bar.add_task("editing", total=len(requests))
         status = console.status("preparing key statistics (cached after the first run)")
         status.start()
+        sampling: list[TaskID] = []
+
+        def stats_progress(done: int, total: int) -> None:
+            if not sampling:  # the first call: the statistics are not cached, and this takes a while
+                status.stop()
+                console.print(
+                    f"sampling {total:,} tokens of preservation text from the model for the key statistics "
+                    "(once per model and settings; cached afterwards)"
+                )
+                sampling.append(bar.add_task("statistics", total=total))
+            bar.update(sampling[0], completed=done, total=total)
 
         def progress(done: int, total: int) -> None:
             status.stop()
+            if sampling:
+                bar.remove_task(sampling.pop())
             bar.update(task, completed=done, total=total)
 
         try:
@@ -170,6 +201,7 @@ def create(
                 resume=resume,
                 checkpoint_every=checkpoint_every,
                 progress=progress,
+                stats_progress=stats_progress,
             )
         except KeyboardInterrupt:
             if checkpoint.exists():
@@ -199,7 +231,7 @@ def create(
         )
     console.print(table)
     console.print(f"patch written to {out}")
-    _report_landing(saved.manifest.metrics, config.sweep_until)
+    _report_landing(saved.manifest.metrics, config)
     with console.status("measuring held-out perplexity"):
         try:
             _report_health(loaded, [*parents, saved])
@@ -238,9 +270,10 @@ def _report_health(loaded: LoadedModel, chain: list[Patch]) -> None:
         )
 
 
-def _report_landing(metrics: list[dict[str, Any]], threshold: float) -> None:
-    """One line on how many edits reach ``threshold`` (P(new) after all edits), and a warning naming those that
-    do not, so a user sees a weak edit before shipping it rather than after."""
+def _report_landing(metrics: list[dict[str, Any]], config: EditConfig) -> None:
+    """One line on how many edits reach ``sweep_until`` (P(new) after all edits), and a warning naming those
+    that do not, so a user sees a weak edit before shipping it rather than after."""
+    threshold = config.sweep_until
     weak = [m for m in metrics if float(m["p_new_final"]) < threshold]
     console.print(
         f"{len(metrics) - len(weak)} of {len(metrics)} edit(s) reach P(new) >= {threshold:g} after all edits"
@@ -250,8 +283,12 @@ def _report_landing(metrics: list[dict[str, Any]], threshold: float) -> None:
         more = f" and {len(weak) - 20} more" if len(weak) > 20 else ""
         err_console.print(
             f"warning: {len(weak)} edit(s) below P(new) {threshold:g}: {listed}{more}. `nmke-patch eval` measures "
-            "them fully; `--set grow_budget_to=0.4` lets an edit that does not land use more neurons "
-            "(docs/method.md)",
+            "them fully"
+            + (
+                "; `--set grow_budget_to=0.4` lets an edit that does not land use more neurons (docs/method.md)"
+                if config.method == "nmke"
+                else ""
+            ),
             soft_wrap=True,
         )
 

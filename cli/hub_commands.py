@@ -1,4 +1,4 @@
-"""``push`` and ``pull``: share edit packs on the Hugging Face Hub."""
+"""``pack``, ``push`` and ``pull``: build edit packs and share them on the Hugging Face Hub."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from nmke_patch.hub import pull_pack, push_pack, read_pack_json
+from nmke_patch.hub import build_pack, pull_pack, push_pack, read_pack_json
+from nmke_patch.sources import resolve_patches
 
 from .common import console, labelled
 
@@ -42,6 +43,33 @@ def push(
     console.print(f"pushed {len(sources)} source(s) to {repo_id}: {url}", highlight=False, soft_wrap=True)
 
 
+def pack(
+    sources: Annotated[
+        list[str],
+        typer.Argument(metavar="PATCH_OR_PACK", help="Patch directories or edit packs, in order."),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to build the pack in (new or empty).")],
+    repo_id: Annotated[
+        str | None,
+        typer.Option("--repo-id", help="Hub repository the pack is meant for (named in its model card)."),
+    ] = None,
+    with_peft: Annotated[
+        bool, typer.Option("--with-peft", help="Also add the pack as a LoRA adapter under peft/.")
+    ] = False,
+) -> None:
+    """Build an edit pack in a local folder (offline): what `push` uploads, to review, copy or upload
+    yourself. `inspect FOLDER` and every patch command read it as they read a pulled pack."""
+    patches = resolve_patches(sources)  # every patch verified before anything is written
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; choose a new folder")
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; build a pack into a new folder")
+    folder = build_pack(patches, out, repo_id=repo_id, with_peft=with_peft)
+    for entry in read_pack_json(folder):
+        console.print(labelled("ok", "green", f"{entry['name']} ({entry['id'][:12]})"), highlight=False)
+    console.print(f"pack of {len(patches)} patch(es) built in {folder}", highlight=False, soft_wrap=True)
+
+
 def pull(
     repo_id: Annotated[
         str, typer.Argument(metavar="REPO_ID", help="user/pack, hf://user/pack or hf://user/pack@rev.")
@@ -60,5 +88,6 @@ def pull(
 
 
 def register(app: typer.Typer) -> None:
+    app.command("pack")(pack)
     app.command("push")(push)
     app.command("pull")(pull)

@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from nmke_patch.patch import Patch
+from nmke_patch.paths import give_umask_permissions
 from nmke_patch.sources import resolve_patches
 from nmke_patch.stack import PatchStack
 
@@ -26,6 +27,7 @@ from .common import (
     PatchesArg,
     check_out_dir,
     console,
+    err_console,
     labelled,
     shown,
 )
@@ -94,8 +96,8 @@ def _print_summary(patch: Patch) -> None:
         f"total: {s['total_neurons']} neuron value vectors, {s['payload_bytes']:,} bytes of payload"
     )
     metrics = {int(x.get("index", i)): x for i, x in enumerate(s["metrics"])}
-    facts = Table(title=f"facts ({len(s['requests'])})")
-    for col in ("#", "prompt", "new target", "P(new) before", "P(new) after"):
+    facts = Table(title=f"facts ({len(s['requests'])}): P(new) before, right after its edit, after all edits")
+    for col in ("#", "prompt", "new target", "before", "after edit", "after all"):
         facts.add_column(col)
     for i, r in enumerate(s["requests"]):
         mx = metrics.get(i, {})
@@ -106,6 +108,7 @@ def _print_summary(patch: Patch) -> None:
             shown(r.get("target_new", "")),
             fmt(mx.get("p_new_before")),
             fmt(mx.get("p_new_after")),
+            fmt(mx.get("p_new_final")),
         )
     console.print(facts)
 
@@ -134,6 +137,7 @@ def _save(model: Any, tokenizer: Any, out: Path, applied: list[Patch]) -> None:
     with console.status(escape(f"saving to {out}")):
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
+        give_umask_permissions(sorted(out.glob("*.safetensors")))
         (out / "nmke_patches.json").write_text(
             json.dumps({"applied": [{"name": p.name, "id": p.id} for p in applied]}, indent=2) + "\n"
         )
@@ -210,8 +214,11 @@ def verify(
     dtype: DtypeOpt = None,
 ) -> None:
     """Check that patches fit a base model (applied in order, in memory; nothing is saved)."""
+    from nmke_patch.models import load_base
+
     resolved = resolve_patches(patches)
-    loaded, _ = _load(model, device, dtype)
+    with console.status("loading model"):
+        loaded, _, info = load_base(model, device=device, dtype=dtype)
     stack = PatchStack.for_model(loaded)
     for p in resolved:
         stack.check(p, fingerprints=True)
@@ -223,6 +230,19 @@ def verify(
                 f"{p.describe()}: {len(p.deltas)} tensors, {p.num_neurons} neurons match the base",
             )
         )
+        recorded = {k: p.manifest.base_model.get(k) for k in ("architecture", "model_type")}
+        actual = {"architecture": info.architecture, "model_type": info.model_type}
+        if recorded != actual:  # names do not decide the fit (docs/format.md), but a user should see this
+            err_console.print(
+                labelled(
+                    "note:",
+                    "yellow",
+                    f"{p.describe()} records its base as {recorded['architecture']} "
+                    f"({recorded['model_type']}), this model is {info.architecture} ({info.model_type}); "
+                    "the weights match, so it applies, but its manifest's record of the base is wrong",
+                ),
+                soft_wrap=True,
+            )
 
 
 def register(app: typer.Typer) -> None:

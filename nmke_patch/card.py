@@ -35,13 +35,14 @@ def patch_card(patch: Patch) -> str:
         "",
         "## Facts",
         "",
-        "| # | prompt | new target | P(new) before | P(new) after |",
+        "| # | prompt | new target | P(new) before | P(new) with the patch |",
         "|---|---|---|---|---|",
     ]
     metrics = {_index(x, i): x for i, x in enumerate(m.metrics)}
     for i, r in enumerate(m.requests):
         prompt = str(r.get("prompt", "")).replace("{}", str(r.get("subject", ""))).replace("|", "\\|")
         mx = metrics.get(i, {})
-        before, after = mx.get("p_new_before"), mx.get("p_new_after")
+        before = mx.get("p_new_before")
+        after = mx.get("p_new_final", mx.get("p_new_after"))  # with the whole patch, where recorded
         lines.append(f"| {i} | {prompt} | {r.get('target_new', '')} | {_fmt(before)} | {_fmt(after)} |")
     return "\n".join(lines) + "\n"

@@ -24,7 +24,7 @@ from .patch import Manifest, ParentRef, Patch
 from .requests import EditRequest
 from .sources import PatchSource, resolve_patches
 from .stack import PatchStack, check_lineage
-from .stats import check_corpus, load_statistics, model_fingerprint
+from .stats import StatsProgress, check_corpus, load_statistics, model_fingerprint
 from .version import __version__
 
 logger = logging.getLogger(__name__)
@@ -92,6 +92,7 @@ def create_patch(
     resume: bool = False,
     checkpoint_every: int = 25,
     progress: Progress | None = None,
+    stats_progress: StatsProgress | None = None,
     stop_after: int | None = None,
 ) -> Patch:
     """Compute edits for ``requests`` on ``loaded`` (left unchanged afterwards) and return the unsaved patch.
@@ -101,6 +102,8 @@ def create_patch(
         checkpoint_dir: where to keep a resumable checkpoint (every ``checkpoint_every`` edits).
         resume: continue from the checkpoint in ``checkpoint_dir`` if there is one.
         progress: called as ``progress(done, total)`` after every batch.
+        stats_progress: called as ``stats_progress(tokens_done, tokens_total)`` while preservation text for
+            the key statistics is sampled (only when they are not cached yet).
         stop_after: stop (leaving the checkpoint) once this many requests are done: for tests of resume.
     """
     if not requests:
@@ -125,7 +128,7 @@ def create_patch(
         )
     past_keys = parent_key_rows(parents, model, layers)
     base_fingerprint = model_fingerprint(model)  # weights and dtype, before the parents go on
-    stats = load_statistics(model, tokenizer, layers, [config])
+    stats = load_statistics(model, tokenizer, layers, [config], progress=stats_progress)
     fingerprints: dict[str, str | None] = {spec.weight_name(l): None for l in layers}
     for p in parents:
         stack.apply(p)

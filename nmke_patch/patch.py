@@ -190,8 +190,7 @@ class Patch:
         Returns the saved patch, with ``id`` and ``path`` set.
         """
         target = Path(path)
-        if target.exists() and not overwrite:
-            raise FileExistsError(f"{target} already exists; choose another name or pass overwrite")
+        check_patch_target(target, overwrite=overwrite)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = _staging_dir(target)
         try:
@@ -243,6 +242,35 @@ class Patch:
             return saved
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+PATCH_FILES = frozenset({MANIFEST_FILE, DELTAS_FILE, STATE_FILE, CARD_FILE})
+
+
+def check_patch_target(target: Path, *, overwrite: bool = False) -> None:
+    """Refuse a place to write a patch directory that is not free: something is already there (without
+    ``overwrite``), or it is a file, a link, or a directory holding anything but a patch's own files (which
+    ``overwrite`` would delete), or a part of its parent path is a file."""
+    for parent in target.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise FileExistsError(f"{target}: {parent} is a file, not a directory")
+            break
+    if not (target.exists() or target.is_symlink()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{target} already exists; pass --overwrite or choose another --out")
+    if target.is_symlink() or not target.is_dir():
+        raise FileExistsError(
+            f"{target} is not a patch directory; overwriting would delete it: choose another --out"
+        )
+    foreign = sorted(p.name for p in target.iterdir() if p.name not in PATCH_FILES or not p.is_file())
+    if foreign:
+        listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise FileExistsError(
+            f"{target} holds files that are not a patch's ({listed}); overwriting would delete them: choose "
+            "another --out"
+        )
 
 
 def _staging_dir(target: Path) -> Path:
@@ -320,6 +348,14 @@ def is_finite_number(value: Any) -> bool:
         return False
 
 
+def _require_file(file: Path, where: str) -> None:
+    """Refuse a patch file that is absent, or is not a regular file (a device, a pipe, a directory, or a link
+    to one: reading ``/dev/zero`` would never end)."""
+    if not file.is_file():
+        what = "is not a regular file" if file.exists() or file.is_symlink() else "is missing"
+        raise InvalidPatchError(f"{where}: {file.name} {what}")
+
+
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and structurally validate ``manifest.json`` of a patch directory (no tensors are read)."""
     root = Path(path)
@@ -328,8 +364,7 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise InvalidPatchError(
             f"{root}: not a patch directory (expected NAME{PATCH_SUFFIX}/ with {MANIFEST_FILE})"
         )
-    if not file.is_file():
-        raise InvalidPatchError(f"{root}: {MANIFEST_FILE} is missing")
+    _require_file(file, str(root))
     if file.stat().st_size > MAX_MANIFEST_BYTES:
         raise InvalidPatchError(f"{root}: {MANIFEST_FILE} is larger than {MAX_MANIFEST_BYTES} bytes")
     try:
@@ -409,8 +444,7 @@ def load_patch(path: str | os.PathLike[str]) -> Patch:
     data = read_manifest(root)
     where = str(root)
     deltas_path = root / DELTAS_FILE
-    if not deltas_path.is_file():
-        raise InvalidPatchError(f"{where}: {DELTAS_FILE} is missing")
+    _require_file(deltas_path, where)
     sha = _sha256_file(deltas_path)
     if sha != data["deltas_sha256"]:
         raise InvalidPatchError(
@@ -472,8 +506,7 @@ def _load_state(root: Path, data: dict[str, Any]) -> dict[str, torch.Tensor]:
     if data.get("state_file") != STATE_FILE or not isinstance(data["state_sha256"], str):
         raise InvalidPatchError(f"{where}: state_file must be {STATE_FILE!r} with a state_sha256 string")
     path = root / STATE_FILE
-    if not path.is_file():
-        raise InvalidPatchError(f"{where}: {STATE_FILE} is missing")
+    _require_file(path, where)
     if _sha256_file(path) != data["state_sha256"]:
         raise InvalidPatchError(
             f"{where}: {STATE_FILE} does not match the manifest's sha256 (tampered or truncated)"

@@ -47,38 +47,54 @@ class EditRequest:
         return {k: v for k, v in data.items() if v not in (None, [], ())}
 
 
-def _str(record: dict[str, Any], key: str, index: int, *, required: bool = True) -> str | None:
+def _str(
+    record: dict[str, Any],
+    key: str,
+    index: int,
+    *,
+    required: bool = True,
+    names: dict[str, str] | None = None,
+) -> str | None:
     value = record.get(key)
     if value is None and not required:
         return None
     if not isinstance(value, str) or not value.strip():
-        raise InvalidRequestError(f"record {index}: field {key!r} must be a non-empty string")
+        field = (names or {}).get(key, key)
+        raise InvalidRequestError(f"record {index}: field {field!r} must be a non-empty string")
     return value
 
 
-def _from_native(record: dict[str, Any], index: int) -> EditRequest:
-    prompt = _str(record, "prompt", index)
+def _from_native(record: dict[str, Any], index: int, names: dict[str, str] | None = None) -> EditRequest:
+    """A native record as a request. ``names``: the field each native field came from in the user's record
+    (a CounterFact or ZsRE one), so that errors name what the user wrote."""
+
+    def name(key: str) -> str:
+        return (names or {}).get(key, key)
+
+    prompt = _str(record, "prompt", index, names=names)
     assert prompt is not None
     if prompt.count("{}") != 1:
         raise InvalidRequestError(
-            f"record {index}: field 'prompt' must contain exactly one '{{}}' (got {prompt!r})"
+            f"record {index}: field {name('prompt')!r} must contain exactly one '{{}}' (got {prompt!r})"
         )
-    subject = _str(record, "subject", index)
+    subject = _str(record, "subject", index, names=names)
     assert subject is not None
     if subject.strip() in prompt.split("{}")[1]:
         raise InvalidRequestError(
-            f"record {index}: field 'subject' ({subject.strip()!r}) also occurs after '{{}}' in the prompt; the "
-            "edit is keyed at the subject's last occurrence, so put '{}' there or rephrase"
+            f"record {index}: field {name('subject')!r} ({subject.strip()!r}) also occurs after '{{}}' in the "
+            "prompt; the edit is keyed at the subject's last occurrence, so put '{}' there or rephrase"
         )
-    target_new = _str(record, "target_new", index)
-    target_true = _str(record, "target_true", index, required=False)
+    target_new = _str(record, "target_new", index, names=names)
+    target_true = _str(record, "target_true", index, required=False, names=names)
     paraphrases = record.get("paraphrases", [])
     if not isinstance(paraphrases, list) or not all(isinstance(p, str) and p.strip() for p in paraphrases):
-        raise InvalidRequestError(f"record {index}: field 'paraphrases' must be a list of non-empty strings")
+        raise InvalidRequestError(
+            f"record {index}: field {name('paraphrases')!r} must be a list of non-empty strings"
+        )
     neighborhood = []
     raw_neighbors = record.get("neighborhood", [])
     if not isinstance(raw_neighbors, list):
-        raise InvalidRequestError(f"record {index}: field 'neighborhood' must be a list")
+        raise InvalidRequestError(f"record {index}: field {name('neighborhood')!r} must be a list")
     for j, n in enumerate(raw_neighbors):
         if not isinstance(n, dict) or not all(
             isinstance(n.get(k), str) and n[k].strip() for k in ("prompt", "target")
@@ -113,18 +129,30 @@ def _from_counterfact(record: dict[str, Any], index: int) -> EditRequest:
         return value["str"]
 
     true = target("target_true")
+    prompts = record.get("neighborhood_prompts", [])
+    if not isinstance(prompts, list) or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise InvalidRequestError(
+            f"record {index}: field 'neighborhood_prompts' must be a list of non-empty strings (each scored "
+            "against requested_rewrite.target_true)"
+        )
     native = {
         "prompt": rw.get("prompt"),
         "subject": rw.get("subject"),
         "target_new": target("target_new"),
         "target_true": true,
         "paraphrases": record.get("paraphrase_prompts", []),
-        "neighborhood": [{"prompt": p, "target": true} for p in record.get("neighborhood_prompts", [])]
-        if true
-        else [],
+        "neighborhood": [{"prompt": p, "target": true} for p in prompts] if true else [],
         "id": record.get("case_id"),
     }
-    return _from_native(native, index)
+    names = {
+        "prompt": "requested_rewrite.prompt",
+        "subject": "requested_rewrite.subject",
+        "target_new": "requested_rewrite.target_new.str",
+        "target_true": "requested_rewrite.target_true.str",
+        "paraphrases": "paraphrase_prompts",
+        "neighborhood": "neighborhood_prompts",
+    }
+    return _from_native(native, index, names)
 
 
 def _zsre_strings(record: dict[str, Any], key: str, index: int) -> list[str]:
@@ -153,10 +181,15 @@ def _from_zsre(record: dict[str, Any], index: int) -> EditRequest:
             f"record {index}: ZsRE field 'alt' (the new answer) must be a non-empty string"
         )
     answers = _zsre_strings(record, "answers", index)
-    loc, loc_ans = record.get("loc"), record.get("loc_ans")
     neighborhood = []
-    if isinstance(loc, str) and isinstance(loc_ans, str):
-        neighborhood.append({"prompt": loc.removeprefix("nq question: "), "target": loc_ans})
+    if record.get("loc") is not None or record.get("loc_ans") is not None:
+        loc, loc_ans = record.get("loc"), _zsre_strings(record, "loc_ans", index)
+        if not isinstance(loc, str) or not loc.strip() or not loc_ans:
+            raise InvalidRequestError(
+                f"record {index}: ZsRE fields 'loc' (a question) and 'loc_ans' (its answer; of a list, the "
+                "first is scored) come together"
+            )
+        neighborhood.append({"prompt": loc.removeprefix("nq question: "), "target": loc_ans[0]})
     native = {
         "prompt": "{}".join(src.rsplit(subject, 1)),  # the last occurrence, where encode() keys the subject
         "subject": subject,
@@ -166,7 +199,8 @@ def _from_zsre(record: dict[str, Any], index: int) -> EditRequest:
         "neighborhood": neighborhood,
         "id": record.get("case_id"),
     }
-    return _from_native(native, index)
+    names = {"prompt": "src", "target_new": "alt", "target_true": "answers", "paraphrases": "rephrase"}
+    return _from_native(native, index, names)
 
 
 def parse_request(record: Any, index: int) -> EditRequest:
@@ -213,4 +247,7 @@ def read_requests(path: str | os.PathLike[str]) -> list[EditRequest]:
     records = _parse_records(text, file)
     if not records:
         raise InvalidRequestError(f"{file}: no records")
-    return [parse_request(r, i) for i, r in enumerate(records)]
+    try:
+        return [parse_request(r, i) for i, r in enumerate(records)]
+    except InvalidRequestError as exc:  # name the file: eval reads several (--facts, --unrelated)
+        raise InvalidRequestError(f"{file}: {exc}") from None

@@ -10,7 +10,7 @@ cached before this module existed stay valid.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import torch
@@ -40,6 +40,7 @@ def sample_continuations(
     generator: torch.Generator,
     banned: Sequence[int] = (),
     prefix_ids: Sequence[int] = (),
+    on_step: Callable[[int], None] | None = None,
 ) -> list[list[int]]:
     """One row per start token: the start and ``new_tokens`` tokens sampled after it (top-k, temperature 1).
 
@@ -47,6 +48,7 @@ def sample_continuations(
         generator: a CPU generator; its state advances, so consecutive calls continue one random stream.
         banned: token ids never drawn (the end-of-text ids, so every row runs to full length).
         prefix_ids: tokens every row continues from (before its start token), left out of the result.
+        on_step: called with the number of tokens drawn per row so far, after every step (for progress).
     """
     device = next(model.parameters()).device
     skip = len(prefix_ids)
@@ -54,7 +56,7 @@ def sample_continuations(
     step = rows
     cache = None
     cache_arg = cache_argument(model)
-    for _ in range(new_tokens):
+    for drawn in range(1, new_tokens + 1):
         mask = torch.ones(rows.shape, dtype=torch.long, device=device)  # no padding: every token counts
         out = cast(Any, model)(
             input_ids=step.to(device),
@@ -71,4 +73,6 @@ def sample_continuations(
         scores = scores.masked_fill(scores < kth, -float("inf"))
         step = torch.multinomial(scores.softmax(dim=-1), num_samples=1, generator=generator)
         rows = torch.cat([rows, step], dim=1)
+        if on_step is not None:
+            on_step(drawn)
     return cast(list[list[int]], rows[:, skip:].tolist())

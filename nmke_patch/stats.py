@@ -34,6 +34,9 @@ from .tracing import capture, stop_after
 
 logger = logging.getLogger(__name__)
 
+StatsProgress = Callable[[int, int], None]
+"""Called as ``progress(tokens_done, tokens_total)`` while preservation text is sampled."""
+
 SAMPLE_STARTS = (
     "The",
     "In",
@@ -78,12 +81,14 @@ def sample_text(
     seq_len: int = 128,
     batch: int = 32,
     prefix: str = "",
+    progress: StatsProgress | None = None,
 ) -> list[list[int]]:
     """About ``tokens`` tokens of text sampled from the model (top-k 40, seeded), as token-id rows.
 
     Each row starts with one of :data:`SAMPLE_STARTS`; ``prefix`` (e.g. an encyclopedia header) is text the
     model continues from, left out of the rows. The draws come from a CPU generator
-    (:mod:`nmke_patch.sampling`): the same text on any device.
+    (:mod:`nmke_patch.sampling`): the same text on any device. ``progress(done, total)`` is called with
+    the tokens drawn so far after every step.
     """
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(
         model.config, "n_positions", seq_len
@@ -95,10 +100,15 @@ def sample_text(
     generator = torch.Generator().manual_seed(seed)
     banned = end_token_ids(model, tokenizer)
     rows: list[list[int]] = []
-    while sum(len(r) for r in rows) < tokens:
+    while (done := sum(len(r) for r in rows)) < tokens:
         starts = [
             tokenizer(SAMPLE_STARTS[(len(rows) + i) % len(SAMPLE_STARTS)]).input_ids[-1] for i in range(batch)
         ]
+
+        def report(drawn: int, before: int = done) -> None:  # each row: its start token and `drawn` more
+            if progress is not None:
+                progress(min(tokens, before + batch * (1 + drawn)), tokens)
+
         rows.extend(
             sample_continuations(
                 model,
@@ -108,6 +118,7 @@ def sample_text(
                 generator=generator,
                 banned=banned,
                 prefix_ids=prefix_ids,
+                on_step=report if progress is not None else None,
             )
         )
     return rows
@@ -339,17 +350,33 @@ class StatsSource:
 
 
 def load_or_compute_c0(
-    model: PreTrainedModel, tokenizer: Any, layers: Sequence[int], source: StatsSource, *, cache: bool = True
+    model: PreTrainedModel,
+    tokenizer: Any,
+    layers: Sequence[int],
+    source: StatsSource,
+    *,
+    cache: bool = True,
+    progress: StatsProgress | None = None,
 ) -> dict[int, torch.Tensor]:
     """``C0`` for each layer, from the disk cache when present (a second ``create`` reuses it)."""
-    return _load_or_compute(model, tokenizer, layers, source, "layer", key_second_moments, cache=cache)
+    return _load_or_compute(
+        model, tokenizer, layers, source, "layer", key_second_moments, cache=cache, progress=progress
+    )
 
 
 def load_or_compute_first_token(
-    model: PreTrainedModel, tokenizer: Any, layers: Sequence[int], source: StatsSource, *, cache: bool = True
+    model: PreTrainedModel,
+    tokenizer: Any,
+    layers: Sequence[int],
+    source: StatsSource,
+    *,
+    cache: bool = True,
+    progress: StatsProgress | None = None,
 ) -> dict[int, torch.Tensor]:
     """:func:`first_token_moments` for each layer over the same preserved text, cached like ``C0``."""
-    return _load_or_compute(model, tokenizer, layers, source, "first", first_token_moments, cache=cache)
+    return _load_or_compute(
+        model, tokenizer, layers, source, "first", first_token_moments, cache=cache, progress=progress
+    )
 
 
 def load_or_compute_bank(
@@ -360,6 +387,7 @@ def load_or_compute_bank(
     size: int,
     *,
     cache: bool = True,
+    progress: StatsProgress | None = None,
 ) -> dict[int, torch.Tensor]:
     """:func:`key_bank` of ``size`` keys per layer over the same preserved text, cached like ``C0``."""
 
@@ -368,7 +396,9 @@ def load_or_compute_bank(
     ) -> dict[int, torch.Tensor]:
         return key_bank(model, spec, rows, layers, size=size, seed=source.seed)
 
-    return _load_or_compute(model, tokenizer, layers, source, f"bank{size}-", compute, cache=cache)
+    return _load_or_compute(
+        model, tokenizer, layers, source, f"bank{size}-", compute, cache=cache, progress=progress
+    )
 
 
 @dataclass
@@ -382,21 +412,31 @@ class KeyStatistics:
 
 
 def load_statistics(
-    model: PreTrainedModel, tokenizer: Any, layers: Sequence[int], configs: Sequence[Any]
+    model: PreTrainedModel,
+    tokenizer: Any,
+    layers: Sequence[int],
+    configs: Sequence[Any],
+    *,
+    progress: StatsProgress | None = None,
 ) -> KeyStatistics:
     """The statistics for editors with ``configs`` (EditConfigs sharing one preserved text), each computed
-    once and cached; the optional ones only when some config uses them."""
+    once and cached; the optional ones only when some config uses them. ``progress`` follows the sampling
+    of preservation text, when there is any to sample (nothing is cached yet)."""
     source = StatsSource.of(configs[0])
     resolved = [c.resolved() for c in configs]
     banks = [c.bank_size for c in resolved if c.contrast_bank > 0]
     return KeyStatistics(
-        c0=load_or_compute_c0(model, tokenizer, layers, source),
+        c0=load_or_compute_c0(model, tokenizer, layers, source, progress=progress),
         c_first=(
-            load_or_compute_first_token(model, tokenizer, layers, source)
+            load_or_compute_first_token(model, tokenizer, layers, source, progress=progress)
             if any(c.first_token_weight > 0 for c in resolved)
             else None
         ),
-        bank=load_or_compute_bank(model, tokenizer, layers, source, max(banks)) if banks else None,
+        bank=(
+            load_or_compute_bank(model, tokenizer, layers, source, max(banks), progress=progress)
+            if banks
+            else None
+        ),
     )
 
 
@@ -411,6 +451,7 @@ def _load_or_compute(
     ],
     *,
     cache: bool,
+    progress: StatsProgress | None = None,
 ) -> dict[int, torch.Tensor]:
     spec = spec_for_model(model)
     key = source.key  # hashes a corpus's files: once per call
@@ -430,7 +471,9 @@ def _load_or_compute(
     if missing:
         logger.info("computing %s key statistics for layers %s from %s", kind, missing, key)
         if source.corpus is None:
-            rows = sample_text(model, tokenizer, source.tokens, source.seed, prefix=source.prefix)
+            rows = sample_text(
+                model, tokenizer, source.tokens, source.seed, prefix=source.prefix, progress=progress
+            )
         else:
             rows = corpus_rows(tokenizer, source.corpus, source.tokens)
         computed = compute(model, spec, rows, missing)

@@ -84,3 +84,71 @@ def test_create_with_a_dataset_as_stats_corpus(setup: list[str], tmp_path: Path)
     assert load_patch(out).manifest.method["config"]["stats_corpus"] == f"dataset:{folder}"
     home = tmp_path / "home" / "stats"
     assert any(p.name.startswith("dataset-") for p in home.glob("*/*")), list(home.glob("*/*"))
+
+
+def test_create_reports_sampling_the_statistics_the_first_time_only(setup: list[str], tmp_path: Path) -> None:
+    first = CliRunner().invoke(app, [*setup, "-o", str(tmp_path / "a.nmke")])
+    assert first.exit_code == 0, first.output
+    assert "sampling 200 tokens of preservation text" in " ".join(first.output.split())
+    again = CliRunner().invoke(app, [*setup, "-o", str(tmp_path / "b.nmke")])  # cached now
+    assert again.exit_code == 0, again.output
+    assert "preservation text" not in again.output
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        ("notes", "holds files that are not a patch's (notes.txt)"),
+        ("file", "is not a patch directory"),
+        ("under-file", "is a file, not a directory"),
+    ],
+)
+def test_create_overwrite_replaces_only_a_patch(
+    setup: list[str], tmp_path: Path, layout: str, message: str
+) -> None:
+    precious = tmp_path / "precious"
+    if layout == "notes":
+        precious.mkdir()
+        (precious / "notes.txt").write_text("keep me")
+        out, kept = precious, precious / "notes.txt"
+    else:
+        precious.write_text("keep me")
+        out, kept = (precious if layout == "file" else precious / "x.nmke"), precious
+    result = CliRunner().invoke(
+        app, [*setup, "-o", str(out), "--overwrite", "--model", str(tmp_path / "none")]
+    )
+    assert result.exit_code != 0 and message in " ".join(str(result.exception).split())
+    assert kept.read_text() == "keep me"  # refused before the (missing) model was looked at
+
+
+def test_create_overwrite_replaces_an_existing_patch(setup: list[str], tmp_path: Path) -> None:
+    out = tmp_path / "p.nmke"
+    assert CliRunner().invoke(app, [*setup, "-o", str(out)]).exit_code == 0
+    refused = CliRunner().invoke(app, [*setup, "-o", str(out)])
+    assert refused.exit_code != 0 and "already exists" in str(refused.exception)
+    again = CliRunner().invoke(app, [*setup, "-o", str(out), "--overwrite", "--set", "seed=1"])
+    assert again.exit_code == 0, again.output
+    assert load_patch(out).manifest.method["config"]["seed"] == 1
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        (["--method", "alphaedit", "--max-neurons", "0.05"], "--max-neurons: not used by --method alphaedit"),
+        (
+            ["--method", "memit", "--set", "grow_budget_to=0.4"],
+            "--set grow_budget_to: not used by --method memit",
+        ),
+        (
+            ["--set", "memit_lambda=10"],
+            "--set memit_lambda: not used by --method nmke with masked_solve=soft",
+        ),
+    ],
+)
+def test_create_refuses_settings_the_method_does_not_read(
+    setup: list[str], tmp_path: Path, extra: list[str], named: str
+) -> None:
+    out = tmp_path / "p.nmke"
+    result = CliRunner().invoke(app, [*setup, "-o", str(out), *extra])
+    assert result.exit_code != 0 and named in str(result.exception)
+    assert not out.exists()

@@ -8,6 +8,7 @@ per case would cost seconds of imports each).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -399,9 +400,79 @@ def test_non_finite_settings_and_full_export_dirs_are_refused_first(
         monkeypatch, capsys, "create", str(facts), "-o", str(tmp_path / "x.nmke"), "--model", nowhere,
         "--set", "z_clamp_norm=Infinity",
     )  # fmt: skip
-    assert code == 1 and "z_clamp_norm must be float (got 'Infinity')" in err, err
+    assert code == 1 and "z_clamp_norm must be a finite number (got 'Infinity')" in err, err
     full = tmp_path / "adapter"
     full.mkdir()
     (full / "keep.txt").write_text("mine")
     code, err = _run_main(monkeypatch, capsys, "export-peft", _patch_dir(llama_setup[1]), "--out", str(full))
     assert code == 1 and "--overwrite" in err and sorted(p.name for p in full.iterdir()) == ["keep.txt"]
+
+
+def test_inspect_shows_p_new_right_after_each_edit_and_after_all(tmp_path: Path) -> None:
+    made = random_patch(MODEL_FACTORIES["llama"](), name="two")
+    metrics = [{"index": 0, "p_new_before": 0.01, "p_new_after": 0.9, "p_new_final": 0.35}]
+    patch = dataclasses.replace(made, manifest=dataclasses.replace(made.manifest, metrics=metrics))
+    result = runner.invoke(app, ["inspect", _patch_dir(patch.save(tmp_path / "two.nmke"))])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"0\.010\s*│\s*0\.900\s*│\s*0\.350", result.output), result.output
+
+
+def test_verify_notes_a_manifest_whose_base_is_another_architecture(
+    llama_setup: tuple[Path, Patch], tmp_path: Path
+) -> None:
+    base, patch = llama_setup
+    copy = Path(shutil.copytree(_patch_dir(patch), tmp_path / "renamed.nmke"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["base_model"] |= {"architecture": "GPT2LMHeadModel", "model_type": "gpt2"}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    result = runner.invoke(app, ["verify", str(copy), "--model", str(base)])
+    assert result.exit_code == 0, result.output  # the weights decide the fit (docs/format.md)
+    text = " ".join(result.output.split())
+    assert "records its base as GPT2LMHeadModel (gpt2), this model is LlamaForCausalLM (llama)" in text
+    plain = runner.invoke(app, ["verify", _patch_dir(patch), "--model", str(base)])
+    assert plain.exit_code == 0 and "records its base" not in plain.output
+
+
+def test_apply_writes_weights_other_users_can_read(llama_setup: tuple[Path, Patch], tmp_path: Path) -> None:
+    base, patch = llama_setup
+    old = os.umask(0o022)
+    try:
+        result = runner.invoke(
+            app, ["apply", _patch_dir(patch), "--model", str(base), "--out", str(tmp_path / "m")]
+        )
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.output
+    files = sorted((tmp_path / "m").glob("*.safetensors"))
+    assert files and all(f.stat().st_mode & 0o777 == 0o644 for f in files)
+
+
+def test_pack_builds_a_pack_folder_offline(llama_setup: tuple[Path, Patch], tmp_path: Path) -> None:
+    base, patch = llama_setup
+    model = MODEL_FACTORIES["llama"]()
+    PatchStack.for_model(model).apply(patch)  # the second is made on top of the first
+    second = random_patch(model, name="second", seed=5, parents=(patch,))
+    second_dir = _patch_dir(second.save(tmp_path / "second.nmke"))
+    out = tmp_path / "pack"
+    result = runner.invoke(app, ["pack", _patch_dir(patch), second_dir, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    entries = json.loads((out / "pack.json").read_text())["patches"]
+    assert [e["id"] for e in entries] == [patch.id, second.id]
+    verified = runner.invoke(app, ["verify", str(out), "--model", str(base)])
+    assert verified.exit_code == 0 and verified.output.count("ok ") == 2, verified.output
+    again = runner.invoke(app, ["pack", _patch_dir(patch), "-o", str(out)])
+    assert again.exit_code != 0 and "is not empty" in str(again.exception)
+
+
+def test_a_patch_file_that_is_not_a_regular_file_is_named_as_such(
+    llama_setup: tuple[Path, Patch], tmp_path: Path
+) -> None:
+    _, patch = llama_setup
+    copy = Path(shutil.copytree(_patch_dir(patch), tmp_path / "odd.nmke"))
+    (copy / DELTAS_FILE).unlink()
+    (copy / DELTAS_FILE).symlink_to("/dev/zero")
+    result = runner.invoke(app, ["inspect", str(copy)])
+    assert result.exit_code != 0 and f"{DELTAS_FILE} is not a regular file" in str(result.exception)
+    (copy / DELTAS_FILE).unlink()
+    result = runner.invoke(app, ["inspect", str(copy)])
+    assert f"{DELTAS_FILE} is missing" in str(result.exception)

@@ -764,9 +764,12 @@ def test_key_bank_holds_keys_of_the_preserved_text(arch: str) -> None:
             with capture(model, inputs={"k": f"{spec.layers}.{l}.{spec.mlp_out}"}) as seen:
                 model(input_ids=torch.tensor([r]))
             every.append(seen["k"][0, 1:].to(torch.float16))
-        keys = torch.cat(every)  # 6 non-first positions; the bank holds 5 of them, each once
-        hits = [int((keys == b).all(dim=1).nonzero()[0]) for b in bank[l]]
-        assert len(set(hits)) == 5
+        keys = torch.cat(every).float()  # 6 non-first positions; the bank holds 5 of them, each once
+        # the bank's batched, padded pass may round differently from these one-row passes (CPU kernels vary)
+        gaps = (keys[:, None, :] - bank[l].float()[None]).abs().amax(dim=2)  # [6 keys, 5 bank rows]
+        nearest = gaps.min(dim=0)
+        assert float(nearest.values.max()) <= 1e-2 * float(keys.abs().max())
+        assert len(set(nearest.indices.tolist())) == 5
 
 
 def test_nearest_preserved_keys_rank_by_cosine_on_the_selected_neurons(tiny_tokenizer) -> None:
@@ -1043,3 +1046,39 @@ def test_a_key_column_left_out_is_not_ranked_for(tiny_tokenizer) -> None:
     assert all(torch.equal(a, b) for a, b in zip(ranked[2], zeroed[2], strict=True))
     assert all(torch.equal(a, b) for a, b in zip(ranked[1], zeroed[1], strict=True))  # layer 1 untouched
     editor.release()
+
+
+def test_settings_must_be_finite_and_of_a_sane_size() -> None:
+    for bad, message in (
+        ({"z_lr": "inf"}, "z_lr must be a finite number"),
+        ({"z_lr": float("nan")}, "z_lr must be a finite number"),
+        ({"stats_tokens": 10**23}, "stats_tokens must be at most 1,000,000,000"),
+        ({"lambda_reg": -5}, "lambda_reg and memit_lambda must be >= 0"),
+        ({"z_clamp_norm": -1}, "z_clamp_norm must be > 0"),
+        ({"temperature": 0}, "amplification and temperature must be > 0"),
+        ({"seed": -1}, "seed must be in"),
+    ):
+        with pytest.raises(InvalidRequestError, match=re.escape(message)):
+            EditConfig().with_overrides(**bad)
+    assert EditConfig().with_overrides(seed=2**40, z_stop_prob=2.0).seed == 2**40  # > 1: never stop early
+
+
+def test_unused_names_the_settings_a_method_does_not_read() -> None:
+    asked = [
+        "max_neurons",
+        "grow_budget_to",
+        "lambda_reg",
+        "memit_lambda",
+        "projector_energy",
+        "layers",
+        "seed",
+    ]
+    assert EditConfig().unused(asked) == ["lambda_reg", "memit_lambda", "projector_energy"]
+    assert EditConfig(masked_solve="exact").unused(asked) == ["memit_lambda"]
+    assert EditConfig(method="alphaedit").unused(asked) == ["grow_budget_to", "max_neurons", "memit_lambda"]
+    assert EditConfig(method="memit").unused(asked) == [
+        "grow_budget_to",
+        "lambda_reg",
+        "max_neurons",
+        "projector_energy",
+    ]

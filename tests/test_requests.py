@@ -168,3 +168,59 @@ def test_a_subject_repeated_after_the_placeholder_is_refused(tmp_path: Path) -> 
         _write(tmp_path, json.dumps([{**record, "prompt": "Paris is big. The mayor of {} is"}]))
     )
     assert r.text == "Paris is big. The mayor of Paris is"  # before the placeholder: the last one is keyed
+
+
+def test_zsre_locality_question_with_its_answer(tmp_path: Path) -> None:
+    loc = {"loc": "nq question: who wrote hey jude"}
+    for answer in ("Paul McCartney", ["Paul McCartney", "Lennon-McCartney"]):
+        (r,) = read_requests(_zsre(tmp_path, **loc, loc_ans=answer))
+        assert [(n.prompt, n.target) for n in r.neighborhood] == [("who wrote hey jude", "Paul McCartney")]
+    for fields in ({**loc}, {"loc_ans": "Paul McCartney"}, {**loc, "loc_ans": []}, {**loc, "loc_ans": 3}):
+        with pytest.raises(InvalidRequestError, match=r"record 0: ZsRE field"):  # was dropped silently
+            read_requests(_zsre(tmp_path, **fields))
+
+
+COUNTERFACT = {
+    "case_id": 7,
+    "requested_rewrite": {
+        "prompt": "The mother tongue of {} is",
+        "subject": "Danielle Darrieux",
+        "target_new": {"str": "English"},
+        "target_true": {"str": "French"},
+    },
+    "paraphrase_prompts": ["Danielle Darrieux spoke the language"],
+    "neighborhood_prompts": ["The mother tongue of Jean Gabin is"],
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (
+            {"requested_rewrite": {**COUNTERFACT["requested_rewrite"], "prompt": "no placeholder"}},
+            "requested_rewrite.prompt",
+        ),
+        (
+            {"requested_rewrite": {**COUNTERFACT["requested_rewrite"], "subject": ""}},
+            "requested_rewrite.subject",
+        ),
+        (
+            {"requested_rewrite": {**COUNTERFACT["requested_rewrite"], "target_new": {"str": ""}}},
+            "requested_rewrite.target_new.str",
+        ),
+        ({"paraphrase_prompts": "one string"}, "paraphrase_prompts"),
+        ({"neighborhood_prompts": [{"prompt": "x", "target": "y"}]}, "neighborhood_prompts"),
+    ],
+    ids=["prompt", "subject", "target_new", "paraphrases", "neighborhood"],
+)
+def test_counterfact_errors_name_the_field_as_written(
+    change: dict[str, Any], field: str, tmp_path: Path
+) -> None:
+    file = _write(tmp_path, json.dumps([RECORD, {**COUNTERFACT, **change}]))
+    with pytest.raises(InvalidRequestError) as info:
+        read_requests(file)
+    assert str(info.value).startswith(f"{file}: record 1: field {field!r}")
+    (r,) = read_requests(_write(tmp_path, json.dumps([COUNTERFACT])))
+    assert [(n.prompt, n.target) for n in r.neighborhood] == [
+        ("The mother tongue of Jean Gabin is", "French")
+    ]

@@ -65,3 +65,15 @@ def test_prefix_takes_positions_from_the_sampled_rows(tiny_tokenizer) -> None:
     assert all(len(r) == 64 - 10 for r in rows)
     with pytest.raises(ModelLoadError, match="stats_prefix"):
         sample_text(model, tiny_tokenizer, 100, 0, prefix=" ".join(["w5"] * 63))
+
+
+def test_sampling_reports_its_progress_in_tokens(tiny_tokenizer) -> None:
+    model = MODEL_FACTORIES["gpt2"](init_range=0.2)
+    seen: list[tuple[int, int]] = []
+    rows = sample_text(
+        model, tiny_tokenizer, 40, 0, seq_len=8, batch=3, progress=lambda d, t: seen.append((d, t))
+    )
+    assert rows == sample_text(model, tiny_tokenizer, 40, 0, seq_len=8, batch=3)  # the same text either way
+    done = [d for d, _ in seen]
+    assert {t for _, t in seen} == {40} and done == sorted(done) and len(done) == 2 * 7  # 2 batches x 7 steps
+    assert done[0] == 3 * 2 and done[-1] == 40  # 3 rows of their start token and one drawn; capped at 40

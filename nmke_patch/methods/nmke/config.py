@@ -7,6 +7,8 @@ Every constant of the method is a field here, with its default and meaning; see
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
@@ -41,6 +43,13 @@ def _coerce(name: str, annotation: str, value: Any) -> Any:
             return float(value)
     elif isinstance(value, str):
         return value
+    if isinstance(value, str) and annotation.startswith(("int", "float")):
+        try:
+            parsed = float(value)
+        except ValueError:
+            parsed = 0.0
+        if not math.isfinite(parsed):
+            raise InvalidRequestError(f"invalid config: {name} must be a finite number (got {value!r})")
     expected = (
         "one of " + ", ".join(map(str, _choices()[name]))
         if name in _choices()
@@ -48,6 +57,9 @@ def _coerce(name: str, annotation: str, value: Any) -> Any:
     )
     raise InvalidRequestError(f"invalid config: {name} must be {expected} (got {value!r})")
 
+
+# Largest whole-number setting accepted (stats_tokens, z_steps, ...): beyond it a value is a typo, not a run.
+MAX_INT_SETTING = 10**9
 
 # Fields added after configs were first written, with the value a config written without them meant.
 ADDED_FIELDS: dict[str, Any] = {
@@ -89,6 +101,24 @@ NMKE_ONLY = (
     "grow_budget_to",
     "past_weight",
     "sink_ratio",
+)
+
+# NMKE's mask, attribution and masked solve: the dense baselines read none of these either.
+NMKE_MASK_AND_SOLVE = (
+    "max_neurons",
+    "neuron_score",
+    "reuse_touched",
+    "masked_solve",
+    "amplification",
+    "attribution_vocab",
+    "temperature",
+    "ratio_min",
+    "ratio_max",
+    "landing",
+    "min_preservation",
+    "contrast_subjects",
+    "contrast_weight",
+    "max_sweeps",
 )
 
 
@@ -336,8 +366,27 @@ class EditConfig:
                 raise InvalidRequestError(
                     f"invalid config: {name} must be one of {allowed} (got {getattr(self, name)!r})"
                 )
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InvalidRequestError(f"invalid config: {f.name} must be a finite number (got {value!r})")
+            big = isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT_SETTING
+            if big and f.name != "seed":
+                raise InvalidRequestError(
+                    f"invalid config: {f.name} must be at most {MAX_INT_SETTING:,} (got {value:,})"
+                )
         checks = [
             (self.z_steps >= 1 and self.z_lr > 0, "z_steps must be >= 1 and z_lr > 0"),
+            (
+                self.z_clamp_norm > 0 and self.z_weight_decay >= 0 and self.z_kl_factor >= 0,
+                "z_clamp_norm must be > 0, z_weight_decay and z_kl_factor >= 0",
+            ),
+            (self.z_stop_prob > 0, "z_stop_prob must be > 0 (above 1: never stop early)"),
+            (
+                self.amplification > 0 and self.temperature > 0 and self.attribution_vocab >= 0,
+                "amplification and temperature must be > 0, attribution_vocab >= 0",
+            ),
+            (self.lambda_reg >= 0 and self.memit_lambda >= 0, "lambda_reg and memit_lambda must be >= 0"),
             (self.z_step > 0 and 0 <= self.z_momentum < 1, "z_step must be > 0 and z_momentum in [0, 1)"),
             (self.stats_tokens >= 1, "stats_tokens must be >= 1"),
             (0 < self.bare_weight < 1, "bare_weight must be in (0, 1)"),
@@ -371,6 +420,7 @@ class EditConfig:
             ),
             (self.max_sweeps >= 1 and 0 <= self.sweep_until <= 1, "max_sweeps >= 1, sweep_until in [0, 1]"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
+            (0 <= self.seed < 2**63, "seed must be in [0, 2**63)"),
             (self.n_prefixes >= 0 and self.prefix_tokens >= 1, "n_prefixes >= 0 and prefix_tokens >= 1"),
             (
                 self.layers is None
@@ -389,6 +439,20 @@ class EditConfig:
     @property
     def dense(self) -> bool:
         return self.method != "nmke"
+
+    def unused(self, names: Iterable[str]) -> list[str]:
+        """Those of ``names`` (config fields) that this config's method does not read, so a setting given
+        for them would silently do nothing: NMKE's settings under a dense baseline, MEMIT's weight under
+        the others, the null-space settings where no null space is taken, the soft solve's where it is not
+        the solve."""
+        if self.dense:
+            skip = {*NMKE_ONLY, *NMKE_MASK_AND_SOLVE}
+            skip |= {"projector_energy", "lambda_reg"} if self.method == "memit" else {"memit_lambda"}
+        elif self.masked_solve == "soft":
+            skip = {"memit_lambda", "projector_energy", "lambda_reg"}
+        else:
+            skip = {"memit_lambda", "landing", "min_preservation"}
+        return sorted(n for n in names if n in skip)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
