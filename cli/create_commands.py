@@ -148,11 +148,13 @@ def create(
     config = EditConfig().with_overrides(**overrides)
     unused = config.unused(set(overrides) - {"method"})
     if unused:
-        given = ", ".join(f"--{k.replace('_', '-')}" if k in options else f"--set {k}" for k in unused)
+        given = "; ".join(
+            (f"--{k.replace('_', '-')}" if k in options else f"--set {k}") + f" ({reason})"
+            for k, reason in unused.items()
+        )
         raise InvalidRequestError(
-            f"{given}: not used by --method {config.method}"
-            + (f" with masked_solve={config.masked_solve}" if not config.dense else "")
-            + " (docs/method.md); drop it"
+            f"not read with --method {config.method} and these settings, so it would do nothing: {given}. "
+            "Drop it (docs/method.md)"
         )
     check_corpus(config.stats_corpus)  # a missing corpus file fails before the model loads
     parents = resolve_patches(on or [])  # read and verified once, here

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -64,7 +66,15 @@ def pack(
         raise FileExistsError(f"--out {out} is a file; choose a new folder")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; build a pack into a new folder")
-    folder = build_pack(patches, out, repo_id=repo_id, with_peft=with_peft)
+    staging = out.parent / f".{out.name}.tmp-{os.getpid()}"  # a failed build leaves no half-built pack
+    try:
+        build_pack(patches, staging, repo_id=repo_id, with_peft=with_peft)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.rename(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    folder = out
     for entry in read_pack_json(folder):
         console.print(labelled("ok", "green", f"{entry['name']} ({entry['id'][:12]})"), highlight=False)
     console.print(f"pack of {len(patches)} patch(es) built in {folder}", highlight=False, soft_wrap=True)

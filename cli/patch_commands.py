@@ -137,7 +137,7 @@ def _save(model: Any, tokenizer: Any, out: Path, applied: list[Patch]) -> None:
     with console.status(escape(f"saving to {out}")):
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
-        give_umask_permissions(sorted(out.glob("*.safetensors")))
+        give_umask_permissions(sorted(out.glob("model*.safetensors")))  # what save_pretrained wrote
         (out / "nmke_patches.json").write_text(
             json.dumps({"applied": [{"name": p.name, "id": p.id} for p in applied]}, indent=2) + "\n"
         )
@@ -232,7 +232,8 @@ def verify(
         )
         recorded = {k: p.manifest.base_model.get(k) for k in ("architecture", "model_type")}
         actual = {"architecture": info.architecture, "model_type": info.model_type}
-        if recorded != actual:  # names do not decide the fit (docs/format.md), but a user should see this
+        named = all(isinstance(v, str) for v in recorded.values())  # both are optional (docs/format.md)
+        if named and recorded != actual:  # names do not decide the fit, but a user should see this
             err_console.print(
                 labelled(
                     "note:",

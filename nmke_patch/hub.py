@@ -211,7 +211,7 @@ def pack_card(patches: Sequence[Patch], *, repo_id: str | None = None, with_peft
         "",
         "## Facts edited",
         "",
-        "| patch | # | prompt | new target | P(new) before | P(new) after |",
+        "| patch | # | prompt | new target | P(new) before | P(new) with the patch |",
         "|---|---|---|---|---|---|",
     ]
     for p in patches:
@@ -226,7 +226,7 @@ def pack_card(patches: Sequence[Patch], *, repo_id: str | None = None, with_peft
             mx = metrics.get(i, {})
             lines.append(
                 f"| {_cell(p.name)} | {i} | {_cell(prompt)} | {_cell(r.get('target_new', ''))} |"
-                f" {_fmt(mx.get('p_new_before'))} | {_fmt(mx.get('p_new_after'))} |"
+                f" {_fmt(mx.get('p_new_before'))} | {_fmt(mx.get('p_new_final', mx.get('p_new_after')))} |"
             )
     body = "\n".join(lines)
     template = "---\n{{ card_data }}\n---\n\n{{ body }}\n"

@@ -249,9 +249,12 @@ PATCH_FILES = frozenset({MANIFEST_FILE, DELTAS_FILE, STATE_FILE, CARD_FILE})
 
 def check_patch_target(target: Path, *, overwrite: bool = False) -> None:
     """Refuse a place to write a patch directory that is not free: something is already there (without
-    ``overwrite``), or it is a file, a link, or a directory holding anything but a patch's own files (which
-    ``overwrite`` would delete), or a part of its parent path is a file."""
+    ``overwrite``); or, since overwriting deletes it, anything but a patch directory (a file, a link, a
+    directory without a manifest or holding other files); or a part of its parent path is a file or a
+    broken link."""
     for parent in target.absolute().parents:
+        if parent.is_symlink() and not parent.exists():
+            raise FileExistsError(f"{target}: {parent} is a broken link")
         if parent.exists():
             if not parent.is_dir():
                 raise FileExistsError(f"{target}: {parent} is a file, not a directory")
@@ -259,18 +262,17 @@ def check_patch_target(target: Path, *, overwrite: bool = False) -> None:
     if not (target.exists() or target.is_symlink()):
         return
     if not overwrite:
-        raise FileExistsError(f"{target} already exists; pass --overwrite or choose another --out")
+        raise FileExistsError(f"{target} already exists; choose another place, or overwrite it (--overwrite)")
+    deletes = "overwriting would delete it: choose another place"
     if target.is_symlink() or not target.is_dir():
-        raise FileExistsError(
-            f"{target} is not a patch directory; overwriting would delete it: choose another --out"
-        )
-    foreign = sorted(p.name for p in target.iterdir() if p.name not in PATCH_FILES or not p.is_file())
+        raise FileExistsError(f"{target} is not a patch directory; {deletes}")
+    entries = list(target.iterdir())
+    foreign = sorted(p.name for p in entries if p.name not in PATCH_FILES or not p.is_file())
     if foreign:
         listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise FileExistsError(
-            f"{target} holds files that are not a patch's ({listed}); overwriting would delete them: choose "
-            "another --out"
-        )
+        raise FileExistsError(f"{target} holds files that are not a patch's ({listed}); {deletes}")
+    if entries and not (target / MANIFEST_FILE).is_file():
+        raise FileExistsError(f"{target} has no {MANIFEST_FILE}, so it is not a patch; {deletes}")
 
 
 def _staging_dir(target: Path) -> Path:

@@ -184,7 +184,7 @@ def _from_zsre(record: dict[str, Any], index: int) -> EditRequest:
     neighborhood = []
     if record.get("loc") is not None or record.get("loc_ans") is not None:
         loc, loc_ans = record.get("loc"), _zsre_strings(record, "loc_ans", index)
-        if not isinstance(loc, str) or not loc.strip() or not loc_ans:
+        if not isinstance(loc, str) or not loc.removeprefix("nq question: ").strip() or not loc_ans:
             raise InvalidRequestError(
                 f"record {index}: ZsRE fields 'loc' (a question) and 'loc_ans' (its answer; of a list, the "
                 "first is scored) come together"

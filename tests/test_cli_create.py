@@ -101,16 +101,23 @@ def test_create_reports_sampling_the_statistics_the_first_time_only(setup: list[
         ("notes", "holds files that are not a patch's (notes.txt)"),
         ("file", "is not a patch directory"),
         ("under-file", "is a file, not a directory"),
+        ("readme-only", "has no manifest.json, so it is not a patch"),
+        ("broken-link", "is a broken link"),
     ],
 )
 def test_create_overwrite_replaces_only_a_patch(
     setup: list[str], tmp_path: Path, layout: str, message: str
 ) -> None:
     precious = tmp_path / "precious"
-    if layout == "notes":
+    if layout in ("notes", "readme-only"):
         precious.mkdir()
-        (precious / "notes.txt").write_text("keep me")
-        out, kept = precious, precious / "notes.txt"
+        kept = precious / ("notes.txt" if layout == "notes" else "README.md")  # a patch file's name, alone
+        kept.write_text("keep me")
+        out = precious
+    elif layout == "broken-link":
+        (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+        out, kept = tmp_path / "link" / "x.nmke", precious
+        kept.write_text("keep me")
     else:
         precious.write_text("keep me")
         out, kept = (precious if layout == "file" else precious / "x.nmke"), precious
@@ -134,15 +141,16 @@ def test_create_overwrite_replaces_an_existing_patch(setup: list[str], tmp_path:
 @pytest.mark.parametrize(
     ("extra", "named"),
     [
-        (["--method", "alphaedit", "--max-neurons", "0.05"], "--max-neurons: not used by --method alphaedit"),
+        (["--method", "alphaedit", "--max-neurons", "0.05"], "--max-neurons (NMKE only)"),
         (
             ["--method", "memit", "--set", "grow_budget_to=0.4"],
-            "--set grow_budget_to: not used by --method memit",
+            "--set grow_budget_to (NMKE only)",
         ),
         (
             ["--set", "memit_lambda=10"],
-            "--set memit_lambda: not used by --method nmke with masked_solve=soft",
+            "--set memit_lambda (MEMIT only)",
         ),
+        (["--set", "z_lr=0.1"], "--set z_lr (z_optimizer 'adam' only (this is 'normalized'))"),
     ],
 )
 def test_create_refuses_settings_the_method_does_not_read(

@@ -431,6 +431,10 @@ def test_verify_notes_a_manifest_whose_base_is_another_architecture(
     assert "records its base as GPT2LMHeadModel (gpt2), this model is LlamaForCausalLM (llama)" in text
     plain = runner.invoke(app, ["verify", _patch_dir(patch), "--model", str(base)])
     assert plain.exit_code == 0 and "records its base" not in plain.output
+    del manifest["base_model"]["architecture"]  # optional (docs/format.md): nothing to compare
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    bare = runner.invoke(app, ["verify", str(copy), "--model", str(base)])
+    assert bare.exit_code == 0 and "records its base" not in bare.output
 
 
 def test_apply_writes_weights_other_users_can_read(llama_setup: tuple[Path, Patch], tmp_path: Path) -> None:
@@ -462,6 +466,21 @@ def test_pack_builds_a_pack_folder_offline(llama_setup: tuple[Path, Patch], tmp_
     assert verified.exit_code == 0 and verified.output.count("ok ") == 2, verified.output
     again = runner.invoke(app, ["pack", _patch_dir(patch), "-o", str(out)])
     assert again.exit_code != 0 and "is not empty" in str(again.exception)
+
+
+def test_a_failed_pack_leaves_nothing_behind(
+    llama_setup: tuple[Path, Patch], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import nmke_patch.export.peft
+
+    def broken(*_: object, **__: object) -> None:
+        raise RuntimeError("export failed")
+
+    monkeypatch.setattr(nmke_patch.export.peft, "export_peft", broken)  # after patches/ and pack.json
+    _, patch = llama_setup
+    result = runner.invoke(app, ["pack", _patch_dir(patch), "-o", str(tmp_path / "pack"), "--with-peft"])
+    assert result.exit_code != 0 and "export failed" in str(result.exception)
+    assert sorted(p.name for p in tmp_path.iterdir() if "pack" in p.name) == []
 
 
 def test_a_patch_file_that_is_not_a_regular_file_is_named_as_such(

@@ -1052,7 +1052,8 @@ def test_settings_must_be_finite_and_of_a_sane_size() -> None:
     for bad, message in (
         ({"z_lr": "inf"}, "z_lr must be a finite number"),
         ({"z_lr": float("nan")}, "z_lr must be a finite number"),
-        ({"stats_tokens": 10**23}, "stats_tokens must be at most 1,000,000,000"),
+        ({"stats_tokens": 10**23}, "stats_tokens must be between -1,000,000,000 and 1,000,000,000"),
+        ({"z_steps": -(10**10)}, "z_steps must be between"),
         ({"lambda_reg": -5}, "lambda_reg and memit_lambda must be >= 0"),
         ({"z_clamp_norm": -1}, "z_clamp_norm must be > 0"),
         ({"temperature": 0}, "amplification and temperature must be > 0"),
@@ -1061,6 +1062,7 @@ def test_settings_must_be_finite_and_of_a_sane_size() -> None:
         with pytest.raises(InvalidRequestError, match=re.escape(message)):
             EditConfig().with_overrides(**bad)
     assert EditConfig().with_overrides(seed=2**40, z_stop_prob=2.0).seed == 2**40  # > 1: never stop early
+    assert EditConfig().with_overrides(memit_lambda=2 * 10**9).memit_lambda == 2e9  # a float: no whole cap
 
 
 def test_unused_names_the_settings_a_method_does_not_read() -> None:
@@ -1073,12 +1075,18 @@ def test_unused_names_the_settings_a_method_does_not_read() -> None:
         "layers",
         "seed",
     ]
-    assert EditConfig().unused(asked) == ["lambda_reg", "memit_lambda", "projector_energy"]
-    assert EditConfig(masked_solve="exact").unused(asked) == ["memit_lambda"]
-    assert EditConfig(method="alphaedit").unused(asked) == ["grow_budget_to", "max_neurons", "memit_lambda"]
-    assert EditConfig(method="memit").unused(asked) == [
+    assert list(EditConfig().unused(asked)) == ["lambda_reg", "memit_lambda", "projector_energy"]
+    assert list(EditConfig(masked_solve="exact").unused(asked)) == ["memit_lambda"]
+    assert list(EditConfig(method="alphaedit").unused(asked)) == [
         "grow_budget_to",
-        "lambda_reg",
         "max_neurons",
-        "projector_energy",
+        "memit_lambda",
     ]
+    memit = EditConfig(method="memit").unused(asked)
+    assert list(memit) == ["grow_budget_to", "lambda_reg", "max_neurons", "projector_energy"]
+    assert memit["max_neurons"] == "NMKE only" and memit["lambda_reg"] == "MEMIT takes no null space"
+    optimizer = ["z_lr", "z_step", "z_momentum", "bare_weight", "bank_size"]
+    assert list(EditConfig().unused(optimizer)) == ["bank_size", "z_lr"]  # normalized steps, no bank
+    adam = EditConfig(z_optimizer="adam", key_columns="mean", contrast_bank=8).unused(optimizer)
+    assert list(adam) == ["bare_weight", "z_momentum", "z_step"]
+    assert list(EditConfig(method="alphaedit").unused(["z_lr"])) == []  # the baselines use Adam

@@ -368,12 +368,14 @@ class EditConfig:
                 )
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if number and not math.isfinite(value):
                 raise InvalidRequestError(f"invalid config: {f.name} must be a finite number (got {value!r})")
-            big = isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT_SETTING
-            if big and f.name != "seed":
+            whole = str(f.type).startswith("int") and f.name != "seed"
+            if whole and number and not -MAX_INT_SETTING <= value <= MAX_INT_SETTING:
                 raise InvalidRequestError(
-                    f"invalid config: {f.name} must be at most {MAX_INT_SETTING:,} (got {value:,})"
+                    f"invalid config: {f.name} must be between -{MAX_INT_SETTING:,} and {MAX_INT_SETTING:,} "
+                    f"(got {value:,})"
                 )
         checks = [
             (self.z_steps >= 1 and self.z_lr > 0, "z_steps must be >= 1 and z_lr > 0"),
@@ -440,19 +442,40 @@ class EditConfig:
     def dense(self) -> bool:
         return self.method != "nmke"
 
-    def unused(self, names: Iterable[str]) -> list[str]:
-        """Those of ``names`` (config fields) that this config's method does not read, so a setting given
-        for them would silently do nothing: NMKE's settings under a dense baseline, MEMIT's weight under
-        the others, the null-space settings where no null space is taken, the soft solve's where it is not
-        the solve."""
+    def unused(self, names: Iterable[str]) -> dict[str, str]:
+        """Those of ``names`` (config fields) that these settings never read, each with the reason, so a
+        setting given for them would silently do nothing: NMKE's settings under a dense baseline, MEMIT's
+        weight under the others, the null-space settings where no null space is taken, the soft solve's
+        where it is not the solve, one optimizer's settings under the other, and so on."""
+        why: dict[str, str] = {}
         if self.dense:
-            skip = {*NMKE_ONLY, *NMKE_MASK_AND_SOLVE}
-            skip |= {"projector_energy", "lambda_reg"} if self.method == "memit" else {"memit_lambda"}
-        elif self.masked_solve == "soft":
-            skip = {"memit_lambda", "projector_energy", "lambda_reg"}
+            why |= dict.fromkeys((*NMKE_ONLY, *NMKE_MASK_AND_SOLVE), "NMKE only")
+            if self.method == "memit":
+                why |= dict.fromkeys(("projector_energy", "lambda_reg"), "MEMIT takes no null space")
+            else:
+                why["memit_lambda"] = "MEMIT only"
         else:
-            skip = {"memit_lambda", "landing", "min_preservation"}
-        return sorted(n for n in names if n in skip)
+            why["memit_lambda"] = "MEMIT only"
+            if self.masked_solve == "soft":
+                why |= dict.fromkeys(
+                    ("projector_energy", "lambda_reg"), "masked_solve 'exact' or 'post' only (this is 'soft')"
+                )
+            else:
+                why |= dict.fromkeys(
+                    ("landing", "min_preservation"),
+                    f"masked_solve 'soft' only (this is {self.masked_solve!r})",
+                )
+            if self.z_optimizer == "normalized":
+                why["z_lr"] = "z_optimizer 'adam' only (this is 'normalized')"
+            else:
+                why |= dict.fromkeys(
+                    ("z_step", "z_momentum"), "z_optimizer 'normalized' only (this is 'adam')"
+                )
+            if self.key_columns == "mean":
+                why["bare_weight"] = "key_columns 'contexts' only (this is 'mean')"
+            if self.contrast_bank == 0:
+                why["bank_size"] = "contrast_bank > 0 only"
+        return {n: why[n] for n in sorted(names) if n in why}
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
