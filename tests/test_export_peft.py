@@ -404,7 +404,7 @@ def test_default_model_export(tmp_path: Path) -> None:
 
     for fmt in ("lora", "shira"):
         report = export_peft([patch], tmp_path / fmt, fmt=fmt)  # type: ignore[arg-type]
-        assert report.exact and len(report.modules) == 5
+        assert report.exact and len(report.modules) == len(layers)
         peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / fmt)
         with torch.no_grad():
             got = peft_model(**ids).logits
