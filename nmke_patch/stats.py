@@ -364,21 +364,6 @@ def load_or_compute_c0(
     )
 
 
-def load_or_compute_first_token(
-    model: PreTrainedModel,
-    tokenizer: Any,
-    layers: Sequence[int],
-    source: StatsSource,
-    *,
-    cache: bool = True,
-    progress: StatsProgress | None = None,
-) -> dict[int, torch.Tensor]:
-    """:func:`first_token_moments` for each layer over the same preserved text, cached like ``C0``."""
-    return _load_or_compute(
-        model, tokenizer, layers, source, "first", first_token_moments, cache=cache, progress=progress
-    )
-
-
 def load_or_compute_bank(
     model: PreTrainedModel,
     tokenizer: Any,
@@ -428,7 +413,9 @@ def load_statistics(
     return KeyStatistics(
         c0=load_or_compute_c0(model, tokenizer, layers, source, progress=progress),
         c_first=(
-            load_or_compute_first_token(model, tokenizer, layers, source, progress=progress)
+            _load_or_compute(  # first-position statistics over the same text, cached like C0
+                model, tokenizer, layers, source, "first", first_token_moments, cache=True, progress=progress
+            )
             if any(c.first_token_weight > 0 for c in resolved)
             else None
         ),

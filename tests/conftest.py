@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -131,3 +132,17 @@ def save_tiny(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, path: 
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# A CounterFact record as the data set writes it (requested_rewrite, paraphrase and neighbourhood prompts).
+COUNTERFACT_RECORD: dict[str, Any] = {
+    "case_id": 7,
+    "requested_rewrite": {
+        "prompt": "The mother tongue of {} is",
+        "subject": "Danielle Darrieux",
+        "target_new": {"str": "English"},
+        "target_true": {"str": "French"},
+    },
+    "paraphrase_prompts": ["Danielle Darrieux spoke the language"],
+    "neighborhood_prompts": ["The mother tongue of Jean Gabin is"],
+}

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import MODEL_FACTORIES, assert_state_equal, random_patch, state_copy
+from conftest import COUNTERFACT_RECORD, MODEL_FACTORIES, assert_state_equal, random_patch, state_copy
 
 from nmke_patch import stats as stats_module
 from nmke_patch.architectures import spec_for_model
@@ -500,17 +500,7 @@ def test_bad_records_name_index_and_field(tmp_path: Path) -> None:
 
 def test_counterfact_and_zsre_records(tmp_path: Path) -> None:
     file = tmp_path / "facts.jsonl"
-    cf = {
-        "case_id": 7,
-        "requested_rewrite": {
-            "prompt": "The mother tongue of {} is",
-            "subject": "Danielle Darrieux",
-            "target_new": {"str": "English"},
-            "target_true": {"str": "French"},
-        },
-        "paraphrase_prompts": ["Danielle Darrieux spoke"],
-        "neighborhood_prompts": ["Michel Rocard spoke"],
-    }
+    cf = COUNTERFACT_RECORD
     zsre = {
         "subject": "Watts Humphrey",
         "src": "What university did Watts Humphrey attend?",

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import COUNTERFACT_RECORD
 
 from nmke_patch.errors import InvalidRequestError
 from nmke_patch.requests import read_requests
@@ -180,32 +181,19 @@ def test_zsre_locality_question_with_its_answer(tmp_path: Path) -> None:
             read_requests(_zsre(tmp_path, **fields))
 
 
-COUNTERFACT = {
-    "case_id": 7,
-    "requested_rewrite": {
-        "prompt": "The mother tongue of {} is",
-        "subject": "Danielle Darrieux",
-        "target_new": {"str": "English"},
-        "target_true": {"str": "French"},
-    },
-    "paraphrase_prompts": ["Danielle Darrieux spoke the language"],
-    "neighborhood_prompts": ["The mother tongue of Jean Gabin is"],
-}
-
-
 @pytest.mark.parametrize(
     ("change", "field"),
     [
         (
-            {"requested_rewrite": {**COUNTERFACT["requested_rewrite"], "prompt": "no placeholder"}},
+            {"requested_rewrite": {**COUNTERFACT_RECORD["requested_rewrite"], "prompt": "no placeholder"}},
             "requested_rewrite.prompt",
         ),
         (
-            {"requested_rewrite": {**COUNTERFACT["requested_rewrite"], "subject": ""}},
+            {"requested_rewrite": {**COUNTERFACT_RECORD["requested_rewrite"], "subject": ""}},
             "requested_rewrite.subject",
         ),
         (
-            {"requested_rewrite": {**COUNTERFACT["requested_rewrite"], "target_new": {"str": ""}}},
+            {"requested_rewrite": {**COUNTERFACT_RECORD["requested_rewrite"], "target_new": {"str": ""}}},
             "requested_rewrite.target_new.str",
         ),
         ({"paraphrase_prompts": "one string"}, "paraphrase_prompts"),
@@ -216,11 +204,11 @@ COUNTERFACT = {
 def test_counterfact_errors_name_the_field_as_written(
     change: dict[str, Any], field: str, tmp_path: Path
 ) -> None:
-    file = _write(tmp_path, json.dumps([RECORD, {**COUNTERFACT, **change}]))
+    file = _write(tmp_path, json.dumps([RECORD, {**COUNTERFACT_RECORD, **change}]))
     with pytest.raises(InvalidRequestError) as info:
         read_requests(file)
     assert str(info.value).startswith(f"{file}: record 1: field {field!r}")
-    (r,) = read_requests(_write(tmp_path, json.dumps([COUNTERFACT])))
+    (r,) = read_requests(_write(tmp_path, json.dumps([COUNTERFACT_RECORD])))
     assert [(n.prompt, n.target) for n in r.neighborhood] == [
         ("The mother tongue of Jean Gabin is", "French")
     ]
