@@ -62,8 +62,8 @@ def pack(
     """Build an edit pack in a local folder (offline): what `push` uploads, to review, copy or upload
     yourself. `inspect FOLDER` and every patch command read it as they read a pulled pack."""
     patches = resolve_patches(sources)  # every patch verified before anything is written
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} is a file; choose a new folder")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise FileExistsError(f"--out {out} is a file or a link; choose a new folder")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; build a pack into a new folder")
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}"  # a failed build leaves no half-built pack

@@ -466,6 +466,10 @@ def test_pack_builds_a_pack_folder_offline(llama_setup: tuple[Path, Patch], tmp_
     assert verified.exit_code == 0 and verified.output.count("ok ") == 2, verified.output
     again = runner.invoke(app, ["pack", _patch_dir(patch), "-o", str(out)])
     assert again.exit_code != 0 and "is not empty" in str(again.exception)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    linked = runner.invoke(app, ["pack", _patch_dir(patch), "-o", str(tmp_path / "link")])
+    assert linked.exit_code != 0 and "is a file or a link" in str(linked.exception)
 
 
 def test_a_failed_pack_leaves_nothing_behind(
