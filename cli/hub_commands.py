@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -62,22 +60,15 @@ def pack(
     """Build an edit pack in a local folder (offline): what `push` uploads, to review, copy or upload
     yourself. `inspect FOLDER` and every patch command read it as they read a pulled pack."""
     patches = resolve_patches(sources)  # every patch verified before anything is written
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise FileExistsError(f"--out {out} is a file or a link; choose a new folder")
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty; build a pack into a new folder")
-    staging = out.parent / f".{out.name}.tmp-{os.getpid()}"  # a failed build leaves no half-built pack
-    try:
-        build_pack(patches, staging, repo_id=repo_id, with_peft=with_peft)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.rename(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    folder = out
+    folder = build_pack(patches, out, repo_id=repo_id, with_peft=with_peft)
+    _print_entries(folder)
+    console.print(f"pack of {len(patches)} patch(es) built in {folder}", highlight=False, soft_wrap=True)
+
+
+def _print_entries(folder: Path) -> None:
+    """One "ok" line per patch of a (verified) pack folder."""
     for entry in read_pack_json(folder):
         console.print(labelled("ok", "green", f"{entry['name']} ({entry['id'][:12]})"), highlight=False)
-    console.print(f"pack of {len(patches)} patch(es) built in {folder}", highlight=False, soft_wrap=True)
 
 
 def pull(
@@ -92,8 +83,7 @@ def pull(
 ) -> None:
     """Download an edit pack and verify every patch in it (paths, schema, sha256)."""
     folder = pull_pack(repo_id, revision=revision, local_dir=out, token=token)
-    for entry in read_pack_json(folder):  # already verified by pull_pack
-        console.print(labelled("ok", "green", f"{entry['name']} ({entry['id'][:12]})"), highlight=False)
+    _print_entries(folder)  # already verified by pull_pack
     typer.echo(str(folder))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import torch
 import typer
@@ -15,6 +15,9 @@ from nmke_patch.patch import Patch
 from nmke_patch.paths import give_umask_permissions
 from nmke_patch.sources import resolve_patches
 from nmke_patch.stack import PatchStack
+
+if TYPE_CHECKING:
+    from nmke_patch.models import BaseModelInfo
 
 from .common import (
     DeviceOpt,
@@ -124,12 +127,11 @@ def inspect(patches: PatchesArg, as_json: JsonOpt = False) -> None:
         _print_summary(p)
 
 
-def _load(model: str | None, device: str | None, dtype: str | None) -> tuple[Any, Any]:
+def _load(model: str | None, device: str | None, dtype: str | None) -> tuple[Any, Any, BaseModelInfo]:
     from nmke_patch.models import load_base
 
     with console.status("loading model"):
-        loaded, tokenizer, _ = load_base(model, device=device, dtype=dtype)
-    return loaded, tokenizer
+        return load_base(model, device=device, dtype=dtype)
 
 
 def _save(model: Any, tokenizer: Any, out: Path, applied: list[Patch]) -> None:
@@ -155,7 +157,7 @@ def apply(
     """Apply patches in order to a base model and save the merged model (loadable by plain transformers)."""
     check_out_dir(out, model, overwrite)
     resolved = resolve_patches(patches)  # validate every patch before loading anything
-    loaded, tokenizer = _load(model, device, dtype)
+    loaded, tokenizer, _ = _load(model, device, dtype)
     stack = PatchStack.for_model(loaded)
     for p in resolved:
         for o in stack.apply(p, force=force):
@@ -199,7 +201,7 @@ def revert(
     """Exactly revert patches from a saved merged model: the result is bit-identical to the base."""
     check_out_dir(out, model, overwrite)
     resolved = resolve_patches(patches)
-    loaded, tokenizer = _load(model, None, None)
+    loaded, tokenizer, _ = _load(model, None, None)
     stack = PatchStack.for_model(loaded)
     stack.adopt(resolved, force=force)
     stack.unload_all()
@@ -214,11 +216,8 @@ def verify(
     dtype: DtypeOpt = None,
 ) -> None:
     """Check that patches fit a base model (applied in order, in memory; nothing is saved)."""
-    from nmke_patch.models import load_base
-
     resolved = resolve_patches(patches)
-    with console.status("loading model"):
-        loaded, _, info = load_base(model, device=device, dtype=dtype)
+    loaded, _, info = _load(model, device, dtype)
     stack = PatchStack.for_model(loaded)
     for p in resolved:
         stack.check(p, fingerprints=True)

@@ -17,6 +17,12 @@ def _fmt(value: Any) -> str:
     return f"{float(value):.3f}" if is_finite_number(value) else ""
 
 
+def p_new_with_patch(metric: dict[str, Any]) -> Any:
+    """An edit's P(new) with the whole patch applied (``p_new_final``), or, in manifests that do not record
+    it, right after the edit (``p_new_after``)."""
+    return metric.get("p_new_final", metric.get("p_new_after"))
+
+
 def patch_card(patch: Patch) -> str:
     """A Markdown summary of ``patch``: base model, method, footprint and the facts it edits."""
     m = patch.manifest
@@ -43,6 +49,6 @@ def patch_card(patch: Patch) -> str:
         prompt = str(r.get("prompt", "")).replace("{}", str(r.get("subject", ""))).replace("|", "\\|")
         mx = metrics.get(i, {})
         before = mx.get("p_new_before")
-        after = mx.get("p_new_final", mx.get("p_new_after"))  # with the whole patch, where recorded
+        after = p_new_with_patch(mx)
         lines.append(f"| {i} | {prompt} | {r.get('target_new', '')} | {_fmt(before)} | {_fmt(after)} |")
     return "\n".join(lines) + "\n"

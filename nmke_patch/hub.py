@@ -25,9 +25,19 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from .card import p_new_with_patch
 from .errors import HubError, InvalidPatchError
 from .jsonio import load_json_text
-from .patch import CARD_FILE, DELTAS_FILE, MANIFEST_FILE, PATCH_SUFFIX, STATE_FILE, Patch, load_patch
+from .patch import (
+    CARD_FILE,
+    DELTAS_FILE,
+    MANIFEST_FILE,
+    PATCH_SUFFIX,
+    STATE_FILE,
+    Patch,
+    load_patch,
+    staging_dir,
+)
 from .sources import HF_PREFIX, PACK_FILE, PatchSource, resolve_patches
 
 logger = logging.getLogger(__name__)
@@ -226,7 +236,7 @@ def pack_card(patches: Sequence[Patch], *, repo_id: str | None = None, with_peft
             mx = metrics.get(i, {})
             lines.append(
                 f"| {_cell(p.name)} | {i} | {_cell(prompt)} | {_cell(r.get('target_new', ''))} |"
-                f" {_fmt(mx.get('p_new_before'))} | {_fmt(mx.get('p_new_final', mx.get('p_new_after')))} |"
+                f" {_fmt(mx.get('p_new_before'))} | {_fmt(p_new_with_patch(mx))} |"
             )
     body = "\n".join(lines)
     template = "---\n{{ card_data }}\n---\n\n{{ body }}\n"
@@ -244,7 +254,8 @@ def build_pack(
 
     Saved patches are copied byte for byte (their ids stay the same). ``with_peft`` adds ``peft/``, a LoRA
     adapter of the whole pack (:func:`nmke_patch.export.peft.export_peft`). ``folder`` must not exist or
-    be empty.
+    be an empty directory; the pack is built next to it and renamed into place, so a failed build leaves
+    nothing.
     """
     if not patches:
         raise InvalidPatchError("a pack needs at least one patch")
@@ -252,10 +263,25 @@ def build_pack(
     dupes = {p.describe() for p in patches if ids.count(p.id) > 1}
     if dupes:
         raise InvalidPatchError(f"patch listed more than once: {', '.join(sorted(dupes))}")
-    root = Path(folder)
-    if root.exists() and any(root.iterdir()):
-        raise FileExistsError(f"{root} is not empty; build a pack into a new folder")
-    (root / PATCHES_DIR).mkdir(parents=True, exist_ok=True)
+    target = Path(folder)
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise FileExistsError(f"{target} is a file or a link; build a pack into a new folder")
+    if target.exists() and any(target.iterdir()):
+        raise FileExistsError(f"{target} is not empty; build a pack into a new folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    root = staging_dir(target)  # built aside and renamed in: a failed build leaves no half-built pack
+    try:
+        _lay_out_pack(patches, root, repo_id=repo_id, with_peft=with_peft)
+        if target.exists():
+            target.rmdir()  # empty, checked above
+        os.rename(root, target)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return target
+
+
+def _lay_out_pack(patches: Sequence[Patch], root: Path, *, repo_id: str | None, with_peft: bool) -> None:
+    (root / PATCHES_DIR).mkdir()
     taken: set[str] = set()
     entries, written = [], []
     for patch in patches:
@@ -273,7 +299,6 @@ def build_pack(
         export_peft(written, root / PEFT_DIR, fmt="lora", base_model_name_or_path=hub_base)
     card = pack_card(written, repo_id=repo_id, with_peft=with_peft)
     (root / CARD_FILE).write_text(card, encoding="utf-8")
-    return root
 
 
 # -- verifying ---------------------------------------------------------------------------------------

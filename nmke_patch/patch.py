@@ -192,7 +192,7 @@ class Patch:
         target = Path(path)
         check_patch_target(target, overwrite=overwrite)
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = _staging_dir(target)
+        staging = staging_dir(target)
         try:
             payload = serialize_deltas(self.deltas)
             with open(staging / DELTAS_FILE, "wb") as fh:
@@ -275,7 +275,7 @@ def check_patch_target(target: Path, *, overwrite: bool = False) -> None:
         raise FileExistsError(f"{target} has no {MANIFEST_FILE}, so it is not a patch; {deletes}")
 
 
-def _staging_dir(target: Path) -> Path:
+def staging_dir(target: Path) -> Path:
     """A new hidden ``.NAME.tmp-XXXXXXXX`` directory next to ``target``, with the permissions the umask gives
     (``tempfile.mkdtemp`` makes it 0700, and the patch directory would keep that)."""
     for _ in range(100):
