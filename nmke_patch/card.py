@@ -12,7 +12,7 @@ def _index(metric: Any, default: int) -> int:
     return index if isinstance(index, int) else default
 
 
-def _fmt(value: Any) -> str:
+def fmt_probability(value: Any) -> str:
     """A probability with 3 decimals; empty for null or anything that is not a finite number."""
     return f"{float(value):.3f}" if is_finite_number(value) else ""
 
@@ -50,5 +50,7 @@ def patch_card(patch: Patch) -> str:
         mx = metrics.get(i, {})
         before = mx.get("p_new_before")
         after = p_new_with_patch(mx)
-        lines.append(f"| {i} | {prompt} | {r.get('target_new', '')} | {_fmt(before)} | {_fmt(after)} |")
+        lines.append(
+            f"| {i} | {prompt} | {r.get('target_new', '')} | {fmt_probability(before)} | {fmt_probability(after)} |"
+        )
     return "\n".join(lines) + "\n"

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .card import p_new_with_patch
+from .card import fmt_probability, p_new_with_patch
 from .errors import HubError, InvalidPatchError
 from .jsonio import load_json_text
 from .patch import (
@@ -148,13 +148,6 @@ def _cell(value: Any) -> str:
     return str(value).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").replace("`", "'")
 
 
-def _fmt(value: Any) -> str:
-    try:
-        return "" if value is None else f"{float(value):.3f}"
-    except (TypeError, ValueError):
-        return ""
-
-
 def pack_card(patches: Sequence[Patch], *, repo_id: str | None = None, with_peft: bool = False) -> str:
     """The model card (``README.md``) of a pack: Hub metadata, usage, patches and the facts edited."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -236,7 +229,7 @@ def pack_card(patches: Sequence[Patch], *, repo_id: str | None = None, with_peft
             mx = metrics.get(i, {})
             lines.append(
                 f"| {_cell(p.name)} | {i} | {_cell(prompt)} | {_cell(r.get('target_new', ''))} |"
-                f" {_fmt(mx.get('p_new_before'))} | {_fmt(p_new_with_patch(mx))} |"
+                f" {fmt_probability(mx.get('p_new_before'))} | {fmt_probability(p_new_with_patch(mx))} |"
             )
     body = "\n".join(lines)
     template = "---\n{{ card_data }}\n---\n\n{{ body }}\n"

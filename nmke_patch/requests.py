@@ -53,14 +53,14 @@ def _str(
     index: int,
     *,
     required: bool = True,
-    names: dict[str, str] | None = None,
+    field: str | None = None,
 ) -> str | None:
+    """``record[key]`` as a non-empty string; errors name ``field`` (the user's name for it), else ``key``."""
     value = record.get(key)
     if value is None and not required:
         return None
     if not isinstance(value, str) or not value.strip():
-        field = (names or {}).get(key, key)
-        raise InvalidRequestError(f"record {index}: field {field!r} must be a non-empty string")
+        raise InvalidRequestError(f"record {index}: field {field or key!r} must be a non-empty string")
     return value
 
 
@@ -71,21 +71,21 @@ def _from_native(record: dict[str, Any], index: int, names: dict[str, str] | Non
     def name(key: str) -> str:
         return (names or {}).get(key, key)
 
-    prompt = _str(record, "prompt", index, names=names)
+    prompt = _str(record, "prompt", index, field=name("prompt"))
     assert prompt is not None
     if prompt.count("{}") != 1:
         raise InvalidRequestError(
             f"record {index}: field {name('prompt')!r} must contain exactly one '{{}}' (got {prompt!r})"
         )
-    subject = _str(record, "subject", index, names=names)
+    subject = _str(record, "subject", index, field=name("subject"))
     assert subject is not None
     if subject.strip() in prompt.split("{}")[1]:
         raise InvalidRequestError(
             f"record {index}: field {name('subject')!r} ({subject.strip()!r}) also occurs after '{{}}' in the "
             "prompt; the edit is keyed at the subject's last occurrence, so put '{}' there or rephrase"
         )
-    target_new = _str(record, "target_new", index, names=names)
-    target_true = _str(record, "target_true", index, required=False, names=names)
+    target_new = _str(record, "target_new", index, field=name("target_new"))
+    target_true = _str(record, "target_true", index, required=False, field=name("target_true"))
     paraphrases = record.get("paraphrases", [])
     if not isinstance(paraphrases, list) or not all(isinstance(p, str) and p.strip() for p in paraphrases):
         raise InvalidRequestError(

@@ -413,7 +413,10 @@ def test_state_file_round_trips_without_warnings(tmp_path: Path, tiny_tokenizer)
 
 
 # the second: kept contrast rows (40 per edit and layer) outgrow 2 x 48 neurons and are compressed mid-run
-@pytest.mark.parametrize("overrides", [{}, {"contrast_subjects": 40, "contrast_keep": 0.2}])
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"contrast_subjects": 40, "contrast_keep": 0.2}, {"contrast_keep": 0.2, "contrast_decay": 0.5}],
+)
 def test_resume_equals_uninterrupted_run(tmp_path: Path, tiny_tokenizer, overrides: dict[str, Any]) -> None:
     config = TINY_CONFIG.with_overrides(**overrides)
     reqs = [*requests(), EditRequest("w20 {} w21", "w22", "w23")]
@@ -818,6 +821,29 @@ def test_contrast_keep_leaves_contrast_keys_in_the_past_statistics(tiny_tokenize
         new = editor.new_keys[l][0]
         expected = new.T @ new + 0.2 * 0.5 * contrast[l] @ contrast[l].T
         torch.testing.assert_close(editor.c_past[l], expected)
+
+
+def test_contrast_decay_ages_what_earlier_edits_kept(tiny_tokenizer) -> None:
+    lm = loaded("llama", tiny_tokenizer)
+    d_ff = lm.model.config.intermediate_size
+    c0 = {l: torch.eye(d_ff) for l in (1, 2)}
+    config = TINY_CONFIG.with_overrides(
+        contrast_subjects=4, contrast_weight=0.5, contrast_keep=0.2, contrast_decay=0.25
+    )
+    editor = Editor(lm.model, tiny_tokenizer, config, c0=c0)
+    reqs = [*requests(), EditRequest("w20 {} w21", "w22", "w23")]
+    contrast = []
+    for i, r in enumerate(reqs):
+        contrast.append(editor._contrast_keys([r]))  # from the model this edit starts from
+        editor.edit([r], i)
+    editor.release()
+    for l in (1, 2):
+        keys = torch.cat(editor.new_keys[l])
+        # the first edit's contrast has aged two edits (0.25^2), the second one, the last none
+        kept = sum(0.25 ** (2 - i) * 0.1 * contrast[i][l] @ contrast[i][l].T for i in range(3))
+        torch.testing.assert_close(editor.c_past[l], keys.T @ keys + kept, rtol=1e-4, atol=1e-5)
+        rows = editor.chain_state()[f"contrast.{l}"]  # what children get is the aged statistics too
+        torch.testing.assert_close(rows.T @ rows, kept, rtol=1e-4, atol=1e-5)
 
 
 def test_contrast_score_steers_the_budget_off_neurons_look_alikes_share(

@@ -81,6 +81,7 @@ ADDED_FIELDS: dict[str, Any] = {
     "past_weight": 1.0,
     "grow_budget_to": None,
     "sink_ratio": None,
+    "contrast_decay": 1.0,
 }
 # NMKE's own target-value and key settings; the dense baselines run as published (see EditConfig.resolved).
 NMKE_ONLY = (
@@ -94,6 +95,7 @@ NMKE_ONLY = (
     "contrast_words",
     "contrast_subject_first",
     "contrast_keep",
+    "contrast_decay",
     "contrast_bank",
     "bank_size",
     "contrast_score",
@@ -337,6 +339,12 @@ class EditConfig:
         "Share of each edit's contrast weight kept in C_past, so later edits keep earlier edits' contrast "
         "subjects too (0 = off). Travels with the patch (state `contrast.<layer>`) to `--on` children.",
     )
+    contrast_decay: float = _f(
+        1.0,
+        "Factor applied to the kept contrast statistics (`contrast_keep`) at every later edit, so an edit's "
+        "look-alikes are protected for about 1 / (1 - decay) edits and old ones stop competing with new "
+        "edits (1 = kept for good). Within one run; what parents (`--on`) kept enters as they wrote it.",
+    )
     past_weight: float = _f(
         1.0,
         "Weight of the past edits' keys (C_past) in NMKE's soft solve, in units of the edit's own key. "
@@ -420,6 +428,7 @@ class EditConfig:
                 and self.bank_size >= 1,
                 "contrast settings must be >= 0 and bank_size >= 1",
             ),
+            (0 < self.contrast_decay <= 1, "contrast_decay must be in (0, 1]"),
             (self.max_sweeps >= 1 and 0 <= self.sweep_until <= 1, "max_sweeps >= 1, sweep_until in [0, 1]"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (0 <= self.seed < 2**63, "seed must be in [0, 2**63)"),
@@ -475,6 +484,8 @@ class EditConfig:
                 why["bare_weight"] = "key_columns 'contexts' only (this is 'mean')"
             if self.contrast_bank == 0:
                 why["bank_size"] = "contrast_bank > 0 only"
+            if self.contrast_keep == 0:
+                why["contrast_decay"] = "contrast_keep > 0 only"
         return {n: why[n] for n in sorted(names) if n in why}
 
     def to_json(self) -> dict[str, Any]:

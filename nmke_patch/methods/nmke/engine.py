@@ -146,6 +146,12 @@ class Editor:
         # kept contrast statistics (contrast_keep) of this editor's edits, as rows F with F^T F = their sum,
         # at most 2 d_ff of them (compress_rows)
         self.kept_contrast = {l: torch.zeros(0, self.d_ff) for l in self.layers}
+        # with contrast_decay < 1, the same statistics as a matrix (their share of c_past), to decay it
+        self.c_kept = (
+            {l: torch.zeros(self.d_ff, self.d_ff) for l in self.layers}
+            if self.config.contrast_keep > 0 and self.config.contrast_decay < 1
+            else {}
+        )
         self.cum = {
             l: torch.zeros(self.d_ff, self.weights[l].shape[1 - self.spec.neuron_axis]) for l in self.layers
         }
@@ -675,9 +681,13 @@ class Editor:
             new = columns.weights.sqrt()[:, None] * (columns.key_map @ after.keys_subject[l])  # [c, D]
             self.new_keys[l].append(new)
             self.c_past[l] += new.T @ new
+            self._decay_kept_contrast(l, len(requests))
             if self.config.contrast_keep > 0 and l in contrast:
                 kept = self.config.contrast_keep * self.config.contrast_weight
-                self.c_past[l] += kept * contrast[l] @ contrast[l].T
+                fresh = kept * contrast[l] @ contrast[l].T
+                self.c_past[l] += fresh
+                if l in self.c_kept:
+                    self.c_kept[l] += fresh
                 rows = torch.cat([self.kept_contrast[l], math.sqrt(kept) * contrast[l].T])
                 # compressed once it doubles a full factor: an eigendecomposition every ~d_ff/m edits
                 self.kept_contrast[l] = compress_rows(rows) if len(rows) > 2 * self.d_ff else rows
@@ -703,6 +713,15 @@ class Editor:
             records.append(rec)
         self.records.extend(records)
         return records
+
+    def _decay_kept_contrast(self, layer: int, edits: int) -> None:
+        """Age the contrast statistics this editor kept by ``edits`` more edits (``contrast_decay``)."""
+        if layer not in self.c_kept:
+            return
+        factor = self.config.contrast_decay**edits
+        self.c_past[layer] -= (1 - factor) * self.c_kept[layer]
+        self.c_kept[layer] *= factor
+        self.kept_contrast[layer] *= math.sqrt(factor)
 
     # -- lifelong state ---------------------------------------------------------------------------
 
@@ -734,6 +753,8 @@ class Editor:
             out[f"cum.{l}"] = self.cum[l].contiguous()
             out[f"touched.{l}"] = self.touched[l].to(torch.uint8).contiguous()
             out[f"c_past.{l}"] = self.c_past[l].contiguous()
+            if l in self.c_kept:
+                out[f"c_kept.{l}"] = self.c_kept[l].contiguous()
         return out
 
     def load_state(self, tensors: dict[str, torch.Tensor], records: list[EditRecord]) -> None:
@@ -746,5 +767,7 @@ class Editor:
             self.c_past[l] = tensors[f"c_past.{l}"].float().clone()
             kept = tensors.get(f"contrast.{l}")  # absent in checkpoints written before it existed
             self.kept_contrast[l] = torch.zeros(0, self.d_ff) if kept is None else kept.float().clone()
+            if l in self.c_kept:
+                self.c_kept[l] = tensors[f"c_kept.{l}"].float().clone()
         self.records = list(records)
         self._refresh_weights()
