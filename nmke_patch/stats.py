@@ -357,11 +357,12 @@ def load_or_compute_c0(
     *,
     cache: bool = True,
     progress: StatsProgress | None = None,
+    text: PreservedText | None = None,
 ) -> dict[int, torch.Tensor]:
-    """``C0`` for each layer, from the disk cache when present (a second ``create`` reuses it)."""
-    return _load_or_compute(
-        model, tokenizer, layers, source, "layer", key_second_moments, cache=cache, progress=progress
-    )
+    """``C0`` for each layer, from the disk cache when present (a second ``create`` reuses it). ``text``: the
+    preserved text to use when something must be computed (default: drawn here, with ``progress``)."""
+    text = text or PreservedText(model, tokenizer, source, progress)
+    return _load_or_compute(model, layers, source, "layer", key_second_moments, text, cache=cache)
 
 
 def load_or_compute_bank(
@@ -373,17 +374,17 @@ def load_or_compute_bank(
     *,
     cache: bool = True,
     progress: StatsProgress | None = None,
+    text: PreservedText | None = None,
 ) -> dict[int, torch.Tensor]:
     """:func:`key_bank` of ``size`` keys per layer over the same preserved text, cached like ``C0``."""
+    text = text or PreservedText(model, tokenizer, source, progress)
 
     def compute(
         model: PreTrainedModel, spec: ArchitectureSpec, rows: list[list[int]], layers: Sequence[int]
     ) -> dict[int, torch.Tensor]:
         return key_bank(model, spec, rows, layers, size=size, seed=source.seed)
 
-    return _load_or_compute(
-        model, tokenizer, layers, source, f"bank{size}-", compute, cache=cache, progress=progress
-    )
+    return _load_or_compute(model, layers, source, f"bank{size}-", compute, text, cache=cache)
 
 
 @dataclass
@@ -408,37 +409,67 @@ def load_statistics(
     once and cached; the optional ones only when some config uses them. ``progress`` follows the sampling
     of preservation text, when there is any to sample (nothing is cached yet)."""
     source = StatsSource.of(configs[0])
+    text = PreservedText(model, tokenizer, source, progress)  # drawn once, for whichever kind needs it
     resolved = [c.resolved() for c in configs]
     banks = [c.bank_size for c in resolved if c.contrast_bank > 0]
     return KeyStatistics(
-        c0=load_or_compute_c0(model, tokenizer, layers, source, progress=progress),
+        c0=load_or_compute_c0(model, tokenizer, layers, source, text=text),
         c_first=(
             _load_or_compute(  # first-position statistics over the same text, cached like C0
-                model, tokenizer, layers, source, "first", first_token_moments, cache=True, progress=progress
+                model, layers, source, "first", first_token_moments, text, cache=True
             )
             if any(c.first_token_weight > 0 for c in resolved)
             else None
         ),
         bank=(
-            load_or_compute_bank(model, tokenizer, layers, source, max(banks), progress=progress)
-            if banks
-            else None
+            load_or_compute_bank(model, tokenizer, layers, source, max(banks), text=text) if banks else None
         ),
     )
 
 
+class PreservedText:
+    """The preserved text of ``source`` as token rows: sampled from the model (with ``progress``) or read
+    from the corpus on first use, then kept, so the kinds of statistics computed together share one draw."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: Any,
+        source: StatsSource,
+        progress: StatsProgress | None = None,
+    ) -> None:
+        self.model, self.tokenizer, self.source, self.progress = model, tokenizer, source, progress
+        self._rows: list[list[int]] | None = None
+
+    def rows(self) -> list[list[int]]:
+        if self._rows is None:
+            src = self.source
+            self._rows = (
+                sample_text(
+                    self.model,
+                    self.tokenizer,
+                    src.tokens,
+                    src.seed,
+                    prefix=src.prefix,
+                    progress=self.progress,
+                )
+                if src.corpus is None
+                else corpus_rows(self.tokenizer, src.corpus, src.tokens)
+            )
+        return self._rows
+
+
 def _load_or_compute(
     model: PreTrainedModel,
-    tokenizer: Any,
     layers: Sequence[int],
     source: StatsSource,
     kind: str,
     compute: Callable[
         [PreTrainedModel, ArchitectureSpec, list[list[int]], Sequence[int]], dict[int, torch.Tensor]
     ],
+    text: PreservedText,
     *,
     cache: bool,
-    progress: StatsProgress | None = None,
 ) -> dict[int, torch.Tensor]:
     spec = spec_for_model(model)
     key = source.key  # hashes a corpus's files: once per call
@@ -457,13 +488,7 @@ def _load_or_compute(
         missing.append(l)
     if missing:
         logger.info("computing %s key statistics for layers %s from %s", kind, missing, key)
-        if source.corpus is None:
-            rows = sample_text(
-                model, tokenizer, source.tokens, source.seed, prefix=source.prefix, progress=progress
-            )
-        else:
-            rows = corpus_rows(tokenizer, source.corpus, source.tokens)
-        computed = compute(model, spec, rows, missing)
+        computed = compute(model, spec, text.rows(), missing)
         folder.mkdir(parents=True, exist_ok=True)
         for l, c0 in computed.items():
             result[l] = c0

@@ -77,3 +77,33 @@ def test_sampling_reports_its_progress_in_tokens(tiny_tokenizer) -> None:
     done = [d for d, _ in seen]
     assert {t for _, t in seen} == {40} and done == sorted(done) and len(done) == 2 * 7  # 2 batches x 7 steps
     assert done[0] == 3 * 2 and done[-1] == 40  # 3 rows of their start token and one drawn; capped at 40
+
+
+def test_statistics_computed_together_share_one_draw_of_text(
+    tiny_tokenizer, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """C0, the first-position statistics and the key bank are computed from one sample of preservation
+    text (one progress bar, not one per kind), and each equals what it is when computed on its own."""
+    import nmke_patch.stats as stats
+    from nmke_patch.methods.nmke.config import EditConfig
+
+    monkeypatch.setenv("NMKE_PATCH_HOME", str(tmp_path / "home"))
+    model = MODEL_FACTORIES["llama"](init_range=0.2)
+    config = EditConfig(stats_tokens=64, first_token_weight=0.5, contrast_bank=2, bank_size=16, layers=(1,))
+    draws: list[int] = []
+    real = stats.sample_text
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        draws.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stats, "sample_text", counted)
+    together = stats.load_statistics(model, tiny_tokenizer, [1], [config])
+    assert len(draws) == 1
+    source = StatsSource.of(config)
+    monkeypatch.setenv("NMKE_PATCH_HOME", str(tmp_path / "other"))  # nothing cached: each kind draws again
+    assert torch.equal(stats.load_or_compute_c0(model, tiny_tokenizer, [1], source)[1], together.c0[1])
+    bank = stats.load_or_compute_bank(model, tiny_tokenizer, [1], source, 16)
+    assert together.bank is not None and torch.equal(bank[1], together.bank[1])
+    assert together.c_first is not None and together.c_first[1].shape == together.c0[1].shape
+    assert len(draws) == 3
