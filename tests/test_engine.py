@@ -754,7 +754,7 @@ def test_key_bank_holds_keys_of_the_preserved_text(arch: str) -> None:
     for l in (1, 2):
         every = []
         for r in rows[:2]:  # the one-token row has no position after the first
-            with capture(model, inputs={"k": f"{spec.layers}.{l}.{spec.mlp_out}"}) as seen:
+            with torch.no_grad(), capture(model, inputs={"k": f"{spec.layers}.{l}.{spec.mlp_out}"}) as seen:
                 model(input_ids=torch.tensor([r]))
             every.append(seen["k"][0, 1:].to(torch.float16))
         keys = torch.cat(every).float()  # 6 non-first positions; the bank holds 5 of them, each once
