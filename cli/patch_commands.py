@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -11,8 +13,18 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from nmke_patch.errors import PatchMismatchError
+from nmke_patch.merged import (
+    RECORD_FILE,
+    MergedPatch,
+    check_apply,
+    check_revert,
+    names,
+    read_record,
+    write_record,
+)
 from nmke_patch.patch import Patch
-from nmke_patch.paths import give_umask_permissions
+from nmke_patch.paths import give_umask_permissions, move_into_place, staging_dir
 from nmke_patch.sources import resolve_patches
 from nmke_patch.stack import PatchStack
 
@@ -134,15 +146,54 @@ def _load(model: str | None, device: str | None, dtype: str | None) -> tuple[Any
         return load_base(model, device=device, dtype=dtype)
 
 
-def _save(model: Any, tokenizer: Any, out: Path, applied: list[Patch]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with console.status(escape(f"saving to {out}")):
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        give_umask_permissions(sorted(out.glob("model*.safetensors")))  # what save_pretrained wrote
-        (out / "nmke_patches.json").write_text(
-            json.dumps({"applied": [{"name": p.name, "id": p.id} for p in applied]}, indent=2) + "\n"
-        )
+def _save(model: Any, tokenizer: Any, out: Path, merged: list[MergedPatch] | None) -> None:
+    """Save the model in a staging folder next to ``out`` and move it into place, so an interrupted save
+    leaves ``out`` as it was; with its record of ``merged`` patches (none where that is not known)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = staging_dir(out)
+    try:
+        with console.status(escape(f"saving to {out}")):
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            give_umask_permissions(sorted(staging.glob("model*.safetensors")))  # what save_pretrained wrote
+            if merged is not None:
+                write_record(staging, merged)
+            _publish(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move a saved model from ``staging`` to ``out``: the whole folder when ``out`` is new or empty; into an
+    existing folder (``--overwrite``) file by file, other files kept, the old record removed first and the
+    new one written last, so an interruption never leaves a record that does not match the weights."""
+    if not out.exists() or not any(out.iterdir()):
+        if out.exists():
+            out.rmdir()
+        move_into_place(staging, out)
+        return
+    (out / RECORD_FILE).unlink(missing_ok=True)
+    for old in out.glob("model*.safetensors*"):  # the shards (and index) of the model being replaced
+        old.unlink()
+    record = staging / RECORD_FILE
+    for file in sorted(staging.iterdir()):
+        if file != record:
+            os.replace(file, out / file.name)
+    if record.exists():
+        os.replace(record, out / RECORD_FILE)
+
+
+def _ancestor_names(patch: Patch, by_id: dict[str, Patch]) -> set[str]:
+    """Names of the patches ``patch`` was made on top of, parents of parents included (among ``by_id``)."""
+    found: set[str] = set()
+    todo = list(patch.manifest.parents)
+    while todo:
+        ref = todo.pop()
+        if ref.name not in found:
+            found.add(ref.name)
+            if ref.id in by_id:
+                todo.extend(by_id[ref.id].manifest.parents)
+    return found
 
 
 def apply(
@@ -154,13 +205,20 @@ def apply(
     force: ForceOpt = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Apply patches in order to a base model and save the merged model (loadable by plain transformers)."""
+    """Apply patches in order to a base model and save the merged model (loadable by plain transformers).
+
+    The merged model's nmke_patches.json lists what it holds (after what --model held already), so that
+    `revert` can check it is given the right patches."""
     check_out_dir(out, model, overwrite)
     resolved = resolve_patches(patches)  # validate every patch before loading anything
+    held = (read_record(model) or []) if force else check_apply(model, resolved)
     loaded, tokenizer, _ = _load(model, device, dtype)
     stack = PatchStack.for_model(loaded)
+    by_id = {p.id: p for p in resolved}
     for p in resolved:
         for o in stack.apply(p, force=force):
+            if o.other in _ancestor_names(p, by_id):
+                continue  # a patch made on top of another touches its neurons by design
             console.print(
                 labelled(
                     "overlap:",
@@ -168,7 +226,7 @@ def apply(
                     f"{p.name} and {o.other} both touch {o.num_neurons} neurons of {o.tensor}",
                 )
             )
-    _save(loaded, tokenizer, out, resolved)
+    _save(loaded, tokenizer, out, held + [MergedPatch.of(p) for p in resolved])
     console.print(f"applied {len(resolved)} patch(es); merged model saved to {out}")
     params = dict(loaded.named_parameters())
     narrow = sorted(
@@ -195,18 +253,62 @@ def revert(
     patches: PatchesArg,
     model: Annotated[str, typer.Option("--model", "-m", help="The merged model directory (from `apply`).")],
     out: OutOpt,
-    force: ForceOpt = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            help="Revert even where the weights are not the base plus these patches, or they are not the last "
+            "ones nmke_patches.json lists: the result is then neither the base nor any recorded state."
+        ),
+    ] = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Exactly revert patches from a saved merged model: the result is bit-identical to the base."""
+    """Exactly revert patches from a saved merged model: the result is bit-identical to the model without
+    them (the base, once all are reverted).
+
+    Give the patches last applied, in the order they were applied; nmke_patches.json (written by `apply`)
+    says which those are and is rewritten with what stays merged."""
     check_out_dir(out, model, overwrite)
     resolved = resolve_patches(patches)
+    try:
+        left = check_revert(model, resolved)
+    except PatchMismatchError:
+        if not force:
+            raise
+        left = None
     loaded, tokenizer, _ = _load(model, None, None)
     stack = PatchStack.for_model(loaded)
-    stack.adopt(resolved, force=force)
+    exact = True
+    try:
+        stack.adopt(resolved)
+    except PatchMismatchError:
+        if not force:
+            raise
+        stack.adopt(resolved, force=True)
+        exact = False
     stack.unload_all()
-    _save(loaded, tokenizer, out, [])
-    console.print(f"reverted {len(resolved)} patch(es); base model saved to {out}")
+    if not exact:
+        _save(loaded, tokenizer, out, None)
+        console.print(
+            labelled(
+                "warning:",
+                "yellow",
+                f"forced: {model} was not the base plus these patches, so {out} is neither the base nor any "
+                "state nmke-patch made; no nmke_patches.json written",
+            )
+        )
+        return
+    _save(loaded, tokenizer, out, left)
+    if left is None:
+        console.print(
+            f"reverted {len(resolved)} patch(es); saved to {out}: exactly {model} without them "
+            f"({model} kept no nmke_patches.json, so what else it holds is not known)"
+        )
+    elif left:
+        console.print(
+            f"reverted {len(resolved)} patch(es); saved to {out}, which still has {names(left)} merged"
+        )
+    else:
+        console.print(f"reverted {len(resolved)} patch(es); base model saved to {out}")
 
 
 def verify(

@@ -36,8 +36,8 @@ from .patch import (
     STATE_FILE,
     Patch,
     load_patch,
-    staging_dir,
 )
+from .paths import staging_dir
 from .sources import HF_PREFIX, PACK_FILE, PatchSource, resolve_patches
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import re
-import secrets
 import shutil
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -27,6 +26,7 @@ from safetensors.torch import save
 from .delta import TensorDelta
 from .errors import InvalidPatchError
 from .jsonio import load_json_text
+from .paths import move_into_place, staging_dir
 from .threads import one_thread
 from .version import __version__
 
@@ -228,17 +228,7 @@ class Patch:
                 from .card import patch_card
 
                 (staging / CARD_FILE).write_text(patch_card(saved), encoding="utf-8")
-            if target.exists():
-                backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-                os.rename(target, backup)
-                try:
-                    os.rename(staging, target)
-                except BaseException:
-                    os.rename(backup, target)  # never lose the old patch
-                    raise
-                shutil.rmtree(backup, ignore_errors=True)
-            else:
-                os.rename(staging, target)
+            move_into_place(staging, target)
             return saved
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -273,19 +263,6 @@ def check_patch_target(target: Path, *, overwrite: bool = False) -> None:
         raise FileExistsError(f"{target} holds files that are not a patch's ({listed}); {deletes}")
     if entries and not (target / MANIFEST_FILE).is_file():
         raise FileExistsError(f"{target} has no {MANIFEST_FILE}, so it is not a patch; {deletes}")
-
-
-def staging_dir(target: Path) -> Path:
-    """A new hidden ``.NAME.tmp-XXXXXXXX`` directory next to ``target``, with the permissions the umask gives
-    (``tempfile.mkdtemp`` makes it 0700, and the patch directory would keep that)."""
-    for _ in range(100):
-        path = target.parent / f".{target.name}.tmp-{secrets.token_hex(4)}"
-        try:
-            path.mkdir()
-        except FileExistsError:
-            continue
-        return path
-    raise FileExistsError(f"could not create a staging directory next to {target}")
 
 
 def serialize_deltas(deltas: tuple[TensorDelta, ...]) -> bytes:

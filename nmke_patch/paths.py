@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
 from pathlib import Path
 
 
@@ -28,3 +30,36 @@ def give_umask_permissions(files: list[Path]) -> None:
     mode = 0o666 & ~current_umask()
     for file in files:
         os.chmod(file, mode)
+
+
+def staging_dir(target: Path) -> Path:
+    """A new hidden ``.NAME.tmp-XXXXXXXX`` directory next to ``target``, with the permissions the umask gives
+    (``tempfile.mkdtemp`` makes it 0700, and the directory moved into place would keep that)."""
+    for _ in range(100):
+        path = target.parent / f".{target.name}.tmp-{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"could not create a staging directory next to {target}")
+
+
+def move_into_place(staging: Path, target: Path) -> None:
+    """Rename the finished ``staging`` directory to ``target``. Something already at ``target`` is moved aside
+    first and deleted only once the new directory is in place (put back if the rename fails), so an
+    interrupted write leaves either the old directory or the new one, never a mix."""
+    if not (target.exists() or target.is_symlink()):
+        os.rename(staging, target)
+        return
+    backup = target.with_name(f".{target.name}.old-{secrets.token_hex(4)}")
+    os.rename(target, backup)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(backup, target)  # never lose what was there
+        raise
+    if backup.is_dir() and not backup.is_symlink():
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        backup.unlink()

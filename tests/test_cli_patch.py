@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
-from nmke_patch.errors import InvalidPatchError, PatchMismatchError
+from nmke_patch.errors import InvalidPatchError, ModelLoadError, PatchMismatchError
 from nmke_patch.patch import DELTAS_FILE, Patch
 from nmke_patch.stack import PatchStack
 
@@ -160,8 +160,106 @@ def test_revert_of_a_patch_not_in_the_merged_model_is_refused(
     )
     assert result.exit_code != 0
     assert isinstance(result.exception, PatchMismatchError)
+    assert "has capitals merged (nmke_patches.json)" in str(result.exception)  # refused before loading
+    assert not (tmp_path / "x").exists()
+    (merged / "nmke_patches.json").unlink()  # without the record, the weights themselves tell
+    result = runner.invoke(
+        app, ["revert", _patch_dir(b), "--model", str(merged), "--out", str(tmp_path / "x")]
+    )
+    assert isinstance(result.exception, PatchMismatchError)
     assert "cannot revert exactly" in str(result.exception)
     assert not (tmp_path / "x").exists()
+
+
+def _chain(tmp_path: Path) -> tuple[Patch, Patch]:
+    """Patches a and b (made on top of a) for the tiny Llama of ``llama_setup``."""
+    model = MODEL_FACTORIES["llama"]()
+    a = random_patch(model, name="a", seed=3).save(tmp_path / "a.nmke")
+    stack = PatchStack.for_model(model)
+    stack.apply(a)
+    b = random_patch(model, name="b", seed=4, parents=(a,)).save(tmp_path / "b.nmke")
+    stack.unload_all()
+    return a, b
+
+
+def _flat(output: str) -> str:
+    """Console output with Rich's line wrapping undone."""
+    return " ".join(output.split())
+
+
+def _record(model_dir: Path) -> list[str]:
+    return [e["name"] for e in json.loads((model_dir / "nmke_patches.json").read_text())["applied"]]
+
+
+def test_the_merged_record_says_what_stays_after_a_partial_revert(
+    llama_setup: tuple[Path, Patch], tmp_path: Path
+) -> None:
+    base, _ = llama_setup
+    a, b = _chain(tmp_path)
+    ab, only_a = tmp_path / "ab", tmp_path / "only_a"
+    assert (
+        runner.invoke(app, ["apply", _patch_dir(a), _patch_dir(b), "-m", str(base), "-o", str(ab)]).exit_code
+        == 0
+    )
+    assert _record(ab) == ["a", "b"]
+    assert runner.invoke(app, ["apply", _patch_dir(a), "-m", str(base), "-o", str(only_a)]).exit_code == 0
+    # reverting b leaves a: the weights are base + a, and the record and the message say so
+    result = runner.invoke(app, ["revert", _patch_dir(b), "-m", str(ab), "-o", str(tmp_path / "rev")])
+    assert result.exit_code == 0, result.output
+    assert "still has a merged" in _flat(result.output) and "base model saved" not in _flat(result.output)
+    assert _record(tmp_path / "rev") == ["a"]
+    _assert_equal(_weights(tmp_path / "rev"), _weights(only_a))
+    # then a: the base, bit for bit, and an empty record
+    result = runner.invoke(
+        app, ["revert", _patch_dir(a), "-m", str(tmp_path / "rev"), "-o", str(tmp_path / "b0")]
+    )
+    assert result.exit_code == 0 and "base model saved" in _flat(result.output)
+    assert _record(tmp_path / "b0") == []
+    _assert_equal(_weights(tmp_path / "b0"), _weights(base))
+    # a merged model refuses, before loading, a patch it holds and a revert out of order
+    result = runner.invoke(app, ["apply", _patch_dir(a), "-m", str(ab), "-o", str(tmp_path / "x")])
+    assert isinstance(result.exception, PatchMismatchError) and "already has a merged" in str(
+        result.exception
+    )
+    result = runner.invoke(app, ["revert", _patch_dir(a), "-m", str(ab), "-o", str(tmp_path / "x")])
+    assert isinstance(result.exception, PatchMismatchError) and "has a, b merged" in str(result.exception)
+    assert not (tmp_path / "x").exists()
+    # forced anyway: the weights are neither the base nor a recorded state, and nothing claims they are
+    result = runner.invoke(
+        app, ["revert", _patch_dir(a), "-m", str(ab), "-o", str(tmp_path / "f"), "--force"]
+    )
+    assert (
+        result.exit_code == 0 and "forced" in result.output and "base model saved" not in _flat(result.output)
+    )
+    assert not (tmp_path / "f" / "nmke_patches.json").exists()
+    # a record that is not one is an error, not ignored
+    (ab / "nmke_patches.json").write_text('{"applied": [1]}')
+    result = runner.invoke(app, ["revert", _patch_dir(b), "-m", str(ab), "-o", str(tmp_path / "y")])
+    assert isinstance(result.exception, ModelLoadError) and "not a record of merged patches" in str(
+        result.exception
+    )
+
+
+def test_an_interrupted_save_leaves_the_output_as_it_was(
+    llama_setup: tuple[Path, Patch], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, patch = llama_setup
+    out = tmp_path / "merged"
+    assert runner.invoke(app, ["apply", _patch_dir(patch), "-m", str(base), "-o", str(out)]).exit_code == 0
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", interrupted)
+    shutil.copytree(out, tmp_path / "copy")
+    # over an existing merged model (--overwrite), and into a new folder
+    for model, target in ((tmp_path / "copy", out), (out, tmp_path / "new")):
+        args = ["revert", _patch_dir(patch), "-m", str(model), "-o", str(target), "--overwrite"]
+        assert runner.invoke(app, args).exit_code == 130  # Ctrl-C's exit status
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    assert not (tmp_path / "new").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left
 
 
 # -- verify ----------------------------------------------------------------------------------------------
