@@ -22,11 +22,12 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .card import fmt_probability, p_new_with_patch
-from .errors import HubError, InvalidPatchError
+from .errors import HubError, InvalidPatchError, PatchMismatchError
 from .jsonio import load_json_text
 from .patch import (
     CARD_FILE,
@@ -35,10 +36,12 @@ from .patch import (
     PATCH_SUFFIX,
     STATE_FILE,
     Patch,
+    base_model_differences,
     load_patch,
 )
-from .paths import staging_dir
+from .paths import move_into_place, staging_dir
 from .sources import HF_PREFIX, PACK_FILE, PatchSource, resolve_patches
+from .stack import check_lineage
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +54,7 @@ TAGS = ["knowledge-editing", "model-patching", "nmke-patch"]
 MAX_PACK_JSON_BYTES = 4 * 1024 * 1024
 _REPO_TYPE = "model"
 _ID_RE = re.compile(r"[0-9a-f]{64}")
-_REPO_ID_RE = re.compile(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}")
+# packs live in a user's or an organisation's namespace: "user/pack" (never a bare, legacy "name")
 _HUB_MODEL_RE = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
@@ -95,8 +98,10 @@ def parse_ref(ref: str, revision: str | None = None) -> tuple[str, str | None]:
     repo_id = repo_id.strip("/")
     if sep and not rev:
         raise HubError(f"{ref!r}: empty revision after '@'; use hf://user/pack@REVISION")
-    if not _REPO_ID_RE.fullmatch(repo_id) or ".." in repo_id:
-        raise HubError(f"{ref!r} is not a Hub repository id; expected hf://user/pack[@revision]")
+    if not _HUB_MODEL_RE.fullmatch(repo_id) or ".." in repo_id:
+        raise HubError(
+            f"{ref!r} is not an edit pack's repository id; expected user/pack (or hf://user/pack[@revision])"
+        )
     if rev and revision and rev != revision:
         raise HubError(f"{ref!r} names revision {rev!r} but {revision!r} was also given; pass only one")
     return repo_id, rev or revision
@@ -256,6 +261,16 @@ def build_pack(
     dupes = {p.describe() for p in patches if ids.count(p.id) > 1}
     if dupes:
         raise InvalidPatchError(f"patch listed more than once: {', '.join(sorted(dupes))}")
+    check_lineage(patches)  # a pack is applied in its order: every chain whole, oldest first
+    for p in patches[1:]:
+        differ = base_model_differences(patches[0], p)
+        if differ:
+            key = differ[0]
+            raise PatchMismatchError(
+                f"patches {patches[0].describe()} and {p.describe()} were made on different base models "
+                f"({key} {patches[0].manifest.base_model.get(key)!r} vs {p.manifest.base_model.get(key)!r}); "
+                "a pack holds patches of one base model"
+            )
     target = Path(folder)
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         raise FileExistsError(f"{target} is a file or a link; build a pack into a new folder")
@@ -542,32 +557,67 @@ def pull_verified(
         HubError: the repository, revision or a token is missing, or the Hub cannot be reached.
         InvalidPatchError: the pack failed verification (nothing in it should be used).
     """
+    repo_id, revision = parse_ref(ref, revision)
+    where = f"{HF_PREFIX}{repo_id}" + (f"@{revision}" if revision else "")
+    if local_dir is None:
+        folder = _download(repo_id, revision, None, token, endpoint)
+        # the cache stores files as symlinks into <repo folder>/blobs: links may lead there, nowhere else
+        return folder, verify_pack(folder, trusted_root=folder.parent.parent, where=where)
+    target = Path(local_dir)
+    _check_pull_target(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = staging_dir(target)  # downloaded and verified aside: a refused pack leaves nothing behind
+    try:
+        if _offline():  # a local_dir is not a cache: copy the cached pack there
+            cached = _download(repo_id, revision, None, token, endpoint)
+            shutil.copytree(cached, staging, symlinks=False, dirs_exist_ok=True)
+        else:
+            _download(repo_id, revision, staging, token, endpoint)
+        patches = verify_pack(staging, trusted_root=staging, where=where)
+        move_into_place(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    moved = [replace(p, path=target / p.path.relative_to(staging)) if p.path else p for p in patches]
+    return target, moved
+
+
+def _check_pull_target(target: Path) -> None:
+    """Refuse a ``local_dir`` that is a file or a link, or a folder with files of its own: it must be new,
+    empty, or the folder of an earlier pull (it holds ``pack.json``), which the new pack replaces whole."""
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise FileExistsError(f"{target} is a file or a link; pull into a new folder")
+    if target.exists() and any(target.iterdir()) and not (target / PACK_FILE).is_file():
+        raise FileExistsError(
+            f"{target} is not empty and holds no pack; pull into a new or empty folder (the folder of an "
+            "earlier pull is replaced whole)"
+        )
+
+
+def _download(
+    repo_id: str, revision: str | None, local_dir: Path | None, token: str | None, endpoint: str | None
+) -> Path:
+    """``snapshot_download`` of the pack, into the Hugging Face cache or ``local_dir``; one-line errors."""
     from huggingface_hub import snapshot_download
 
-    repo_id, revision = parse_ref(ref, revision)
     url = hub_endpoint(endpoint)
-    offline = _offline()
     try:
-        path = snapshot_download(
-            repo_id,
-            repo_type=_REPO_TYPE,
-            revision=revision,
-            cache_dir=_cache_dir(),
-            local_dir=None if local_dir is None else Path(local_dir),
-            token=token,
-            endpoint=url,
-            local_files_only=offline,
-            library_name=LIBRARY_NAME,
+        return Path(
+            snapshot_download(
+                repo_id,
+                repo_type=_REPO_TYPE,
+                revision=revision,
+                cache_dir=_cache_dir(),
+                local_dir=local_dir,
+                token=token,
+                endpoint=url,
+                local_files_only=_offline(),
+                library_name=LIBRARY_NAME,
+            )
         )
     except Exception as exc:
         if _is_hub_failure(exc):
             raise _hub_error(exc, push=False, repo_id=repo_id, revision=revision, endpoint=url) from exc
         raise
-    folder = Path(path)
-    # the cache stores files as symlinks into <repo folder>/blobs: links may lead there, nowhere else
-    trusted = folder if local_dir is not None else folder.parent.parent
-    where = f"{HF_PREFIX}{repo_id}" + (f"@{revision}" if revision else "")
-    return folder, verify_pack(folder, trusted_root=trusted, where=where)
 
 
 def pull_pack(

@@ -234,6 +234,27 @@ class Patch:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+BASE_MODEL_KEYS = ("model_type", "architecture", "name_or_path", "revision")
+
+
+def _normalised_name(name: Any) -> Any:
+    """``name_or_path`` as compared: a local path with ``./``, ``//`` and a trailing ``/`` removed."""
+    if not isinstance(name, str) or not name or "://" in name:
+        return name
+    return os.path.normpath(name)
+
+
+def base_model_differences(a: Patch, b: Patch) -> list[str]:
+    """The keys of :data:`BASE_MODEL_KEYS` on which the base models ``a`` and ``b`` were made on differ
+    (``name_or_path`` compared as a normalised path)."""
+    ours, theirs = a.manifest.base_model, b.manifest.base_model
+
+    def compared(key: str, value: Any) -> Any:
+        return _normalised_name(value) if key == "name_or_path" else value
+
+    return [k for k in BASE_MODEL_KEYS if compared(k, ours.get(k)) != compared(k, theirs.get(k))]
+
+
 PATCH_FILES = frozenset({MANIFEST_FILE, DELTAS_FILE, STATE_FILE, CARD_FILE})
 
 

@@ -13,7 +13,7 @@ from conftest import assert_state_equal, random_patch, state_copy, tiny_llama
 from hub_server import HubServer
 from typer.testing import CliRunner
 
-from nmke_patch.errors import HubError, InvalidPatchError
+from nmke_patch.errors import HubError, InvalidPatchError, PatchMismatchError
 from nmke_patch.hub import build_pack, parse_ref, pull_pack, push_pack, read_pack_json, verify_pack
 from nmke_patch.patch import DELTAS_FILE, load_patch
 from nmke_patch.sources import resolve_patches
@@ -91,17 +91,35 @@ def test_pull_specific_revisions(hub, two_patches, tmp_path):
     push_pack([a.path], "user/pack", token=TOKEN)
     first = hub.repos["user/pack"].branches["main"]
     push_pack([a.path, b.path], "user/pack", token=TOKEN, revision="v2")
-    push_pack([b.path], "user/pack@v3", token=TOKEN)  # revision in the reference
+    alone = random_patch(tiny_llama(), seed=3, name="alone", indices=[20, 21]).save(tmp_path / "c.nmke")
+    push_pack([alone.path], "user/pack@v3", token=TOKEN)  # revision in the reference
     assert not any(f.startswith("patches/capitals.nmke") for f in hub.files("user/pack", "v3"))
     assert _ids(pull_pack("hf://user/pack")) == [a.id]
     assert _ids(pull_pack("hf://user/pack@v2")) == [a.id, b.id]
-    assert _ids(pull_pack("user/pack", revision="v3")) == [b.id]
+    assert _ids(pull_pack("user/pack", revision="v3")) == [alone.id]
     assert _ids(pull_pack(f"hf://user/pack@{first}")) == [a.id]
     assert _ids(pull_pack("user/pack@v2", local_dir=tmp_path / "out")) == [a.id, b.id]
     with pytest.raises(HubError, match="revision 'nope' does not exist"):
         pull_pack("hf://user/pack@nope")
     with pytest.raises(HubError, match="not found"):
         pull_pack("hf://user/missing")
+
+
+def test_packs_that_could_never_be_applied_are_refused_before_any_upload(hub, two_patches, tmp_path):
+    a, b = two_patches
+    made = random_patch(tiny_llama(), seed=4, name="foreign", indices=[5])
+    other_base = {**made.manifest.base_model, "name_or_path": "someone/else"}
+    foreign = replace(made, manifest=replace(made.manifest, base_model=other_base))
+    for sources, why in (
+        ([b], "made on top of capitals .*not given"),
+        ([b, a], "listed after it"),
+        ([a, foreign], "different base models .*'tiny' vs 'someone/else'"),
+    ):
+        with pytest.raises(PatchMismatchError, match=why):
+            push_pack(sources, "user/never", token=TOKEN)
+        with pytest.raises(PatchMismatchError, match=why):
+            build_pack(sources, tmp_path / "pack")
+    assert "user/never" not in hub.repos and not (tmp_path / "pack").exists()
 
 
 def test_private_pack_needs_a_token(hub, two_patches):
@@ -140,6 +158,36 @@ def test_offline_pull_uses_the_cache(hub, two_patches, monkeypatch):
         pull_pack("hf://user/pack@v9")
     with pytest.raises(HubError, match="offline"):
         push_pack([a.path], "user/pack", token=TOKEN)
+
+
+def test_pull_into_a_folder_is_all_or_nothing(hub, two_patches, tmp_path, monkeypatch):
+    a, b = two_patches
+    push_pack([a.path, b.path], "user/pack", token=TOKEN)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "README.md").write_text("important")
+    with pytest.raises(FileExistsError, match="holds no pack"):  # the user's own files are never replaced
+        pull_pack("user/pack", local_dir=mine)
+    assert [f.name for f in mine.iterdir()] == ["README.md"] and (
+        mine / "README.md"
+    ).read_text() == "important"
+    out = tmp_path / "out"
+    assert _ids(pull_pack("user/pack", local_dir=out)) == [a.id, b.id]
+    push_pack([a.path], "user/pack", token=TOKEN)
+    assert _ids(pull_pack("user/pack", local_dir=out)) == [a.id]  # an earlier pull's folder: replaced whole
+    assert not (out / "patches" / "languages.nmke").exists()
+    deltas = f"patches/capitals.nmke/{DELTAS_FILE}"
+    hub.files("user/pack")[deltas] = _flip_byte(hub.files("user/pack")[deltas])
+    for target in (out, tmp_path / "new"):  # a refused pack leaves the folder as it was, or nothing
+        before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+        with pytest.raises(InvalidPatchError, match="sha256"):
+            pull_pack("user/pack", local_dir=target, revision="main")
+        assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+    # offline, a folder is filled from the cache (a local_dir is not one)
+    push_pack([a.path, b.path], "user/clean", token=TOKEN)
+    pull_pack("user/clean")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert _ids(pull_pack("user/clean", local_dir=tmp_path / "offline")) == [a.id, b.id]
 
 
 def _flip_byte(data: bytes, pos: int = -3) -> bytes:
@@ -203,8 +251,8 @@ def test_verify_pack_refuses_links_out_of_the_pack(two_patches, tmp_path):
 def test_build_pack_layout_and_card(two_patches, tmp_path):
     a, b = two_patches
     c = replace(load_patch(b.path), path=None)  # an in-memory duplicate name gets a unique folder
-    c = replace(c, manifest=replace(c.manifest, name="capitals", parents=[]))
     hub_base = {**a.manifest.base_model, "name_or_path": "HuggingFaceTB/SmolLM2-135M"}
+    c = replace(c, manifest=replace(c.manifest, name="capitals", parents=[], base_model=hub_base))
     a2 = replace(load_patch(a.path), manifest=replace(a.manifest, base_model=hub_base), path=None)
     pack = build_pack([a2, c], tmp_path / "pack", repo_id="user/pack")
     data = json.loads((pack / "pack.json").read_text())
@@ -230,7 +278,7 @@ def test_parse_ref():
     assert parse_ref("hf://user/pack@v2") == ("user/pack", "v2")
     assert parse_ref("user/pack") == ("user/pack", None)
     assert parse_ref("hf://user/pack@refs/pr/1") == ("user/pack", "refs/pr/1")
-    for bad in ("hf://", "hf://user/../pack", "a/b/c", "hf://user/pack@"):
+    for bad in ("hf://", "hf://user/../pack", "a/b/c", "hf://user/pack@", "notarepo", "hf://pack@v1"):
         with pytest.raises(HubError):
             parse_ref(bad)
     with pytest.raises(HubError, match="pass only one"):

@@ -26,7 +26,7 @@ from torch import nn
 from ..architectures import ArchitectureSpec, spec_for_model_type
 from ..delta import TensorDelta
 from ..errors import ExportError, InvalidPatchError, PatchMismatchError
-from ..patch import Patch, check_shape
+from ..patch import Patch, base_model_differences, check_shape
 from ..stack import check_lineage
 
 CONFIG_FILE = "adapter_config.json"
@@ -87,13 +87,6 @@ class _Composed:
     shared: int  # neurons touched by more than one patch (their delta is a sum, rounded once)
 
 
-def _normalised_name(name: Any) -> Any:
-    """``name_or_path`` as compared: a local path with ``./``, ``//`` and a trailing ``/`` removed."""
-    if not isinstance(name, str) or not name or "://" in name:
-        return name
-    return os.path.normpath(name)
-
-
 def _check_same_base(patches: Sequence[Patch], asserted: str | None) -> tuple[dict[str, Any], list[str]]:
     """The first patch's base model, after refusing patches of other architectures, or (unless the caller
     ``asserted`` a base model) of another ``name_or_path`` or revision; those are then warnings."""
@@ -102,18 +95,12 @@ def _check_same_base(patches: Sequence[Patch], asserted: str | None) -> tuple[di
     warnings: list[str] = []
     for p in patches[1:]:
         other = p.manifest.base_model
-        for key in ("model_type", "architecture"):
-            if other.get(key) != base.get(key):
+        for key in base_model_differences(first, p):
+            if key in ("model_type", "architecture"):
                 raise ExportError(
                     f"patches {first.describe()} and {p.describe()} are for different architectures "
                     f"({base.get(key)!r} vs {other.get(key)!r}); export patches of one base model together"
                 )
-        for key in ("name_or_path", "revision"):
-            ours, theirs = base.get(key), other.get(key)
-            if key == "name_or_path":
-                ours, theirs = _normalised_name(ours), _normalised_name(theirs)
-            if ours == theirs:
-                continue
             differ = (
                 f"patches {first.describe()} and {p.describe()} were made on different base models "
                 f"({key} {base.get(key)!r} vs {other.get(key)!r})"
