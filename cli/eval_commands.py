@@ -13,6 +13,7 @@ import typer
 from rich.table import Table
 
 from nmke_patch.errors import InvalidRequestError, NmkePatchError
+from nmke_patch.patch import Patch
 from nmke_patch.requests import read_requests
 from nmke_patch.sources import resolve_patches
 
@@ -142,6 +143,11 @@ def _chart_path(path: Path) -> Path:
     (``.png``, ``.svg``, ``.pdf``, ``.jpg``); refused when it is a directory."""
     if path.is_dir():
         raise NmkePatchError(f"--plot {path} is a directory; give a file name such as {path / 'eval.png'}")
+    folder = path.parent
+    if not folder.is_dir():
+        raise NmkePatchError(f"--plot {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise NmkePatchError(f"--plot {path}: folder {folder} is not writable")
     if path.suffix.lower() in {".png", ".svg", ".pdf", ".jpg", ".jpeg"}:
         return path
     return path.with_name(path.name + ".png")
@@ -203,7 +209,9 @@ def eval_command(
     plot: Annotated[
         Path | None,
         typer.Option(
-            "--plot", help="Also write a bar chart to this file (PNG unless it ends in .svg, .pdf or .jpg)."
+            "--plot",
+            help="Also write a bar chart to this file: SVG, PDF or JPEG by its extension, else PNG (.png "
+            "added to other names). Its folder is checked before the evaluation runs.",
         ),
     ] = None,
     limit: Annotated[
@@ -267,12 +275,27 @@ def eval_command(
     finally:
         torch.set_num_threads(previous)
     title = shown(f"{len(requests)} facts from {facts.name}; patches: {', '.join(p.name for p in resolved)}")
-    if plot is not None:
+    _report(result, as_json, title, facts, info.name_or_path, resolved, plot)
+    if plot is not None:  # after the results are out: a failure to write it loses nothing
         _plot(result, plot, title)
+        if not as_json:
+            console.print(f"chart written to {plot}")
+
+
+def _report(
+    result: dict[str, Any],
+    as_json: bool,
+    title: str,
+    facts: Path,
+    model_name: Any,
+    resolved: list[Patch],
+    plot: Path | None,
+) -> None:
+    """Print the evaluation: the table and timing, or (``as_json``) the JSON document."""
     if as_json:
         out = {
             "facts": str(facts),
-            "model": info.name_or_path,
+            "model": model_name,
             "patches": [{"name": p.name, "id": p.id} for p in resolved],
             "base_cached": result["base_cached"],
             **{
@@ -290,7 +313,7 @@ def eval_command(
     if not result["base_cached"]:
         seconds += result["base"]["seconds"].get("total", 0.0)
     note = " (base result reused from the cache)" if result["base_cached"] else ""
-    console.print(f"evaluated in {seconds:.1f} s{note}" + (f"; chart written to {plot}" if plot else ""))
+    console.print(f"evaluated in {seconds:.1f} s{note}")
 
 
 def register(app: typer.Typer) -> None:

@@ -14,7 +14,7 @@ from nmke_patch.cli.main import app
 from transformers import PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
-from nmke_patch.errors import InvalidRequestError, PatchMismatchError
+from nmke_patch.errors import InvalidRequestError, NmkePatchError, PatchMismatchError
 from nmke_patch.evaluate import (
     compare,
     evaluate,
@@ -272,3 +272,18 @@ def test_cli_plot_without_matplotlib_fails_early(
     result = CliRunner().invoke(app, ["eval", str(patch.path), "--facts", str(facts), "--plot", "x.png"])
     assert result.exit_code != 0
     assert "pip install" in str(result.exception) and "matplotlib" in str(result.exception)
+
+
+def test_cli_plot_into_a_missing_folder_fails_before_evaluating(tmp_path: Path, monkeypatch) -> None:
+    patch = random_patch(MODEL_FACTORIES["llama"]()).save(tmp_path / "p.nmke")
+    facts = tmp_path / "facts.json"
+    facts.write_text(json.dumps([{"prompt": "w1 {}", "subject": "w2", "target_new": "w3"}]))
+
+    def no_model(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model loaded before --plot was checked")
+
+    monkeypatch.setattr("nmke_patch.models.load_base", no_model)
+    target = tmp_path / "missing" / "chart.png"
+    result = CliRunner().invoke(app, ["eval", str(patch.path), "--facts", str(facts), "--plot", str(target)])
+    assert isinstance(result.exception, NmkePatchError), result.output
+    assert f"folder {target.parent} does not exist" in str(result.exception)
