@@ -73,6 +73,11 @@ def export_peft_command(
             f"within 2 ulp where patches share neurons ({shared} neurons in {len(report.shared_neurons)} "
             "modules): merge_and_unload() adds their summed delta; elsewhere exact"
         )
+    elif report.relative_error == 0:
+        console.print(
+            f"not truncated: --rank {rank} is at least every module's touched-neuron count, so ranks were "
+            f"capped at {rank_text}; as exact as a full-rank export"
+        )
     else:
         worst = max(report.module_errors.items(), key=lambda kv: kv[1])
         console.print(

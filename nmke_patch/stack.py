@@ -171,7 +171,7 @@ class PatchStack:
         if missing and not force:
             raise PatchMismatchError(
                 f"patch {patch.describe()} was made on top of {', '.join(missing)}, not applied here; "
-                "apply its parents first, oldest first (or force it: force=True, or --force of apply and eval)"
+                "apply its parents first, oldest first (to override: force=True in Python, --force with apply, eval or revert)"
             )
         parents = [p for p in self._applied if p.id in set(patch.parent_ids)]
         overlaps: list[Overlap] = []
@@ -200,7 +200,7 @@ class PatchStack:
                 raise PatchMismatchError(
                     f"patch {patch.describe()}: tensor {delta.name!r}: {int(differ.sum())} of {delta.num_neurons} "
                     f"touched neurons differ from the values the patch was made on (max abs diff {worst:.3g}); "
-                    "wrong base model? (or force it: force=True, or --force of apply and eval)"
+                    "wrong base model? (to override: force=True in Python, --force with apply, eval or revert)"
                 )
             comparable = fingerprints and delta.fingerprint and not parents and delta.name not in self._base
             if (

@@ -353,6 +353,11 @@ def test_cli_export_peft(tmp_path: Path) -> None:
     result = runner.invoke(app, ["export-peft", str(llama.path), "-o", str(tmp_path / "b"), "--rank", "2"])
     assert result.exit_code == 0, result.output
     assert "lossy" in result.output and "relative Frobenius error" in result.output
+    result = runner.invoke(app, ["export-peft", str(llama.path), "-o", str(tmp_path / "d"), "--rank", "999"])
+    assert (
+        result.exit_code == 0 and "lossy" not in result.output
+    )  # a rank above the 5 neurons truncates nothing
+    assert "not truncated" in result.output and "capped at 5" in " ".join(result.output.split())
     result = runner.invoke(
         app, ["export-peft", str(gpt2.path), "-o", str(tmp_path / "c"), "--format", "shira"]
     )
