@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from nmke_patch.paths import check_parents
+
 # Names, prompts and paths come from strangers' patches and facts: never read them as Rich markup
 # ("[/]" in a patch name would crash the printer, "[black on black]" would hide text). Styling is explicit.
 console = Console(markup=False)
@@ -68,6 +70,7 @@ OverwriteOpt = Annotated[
 def check_out_dir(out: Path, model: str | None = None, overwrite: bool = False) -> None:
     """Refuse, before anything loads, to write over the model being read, over a file, or (without
     ``--overwrite``) into a directory that is not empty."""
+    check_parents(out)
     if model is not None and Path(model).exists() and out.resolve() == Path(model).resolve():
         raise FileExistsError(f"--out {out} is the model being read; choose another directory")
     if out.exists() and not out.is_dir():

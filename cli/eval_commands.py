@@ -254,6 +254,8 @@ def eval_command(
         extra["unrelated"] = load_unrelated(str(unrelated))
     if heldout is not None:
         extra["heldout_text"] = read_user_text(heldout, InvalidRequestError)
+        if not extra["heldout_text"].strip():
+            raise InvalidRequestError(f"--heldout {heldout} is empty; perplexity needs some text")
     if plot is not None:
         _require_matplotlib()
         plot = _chart_path(plot)

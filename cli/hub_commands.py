@@ -57,8 +57,10 @@ def pack(
         bool, typer.Option("--with-peft", help="Also add the pack as a LoRA adapter under peft/.")
     ] = False,
 ) -> None:
-    """Build an edit pack in a local folder (offline): what `push` uploads, to review, copy or upload
-    yourself. `inspect FOLDER` and every patch command read it as they read a pulled pack."""
+    """Build an edit pack in a local folder (offline): what `push` would upload.
+
+    Review, copy or upload it yourself; `inspect FOLDER` and every patch command read it as they read a
+    pulled pack."""
     patches = resolve_patches(sources)  # every patch verified before anything is written
     folder = build_pack(patches, out, repo_id=repo_id, with_peft=with_peft)
     _print_entries(folder)

@@ -119,6 +119,8 @@ def load_unrelated(path: str | None = None) -> list[Neighbor]:
                 f"{path or 'unrelated_facts.jsonl'}: line {lineno} needs 'prompt' and 'target' strings"
             )
         facts.append(Neighbor(record["prompt"], record["target"]))
+    if path is not None and not facts:
+        raise InvalidRequestError(f"{path} holds no facts (one JSON object per line: prompt, target)")
     return facts
 
 

@@ -39,7 +39,7 @@ from .patch import (
     base_model_differences,
     load_patch,
 )
-from .paths import move_into_place, staging_dir
+from .paths import check_parents, move_into_place, staging_dir
 from .sources import HF_PREFIX, PACK_FILE, PatchSource, resolve_patches
 from .stack import check_lineage
 
@@ -272,6 +272,7 @@ def build_pack(
                 "a pack holds patches of one base model"
             )
     target = Path(folder)
+    check_parents(target)
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         raise FileExistsError(f"{target} is a file or a link; build a pack into a new folder")
     if target.exists() and any(target.iterdir()):
@@ -368,7 +369,7 @@ def read_pack_json(pack_dir: Path, *, where: str | None = None) -> list[dict[str
         name, pid = entry.get("name"), entry.get("id")
         if not isinstance(name, str) or not isinstance(pid, str) or not _ID_RE.fullmatch(pid):
             raise InvalidPatchError(
-                f"{where}: {PACK_FILE} entry {rel!r} needs a 'name' and a sha256 hex 'id'"
+                f"{where}: {PACK_FILE} entry {rel!r} needs a 'name' and an 'id' (a sha256 in 64 lowercase hex digits)"
             )
         out.append({"path": rel, "name": name, "id": pid})
     paths = [e["path"] for e in out]
@@ -462,7 +463,7 @@ def _hub_error(
     elif isinstance(exc, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)):
         msg = (
             f"could not reach the Hub at {endpoint} and {where} is not in the local Hugging Face cache:"
-            " check the network or HF_ENDPOINT"
+            " check the network or the endpoint (NMKE_PATCH_HF_ENDPOINT, else HF_ENDPOINT)"
         )
     elif isinstance(exc, hf.HfHubHTTPError) and status in (401, 403):
         msg = (
@@ -473,9 +474,7 @@ def _hub_error(
         detail = (str(exc).strip().splitlines() or [""])[0]
         msg = f"{'push to' if push else 'pull of'} {where} failed: {detail}"
     else:
-        msg = (
-            f"could not reach the Hub at {endpoint} ({type(exc).__name__}): check the network or HF_ENDPOINT"
-        )
+        msg = f"could not reach the Hub at {endpoint} ({type(exc).__name__}): check the network or the endpoint (NMKE_PATCH_HF_ENDPOINT, else HF_ENDPOINT)"
     return HubError(msg)
 
 
@@ -584,6 +583,7 @@ def pull_verified(
 def _check_pull_target(target: Path) -> None:
     """Refuse a ``local_dir`` that is a file or a link, or a folder with files of its own: it must be new,
     empty, or the folder of an earlier pull (it holds ``pack.json``), which the new pack replaces whole."""
+    check_parents(target)
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         raise FileExistsError(f"{target} is a file or a link; pull into a new folder")
     if target.exists() and any(target.iterdir()) and not (target / PACK_FILE).is_file():

@@ -178,6 +178,9 @@ def load_base(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = resolve_device(device)
+    if model is not None and _reads_as_path(str(model)) and not Path(model).is_dir():
+        what = "is not a directory" if Path(model).exists() else "does not exist"
+        raise ModelLoadError(f"could not load model {str(model)!r}: {what} (a model directory or a Hub id)")
     source = default_model_dir() if model is None else model
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype) or "auto"}
     if device_map is not None:
@@ -200,6 +203,11 @@ def load_base(
         model_type=loaded.config.model_type,
     )
     return loaded, tokenizer, info
+
+
+def _reads_as_path(name: str) -> bool:
+    """Whether ``name`` can only mean a local path, never a Hub id (``./x``, ``/x``, ``~/x``, ``a/b/c``)."""
+    return name.startswith((".", "/", "~")) or name.count("/") >= 2 or "\\" in name
 
 
 def check_resident(model: nn.Module, names: Iterable[str] | None = None) -> None:

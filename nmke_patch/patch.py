@@ -26,7 +26,7 @@ from safetensors.torch import save
 from .delta import TensorDelta
 from .errors import InvalidPatchError
 from .jsonio import load_json_text
-from .paths import move_into_place, staging_dir
+from .paths import check_parents, move_into_place, staging_dir
 from .threads import one_thread
 from .version import __version__
 
@@ -263,13 +263,7 @@ def check_patch_target(target: Path, *, overwrite: bool = False) -> None:
     ``overwrite``); or, since overwriting deletes it, anything but a patch directory (a file, a link, a
     directory without a manifest or holding other files); or a part of its parent path is a file or a
     broken link."""
-    for parent in target.absolute().parents:
-        if parent.is_symlink() and not parent.exists():
-            raise FileExistsError(f"{target}: {parent} is a broken link")
-        if parent.exists():
-            if not parent.is_dir():
-                raise FileExistsError(f"{target}: {parent} is a file, not a directory")
-            break
+    check_parents(target)
     if not (target.exists() or target.is_symlink()):
         return
     if not overwrite:

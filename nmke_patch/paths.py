@@ -32,6 +32,18 @@ def give_umask_permissions(files: list[Path]) -> None:
         os.chmod(file, mode)
 
 
+def check_parents(target: Path) -> None:
+    """Refuse, before any work, a path to write to whose nearest existing parent is a file or a broken
+    link (the folders would fail to be created only at the end, with a bare errno)."""
+    for parent in target.absolute().parents:
+        if parent.is_symlink() and not parent.exists():
+            raise FileExistsError(f"{target}: {parent} is a broken link")
+        if parent.exists():
+            if not parent.is_dir():
+                raise FileExistsError(f"{target}: {parent} is a file, not a directory")
+            return
+
+
 def staging_dir(target: Path) -> Path:
     """A new hidden ``.NAME.tmp-XXXXXXXX`` directory next to ``target``, with the permissions the umask gives
     (``tempfile.mkdtemp`` makes it 0700, and the directory moved into place would keep that)."""

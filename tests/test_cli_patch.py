@@ -363,7 +363,14 @@ def test_entry_point_errors_are_one_line(
     _assert_one_line_error(code, err, "capitals", "model.layers.1.mlp.down_proj.weight", "differ")
 
     code, err = _run_main(monkeypatch, capsys, "verify", _patch_dir(patch), "--model", str(tmp_path / "nope"))
-    _assert_one_line_error(code, err, "could not load model")
+    _assert_one_line_error(code, err, "could not load model", "does not exist")
+    monkeypatch.chdir(tmp_path)  # a relative path that does not exist is not taken for a Hub id
+    code, err = _run_main(monkeypatch, capsys, "verify", _patch_dir(patch), "--model", "./nope")
+    _assert_one_line_error(code, err, "could not load model './nope': does not exist")
+    code, err = _run_main(
+        monkeypatch, capsys, "verify", _patch_dir(patch), "--model", _patch_dir(patch) + "/manifest.json"
+    )
+    _assert_one_line_error(code, err, "is not a directory")
 
     code, err = _run_main(
         monkeypatch, capsys, "verify", _patch_dir(patch), "--model", str(base), "--device", "tpu:9"

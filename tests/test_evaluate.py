@@ -259,6 +259,12 @@ def test_cli_eval_json_and_plot(tiny_tokenizer: PreTrainedTokenizerFast, tmp_pat
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
     bad = CliRunner().invoke(app, [*args[:-5], "--heldout", str(tmp_path / "latin1.txt"), *args[-3:]])
     assert isinstance(bad.exception, InvalidRequestError) and "not UTF-8" in str(bad.exception), bad.output
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    for option, why in (("--heldout", "is empty"), ("--unrelated", "holds no facts")):
+        given = [*args]
+        given[given.index(option) + 1] = str(tmp_path / "empty.txt")
+        bad = CliRunner().invoke(app, given)
+        assert isinstance(bad.exception, InvalidRequestError) and why in str(bad.exception), bad.output
 
 
 def test_cli_plot_without_matplotlib_fails_early(
