@@ -214,15 +214,16 @@ def parse_request(record: Any, index: int) -> EditRequest:
     return _from_native(record, index)
 
 
-def _parse_records(text: str, file: Path) -> list[Any]:
-    """The records of a facts file: a JSON list, JSONL (one record per line) or one JSON object."""
+def _parse_records(text: str, file: Path) -> tuple[list[Any], list[int] | None]:
+    """The records of a facts file: a JSON list, JSONL (one record per line) or one JSON object; and, for
+    JSONL, the line of each record."""
     if text.lstrip().startswith("["):
         records = load_json_text(text, str(file), InvalidRequestError)
         assert isinstance(records, list)
-        return records
+        return records, None
     lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not lines:
-        return []
+        return [], None
     try:
         first = load_json_text(lines[0][1], f"{file}: line {lines[0][0]}", InvalidRequestError)
     except InvalidRequestError:
@@ -230,13 +231,13 @@ def _parse_records(text: str, file: Path) -> list[Any]:
             raise
         # not JSONL: one (pretty-printed) object
         try:
-            return [load_json_text(text, str(file), InvalidRequestError)]
+            return [load_json_text(text, str(file), InvalidRequestError)], None
         except InvalidRequestError as exc:
             raise InvalidRequestError(
                 f"{exc} (expected a JSON list of records, JSONL with one record per line, or one JSON object)"
             ) from exc
     rest = [load_json_text(line, f"{file}: line {n}", InvalidRequestError) for n, line in lines[1:]]
-    return [first, *rest]
+    return [first, *rest], [n for n, _ in lines]
 
 
 def read_requests(path: str | os.PathLike[str]) -> list[EditRequest]:
@@ -244,10 +245,14 @@ def read_requests(path: str | os.PathLike[str]) -> list[EditRequest]:
     every record is validated before returning."""
     file = Path(path)
     text = read_user_text(file, InvalidRequestError)
-    records = _parse_records(text, file)
+    records, lines = _parse_records(text, file)
     if not records:
         raise InvalidRequestError(f"{file}: no records")
-    try:
-        return [parse_request(r, i) for i, r in enumerate(records)]
-    except InvalidRequestError as exc:  # name the file: eval reads several (--facts, --unrelated)
-        raise InvalidRequestError(f"{file}: {exc}") from None
+    parsed = []
+    for i, r in enumerate(records):
+        try:
+            parsed.append(parse_request(r, i))
+        except InvalidRequestError as exc:  # name the file (eval reads several) and, in JSONL, the line
+            where = f" (line {lines[i]})" if lines is not None else ""
+            raise InvalidRequestError(f"{file}: {exc}{where}") from None
+    return parsed

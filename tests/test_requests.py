@@ -60,6 +60,9 @@ def test_jsonl_keeps_reading_line_by_line(tmp_path: Path) -> None:
     ]
     with pytest.raises(InvalidRequestError, match=r"facts\.json: line 3 is not valid JSON \(Expecting"):
         read_requests(_write(tmp_path, f"{json.dumps(RECORD)}\n\n{{\n"))
+    bad = {**RECORD, "subject": ""}  # records count from 0; in JSONL the line is named too
+    with pytest.raises(InvalidRequestError, match=r"facts\.json: record 1: field 'subject' .* \(line 3\)$"):
+        read_requests(_write(tmp_path, f"{json.dumps(RECORD)}\n\n{json.dumps(bad)}\n"))
 
 
 @pytest.mark.parametrize(
