@@ -74,13 +74,7 @@ def run() -> None:
         code = app(standalone_mode=False)
     except NmkePatchError as exc:
         _fail(str(exc), exc.exit_code)
-    except (
-        FileNotFoundError,
-        FileExistsError,
-        PermissionError,
-        IsADirectoryError,
-        NotADirectoryError,
-    ) as exc:
+    except OSError as exc:  # a missing file, a full disk, a busy mount point: the message says which
         _fail(str(exc), 1)
     except KeyboardInterrupt:
         code = 130

@@ -147,50 +147,63 @@ def _load(model: str | None, device: str | None, dtype: str | None) -> tuple[Any
 
 
 def _save(model: Any, tokenizer: Any, out: Path, merged: list[MergedPatch] | None) -> None:
-    """Save the model in a staging folder next to ``out`` and move it into place, so an interrupted save
-    leaves ``out`` as it was; with its record of ``merged`` patches (none where that is not known)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = staging_dir(out)
-    try:
-        with console.status(escape(f"saving to {out}")):
-            model.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-            give_umask_permissions(sorted(staging.glob("model*.safetensors")))  # what save_pretrained wrote
-            if merged is not None:
-                write_record(staging, merged)
-            _publish(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    """Save the model with its record of ``merged`` patches (none where that is not known).
+
+    A new ``out`` is written in a staging folder beside it and renamed into place: an interrupted save
+    leaves nothing. Into an existing folder (empty, or ``--overwrite``; maybe a mount point or a link) the
+    files are staged inside it, so every move stays on its filesystem; its old record goes first and the new
+    one comes last, so an interrupted save never leaves a record that does not match the weights."""
+    with console.status(escape(f"saving to {out}")):
+        if not out.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            staging = staging_dir(out)
+            try:
+                _write_model(model, tokenizer, staging, merged)
+                move_into_place(staging, out)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            return
+        staging = staging_dir(out / "model")
+        try:
+            _write_model(model, tokenizer, staging, merged)
+            _move_files_into(staging, out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
-def _publish(staging: Path, out: Path) -> None:
-    """Move a saved model from ``staging`` to ``out``: the whole folder when ``out`` is new or empty; into an
-    existing folder (``--overwrite``) file by file, other files kept, the old record removed first and the
-    new one written last, so an interruption never leaves a record that does not match the weights."""
-    if not out.exists() or not any(out.iterdir()):
-        if out.exists():
-            out.rmdir()
-        move_into_place(staging, out)
-        return
+def _write_model(model: Any, tokenizer: Any, folder: Path, merged: list[MergedPatch] | None) -> None:
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    give_umask_permissions(sorted(folder.glob("model*.safetensors")))  # what save_pretrained wrote
+    if merged is not None:
+        write_record(folder, merged)
+
+
+def _move_files_into(staging: Path, out: Path) -> None:
+    """Move the saved files from ``staging`` into the existing folder ``out`` (other files kept), the old
+    record removed first and the new one moved last; old weight shards the new save did not replace go."""
+    names = {f.name for f in staging.iterdir()}
+    blocked = sorted(n for n in names if (out / n).is_dir() and not (out / n).is_symlink())
+    if blocked:
+        raise IsADirectoryError(f"{out}: {', '.join(blocked)} is a folder where the saved model has a file")
     (out / RECORD_FILE).unlink(missing_ok=True)
-    for old in out.glob("model*.safetensors*"):  # the shards (and index) of the model being replaced
-        old.unlink()
-    record = staging / RECORD_FILE
-    for file in sorted(staging.iterdir()):
-        if file != record:
-            os.replace(file, out / file.name)
-    if record.exists():
-        os.replace(record, out / RECORD_FILE)
+    for name in sorted(names - {RECORD_FILE}):
+        os.replace(staging / name, out / name)
+    for old in out.glob("model*.safetensors*"):  # shards (and index) of the model that was there
+        if old.name not in names:
+            old.unlink()
+    if RECORD_FILE in names:
+        os.replace(staging / RECORD_FILE, out / RECORD_FILE)
 
 
-def _ancestor_names(patch: Patch, by_id: dict[str, Patch]) -> set[str]:
-    """Names of the patches ``patch`` was made on top of, parents of parents included (among ``by_id``)."""
+def _ancestor_ids(patch: Patch, by_id: dict[str, Patch]) -> set[str]:
+    """Ids of the patches ``patch`` was made on top of, parents of parents included (among ``by_id``)."""
     found: set[str] = set()
     todo = list(patch.manifest.parents)
     while todo:
         ref = todo.pop()
-        if ref.name not in found:
-            found.add(ref.name)
+        if ref.id not in found:
+            found.add(ref.id)
             if ref.id in by_id:
                 todo.extend(by_id[ref.id].manifest.parents)
     return found
@@ -211,13 +224,21 @@ def apply(
     `revert` can check it is given the right patches."""
     check_out_dir(out, model, overwrite)
     resolved = resolve_patches(patches)  # validate every patch before loading anything
-    held = (read_record(model) or []) if force else check_apply(model, resolved)
+    held = check_apply(model, resolved)
     loaded, tokenizer, _ = _load(model, device, dtype)
     stack = PatchStack.for_model(loaded)
     by_id = {p.id: p for p in resolved}
+    forced = []
     for p in resolved:
-        for o in stack.apply(p, force=force):
-            if o.other in _ancestor_names(p, by_id):
+        try:
+            overlaps = stack.apply(p)
+        except PatchMismatchError:
+            if not force:
+                raise
+            overlaps = stack.apply(p, force=True)
+            forced.append(p.name)
+        for o in overlaps:
+            if o.other_id in _ancestor_ids(p, by_id):
                 continue  # a patch made on top of another touches its neurons by design
             console.print(
                 labelled(
@@ -226,8 +247,17 @@ def apply(
                     f"{p.name} and {o.other} both touch {o.num_neurons} neurons of {o.tensor}",
                 )
             )
-    _save(loaded, tokenizer, out, held + [MergedPatch.of(p) for p in resolved])
+    _save(loaded, tokenizer, out, None if forced else held + [MergedPatch.of(p) for p in resolved])
     console.print(f"applied {len(resolved)} patch(es); merged model saved to {out}")
+    if forced:
+        console.print(
+            labelled(
+                "warning:",
+                "yellow",
+                f"forced: {', '.join(forced)} did not fit the model, so {out} is not a base plus patches that "
+                "`revert` can undo exactly; no nmke_patches.json written",
+            )
+        )
     params = dict(loaded.named_parameters())
     narrow = sorted(
         {
@@ -269,12 +299,15 @@ def revert(
     says which those are and is rewritten with what stays merged."""
     check_out_dir(out, model, overwrite)
     resolved = resolve_patches(patches)
+    record = read_record(model)
     try:
         left = check_revert(model, resolved)
     except PatchMismatchError:
         if not force:
             raise
-        left = None
+        given = {p.id for p in resolved}  # forced past the record's order: it still says what stays
+        listed = record is not None and given <= {m.id for m in record}
+        left = [m for m in record if m.id not in given] if record is not None and listed else None
     loaded, tokenizer, _ = _load(model, None, None)
     stack = PatchStack.for_model(loaded)
     exact = True
@@ -299,9 +332,10 @@ def revert(
         return
     _save(loaded, tokenizer, out, left)
     if left is None:
+        why = "kept no nmke_patches.json" if record is None else "lists in nmke_patches.json not all of them"
         console.print(
             f"reverted {len(resolved)} patch(es); saved to {out}: exactly {model} without them "
-            f"({model} kept no nmke_patches.json, so what else it holds is not known)"
+            f"({model} {why}, so what else it holds is not known; no record written)"
         )
     elif left:
         console.print(

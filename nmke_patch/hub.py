@@ -263,13 +263,16 @@ def build_pack(
         raise InvalidPatchError(f"patch listed more than once: {', '.join(sorted(dupes))}")
     check_lineage(patches)  # a pack is applied in its order: every chain whole, oldest first
     for p in patches[1:]:
-        differ = base_model_differences(patches[0], p)
-        if differ:
-            key = differ[0]
-            raise PatchMismatchError(
-                f"patches {patches[0].describe()} and {p.describe()} were made on different base models "
-                f"({key} {patches[0].manifest.base_model.get(key)!r} vs {p.manifest.base_model.get(key)!r}); "
-                "a pack holds patches of one base model"
+        for key in base_model_differences(patches[0], p):
+            ours, theirs = patches[0].manifest.base_model.get(key), p.manifest.base_model.get(key)
+            differ = f"patches {patches[0].describe()} and {p.describe()} were made on different base models"
+            if key in ("model_type", "architecture"):
+                raise PatchMismatchError(
+                    f"{differ} ({key} {ours!r} vs {theirs!r}); a pack holds one base model's"
+                )
+            # the same weights can be reached by two paths or names: said, not refused (apply checks weights)
+            logger.warning(
+                "%s (%s %r vs %r), or on one model named two ways; packed as asked", differ, key, ours, theirs
             )
     target = Path(folder)
     check_parents(target)
@@ -440,6 +443,9 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
+_CHECK_ENDPOINT = "check the network or the endpoint (NMKE_PATCH_HF_ENDPOINT, else HF_ENDPOINT)"
+
+
 def _hub_error(
     exc: BaseException, *, push: bool, repo_id: str, revision: str | None, endpoint: str
 ) -> HubError:
@@ -463,7 +469,7 @@ def _hub_error(
     elif isinstance(exc, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)):
         msg = (
             f"could not reach the Hub at {endpoint} and {where} is not in the local Hugging Face cache:"
-            " check the network or the endpoint (NMKE_PATCH_HF_ENDPOINT, else HF_ENDPOINT)"
+            f" {_CHECK_ENDPOINT}"
         )
     elif isinstance(exc, hf.HfHubHTTPError) and status in (401, 403):
         msg = (
@@ -474,7 +480,7 @@ def _hub_error(
         detail = (str(exc).strip().splitlines() or [""])[0]
         msg = f"{'push to' if push else 'pull of'} {where} failed: {detail}"
     else:
-        msg = f"could not reach the Hub at {endpoint} ({type(exc).__name__}): check the network or the endpoint (NMKE_PATCH_HF_ENDPOINT, else HF_ENDPOINT)"
+        msg = f"could not reach the Hub at {endpoint} ({type(exc).__name__}): {_CHECK_ENDPOINT}"
     return HubError(msg)
 
 
@@ -569,6 +575,9 @@ def pull_verified(
     try:
         if _offline():  # a local_dir is not a cache: copy the cached pack there
             cached = _download(repo_id, revision, None, token, endpoint)
+            verify_pack(
+                cached, trusted_root=cached.parent.parent, where=where
+            )  # links checked before copying
             shutil.copytree(cached, staging, symlinks=False, dirs_exist_ok=True)
         else:
             _download(repo_id, revision, staging, token, endpoint)
@@ -586,11 +595,17 @@ def _check_pull_target(target: Path) -> None:
     check_parents(target)
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         raise FileExistsError(f"{target} is a file or a link; pull into a new folder")
-    if target.exists() and any(target.iterdir()) and not (target / PACK_FILE).is_file():
+    if target.exists() and any(target.iterdir()) and not _pulled_here(target):
         raise FileExistsError(
-            f"{target} is not empty and holds no pack; pull into a new or empty folder (the folder of an "
-            "earlier pull is replaced whole)"
+            f"{target} is not empty and is not the folder of an earlier pull; pull into a new or empty folder "
+            "(the folder of an earlier pull is replaced whole)"
         )
+
+
+def _pulled_here(folder: Path) -> bool:
+    """Whether ``folder`` is what a pull into a folder leaves: a pack plus huggingface_hub's download
+    metadata (``.cache/huggingface``); a pack built by `pack`, or a clone, has no such metadata."""
+    return (folder / PACK_FILE).is_file() and (folder / ".cache" / "huggingface").is_dir()
 
 
 def _download(

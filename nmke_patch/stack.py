@@ -31,8 +31,9 @@ class Overlap:
     """Neurons of one tensor touched by both a newly applied patch and one already applied."""
 
     tensor: str
-    other: str
+    other: str  # the other patch, described (name and short id)
     num_neurons: int
+    other_id: str = ""  # its full id
 
 
 @dataclass
@@ -219,7 +220,7 @@ class PatchStack:
                     if od.name == delta.name:
                         n = int(torch.isin(idx, od.indices.to(torch.long)).sum())
                         if n:
-                            overlaps.append(Overlap(delta.name, other.describe(), n))
+                            overlaps.append(Overlap(delta.name, other.describe(), n, other.id))
         return overlaps
 
     # -- mutation -------------------------------------------------------------------------------

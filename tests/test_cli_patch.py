@@ -172,12 +172,12 @@ def test_revert_of_a_patch_not_in_the_merged_model_is_refused(
 
 
 def _chain(tmp_path: Path) -> tuple[Patch, Patch]:
-    """Patches a and b (made on top of a) for the tiny Llama of ``llama_setup``."""
+    """Patches a and b (made on top of a, sharing neurons 2-4 with it) for the tiny Llama of ``llama_setup``."""
     model = MODEL_FACTORIES["llama"]()
-    a = random_patch(model, name="a", seed=3).save(tmp_path / "a.nmke")
+    a = random_patch(model, name="a", seed=3, indices=[0, 1, 2, 3, 4]).save(tmp_path / "a.nmke")
     stack = PatchStack.for_model(model)
     stack.apply(a)
-    b = random_patch(model, name="b", seed=4, parents=(a,)).save(tmp_path / "b.nmke")
+    b = random_patch(model, name="b", seed=4, parents=(a,), indices=[2, 3, 4, 5, 6]).save(tmp_path / "b.nmke")
     stack.unload_all()
     return a, b
 
@@ -232,6 +232,40 @@ def test_the_merged_record_says_what_stays_after_a_partial_revert(
         result.exit_code == 0 and "forced" in result.output and "base model saved" not in _flat(result.output)
     )
     assert not (tmp_path / "f" / "nmke_patches.json").exists()
+    # forced past the record's order where the weights still revert exactly (c and a share no neuron):
+    # the record, less what was reverted, still says what stays
+    c = random_patch(MODEL_FACTORIES["llama"](), name="c", seed=5, indices=[10, 11]).save(tmp_path / "c.nmke")
+    ac = tmp_path / "ac"
+    result = runner.invoke(app, ["apply", _patch_dir(a), _patch_dir(c), "-m", str(base), "-o", str(ac)])
+    assert result.exit_code == 0 and "overlap" not in result.output
+    result = runner.invoke(
+        app, ["revert", _patch_dir(a), "-m", str(ac), "-o", str(tmp_path / "c_only"), "--force"]
+    )
+    assert result.exit_code == 0 and "still has c merged" in _flat(result.output)
+    assert _record(tmp_path / "c_only") == ["c"]
+    # an unrelated patch on a's neurons is reported as an overlap; b, made on top of a, is not
+    d = random_patch(MODEL_FACTORIES["llama"](), name="d", seed=6, indices=[0, 1]).save(tmp_path / "d.nmke")
+    args = [
+        "apply",
+        _patch_dir(a),
+        _patch_dir(b),
+        _patch_dir(d),
+        "-m",
+        str(base),
+        "-o",
+        str(tmp_path / "abd"),
+    ]
+    overlaps = [line for line in _flat(runner.invoke(app, args).output).split("overlap:")[1:]]
+    assert overlaps and all(line.strip().startswith("d and a") for line in overlaps), overlaps
+    # a patch forced onto weights it was not made on: applied as asked, and no record claims otherwise
+    foreign = random_patch(MODEL_FACTORIES["llama"](seed=1), name="foreign", indices=[7]).save(
+        tmp_path / "f.nmke"
+    )
+    args = ["apply", _patch_dir(foreign), "-m", str(base), "-o", str(tmp_path / "forced")]
+    assert isinstance(runner.invoke(app, args).exception, PatchMismatchError)
+    result = runner.invoke(app, [*args, "--force"])
+    assert result.exit_code == 0 and "forced: foreign" in _flat(result.output)
+    assert not (tmp_path / "forced" / "nmke_patches.json").exists()
     # a record that is not one is an error, not ignored
     (ab / "nmke_patches.json").write_text('{"applied": [1]}')
     result = runner.invoke(app, ["revert", _patch_dir(b), "-m", str(ab), "-o", str(tmp_path / "y")])

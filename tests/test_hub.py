@@ -105,21 +105,27 @@ def test_pull_specific_revisions(hub, two_patches, tmp_path):
         pull_pack("hf://user/missing")
 
 
-def test_packs_that_could_never_be_applied_are_refused_before_any_upload(hub, two_patches, tmp_path):
+def test_packs_that_could_never_be_applied_are_refused_before_any_upload(hub, two_patches, tmp_path, caplog):
     a, b = two_patches
     made = random_patch(tiny_llama(), seed=4, name="foreign", indices=[5])
-    other_base = {**made.manifest.base_model, "name_or_path": "someone/else"}
+    other_base = {**made.manifest.base_model, "architecture": "MistralForCausalLM"}
     foreign = replace(made, manifest=replace(made.manifest, base_model=other_base))
     for sources, why in (
         ([b], "made on top of capitals .*not given"),
         ([b, a], "listed after it"),
-        ([a, foreign], "different base models .*'tiny' vs 'someone/else'"),
+        ([a, foreign], "different base models .*'LlamaForCausalLM' vs 'MistralForCausalLM'"),
     ):
         with pytest.raises(PatchMismatchError, match=why):
             push_pack(sources, "user/never", token=TOKEN)
         with pytest.raises(PatchMismatchError, match=why):
             build_pack(sources, tmp_path / "pack")
     assert "user/never" not in hub.repos and not (tmp_path / "pack").exists()
+    # one model named two ways (a path and a name, say) is said, not refused: apply checks the weights
+    named = {**made.manifest.base_model, "name_or_path": "/models/tiny"}
+    renamed = replace(made, manifest=replace(made.manifest, base_model=named))
+    with caplog.at_level("WARNING", logger="nmke_patch.hub"):
+        build_pack([a, renamed], tmp_path / "named")
+    assert "or on one model named two ways" in caplog.text and (tmp_path / "named" / "pack.json").is_file()
 
 
 def test_private_pack_needs_a_token(hub, two_patches):
@@ -166,8 +172,11 @@ def test_pull_into_a_folder_is_all_or_nothing(hub, two_patches, tmp_path, monkey
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "README.md").write_text("important")
-    with pytest.raises(FileExistsError, match="holds no pack"):  # the user's own files are never replaced
+    with pytest.raises(FileExistsError, match="not the folder of an earlier pull"):  # the user's files stay
         pull_pack("user/pack", local_dir=mine)
+    built = build_pack([a], tmp_path / "built")  # a pack the user built (or cloned) is theirs too
+    with pytest.raises(FileExistsError, match="not the folder of an earlier pull"):
+        pull_pack("user/pack", local_dir=built)
     assert [f.name for f in mine.iterdir()] == ["README.md"] and (
         mine / "README.md"
     ).read_text() == "important"
