@@ -23,9 +23,34 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    from nmke_patch.patch import FORMAT_NAME, FORMAT_VERSION
+    from nmke_patch.version import __version__
+
+    parts = [f"nmke-patch {__version__} (patch format {FORMAT_NAME}/{FORMAT_VERSION})"]
+    for package in ("torch", "transformers", "safetensors", "peft", "huggingface_hub"):
+        try:
+            parts.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            parts.append(f"{package} not installed")
+    typer.echo("; ".join(parts))
+    raise typer.Exit()
+
+
 @app.callback()
 def _main(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details to stderr."),
+    show_version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_print_version,
+        is_eager=True,
+        help="Print the versions of nmke-patch, its patch format and the libraries it runs on, and exit.",
+    ),
 ) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"

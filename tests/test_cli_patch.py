@@ -638,3 +638,12 @@ def test_a_patch_file_that_is_not_a_regular_file_is_named_as_such(
     (copy / DELTAS_FILE).unlink()
     result = runner.invoke(app, ["inspect", str(copy)])
     assert f"{DELTAS_FILE} is missing" in str(result.exception)
+
+
+def test_version_names_the_package_the_format_and_the_libraries() -> None:
+    from nmke_patch.version import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.startswith(f"nmke-patch {__version__} (patch format nmke-patch/1); torch ")
+    assert "transformers " in result.output and "safetensors " in result.output
