@@ -18,6 +18,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from nmke_patch.checkpoints import refuse_interrupted_run
 from nmke_patch.errors import InvalidRequestError
 from nmke_patch.jsonio import load_json_text
 from nmke_patch.methods.nmke.config import EditConfig
@@ -159,9 +160,20 @@ def create(
     check_corpus(config.stats_corpus)  # a missing corpus file fails before the model loads
     parents = resolve_patches(on or [])  # read and verified once, here
     check_lineage(parents)  # an incomplete or out-of-order chain fails before the model loads too
+    for p in parents:
+        if p.path is not None and out.resolve() in (p.path.resolve(), *p.path.resolve().parents):
+            raise FileExistsError(
+                f"--out {out} is (or holds) the parent {p.describe()}; write the child elsewhere"
+            )
+    checkpoint = out.with_name(out.name + ".checkpoint")
+    if not resume:
+        refuse_interrupted_run(checkpoint)  # before the model loads
+    elif (checkpoint / "progress.json").is_file():
+        console.print(f"resuming from {checkpoint}", highlight=False)
+    else:
+        console.print(f"no checkpoint in {checkpoint}: starting from the first edit", highlight=False)
     with console.status("loading model"):
         loaded = LoadedModel(*load_base(model, device=device, dtype=dtype, device_map=device_map))
-    checkpoint = out.with_name(out.name + ".checkpoint")
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),

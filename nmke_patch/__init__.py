@@ -27,7 +27,7 @@ __all__ = ["NmkePatchError", "Patch", "PatchStack", "__version__", "load_model",
 
 def load_model(
     model: str | os.PathLike[str] | None = None,
-    patches: Iterable[PatchSource] = (),
+    patches: Iterable[PatchSource] | PatchSource = (),
     *,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
@@ -38,8 +38,8 @@ def load_model(
 
     Args:
         model: ``None`` for the embedded default model, a local directory or a Hub model id.
-        patches: patch directories, edit packs, ``hf://user/pack@rev`` references or :class:`Patch` objects.
-            All are read and validated before the model is loaded.
+        patches: patch directories, edit packs, ``hf://user/pack@rev`` references or :class:`Patch` objects
+            (or one of them alone). All are read and validated before the model is loaded.
         device, dtype, device_map: where and how to load the model (see :func:`nmke_patch.models.load_base`).
         force: apply even where a patch's recorded originals differ from the model.
 

@@ -60,6 +60,23 @@ def save_checkpoint(folder: Path, editor: Editor, next_index: int, run_key: str)
     shutil.rmtree(old, ignore_errors=True)
 
 
+def refuse_interrupted_run(folder: Path) -> None:
+    """Refuse to start over on top of ``folder``'s checkpoint of an interrupted run: without ``resume`` it
+    would be overwritten, and hours of edits with it."""
+    progress = folder / "progress.json"
+    if not progress.is_file():
+        return
+    try:
+        data = json.loads(progress.read_text())
+        done = f" ({int(data['next_index'])} edits done)"
+    except (ValueError, KeyError, TypeError, OSError):
+        done = ""
+    raise InvalidRequestError(
+        f"{folder} holds the checkpoint of an interrupted run{done}: add --resume (resume=True) to continue "
+        "it, or delete it to start over"
+    )
+
+
 def load_checkpoint(
     folder: Path, run_key: str
 ) -> tuple[int, dict[str, torch.Tensor], list[EditRecord]] | None:

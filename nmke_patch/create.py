@@ -14,7 +14,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .architectures import decoder_layers, spec_for_model
-from .checkpoints import load_checkpoint, run_key, save_checkpoint
+from .checkpoints import load_checkpoint, refuse_interrupted_run, run_key, save_checkpoint
 from .errors import InvalidPatchError, InvalidRequestError
 from .methods.nmke.config import EditConfig
 from .methods.nmke.engine import Editor
@@ -111,6 +111,8 @@ def create_patch(
     parents = resolve_patches(on)
     check_lineage(parents)  # before any work: a chain is given whole, oldest first
     check_corpus(config.stats_corpus)
+    if checkpoint_dir is not None and not resume:
+        refuse_interrupted_run(Path(checkpoint_dir))
     model, tokenizer = loaded.model, loaded.tokenizer
     check_resident(model)  # C0 sampling and the edit read every weight
     stack = PatchStack.for_model(model)
@@ -127,6 +129,9 @@ def create_patch(
             f"layers {layers}: the model has {num_layers} decoder layers (0-{num_layers - 1})"
         )
     past_keys = parent_key_rows(parents, model, layers)
+    for p in parents:  # parents made on other weights fail here, before minutes of statistics
+        stack.apply(p)
+    stack.unload_all()  # bit-exact: the statistics and the fingerprint are the base's
     base_fingerprint = model_fingerprint(model)  # weights and dtype, before the parents go on
     stats = load_statistics(model, tokenizer, layers, [config], progress=stats_progress)
     fingerprints: dict[str, str | None] = {spec.weight_name(l): None for l in layers}

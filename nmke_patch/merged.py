@@ -75,6 +75,15 @@ def check_apply(model_dir: str | Path | None, patches: list[Patch]) -> list[Merg
             f"{model_dir} already has {', '.join(twice)} merged ({RECORD_FILE}: {names(held)}); apply to the "
             "base model, or revert it first"
         )
+    given = {p.id for p in patches}
+    for p in patches:
+        merged_parents = [r.name for r in p.manifest.parents if r.id in ids and r.id not in given]
+        if merged_parents:
+            raise PatchMismatchError(
+                f"{p.name} was made on top of {', '.join(merged_parents)}, which {model_dir} has merged "
+                f"({RECORD_FILE}); a saved merged model holds no snapshot to stack on, so apply the whole chain "
+                "to the base model instead"
+            )
     return held
 
 

@@ -14,9 +14,12 @@ HF_PREFIX = "hf://"
 PatchSource = str | os.PathLike[str] | Patch
 
 
-def resolve_patches(sources: Iterable[PatchSource]) -> list[Patch]:
+def resolve_patches(sources: Iterable[PatchSource] | PatchSource) -> list[Patch]:
     """Load and validate every patch named by ``sources``, in order (packs expand to their patches, each
-    checked against the id ``pack.json`` gives)."""
+    checked against the id ``pack.json`` gives). One source alone (a path, a reference or a patch) is
+    taken as a list of one, not as the characters of a path."""
+    if isinstance(sources, (str, os.PathLike, Patch)):
+        sources = [sources]
     patches: list[Patch] = []
     for source in sources:
         if isinstance(source, Patch):

@@ -186,7 +186,7 @@ def _joined(texts: Iterable[str], size: int = 1 << 16) -> Iterable[str]:
 
 def corpus_rows(tokenizer: Any, corpus: str, tokens: int, *, seq_len: int = 128) -> list[list[int]]:
     """Token rows of up to ``tokens`` tokens (split into ``seq_len`` chunks) from a ``stats_corpus`` value:
-    the user's text files (each tokenized whole), or a ``dataset:`` (:mod:`nmke_patch.dataset_corpus`), whose
+    the user's text files (each tokenized in pieces of about 1 MB, as far as needed), or a ``dataset:`` (:mod:`nmke_patch.dataset_corpus`), whose
     non-blank rows are joined by blank lines into one stream (rows are often single lines); read only as far
     as needed."""
     if is_dataset(corpus):
@@ -196,15 +196,37 @@ def corpus_rows(tokenizer: Any, corpus: str, tokens: int, *, seq_len: int = 128)
     rows: list[list[int]] = []
     total = 0
     for text in texts:
-        ids = tokenizer(text).input_ids
-        for s in range(0, len(ids), seq_len):
-            rows.append(ids[s : s + seq_len])
-            total += len(rows[-1])
-            if total >= tokens:
-                return rows
+        for piece in _pieces(text):
+            ids = tokenizer(piece).input_ids
+            for s in range(0, len(ids), seq_len):
+                rows.append(ids[s : s + seq_len])
+                total += len(rows[-1])
+                if total >= tokens:
+                    return rows
     if not rows:
         raise ModelLoadError(f"stats corpus {corpus!r} holds no text")
+    logger.warning(
+        "stats corpus %r holds only %d of the %d tokens asked for (stats_tokens): the key statistics come "
+        "from those; add text for statistics that represent the model's use",
+        corpus,
+        total,
+        tokens,
+    )
     return rows
+
+
+def _pieces(text: str, size: int = 1 << 20) -> Iterable[str]:
+    """``text`` in pieces of at most ``size`` characters, cut at a line end (else a space) where there is
+    one, so a huge file is tokenized only as far as needed (a text up to ``size`` is one piece)."""
+    start = 0
+    while len(text) - start > size:
+        end = text.rfind("\n", start, start + size)
+        if end <= start:
+            end = text.rfind(" ", start, start + size)
+        end = start + size if end <= start else end + 1
+        yield text[start:end]
+        start = end
+    yield text[start:]
 
 
 def _key_pass(

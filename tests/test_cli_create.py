@@ -12,6 +12,7 @@ from nmke_patch.cli.main import app
 from transformers import PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
+from nmke_patch.errors import InvalidRequestError
 from nmke_patch.patch import load_patch
 
 
@@ -160,3 +161,33 @@ def test_create_refuses_settings_the_method_does_not_read(
     result = CliRunner().invoke(app, [*setup, "-o", str(out), *extra])
     assert result.exit_code != 0 and named in str(result.exception)
     assert not out.exists()
+
+
+def test_an_interrupted_run_is_never_overwritten_and_a_parent_never_replaced(
+    setup: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import nmke_patch.create
+
+    out = tmp_path / "p.nmke"
+    checkpoint = tmp_path / "p.nmke.checkpoint"
+    real = nmke_patch.create.create_patch
+    monkeypatch.setattr(  # the CLI's run stops after one of two edits, as after Ctrl-C
+        nmke_patch.create, "create_patch", lambda *a, **k: real(*a, **{**k, "stop_after": 1})
+    )
+    assert CliRunner().invoke(app, [*setup, "-o", str(out), "--checkpoint-every", "1"]).exit_code == 130
+    saved = (checkpoint / "progress.json").read_text()
+    monkeypatch.undo()
+    monkeypatch.setenv("NMKE_PATCH_HOME", str(tmp_path / "home"))
+    result = CliRunner().invoke(app, [*setup, "-o", str(out)])  # --resume forgotten
+    assert isinstance(result.exception, InvalidRequestError), result.output
+    assert "holds the checkpoint of an interrupted run (1 edits done): add --resume" in str(result.exception)
+    assert (checkpoint / "progress.json").read_text() == saved  # not touched
+    result = CliRunner().invoke(app, [*setup, "-o", str(out), "--resume"])
+    assert result.exit_code == 0 and "resuming from" in result.output, result.output
+    assert not checkpoint.exists() and load_patch(out).manifest.name
+    # a child written over its own parent would lose the parent it names
+    result = CliRunner().invoke(app, [*setup, "-o", str(out), "--on", str(out), "--overwrite"])
+    assert isinstance(result.exception, FileExistsError) and "is (or holds) the parent" in str(
+        result.exception
+    )
+    assert load_patch(out).manifest.parents == []

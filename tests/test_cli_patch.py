@@ -232,6 +232,12 @@ def test_the_merged_record_says_what_stays_after_a_partial_revert(
         result.exit_code == 0 and "forced" in result.output and "base model saved" not in _flat(result.output)
     )
     assert not (tmp_path / "f" / "nmke_patches.json").exists()
+    # a child of what a merged model holds cannot be stacked on it (no snapshot): said, not "wrong base"
+    result = runner.invoke(app, ["apply", _patch_dir(b), "-m", str(only_a), "-o", str(tmp_path / "x")])
+    assert isinstance(result.exception, PatchMismatchError)
+    assert "b was made on top of a, which" in str(result.exception) and "to the base model" in str(
+        result.exception
+    )
     # forced past the record's order where the weights still revert exactly (c and a share no neuron):
     # the record, less what was reverted, still says what stays
     c = random_patch(MODEL_FACTORIES["llama"](), name="c", seed=5, indices=[10, 11]).save(tmp_path / "c.nmke")

@@ -1106,3 +1106,15 @@ def test_unused_names_the_settings_a_method_does_not_read() -> None:
     adam = EditConfig(z_optimizer="adam", key_columns="mean", contrast_bank=8).unused(optimizer)
     assert list(adam) == ["bare_weight", "z_momentum", "z_step"]
     assert list(EditConfig(method="alphaedit").unused(["z_lr"])) == []  # the baselines use Adam
+    contrast = ["contrast_weight", "contrast_keep", "contrast_decay", "contrast_words", "contrast_score"]
+    assert list(EditConfig(contrast_keep=0.3).unused(contrast)) == []
+    assert list(EditConfig(contrast_subjects=0, contrast_bank=4).unused(contrast)) == [
+        "contrast_decay",
+        "contrast_words",
+    ]
+    assert list(EditConfig(contrast_subjects=0).unused(contrast)) == sorted(
+        contrast
+    )  # no contrast keys at all
+    prefixes = ["bare_weight", "prefix_tokens", "stats_prefix"]
+    assert list(EditConfig().unused(prefixes)) == []
+    assert list(EditConfig(n_prefixes=0, stats_corpus="text.txt").unused(prefixes)) == prefixes

@@ -167,3 +167,11 @@ def test_adopt_then_unload_all_reverts_a_merged_model(tmp_path):
     s2.adopt([a, b])
     s2.unload_all()
     assert_state_equal(fresh, base)
+
+
+def test_one_patch_source_alone_is_a_list_of_one(tmp_path) -> None:
+    from nmke_patch.sources import resolve_patches
+
+    patch = random_patch(MODEL_FACTORIES["llama"](), name="one").save(tmp_path / "one.nmke")
+    for source in (str(patch.path), patch.path, patch):
+        assert [p.id for p in resolve_patches(source)] == [patch.id]  # not the characters of a path

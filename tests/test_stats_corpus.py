@@ -182,3 +182,36 @@ def test_missing_datasets_package_is_one_clear_error(monkeypatch: pytest.MonkeyP
         ModelLoadError, match=r"needs the 'datasets' package: pip install 'nmke-patch\[datasets\]'"
     ):
         check_corpus("dataset:wikitext")
+
+
+def test_corpus_files_are_read_as_far_as_needed_and_a_short_one_is_said(
+    tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerFast, caplog: pytest.LogCaptureFixture
+) -> None:
+    from nmke_patch.stats import _pieces
+
+    text = "w3 w4\\nw5 " * 5 + "w6" * 10
+    pieces = list(_pieces(text, size=12))
+    assert "".join(pieces) == text and all(len(p) <= 12 for p in pieces)
+    assert all(p.endswith(("\\n", " ")) for p in pieces[:-1] if " " in p or "\\n" in p)
+    assert list(_pieces("short", size=12)) == ["short"]
+    big = tmp_path / "big.txt"
+    big.write_text("w3 w4 w5 w6 w7\\n" * 200_000)  # 3 MB: three pieces, and only the first is tokenized
+    calls: list[int] = []
+    real = type(tiny_tokenizer).__call__
+
+    def counting(self, text, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(len(text))
+        return real(self, text, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(tiny_tokenizer), "__call__", counting)
+        rows = corpus_rows(tiny_tokenizer, str(big), 500, seq_len=16)
+    assert sum(len(r) for r in rows) >= 500
+    assert len(calls) == 1 and calls[0] <= 1 << 20  # one piece of at most 1 MB, not the 3 MB file
+    short = tmp_path / "short.txt"
+    short.write_text("w3 w4 w5")
+    with caplog.at_level("WARNING", logger="nmke_patch.stats"):
+        rows = corpus_rows(tiny_tokenizer, str(short), 200, seq_len=16)
+    assert (
+        sum(len(r) for r in rows) < 200 and "holds only" in caplog.text and "of the 200 tokens" in caplog.text
+    )

@@ -486,6 +486,22 @@ class EditConfig:
                 why["bank_size"] = "contrast_bank > 0 only"
             if self.contrast_keep == 0:
                 why["contrast_decay"] = "contrast_keep > 0 only"
+            if self.contrast_subjects == 0:
+                why |= dict.fromkeys(
+                    ("contrast_words", "contrast_first", "contrast_subject_first"),
+                    "contrast_subjects > 0 only",
+                )
+                if self.contrast_bank == 0:
+                    why |= dict.fromkeys(
+                        ("contrast_weight", "contrast_keep", "contrast_decay", "contrast_score"),
+                        "no contrast keys (contrast_subjects and contrast_bank are 0)",
+                    )
+            if self.n_prefixes == 0:
+                why["bare_weight"] = "no context prefixes (n_prefixes is 0)"
+        if self.n_prefixes == 0:
+            why["prefix_tokens"] = "no context prefixes (n_prefixes is 0)"
+        if self.stats_corpus is not None:
+            why["stats_prefix"] = "text sampled from the model only (stats_corpus is set)"
         return {n: why[n] for n in sorted(names) if n in why}
 
     def to_json(self) -> dict[str, Any]:
