@@ -33,7 +33,7 @@ from .common import DeviceMapOpt, DeviceOpt, DtypeOpt, ModelOpt, console, err_co
 
 
 def _parse_layers(text: str | None) -> tuple[int, ...] | None:
-    if not text:
+    if text is None:
         return None
     try:
         if "-" in text and "," not in text:

@@ -191,3 +191,12 @@ def test_an_interrupted_run_is_never_overwritten_and_a_parent_never_replaced(
         result.exception
     )
     assert load_patch(out).manifest.parents == []
+
+
+def test_empty_layers_are_refused_not_taken_for_the_default(setup: list[str], tmp_path: Path) -> None:
+    args = [a for a in setup if a not in ("--layers", "1")]
+    result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "p.nmke"), "--layers", ""])
+    assert isinstance(result.exception, InvalidRequestError) and "--layers must look like" in str(
+        result.exception
+    )
+    assert not (tmp_path / "p.nmke").exists()

@@ -1081,6 +1081,13 @@ def test_settings_must_be_finite_and_of_a_sane_size() -> None:
     assert EditConfig().with_overrides(memit_lambda=2 * 10**9).memit_lambda == 2e9  # a float: no whole cap
 
 
+def test_a_refused_setting_is_named_with_the_value_given() -> None:
+    with pytest.raises(
+        InvalidRequestError, match=r"max_sweeps >= 1.* \(got max_sweeps=-1, sweep_until=0\.5\)"
+    ):
+        EditConfig(max_sweeps=-1)
+
+
 def test_unused_names_the_settings_a_method_does_not_read() -> None:
     asked = [
         "max_neurons",

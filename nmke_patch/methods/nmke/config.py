@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -445,7 +446,9 @@ class EditConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise InvalidRequestError(f"invalid config: {message}")
+                named = [f.name for f in fields(self) if re.search(rf"\b{f.name}\b", message)]
+                given = ", ".join(f"{n}={getattr(self, n)!r}" for n in named)
+                raise InvalidRequestError(f"invalid config: {message} (got {given})")
 
     @property
     def dense(self) -> bool:
