@@ -175,6 +175,13 @@ class PatchStack:
                 "apply its parents first, oldest first (to override: force=True in Python, --force with apply, eval or revert)"
             )
         parents = [p for p in self._applied if p.id in set(patch.parent_ids)]
+        order = [ref.id for ref in patch.manifest.parents]
+        if not force and not missing and [p.id for p in parents] != order:
+            raise PatchMismatchError(
+                f"patch {patch.describe()} was made on top of {', '.join(r.name for r in patch.manifest.parents)} in "
+                f"that order, but they are applied here as {', '.join(p.name for p in parents)}; unload them and "
+                "apply the chain oldest first"
+            )
         overlaps: list[Overlap] = []
         for delta in patch.deltas:
             param = self._param(patch, delta)

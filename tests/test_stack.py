@@ -175,3 +175,20 @@ def test_one_patch_source_alone_is_a_list_of_one(tmp_path) -> None:
     patch = random_patch(MODEL_FACTORIES["llama"](), name="one").save(tmp_path / "one.nmke")
     for source in (str(patch.path), patch.path, patch):
         assert [p.id for p in resolve_patches(source)] == [patch.id]  # not the characters of a path
+
+
+def test_parents_applied_in_another_order_are_named_as_such() -> None:
+    model = MODEL_FACTORIES["llama"]()
+    a = random_patch(model, name="a", seed=1)
+    b = random_patch(model, name="b", seed=2)
+    stack = PatchStack.for_model(model)
+    stack.apply(a)
+    stack.apply(b)
+    c = random_patch(model, name="c", seed=3, parents=(a, b))
+    stack.unload_all()
+    stack.apply(b)
+    stack.apply(a)
+    with pytest.raises(
+        PatchMismatchError, match=r"made on top of a, b in that order, but they are applied here as b, a"
+    ):
+        stack.apply(c)
