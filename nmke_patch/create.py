@@ -129,6 +129,13 @@ def create_patch(
             f"layers {layers}: the model has {num_layers} decoder layers (0-{num_layers - 1})"
         )
     past_keys = parent_key_rows(parents, model, layers)
+    uncovered = [l for l in layers if l not in past_keys]
+    if parents and uncovered:
+        logger.warning(
+            "layers %s hold no keys of the parents' edits (they edited other layers), so what this run changes "
+            "there does not protect them; editing the parents' layers (see `inspect`) keeps them",
+            uncovered,
+        )
     for p in parents:  # parents made on other weights fail here, before minutes of statistics
         stack.apply(p)
     stack.unload_all()  # bit-exact: the statistics and the fingerprint are the base's

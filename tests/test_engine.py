@@ -1125,3 +1125,18 @@ def test_unused_names_the_settings_a_method_does_not_read() -> None:
     prefixes = ["bare_weight", "prefix_tokens", "stats_prefix"]
     assert list(EditConfig().unused(prefixes)) == []
     assert list(EditConfig(n_prefixes=0, stats_corpus="text.txt").unused(prefixes)) == prefixes
+
+
+def test_a_child_on_layers_its_parents_did_not_edit_is_warned_about(tiny_tokenizer, caplog) -> None:
+    lm = loaded("llama", tiny_tokenizer)
+    parent = create_patch(requests()[:1], loaded=lm, config=TINY_CONFIG.with_overrides(layers=(1,)), name="p")
+    with caplog.at_level("WARNING", logger="nmke_patch.create"):
+        create_patch(
+            requests()[1:], loaded=lm, config=TINY_CONFIG.with_overrides(layers=(1,)), name="c", on=[parent]
+        )
+    assert "hold no keys" not in caplog.text  # the same layer: protected
+    with caplog.at_level("WARNING", logger="nmke_patch.create"):
+        create_patch(
+            requests()[1:], loaded=lm, config=TINY_CONFIG.with_overrides(layers=(1, 2)), name="c", on=[parent]
+        )
+    assert "layers [2] hold no keys of the parents' edits" in caplog.text
