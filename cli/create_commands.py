@@ -88,7 +88,10 @@ def create(
         str | None, typer.Option(help="Edited layers, e.g. '4-8' or '3,4,5'. Default: per architecture.")
     ] = None,
     on: Annotated[
-        list[str] | None, typer.Option("--on", help="Parent patch(es) to continue from (repeatable).")
+        list[str] | None,
+        typer.Option(
+            "--on", help="Parent patch(es) to continue from (repeatable): the whole chain, oldest first."
+        ),
     ] = None,
     stats_corpus: Annotated[
         str | None,
@@ -106,7 +109,13 @@ def create(
     settings: Annotated[
         list[str] | None, typer.Option("--set", help="Any config field, KEY=VALUE (see docs/method.md).")
     ] = None,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its checkpoint.")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Continue an interrupted run from its checkpoint (OUT.checkpoint beside --out; without "
+            "--resume an existing checkpoint is refused, never overwritten)."
+        ),
+    ] = False,
     checkpoint_every: Annotated[int, typer.Option(min=1, help="Write a checkpoint every N edits.")] = 25,
     name: Annotated[
         str | None, typer.Option(help="Patch name (default: the output directory's stem).")

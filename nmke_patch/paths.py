@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def home() -> Path:
-    """Root of nmke-patch's cache (converted default model, key statistics, checkpoints)."""
+    """Root of nmke-patch's cache (converted default model, key statistics, lifelong benchmark state)."""
     env = os.environ.get("NMKE_PATCH_HOME")
     root = Path(env).expanduser() if env else Path.home() / ".cache" / "nmke-patch"
     root.mkdir(parents=True, exist_ok=True)
