@@ -178,7 +178,9 @@ def create(
     if not resume:
         refuse_interrupted_run(checkpoint)  # before the model loads
     elif (checkpoint / "progress.json").is_file():
-        console.print(f"resuming from {checkpoint}", highlight=False)
+        console.print(
+            f"resuming from {checkpoint} if it is this run's (same facts, settings, model)", highlight=False
+        )
     else:
         console.print(f"no checkpoint in {checkpoint}: starting from the first edit", highlight=False)
     with console.status("loading model"):

@@ -224,7 +224,7 @@ def apply(
     `revert` can check it is given the right patches."""
     check_out_dir(out, model, overwrite)
     resolved = resolve_patches(patches)  # validate every patch before loading anything
-    held = check_apply(model, resolved)
+    held = check_apply(model, resolved, force=force)
     loaded, tokenizer, _ = _load(model, device, dtype)
     stack = PatchStack.for_model(loaded)
     by_id = {p.id: p for p in resolved}

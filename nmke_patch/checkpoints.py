@@ -60,15 +60,18 @@ def save_checkpoint(folder: Path, editor: Editor, next_index: int, run_key: str)
     shutil.rmtree(old, ignore_errors=True)
 
 
-def refuse_interrupted_run(folder: Path) -> None:
+def refuse_interrupted_run(folder: Path, run_key: str | None = None, total: int | None = None) -> None:
     """Refuse to start over on top of ``folder``'s checkpoint of an interrupted run: without ``resume`` it
-    would be overwritten, and hours of edits with it."""
+    would be overwritten, and hours of edits with it. Given ``run_key`` and ``total``, the checkpoint of
+    this same run, finished, is no loss and is let be."""
     progress = folder / "progress.json"
     if not progress.is_file():
         return
     try:
         data = json.loads(progress.read_text())
         done = f" ({int(data['next_index'])} edits done)"
+        if run_key is not None and data["run_key"] == run_key and int(data["next_index"]) >= (total or 0):
+            return
     except (ValueError, KeyError, TypeError, OSError):
         done = ""
     raise InvalidRequestError(
@@ -92,7 +95,7 @@ def load_checkpoint(
     if data.get("run_key") != run_key:
         raise InvalidRequestError(
             f"checkpoint {folder} belongs to a different run (facts, settings, parents or base model differ); "
-            "delete it or run without --resume"
+            "delete it to start over"
         )
     with safe_open(str(folder / "state.safetensors"), framework="pt") as fh:
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}

@@ -100,7 +100,8 @@ def create_patch(
     Args:
         on: parent patches; applied first, their key state continues into this run.
         checkpoint_dir: where to keep a resumable checkpoint (every ``checkpoint_every`` edits).
-        resume: continue from the checkpoint in ``checkpoint_dir`` if there is one.
+        resume: continue from the checkpoint in ``checkpoint_dir`` if there is one. Without it, a checkpoint
+            there of an unfinished run is refused (``InvalidRequestError``), never overwritten.
         progress: called as ``progress(done, total)`` after every batch.
         stats_progress: called as ``stats_progress(tokens_done, tokens_total)`` while preservation text for
             the key statistics is sampled (only when they are not cached yet).
@@ -111,8 +112,6 @@ def create_patch(
     parents = resolve_patches(on)
     check_lineage(parents)  # before any work: a chain is given whole, oldest first
     check_corpus(config.stats_corpus)
-    if checkpoint_dir is not None and not resume:
-        refuse_interrupted_run(Path(checkpoint_dir))
     model, tokenizer = loaded.model, loaded.tokenizer
     check_resident(model)  # C0 sampling and the edit read every weight
     stack = PatchStack.for_model(model)
@@ -129,16 +128,25 @@ def create_patch(
             f"layers {layers}: the model has {num_layers} decoder layers (0-{num_layers - 1})"
         )
     past_keys = parent_key_rows(parents, model, layers)
+    stateless = [p.name for p in parents if not p.state]
+    if stateless:
+        logger.warning(
+            "parent(s) %s carry no key state (made by another method or tool): this run does not protect "
+            "their edits",
+            ", ".join(stateless),
+        )
     uncovered = [l for l in layers if l not in past_keys]
-    if parents and uncovered:
+    if parents and uncovered and not stateless:
         logger.warning(
             "layers %s hold no keys of the parents' edits (they edited other layers), so what this run changes "
             "there does not protect them; editing the parents' layers (see `inspect`) keeps them",
             uncovered,
         )
-    for p in parents:  # parents made on other weights fail here, before minutes of statistics
-        stack.apply(p)
-    stack.unload_all()  # bit-exact: the statistics and the fingerprint are the base's
+    try:
+        for p in parents:  # parents made on other weights fail here, before minutes of statistics
+            stack.apply(p)
+    finally:
+        stack.unload_all()  # bit-exact: the statistics and the fingerprint are the base's
     base_fingerprint = model_fingerprint(model)  # weights and dtype, before the parents go on
     stats = load_statistics(model, tokenizer, layers, [config], progress=stats_progress)
     fingerprints: dict[str, str | None] = {spec.weight_name(l): None for l in layers}
@@ -159,6 +167,8 @@ def create_patch(
         key = run_key(requests, config, parents, base_fingerprint)
         folder = Path(checkpoint_dir) if checkpoint_dir else None
         start = 0
+        if folder is not None and not resume:
+            refuse_interrupted_run(folder, key, len(requests))  # a finished run of the same key may go again
         if folder is not None and resume:
             restored = load_checkpoint(folder, key)
             if restored is not None:

@@ -65,8 +65,11 @@ def names(merged: list[MergedPatch]) -> str:
     return ", ".join(m.name for m in merged) if merged else "no patches"
 
 
-def check_apply(model_dir: str | Path | None, patches: list[Patch]) -> list[MergedPatch]:
-    """What ``model_dir`` holds already (empty without a record); refuses a patch it holds already."""
+def check_apply(
+    model_dir: str | Path | None, patches: list[Patch], *, force: bool = False
+) -> list[MergedPatch]:
+    """What ``model_dir`` holds already (empty without a record); refuses a patch it holds already and
+    (unless ``force``) a child of patches it holds."""
     held = read_record(model_dir) or []
     ids = {m.id for m in held}
     twice = [p.name for p in patches if p.id in ids]
@@ -76,13 +79,13 @@ def check_apply(model_dir: str | Path | None, patches: list[Patch]) -> list[Merg
             "base model, or revert it first"
         )
     given = {p.id for p in patches}
-    for p in patches:
+    for p in [] if force else patches:
         merged_parents = [r.name for r in p.manifest.parents if r.id in ids and r.id not in given]
         if merged_parents:
             raise PatchMismatchError(
                 f"{p.name} was made on top of {', '.join(merged_parents)}, which {model_dir} has merged "
-                f"({RECORD_FILE}); a saved merged model holds no snapshot to stack on, so apply the whole chain "
-                "to the base model instead"
+                f"({RECORD_FILE}); the stack cannot take a merged model's record as applied parents: apply the whole "
+                "chain to the base model, or --force if this model is exactly the base plus those parents"
             )
     return held
 

@@ -71,6 +71,13 @@ def check_lineage(patches: Sequence[Patch]) -> None:
                 f"patch {patch.describe()} was made on top of {named}; give every patch of a chain, oldest "
                 "first (each patch's recorded parents before it)"
             )
+        position = {p.id: j for j, p in enumerate(patches[:i])}
+        order = [position[r.id] for r in patch.manifest.parents]
+        if order != sorted(order):
+            raise PatchMismatchError(
+                f"patch {patch.describe()} was made on top of "
+                f"{', '.join(r.name for r in patch.manifest.parents)} in that order; give them in that order"
+            )
 
 
 class PatchStack:

@@ -238,6 +238,10 @@ def test_the_merged_record_says_what_stays_after_a_partial_revert(
     assert "b was made on top of a, which" in str(result.exception) and "to the base model" in str(
         result.exception
     )
+    forced = tmp_path / "forced_b"  # forced: the merged model is exactly base + a, so this is base + a + b
+    result = runner.invoke(app, ["apply", _patch_dir(b), "-m", str(only_a), "-o", str(forced), "--force"])
+    assert result.exit_code == 0, result.output
+    _assert_equal(_weights(forced), _weights(ab))
     # forced past the record's order where the weights still revert exactly (c and a share no neuron):
     # the record, less what was reverted, still says what stays
     c = random_patch(MODEL_FACTORIES["llama"](), name="c", seed=5, indices=[10, 11]).save(tmp_path / "c.nmke")

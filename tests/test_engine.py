@@ -1140,3 +1140,21 @@ def test_a_child_on_layers_its_parents_did_not_edit_is_warned_about(tiny_tokeniz
             requests()[1:], loaded=lm, config=TINY_CONFIG.with_overrides(layers=(1, 2)), name="c", on=[parent]
         )
     assert "layers [2] hold no keys of the parents' edits" in caplog.text
+
+
+def test_a_finished_checkpoint_may_go_again_and_a_failed_parent_leaves_nothing(
+    tmp_path: Path, tiny_tokenizer
+) -> None:
+    lm = loaded("llama", tiny_tokenizer)
+    ckpt = tmp_path / "ckpt"
+    first = create_patch(requests(), loaded=lm, config=TINY_CONFIG, name="t", checkpoint_dir=ckpt)
+    again = create_patch(requests(), loaded=lm, config=TINY_CONFIG, name="t", checkpoint_dir=ckpt)
+    assert again.id == first.id  # the same run, finished: no loss in running it again
+    with pytest.raises(InvalidRequestError, match="interrupted run"):  # another run's checkpoint is kept
+        create_patch(requests()[:1], loaded=lm, config=TINY_CONFIG, name="t", checkpoint_dir=ckpt)
+    other = random_patch(MODEL_FACTORIES["llama"](init_range=0.2, seed=1), name="other", seed=9)
+    before = state_copy(lm.model)
+    with pytest.raises(PatchMismatchError):  # the second parent does not fit: the first is taken off again
+        create_patch(requests()[:1], loaded=lm, config=TINY_CONFIG, name="c", on=[first, other])
+    assert not PatchStack.for_model(lm.model).applied
+    assert_state_equal(lm.model, before)

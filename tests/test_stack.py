@@ -192,3 +192,17 @@ def test_parents_applied_in_another_order_are_named_as_such() -> None:
         PatchMismatchError, match=r"made on top of a, b in that order, but they are applied here as b, a"
     ):
         stack.apply(c)
+
+
+def test_check_lineage_names_parents_given_in_another_order() -> None:
+    from nmke_patch.stack import check_lineage
+
+    model = MODEL_FACTORIES["llama"]()
+    a = random_patch(model, name="a", seed=1)
+    b = random_patch(model, name="b", seed=2)
+    c = random_patch(model, name="c", seed=3, parents=(a, b))
+    check_lineage([a, b, c])
+    with pytest.raises(
+        PatchMismatchError, match="made on top of a, b in that order; give them in that order"
+    ):
+        check_lineage([b, a, c])  # read from the manifests, before any model loads

@@ -189,13 +189,15 @@ def test_corpus_files_are_read_as_far_as_needed_and_a_short_one_is_said(
 ) -> None:
     from nmke_patch.stats import _pieces
 
-    text = "w3 w4\\nw5 " * 5 + "w6" * 10
+    text = "w3 w4\nw5 " * 5 + "w6" * 10
     pieces = list(_pieces(text, size=12))
     assert "".join(pieces) == text and all(len(p) <= 12 for p in pieces)
-    assert all(p.endswith(("\\n", " ")) for p in pieces[:-1] if " " in p or "\\n" in p)
+    assert all(p.endswith(("\n", " ")) for p in pieces[:-2])  # cut at line ends or spaces...
+    assert pieces[-2:] == ["w6" * 6, "w6" * 4]  # ...and at the size where there is neither
+    assert any(p.endswith("\n") for p in pieces)  # a line end is preferred to a space
     assert list(_pieces("short", size=12)) == ["short"]
     big = tmp_path / "big.txt"
-    big.write_text("w3 w4 w5 w6 w7\\n" * 200_000)  # 3 MB: three pieces, and only the first is tokenized
+    big.write_text("w3 w4 w5 w6 w7\n" * 200_000)  # 3 MB: three pieces, and only the first is tokenized
     calls: list[int] = []
     real = type(tiny_tokenizer).__call__
 

@@ -427,7 +427,8 @@ class EditConfig:
                 )
                 >= 0
                 and self.bank_size >= 1,
-                "contrast settings must be >= 0 and bank_size >= 1",
+                "contrast_subjects, contrast_weight, contrast_keep, contrast_bank and contrast_score must be >= 0 "
+                "and bank_size >= 1",
             ),
             (0 < self.contrast_decay <= 1, "contrast_decay must be in (0, 1]"),
             (self.max_sweeps >= 1 and 0 <= self.sweep_until <= 1, "max_sweeps >= 1, sweep_until in [0, 1]"),
