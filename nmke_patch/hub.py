@@ -39,7 +39,7 @@ from .patch import (
     base_model_differences,
     load_patch,
 )
-from .paths import check_parents, move_into_place, staging_dir
+from .paths import move_into_place, new_folder_has_content, staging_dir
 from .sources import HF_PREFIX, PACK_FILE, PatchSource, resolve_patches
 from .stack import check_lineage
 
@@ -275,18 +275,13 @@ def build_pack(
                 "%s (%s %r vs %r), or on one model named two ways; packed as asked", differ, key, ours, theirs
             )
     target = Path(folder)
-    check_parents(target)
-    if target.is_symlink() or (target.exists() and not target.is_dir()):
-        raise FileExistsError(f"{target} is a file or a link; build a pack into a new folder")
-    if target.exists() and any(target.iterdir()):
+    if new_folder_has_content(target, "build a pack into a new folder"):
         raise FileExistsError(f"{target} is not empty; build a pack into a new folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     root = staging_dir(target)  # built aside and renamed in: a failed build leaves no half-built pack
     try:
         _lay_out_pack(patches, root, repo_id=repo_id, with_peft=with_peft)
-        if target.exists():
-            target.rmdir()  # empty, checked above
-        os.rename(root, target)
+        move_into_place(root, target)  # an empty target folder is replaced
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return target
@@ -592,10 +587,7 @@ def pull_verified(
 def _check_pull_target(target: Path) -> None:
     """Refuse a ``local_dir`` that is a file or a link, or a folder with files of its own: it must be new,
     empty, or the folder of an earlier pull (it holds ``pack.json``), which the new pack replaces whole."""
-    check_parents(target)
-    if target.is_symlink() or (target.exists() and not target.is_dir()):
-        raise FileExistsError(f"{target} is a file or a link; pull into a new folder")
-    if target.exists() and any(target.iterdir()) and not _pulled_here(target):
+    if new_folder_has_content(target, "pull into a new folder") and not _pulled_here(target):
         raise FileExistsError(
             f"{target} is not empty and is not the folder of an earlier pull; pull into a new or empty folder "
             "(the folder of an earlier pull is replaced whole)"

@@ -44,6 +44,16 @@ def check_parents(target: Path) -> None:
             return
 
 
+def new_folder_has_content(target: Path, hint: str) -> bool:
+    """For a folder to be written whole (a pack built or pulled into it): refuse a parent that is a file
+    (:func:`check_parents`) and a ``target`` that is a file or a link, saying ``hint``; whether ``target``
+    exists with something in it (the caller decides whether that may be replaced)."""
+    check_parents(target)
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise FileExistsError(f"{target} is a file or a link; {hint}")
+    return target.exists() and any(target.iterdir())
+
+
 def staging_dir(target: Path) -> Path:
     """A new hidden ``.NAME.tmp-XXXXXXXX`` directory next to ``target``, with the permissions the umask gives
     (``tempfile.mkdtemp`` makes it 0700, and the directory moved into place would keep that)."""
