@@ -21,7 +21,7 @@ from .methods.nmke.engine import Editor
 from .methods.nmke.prompts import encode, target_logprobs_from_hidden
 from .models import BaseModelInfo, check_resident, tensor_fingerprint
 from .patch import Manifest, ParentRef, Patch
-from .requests import EditRequest
+from .requests import RequestsLike, as_requests
 from .sources import PatchSource, resolve_patches
 from .stack import PatchStack, check_lineage
 from .stats import StatsProgress, check_corpus, load_statistics, model_fingerprint
@@ -82,7 +82,7 @@ def parent_key_rows(
 
 
 def create_patch(
-    requests: Sequence[EditRequest],
+    requests: RequestsLike,
     *,
     loaded: LoadedModel,
     config: EditConfig,
@@ -98,6 +98,7 @@ def create_patch(
     """Compute edits for ``requests`` on ``loaded`` (left unchanged afterwards) and return the unsaved patch.
 
     Args:
+        requests: the facts: a facts file path, one record, or a list of records (:func:`as_requests`).
         on: parent patches; applied first, their key state continues into this run.
         checkpoint_dir: where to keep a resumable checkpoint (every ``checkpoint_every`` edits).
         resume: continue from the checkpoint in ``checkpoint_dir`` if there is one. Without it, a checkpoint
@@ -107,6 +108,7 @@ def create_patch(
             the key statistics is sampled (only when they are not cached yet).
         stop_after: stop (leaving the checkpoint) once this many requests are done: for tests of resume.
     """
+    requests = as_requests(requests)
     if not requests:
         raise InvalidRequestError("no edit requests")
     parents = resolve_patches(on)

@@ -39,7 +39,7 @@ from .errors import InvalidRequestError
 from .jsonio import load_json_text, read_user_text
 from .methods.nmke.prompts import encode
 from .patch import Patch
-from .requests import EditRequest, Neighbor
+from .requests import EditRequest, Neighbor, RequestsLike, as_requests
 from .sources import PatchSource, resolve_patches
 from .stack import PatchStack
 
@@ -489,7 +489,7 @@ def _neighbor_key(n: Neighbor) -> str:
 def evaluate(
     model: nn.Module,
     tokenizer: Any,
-    requests: Sequence[EditRequest],
+    requests: RequestsLike,
     *,
     heldout_text: str | Sequence[str] | None = None,
     unrelated: Sequence[Neighbor] | None = None,
@@ -502,6 +502,7 @@ def evaluate(
     """Evaluate ``model`` as it is (whatever patches are applied) on ``requests``.
 
     Args:
+        requests: the facts: a facts file path, one record, or a list of records (:func:`as_requests`).
         heldout_text: text for perplexity (a string with one paragraph per line, or paragraphs);
             ``None`` = the packaged held-out paragraphs; empty = skip perplexity.
         unrelated: facts for retention; ``None`` = the packaged unrelated-fact set; empty = skip.
@@ -518,6 +519,7 @@ def evaluate(
         ``details`` holds what :func:`compare` needs (argmax tokens of neighbourhood answers, which
         unrelated facts are answered, perplexity) and the generations. Definitions: docs/evaluation.md.
     """
+    requests = as_requests(requests)
     say = progress or (lambda _stage: None)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -770,7 +772,7 @@ def _base_cache_file(
 def evaluate_pair(
     model: nn.Module,
     tokenizer: Any,
-    requests: Sequence[EditRequest],
+    requests: RequestsLike,
     patches: Iterable[PatchSource],
     *,
     force: bool = False,
@@ -790,6 +792,7 @@ def evaluate_pair(
     Returns:
         ``{"base": evaluate(...), "patched": evaluate(...), "comparison": compare(...), "base_cached": bool}``.
     """
+    requests = as_requests(requests)
     resolved = resolve_patches(patches)
     stack = PatchStack.for_model(model)
     if stack.applied:

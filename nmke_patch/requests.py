@@ -7,6 +7,7 @@ any computation starts.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -256,3 +257,21 @@ def read_requests(path: str | os.PathLike[str]) -> list[EditRequest]:
             where = f" (line {lines[i]})" if lines is not None else ""
             raise InvalidRequestError(f"{file}: {exc}{where}") from None
     return parsed
+
+
+RequestsLike = str | os.PathLike[str] | EditRequest | dict[str, Any] | Sequence[EditRequest | dict[str, Any]]
+"""What the Python entry points take as facts: a facts file, one request or record, or a list of them."""
+
+
+def as_requests(requests: RequestsLike) -> list[EditRequest]:
+    """``requests`` as a validated list of :class:`EditRequest`: a path is read with :func:`read_requests`,
+    records (dicts) are parsed as a facts file's would be (ours, CounterFact or ZsRE)."""
+    if isinstance(requests, (str, os.PathLike)):
+        return read_requests(requests)
+    if isinstance(requests, (EditRequest, dict)):
+        requests = [requests]
+    if not isinstance(requests, Sequence):
+        raise InvalidRequestError(
+            f"requests must be a facts file path, a record or a list of records, not {type(requests).__name__}"
+        )
+    return [r if isinstance(r, EditRequest) else parse_request(r, i) for i, r in enumerate(requests)]

@@ -6,6 +6,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -76,6 +77,17 @@ def test_constructed_metrics(tiny_tokenizer: PreTrainedTokenizerFast, new_is_bes
     # The neighbour's own target is its greedy answer, so it beats any other target_new.
     assert m["specificity"] == 1.0 and m["zsre_neighborhood_accuracy"] == 1.0
     assert m["unrelated_accuracy"] is None and m["fluency"] is None
+
+
+def test_evaluate_reads_a_facts_file_path(tiny_tokenizer: PreTrainedTokenizerFast, tmp_path: Path) -> None:
+    model = MODEL_FACTORIES["llama"]()
+    request = _request(model, tiny_tokenizer, new_is_best=True)
+    file = tmp_path / "facts.json"
+    file.write_text(json.dumps([request.to_json()]), encoding="utf-8")
+    kwargs: dict[str, Any] = {"heldout_text": HELDOUT, "unrelated": (), "generations": 0}
+    from_path = evaluate(model, tiny_tokenizer, str(file), **kwargs)
+    assert from_path["metrics"] == evaluate(model, tiny_tokenizer, [request], **kwargs)["metrics"]
+    assert from_path["metrics"]["efficacy"] == 1.0
 
 
 def test_compare_with_itself_and_retention(tiny_tokenizer: PreTrainedTokenizerFast) -> None:

@@ -10,7 +10,7 @@ import pytest
 from conftest import COUNTERFACT_RECORD
 
 from nmke_patch.errors import InvalidRequestError
-from nmke_patch.requests import read_requests
+from nmke_patch.requests import as_requests, read_requests
 
 RECORD = {"prompt": "The capital of {} is", "subject": "France", "target_new": "Rome", "target_true": "Paris"}
 ZSRE = {
@@ -215,3 +215,20 @@ def test_counterfact_errors_name_the_field_as_written(
     assert [(n.prompt, n.target) for n in r.neighborhood] == [
         ("The mother tongue of Jean Gabin is", "French")
     ]
+
+
+def test_python_entry_points_take_a_path_a_record_or_a_list(tmp_path: Path) -> None:
+    file = _write(tmp_path, json.dumps([RECORD, ZSRE]))
+    from_file = read_requests(file)
+    assert as_requests(str(file)) == from_file
+    assert as_requests(file) == from_file
+    assert as_requests(RECORD) == from_file[:1]
+    assert as_requests([from_file[0], ZSRE]) == from_file  # requests and records mixed
+    assert as_requests(from_file[1]) == from_file[1:]
+
+
+def test_python_entry_points_refuse_anything_else() -> None:
+    with pytest.raises(InvalidRequestError, match="not int"):
+        as_requests(3)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match=r"record 1.*target_new"):
+        as_requests([RECORD, {"prompt": "The capital of {} is", "subject": "Peru"}])
