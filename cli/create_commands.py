@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -30,6 +31,21 @@ if TYPE_CHECKING:
     from nmke_patch.patch import Patch
 
 from .common import DeviceMapOpt, DeviceOpt, DtypeOpt, ModelOpt, console, err_console, shown
+
+
+class MethodChoice(str, Enum):
+    """``--method``: the values of :data:`nmke_patch.methods.nmke.config.Method`."""
+
+    nmke = "nmke"
+    alphaedit = "alphaedit"
+    memit = "memit"
+
+
+class ModeChoice(str, Enum):
+    """``--mode``: the values of ``EditConfig.mode``."""
+
+    sequential = "sequential"
+    batch = "batch"
 
 
 def _parse_layers(text: str | None) -> tuple[int, ...] | None:
@@ -71,9 +87,11 @@ def create(
     out: Annotated[Path, typer.Option("--out", "-o", help=f"Patch directory to write (NAME{PATCH_SUFFIX}).")],
     model: ModelOpt = None,
     method: Annotated[
-        str, typer.Option(help="nmke (sparse), or the dense baselines alphaedit / memit.")
-    ] = "nmke",
-    mode: Annotated[str, typer.Option(help="sequential (one edit at a time) or batch.")] = "sequential",
+        MethodChoice, typer.Option(help="nmke (sparse), or the dense baselines alphaedit / memit.")
+    ] = MethodChoice.nmke,
+    mode: Annotated[
+        ModeChoice, typer.Option(help="sequential (one edit at a time) or batch.")
+    ] = ModeChoice.sequential,
     batch_size: Annotated[
         int | None, typer.Option(min=1, help="Requests per solve with --mode batch (default 10).")
     ] = None,
@@ -137,12 +155,12 @@ def create(
 
     requests = read_requests(facts)  # every record validated before anything is computed
     check_patch_target(out, overwrite=overwrite)  # before the model loads; save() checks again
-    if batch_size is not None and mode != "batch":
+    if batch_size is not None and mode is not ModeChoice.batch:
         raise InvalidRequestError("--batch-size needs --mode batch")
     options: dict[str, object] = {
-        "method": method,
-        "mode": mode,
-        "batch_size": 10 if mode == "batch" and batch_size is None else batch_size,
+        "method": method.value,
+        "mode": mode.value,
+        "batch_size": 10 if mode is ModeChoice.batch and batch_size is None else batch_size,
         "max_neurons": max_neurons,
         "layers": _parse_layers(layers),
         "stats_corpus": stats_corpus,

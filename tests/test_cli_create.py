@@ -200,3 +200,20 @@ def test_empty_layers_are_refused_not_taken_for_the_default(setup: list[str], tm
         result.exception
     )
     assert not (tmp_path / "p.nmke").exists()
+
+
+def test_method_and_mode_choices_are_the_configs(tmp_path: Path) -> None:
+    from typing import get_args, get_type_hints
+
+    from nmke_patch.cli.create_commands import MethodChoice, ModeChoice
+
+    from nmke_patch.methods.nmke.config import EditConfig, Method
+
+    assert [m.value for m in MethodChoice] == list(get_args(Method))
+    assert [m.value for m in ModeChoice] == list(get_args(get_type_hints(EditConfig)["mode"]))
+    facts = tmp_path / "facts.json"
+    facts.write_text('[{"prompt": "{} is", "subject": "a", "target_new": "b"}]', encoding="utf-8")
+    bad = CliRunner().invoke(app, ["create", str(facts), "-o", str(tmp_path / "p.nmke"), "--method", "rome"])
+    assert bad.exit_code == 2 and "nmke" in bad.output and "alphaedit" in bad.output
+    assert not (tmp_path / "p.nmke").exists()
+    assert EditConfig().method == MethodChoice.nmke.value
