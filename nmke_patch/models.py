@@ -13,11 +13,13 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import urlparse
 
 import torch
 
@@ -185,10 +187,19 @@ def load_base(
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype) or "auto"}
     if device_map is not None:
         kwargs["device_map"] = device_map
+    # A Hub id with the Hub out of reach: the local cache only, at once, not a minute of retries.
+    cache_only = not Path(source).is_dir() and _hub_unreachable()
+    if cache_only:  # transformers does not pass local_files_only on to its PEFT-adapter lookup
+        kwargs["adapter_kwargs"] = {"local_files_only": True}
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        loaded = AutoModelForCausalLM.from_pretrained(source, local_files_only=cache_only, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=cache_only)
     except (OSError, ValueError) as exc:
+        if cache_only:
+            raise ModelLoadError(
+                f"could not load model {str(source)!r}: not a local directory, not in the Hugging Face cache, "
+                "and the Hub cannot be reached from here"
+            ) from exc
         raise ModelLoadError(f"could not load model {str(source)!r}: {exc}".splitlines()[0]) from exc
     if device_map is None and target is not None:
         cast(Any, loaded).to(target)
@@ -203,6 +214,27 @@ def load_base(
         model_type=loaded.config.model_type,
     )
     return loaded, tokenizer, info
+
+
+def _hub_unreachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub's host refuses a direct connection within ``timeout`` seconds. ``False`` where a proxy
+    is configured (the probe would not use it) or ``HF_HUB_OFFLINE`` is set (transformers is offline then)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or any(
+        os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+    ):
+        return False
+    url = urlparse(constants.ENDPOINT)
+    if not url.hostname:
+        return False
+    try:
+        socket.create_connection(
+            (url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout
+        ).close()
+    except OSError:
+        return True
+    return False
 
 
 def _reads_as_path(name: str) -> bool:

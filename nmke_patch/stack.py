@@ -343,7 +343,7 @@ class PatchStack:
         """Apply ``patch`` on top of the stack. All checks run before any weight changes.
 
         Returns:
-            Overlaps with already applied patches (also logged as a warning).
+            Overlaps with already applied patches (also logged, at info level).
         """
         with one_thread():
             return self._apply_impl(patch, force=force)
