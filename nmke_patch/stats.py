@@ -368,7 +368,9 @@ class StatsSource:
                 digest.update(file.read_bytes())
             except OSError as exc:  # removed since the check
                 raise _corpus_error(str(file), exc) from exc
-        return f"corpus-{digest.hexdigest()[:16]}-{self.tokens}"
+        # "p1": files tokenized in ~1 MB pieces (_pieces); statistics cached when a big file was tokenized
+        # whole differ at the cuts, so they are not reused.
+        return f"corpus-p1-{digest.hexdigest()[:16]}-{self.tokens}"
 
 
 def load_or_compute_c0(
