@@ -560,28 +560,31 @@ def pull_verified(
     repo_id, revision = parse_ref(ref, revision)
     where = f"{HF_PREFIX}{repo_id}" + (f"@{revision}" if revision else "")
     if local_dir is None:
-        folder = _download(repo_id, revision, None, token, endpoint)
+        folder = _download(repo_id, revision, token, endpoint)
         # the cache stores files as symlinks into <repo folder>/blobs: links may lead there, nowhere else
         return folder, verify_pack(folder, trusted_root=folder.parent.parent, where=where)
     target = Path(local_dir)
     _check_pull_target(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_dir(target)  # downloaded and verified aside: a refused pack leaves nothing behind
-    try:
-        if _offline():  # a local_dir is not a cache: copy the cached pack there
-            cached = _download(repo_id, revision, None, token, endpoint)
-            verify_pack(
-                cached, trusted_root=cached.parent.parent, where=where
-            )  # links checked before copying
-            shutil.copytree(cached, staging, symlinks=False, dirs_exist_ok=True)
-        else:
-            _download(repo_id, revision, staging, token, endpoint)
+    try:  # through the cache: a second pull of the same revision downloads nothing
+        cached = _download(repo_id, revision, token, endpoint)
+        verify_pack(cached, trusted_root=cached.parent.parent, where=where)  # links checked before copying
+        shutil.copytree(cached, staging, symlinks=False, dirs_exist_ok=True)
+        marker = staging / _PULL_MARKER
+        marker.mkdir(parents=True, exist_ok=True)
+        (marker / ".gitignore").write_text("*\n", encoding="utf-8")
         patches = verify_pack(staging, trusted_root=staging, where=where)
         move_into_place(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     moved = [replace(p, path=target / p.path.relative_to(staging)) if p.path else p for p in patches]
     return target, moved
+
+
+_PULL_MARKER = Path(".cache", "huggingface")
+"""The folder a pull into a folder leaves beside the pack (where huggingface_hub keeps a local_dir's
+metadata; ignored by git)."""
 
 
 def _check_pull_target(target: Path) -> None:
@@ -595,15 +598,14 @@ def _check_pull_target(target: Path) -> None:
 
 
 def _pulled_here(folder: Path) -> bool:
-    """Whether ``folder`` is what a pull into a folder leaves: a pack plus huggingface_hub's download
-    metadata (``.cache/huggingface``); a pack built by `pack`, or a clone, has no such metadata."""
-    return (folder / PACK_FILE).is_file() and (folder / ".cache" / "huggingface").is_dir()
+    """Whether ``folder`` is what a pull into a folder leaves: a pack plus :data:`_PULL_MARKER`; a pack
+    built by `pack`, or a clone, has no such folder."""
+    return (folder / PACK_FILE).is_file() and (folder / _PULL_MARKER).is_dir()
 
 
-def _download(
-    repo_id: str, revision: str | None, local_dir: Path | None, token: str | None, endpoint: str | None
-) -> Path:
-    """``snapshot_download`` of the pack, into the Hugging Face cache or ``local_dir``; one-line errors."""
+def _download(repo_id: str, revision: str | None, token: str | None, endpoint: str | None) -> Path:
+    """``snapshot_download`` of the pack into the Hugging Face cache (from it only when offline); one-line
+    errors."""
     from huggingface_hub import snapshot_download
 
     url = hub_endpoint(endpoint)
@@ -614,7 +616,6 @@ def _download(
                 repo_type=_REPO_TYPE,
                 revision=revision,
                 cache_dir=_cache_dir(),
-                local_dir=local_dir,
                 token=token,
                 endpoint=url,
                 local_files_only=_offline(),
@@ -638,7 +639,8 @@ def pull_pack(
     """Download a pack (``hf://user/pack@rev``, ``hf://user/pack`` or ``user/pack``) and verify it.
 
     Uses the Hugging Face cache (``$HF_HUB_CACHE``); with ``HF_HUB_OFFLINE=1`` it is served from the cache
-    alone. ``local_dir`` downloads into that folder instead.
+    alone. ``local_dir``: also copy the pack from the cache into that folder (new, empty, or an earlier
+    pull's, which is replaced whole) and return it.
 
     Returns:
         The verified pack folder.

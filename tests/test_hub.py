@@ -185,18 +185,28 @@ def test_pull_into_a_folder_is_all_or_nothing(hub, two_patches, tmp_path, monkey
     push_pack([a.path], "user/pack", token=TOKEN)
     assert _ids(pull_pack("user/pack", local_dir=out)) == [a.id]  # an earlier pull's folder: replaced whole
     assert not (out / "patches" / "languages.nmke").exists()
+    # the same revision again comes from the cache: nothing is downloaded
+    seen = len(hub.requests)
+    assert _ids(pull_pack("user/pack", local_dir=out)) == [a.id]
+    assert not [p for m, p in hub.requests[seen:] if m == "GET" and "/resolve/" in p]
+    push_pack([a.path], "user/tampered", token=TOKEN)  # tampered on the server: never seen whole
     deltas = f"patches/capitals.nmke/{DELTAS_FILE}"
-    hub.files("user/pack")[deltas] = _flip_byte(hub.files("user/pack")[deltas])
+    hub.files("user/tampered")[deltas] = _flip_byte(hub.files("user/tampered")[deltas])
+
+    def files_outside_the_cache() -> list[str]:  # the Hugging Face cache holds what it downloaded
+        return sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if "hf-home" not in p.parts)
+
     for target in (out, tmp_path / "new"):  # a refused pack leaves the folder as it was, or nothing
-        before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+        before = files_outside_the_cache()
         with pytest.raises(InvalidPatchError, match="sha256"):
-            pull_pack("user/pack", local_dir=target, revision="main")
-        assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+            pull_pack("user/tampered", local_dir=target, revision="main")
+        assert files_outside_the_cache() == before
     # offline, a folder is filled from the cache (a local_dir is not one)
     push_pack([a.path, b.path], "user/clean", token=TOKEN)
     pull_pack("user/clean")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert _ids(pull_pack("user/clean", local_dir=tmp_path / "offline")) == [a.id, b.id]
+    assert _ids(pull_pack("user/clean", local_dir=tmp_path / "offline")) == [a.id, b.id]  # and again
 
 
 def _flip_byte(data: bytes, pos: int = -3) -> bytes:
@@ -304,18 +314,19 @@ def test_cli_push_and_pull(hub, two_patches, tmp_path, monkeypatch, capsys):
     )
     assert result.exit_code == 0, result.output
     assert "pushed" in result.output
-    out = tmp_path / "pulled"
-    result = runner.invoke(app, ["pull", "hf://user/cli-pack", "-o", str(out), "--token", TOKEN])
-    assert result.exit_code == 0, result.output
-    assert _ids(out) == [a.id, b.id]
-    assert a.id[:12] in result.output
-
-    monkeypatch.setattr(sys, "argv", ["nmke-patch", "pull", "user/cli-pack"])  # no token: refused
+    # no token, and nothing in the cache yet: refused
+    monkeypatch.setattr(sys, "argv", ["nmke-patch", "pull", "user/cli-pack"])
     with pytest.raises(SystemExit) as exc:
         run()
     assert exc.value.code == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "private" in err and len(err.splitlines()) == 1
+
+    out = tmp_path / "pulled"
+    result = runner.invoke(app, ["pull", "hf://user/cli-pack", "-o", str(out), "--token", TOKEN])
+    assert result.exit_code == 0, result.output
+    assert _ids(out) == [a.id, b.id]
+    assert a.id[:12] in result.output
 
 
 def test_pack_keeps_the_editing_state_of_its_patches(tmp_path: Path) -> None:
