@@ -292,10 +292,9 @@ def revert(
     ] = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Exactly revert patches from a saved merged model: the result is bit-identical to the model without
-    them (the base, once all are reverted).
+    """Exactly revert patches from a saved merged model (bit-identical to the model without them).
 
-    Give the patches last applied, in the order they were applied; nmke_patches.json (written by `apply`)
+    Once all are reverted, the result is the base. Give the patches last applied, in the order they were applied; nmke_patches.json (written by `apply`)
     says which those are and is rewritten with what stays merged."""
     check_out_dir(out, model, overwrite)
     resolved = resolve_patches(patches)
