@@ -14,6 +14,7 @@ import math
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -190,6 +191,7 @@ class Patch:
         Returns the saved patch, with ``id`` and ``path`` set.
         """
         target = Path(path)
+        check_deltas(self.deltas, str(target))  # never write what load_patch would refuse
         check_patch_target(target, overwrite=overwrite)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = staging_dir(target)
@@ -200,6 +202,7 @@ class Patch:
                 fh.flush()
                 os.fsync(fh.fileno())
             sha = hashlib.sha256(payload).hexdigest()
+            check_parents_of(self.manifest.parents, sha, str(target))
             state_sha = None
             if self.state:
                 state_payload = save(
@@ -476,6 +479,7 @@ def load_patch(path: str | os.PathLike[str]) -> Patch:
         if not isinstance(p, dict) or not isinstance(p.get("id"), str) or not isinstance(p.get("name"), str):
             raise InvalidPatchError(f"{where}: each parent must be an object with 'name' and 'id' strings")
         parents.append(ParentRef(name=p["name"], id=p["id"]))
+    check_parents_of(parents, sha, where)
     manifest = Manifest(
         name=data["name"],
         base_model=data["base_model"],
@@ -539,23 +543,18 @@ def _check_tensors(
     original: torch.Tensor,
     fingerprint: Any,
 ) -> TensorDelta:
-    d = shape[1 - axis]
+    """The tensors of one manifest entry as a checked :class:`TensorDelta` (they must agree with the entry's
+    ``dtype`` and ``num_neurons``)."""
     what = f"{where}: tensor {name!r}"
     if indices.dtype != torch.int32 or indices.dim() != 1 or indices.numel() != k:
         raise InvalidPatchError(f"{what}: indices must be int32 of length {k}")
-    if k and (int(indices.min()) < 0 or int(indices.max()) >= shape[axis]):
-        raise InvalidPatchError(f"{what}: neuron indices out of range [0, {shape[axis]})")
-    if k > 1 and not bool((indices[1:] > indices[:-1]).all()):
-        raise InvalidPatchError(f"{what}: neuron indices must be strictly ascending")
-    if delta.dtype != torch.float32 or tuple(delta.shape) != (k, d):
-        raise InvalidPatchError(f"{what}: delta must be float32 of shape [{k}, {d}]")
-    if original.dtype != dtype or tuple(original.shape) != (k, d):
-        raise InvalidPatchError(f"{what}: original must be {dtype_name(dtype)} of shape [{k}, {d}]")
-    if not bool(torch.isfinite(delta).all()) or not bool(torch.isfinite(original.float()).all()):
-        raise InvalidPatchError(f"{what}: non-finite values")
+    if original.dtype != dtype:
+        raise InvalidPatchError(
+            f"{what}: original must be {dtype_name(dtype)} of shape [{k}, {shape[1 - axis]}]"
+        )
     if fingerprint is not None and not isinstance(fingerprint, str):
         raise InvalidPatchError(f"{what}: fingerprint must be a string")
-    return TensorDelta(
+    result = TensorDelta(
         name=name,
         shape=shape,
         neuron_axis=axis,
@@ -564,3 +563,52 @@ def _check_tensors(
         original=original,
         fingerprint=fingerprint,
     )
+    check_delta(result, where)
+    return result
+
+
+def check_delta(d: TensorDelta, where: str) -> None:
+    """Refuse a :class:`TensorDelta` that breaks the format (docs/format.md): what ``load_patch`` refuses in a
+    file, ``save`` refuses to write and the stack refuses to apply.
+
+    Raises:
+        InvalidPatchError: naming the tensor and the rule it breaks.
+    """
+    what = f"{where}: tensor {d.name!r}"
+    shape = check_shape(d.shape, what)
+    if d.neuron_axis not in (0, 1) or isinstance(d.neuron_axis, bool):
+        raise InvalidPatchError(f"{what} has neuron_axis {d.neuron_axis!r}, expected 0 or 1")
+    k, width = d.num_neurons, shape[1 - d.neuron_axis]
+    if d.indices.dtype not in (torch.int32, torch.int64) or d.indices.dim() != 1:
+        raise InvalidPatchError(f"{what}: indices must be a 1-D integer tensor")
+    if k and (int(d.indices.min()) < 0 or int(d.indices.max()) >= shape[d.neuron_axis]):
+        raise InvalidPatchError(f"{what}: neuron indices out of range [0, {shape[d.neuron_axis]})")
+    if k > 1 and not bool((d.indices[1:] > d.indices[:-1]).all()):
+        raise InvalidPatchError(f"{what}: neuron indices must be strictly ascending")
+    if d.delta.dtype != torch.float32 or tuple(d.delta.shape) != (k, width):
+        raise InvalidPatchError(f"{what}: delta must be float32 of shape [{k}, {width}]")
+    if d.original.dtype not in _DTYPES.values() or tuple(d.original.shape) != (k, width):
+        raise InvalidPatchError(
+            f"{what}: original must be float32, bfloat16 or float16 of shape [{k}, {width}]"
+        )
+    if not bool(torch.isfinite(d.delta).all()) or not bool(torch.isfinite(d.original.float()).all()):
+        raise InvalidPatchError(f"{what}: non-finite values")
+
+
+def check_parents_of(parents: Sequence[ParentRef], patch_id: str, where: str) -> None:
+    """Refuse a parent list that names the patch itself or one parent twice (such a patch never applies)."""
+    ids = [p.id for p in parents]
+    if patch_id in ids:
+        raise InvalidPatchError(f"{where}: the patch lists itself as a parent")
+    if len(set(ids)) != len(ids):
+        raise InvalidPatchError(f"{where}: a parent is listed twice")
+
+
+def check_deltas(deltas: Sequence[TensorDelta], where: str) -> None:
+    """:func:`check_delta` for each, and no tensor twice."""
+    names = [d.name for d in deltas]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InvalidPatchError(f"{where}: tensor(s) listed twice: {', '.join(twice)}")
+    for d in deltas:
+        check_delta(d, where)

@@ -19,7 +19,7 @@ from .architectures import ArchitectureSpec, decoder_layers, spec_for_model
 from .delta import TensorDelta, add_delta, gather_neurons, scatter_neurons
 from .errors import PatchMismatchError, PatchNotAppliedError
 from .models import check_resident, tensor_fingerprint
-from .patch import Patch
+from .patch import Patch, check_deltas
 from .threads import one_thread
 
 logger = logging.getLogger(__name__)
@@ -172,6 +172,7 @@ class PatchStack:
         return values
 
     def _check_impl(self, patch: Patch, *, force: bool = False, fingerprints: bool = False) -> list[Overlap]:
+        check_deltas(patch.deltas, patch.describe())  # a Patch built in memory is checked as a file is
         if any(p.id == patch.id for p in self._applied):
             raise PatchMismatchError(f"patch {patch.describe()} is already applied")
         applied_ids = [p.id for p in self._applied]

@@ -833,3 +833,63 @@ def test_make_delta_keeps_rows_with_their_neurons() -> None:
     d = make_delta("w", weight, 1, torch.tensor([3, 1]), torch.tensor([[30.0, 30.0], [10.0, 10.0]]))
     assert d.indices.tolist() == [1, 3]
     assert d.delta.tolist() == [[10.0, 10.0], [30.0, 30.0]]
+
+
+def _broken(patch: Patch, how: str) -> Patch:
+    """``patch`` built in memory with one rule of the format broken."""
+    d = patch.deltas[0]
+    if how == "tensor-twice":
+        return replace(patch, deltas=patch.deltas + patch.deltas[:1], id="")
+    if how == "nan-delta":
+        delta = d.delta.clone()
+        delta[0, 0] = float("nan")
+        return replace(patch, deltas=(replace(d, delta=delta), *patch.deltas[1:]), id="")
+    if how == "unsorted":
+        return replace(patch, deltas=(replace(d, indices=d.indices.flip(0)), *patch.deltas[1:]), id="")
+    if how == "out-of-range":
+        indices = d.indices.clone()
+        indices[-1] = d.shape[d.neuron_axis]
+        return replace(patch, deltas=(replace(d, indices=indices), *patch.deltas[1:]), id="")
+    raise AssertionError(how)
+
+
+BROKEN = {
+    "tensor-twice": "listed twice",
+    "nan-delta": "non-finite",
+    "unsorted": "strictly ascending",
+    "out-of-range": "out of range",
+}
+
+
+@pytest.mark.parametrize("how", sorted(BROKEN))
+def test_what_load_refuses_is_neither_saved_nor_applied(how: str, tmp_path: Path) -> None:
+    model = MODEL_FACTORIES["llama"]()
+    bad = _broken(random_patch(model), how)
+    with pytest.raises(InvalidPatchError, match=BROKEN[how]):
+        bad.save(tmp_path / "bad.nmke")
+    assert not list(tmp_path.iterdir())  # nothing written, no staging folder left
+    before = state_copy(model)
+    with pytest.raises(InvalidPatchError, match=BROKEN[how]):
+        PatchStack.for_model(model).apply(bad)
+    assert_state_equal(model, before)
+    assert not PatchStack.for_model(model).applied
+
+
+def test_a_patch_that_names_itself_or_a_parent_twice_is_refused(tmp_path: Path) -> None:
+    model = MODEL_FACTORIES["llama"]()
+    parent = random_patch(model, name="parent")
+    twice = replace(
+        random_patch(model, name="child", seed=1),
+        manifest=replace(
+            random_patch(model).manifest,
+            parents=[ParentRef(parent.name, parent.id), ParentRef(parent.name, parent.id)],
+        ),
+    )
+    with pytest.raises(InvalidPatchError, match="parent is listed twice"):
+        twice.save(tmp_path / "twice.nmke")
+    saved = random_patch(model, name="self").save(tmp_path / "self.nmke")
+    manifest = json.loads((saved.path / "manifest.json").read_text())
+    manifest["parents"] = [{"name": "self", "id": saved.id}]
+    (saved.path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InvalidPatchError, match="lists itself as a parent"):
+        load_patch(saved.path)
