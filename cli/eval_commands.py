@@ -16,6 +16,7 @@ from nmke_patch.errors import InvalidRequestError, NmkePatchError
 from nmke_patch.patch import Patch
 from nmke_patch.requests import read_requests
 from nmke_patch.sources import resolve_patches
+from nmke_patch.stack import check_lineage
 
 from .common import DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, ModelOpt, PatchesArg, console, err_console, shown
 
@@ -248,6 +249,8 @@ def eval_command(
     from nmke_patch.models import load_base
 
     resolved = resolve_patches(patches)  # validate everything before the slow part
+    if not force:
+        check_lineage(resolved)
     requests = read_requests(facts)[:limit]
     extra: dict[str, Any] = {"generations": generations}
     if unrelated is not None:

@@ -26,7 +26,7 @@ from nmke_patch.merged import (
 from nmke_patch.patch import Patch
 from nmke_patch.paths import give_umask_permissions, move_into_place, staging_dir
 from nmke_patch.sources import resolve_patches
-from nmke_patch.stack import PatchStack
+from nmke_patch.stack import PatchStack, check_lineage
 
 if TYPE_CHECKING:
     from nmke_patch.models import BaseModelInfo
@@ -225,6 +225,8 @@ def apply(
     check_out_dir(out, model, overwrite)
     resolved = resolve_patches(patches)  # validate every patch before loading anything
     held = check_apply(model, resolved, force=force)
+    if not force:
+        check_lineage(resolved)  # what the stack would refuse, before the model loads
     loaded, tokenizer, _ = _load(model, device, dtype)
     stack = PatchStack.for_model(loaded)
     by_id = {p.id: p for p in resolved}
@@ -352,6 +354,7 @@ def verify(
 ) -> None:
     """Check that patches fit a base model (applied in order, in memory; nothing is saved)."""
     resolved = resolve_patches(patches)
+    check_lineage(resolved)  # what the stack would refuse, before the model loads
     loaded, _, info = _load(model, device, dtype)
     stack = PatchStack.for_model(loaded)
     for p in resolved:

@@ -19,7 +19,7 @@ from torch import nn
 from .errors import NmkePatchError
 from .patch import Patch, load_patch
 from .sources import PatchSource, resolve_patches
-from .stack import PatchStack
+from .stack import PatchStack, check_lineage
 from .version import __version__
 
 __all__ = ["NmkePatchError", "Patch", "PatchStack", "__version__", "load_model", "load_patch"]
@@ -49,6 +49,8 @@ def load_model(
     from .models import load_base
 
     resolved = resolve_patches(patches)
+    if not force:
+        check_lineage(resolved)  # a broken chain fails before the model loads
     loaded, tokenizer, _ = load_base(model, device=device, dtype=dtype, device_map=device_map)
     stack = PatchStack.for_model(loaded)
     for patch in resolved:

@@ -41,7 +41,7 @@ from .methods.nmke.prompts import encode
 from .patch import Patch
 from .requests import EditRequest, Neighbor, RequestsLike, as_requests
 from .sources import PatchSource, resolve_patches
-from .stack import PatchStack
+from .stack import PatchStack, check_lineage
 
 logger = logging.getLogger(__name__)
 
@@ -794,6 +794,8 @@ def evaluate_pair(
     """
     requests = as_requests(requests)
     resolved = resolve_patches(patches)
+    if not force:
+        check_lineage(resolved)
     stack = PatchStack.for_model(model)
     if stack.applied:
         raise InvalidRequestError("evaluate_pair needs the base model: unload the applied patches first")

@@ -657,3 +657,30 @@ def test_version_names_the_package_the_format_and_the_libraries() -> None:
     assert result.exit_code == 0
     assert result.output.startswith(f"nmke-patch {__version__} (patch format nmke-patch/1); torch ")
     assert "transformers " in result.output and "safetensors " in result.output
+
+
+@pytest.mark.parametrize("command", ["apply", "verify", "eval", "load_model"])
+def test_a_broken_chain_is_refused_before_the_model_loads(command: str, tmp_path: Path) -> None:
+    """The model path does not exist: a refusal that names the chain proves the check ran first."""
+    import nmke_patch
+
+    model = MODEL_FACTORIES["llama"]()
+    parent = random_patch(model, name="parent").save(tmp_path / "parent.nmke")
+    child = random_patch(model, name="child", seed=1, parents=(parent,)).save(tmp_path / "child.nmke")
+    missing_model = str(tmp_path / "no-model")
+    if command == "load_model":
+        with pytest.raises(PatchMismatchError, match="made on top of parent"):
+            nmke_patch.load_model(missing_model, patches=[child.path])
+        return
+    facts = tmp_path / "facts.json"
+    facts.write_text('[{"prompt": "{} is", "subject": "a", "target_new": "b"}]', encoding="utf-8")
+    args = {
+        "apply": ["apply", _patch_dir(child), "--model", missing_model, "--out", str(tmp_path / "out")],
+        "verify": ["verify", _patch_dir(child), "--model", missing_model],
+        "eval": ["eval", _patch_dir(child), "--facts", str(facts), "--model", missing_model],
+    }[command]
+    result = runner.invoke(app, args)
+    assert result.exit_code != 0
+    assert isinstance(result.exception, PatchMismatchError), result.output
+    assert "made on top of parent" in str(result.exception)
+    assert not (tmp_path / "out").exists()
