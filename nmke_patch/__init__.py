@@ -27,7 +27,7 @@ __all__ = ["NmkePatchError", "Patch", "PatchStack", "__version__", "load_model",
 
 def load_model(
     model: str | os.PathLike[str] | None = None,
-    patches: Iterable[PatchSource] | PatchSource = (),
+    patches: Iterable[PatchSource] | PatchSource | None = (),
     *,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,

@@ -650,8 +650,9 @@ def evaluate(
 # -- comparison and footprint ------------------------------------------------------------------------------
 
 
-def footprint(items: Iterable[Patch | TensorDelta]) -> dict[str, Any]:
-    """Neurons, parameters and bytes that patches (or tensor deltas) change, neurons united per tensor.
+def footprint(items: Iterable[PatchSource | TensorDelta]) -> dict[str, Any]:
+    """Neurons, parameters and bytes that patches (or tensor deltas) change, neurons united per tensor;
+    patches may be given as anything :func:`~nmke_patch.sources.resolve_patches` takes.
 
     Returns:
         ``{"tensors": {name: {"neurons", "of_neurons", "share"}}, "union_neurons", "mean_share",
@@ -663,7 +664,10 @@ def footprint(items: Iterable[Patch | TensorDelta]) -> dict[str, Any]:
     meta: dict[str, TensorDelta] = {}
     patch_bytes = 0
     for item in items:
-        deltas = item.deltas if isinstance(item, Patch) else (item,)
+        if isinstance(item, TensorDelta):
+            deltas: tuple[TensorDelta, ...] = (item,)
+        else:
+            deltas = tuple(d for p in resolve_patches(item) for d in p.deltas)
         for d in deltas:
             union.setdefault(d.name, set()).update(d.indices.tolist())
             meta[d.name] = d

@@ -242,7 +242,7 @@ def pack_card(patches: Sequence[Patch], *, repo_id: str | None = None, with_peft
 
 
 def build_pack(
-    patches: Sequence[Patch],
+    patches: Iterable[PatchSource] | PatchSource,
     folder: str | os.PathLike[str],
     *,
     repo_id: str | None = None,
@@ -253,8 +253,9 @@ def build_pack(
     Saved patches are copied byte for byte (their ids stay the same). ``with_peft`` adds ``peft/``, a LoRA
     adapter of the whole pack (:func:`nmke_patch.export.peft.export_peft`). ``folder`` must not exist or
     be an empty directory; the pack is built next to it and renamed into place, so a failed build leaves
-    nothing.
+    nothing. ``patches``: ``Patch`` objects, patch or pack folders, ``hf://`` references, or one alone.
     """
+    patches = resolve_patches(patches)
     if not patches:
         raise InvalidPatchError("a pack needs at least one patch")
     ids = [p.id for p in patches]

@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from .errors import InvalidRequestError
 from .patch import MANIFEST_FILE, Patch, load_patch
 
 PACK_FILE = "pack.json"
@@ -14,17 +15,29 @@ HF_PREFIX = "hf://"
 PatchSource = str | os.PathLike[str] | Patch
 
 
-def resolve_patches(sources: Iterable[PatchSource] | PatchSource) -> list[Patch]:
+def resolve_patches(sources: Iterable[PatchSource] | PatchSource | None) -> list[Patch]:
     """Load and validate every patch named by ``sources``, in order (packs expand to their patches, each
     checked against the id ``pack.json`` gives). One source alone (a path, a reference or a patch) is
     taken as a list of one, not as the characters of a path."""
+    if sources is None:
+        return []
     if isinstance(sources, (str, os.PathLike, Patch)):
         sources = [sources]
+    if isinstance(sources, (bytes, bytearray)) or not isinstance(sources, Iterable):
+        raise TypeError(
+            f"patches: expected paths, hf:// references or Patch objects, not {type(sources).__name__}"
+        )
     patches: list[Patch] = []
     for source in sources:
         if isinstance(source, Patch):
             patches.append(source)
             continue
+        if not isinstance(source, (str, os.PathLike)):
+            raise TypeError(
+                f"patches: expected paths, hf:// references or Patch objects, not {type(source).__name__}"
+            )
+        if not os.fspath(source):
+            raise InvalidRequestError("patches: an empty path (it would mean the current folder)")
         text = os.fspath(source)
         if text.startswith(HF_PREFIX):
             from .hub import pull_verified
@@ -39,3 +52,16 @@ def resolve_patches(sources: Iterable[PatchSource] | PatchSource) -> list[Patch]
         else:
             patches.append(load_patch(path))
     return patches
+
+
+def resolve_one(source: PatchSource) -> Patch:
+    """The one patch ``source`` names (a :class:`Patch`, a patch directory, or a pack of one patch)."""
+    if isinstance(source, Patch):
+        return source
+    patches = resolve_patches(source)
+    if len(patches) != 1:
+        raise InvalidRequestError(
+            f"{os.fspath(source)} holds {len(patches)} patches where one is expected; apply them one by one, "
+            "in order, or pass them all to load_model(patches=...)"
+        )
+    return patches[0]

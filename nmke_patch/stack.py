@@ -20,6 +20,7 @@ from .delta import TensorDelta, add_delta, gather_neurons, scatter_neurons
 from .errors import PatchMismatchError, PatchNotAppliedError
 from .models import check_resident, tensor_fingerprint
 from .patch import Patch, check_deltas
+from .sources import PatchSource, resolve_one, resolve_patches
 from .threads import one_thread
 
 logger = logging.getLogger(__name__)
@@ -280,11 +281,27 @@ class PatchStack:
         return overlaps
 
     def _find(self, patch: Patch | str) -> int:
-        key = patch.id if isinstance(patch, Patch) else patch
-        for i, p in enumerate(self._applied):
-            if key in (p.id, p.name):
-                return i
-        raise PatchNotAppliedError(f"patch {key!r} is not applied to this model")
+        if isinstance(patch, Patch):
+            found = [i for i, p in enumerate(self._applied) if p.id == patch.id]
+            key = patch.describe()
+        elif isinstance(patch, str):
+            key = patch
+            found = [i for i, p in enumerate(self._applied) if p.id == key]
+            if not found:  # a name, or an id's first 12+ hex digits (as messages show it)
+                short = len(key) >= 12 and all(c in "0123456789abcdef" for c in key)
+                found = [
+                    i
+                    for i, p in enumerate(self._applied)
+                    if p.name == key or (short and p.id.startswith(key))
+                ]
+        else:
+            raise TypeError(f"unload takes a Patch, an id or a name, not {type(patch).__name__}")
+        if len(found) > 1:
+            named = ", ".join(self._applied[i].describe() for i in found)
+            raise PatchNotAppliedError(f"{key!r} names {len(found)} applied patches ({named}); give the id")
+        if not found:
+            raise PatchNotAppliedError(f"patch {key!r} is not applied to this model")
+        return found[0]
 
     def _unload_impl(self, patch: Patch | str) -> Patch:
         removed = self._applied.pop(self._find(patch))
@@ -326,7 +343,7 @@ class PatchStack:
                     )
         self._applied = patches
 
-    def check(self, patch: Patch, *, force: bool = False, fingerprints: bool = False) -> list[Overlap]:
+    def check(self, patch: PatchSource, *, force: bool = False, fingerprints: bool = False) -> list[Overlap]:
         """Raise :class:`PatchMismatchError` if ``patch`` does not fit this model's current stack.
 
         Checks: not already applied, tensor names, shapes and orientation, parents applied, and the
@@ -337,20 +354,24 @@ class PatchStack:
         Returns:
             The overlaps with already applied patches (neurons both touch; their deltas add up).
         """
+        resolved = resolve_one(patch)
         with one_thread():
-            return self._check_impl(patch, force=force, fingerprints=fingerprints)
+            return self._check_impl(resolved, force=force, fingerprints=fingerprints)
 
-    def apply(self, patch: Patch, *, force: bool = False) -> list[Overlap]:
-        """Apply ``patch`` on top of the stack. All checks run before any weight changes.
+    def apply(self, patch: PatchSource, *, force: bool = False) -> list[Overlap]:
+        """Apply ``patch`` (a :class:`Patch`, or a patch directory read with ``load_patch``) on top of the
+        stack. All checks run before any weight changes.
 
         Returns:
             Overlaps with already applied patches (also logged, at info level).
         """
+        resolved = resolve_one(patch)
         with one_thread():
-            return self._apply_impl(patch, force=force)
+            return self._apply_impl(resolved, force=force)
 
     def unload(self, patch: Patch | str) -> Patch:
-        """Remove one patch (by object, id or name) from any position; later patches keep their effect.
+        """Remove one patch (by object, id, the id's first 12 or more digits, or a name that only it has)
+        from any position; later patches keep their effect.
 
         The touched neurons are rebuilt from the base snapshot by replaying the remaining patches in
         order, so the result is bit-identical to applying only those patches to the base.
@@ -363,12 +384,13 @@ class PatchStack:
         with one_thread():
             return self._unload_all_impl()
 
-    def adopt(self, patches: Iterable[Patch], *, force: bool = False) -> None:
+    def adopt(self, patches: Iterable[PatchSource] | PatchSource, *, force: bool = False) -> None:
         """Declare that ``patches`` are already merged into the live weights (e.g. a saved merged model).
 
         The base values are taken from the patches' recorded originals; then replaying the patches
         must reproduce the live weights exactly, or :class:`PatchMismatchError` is raised (unless ``force``)
         and nothing is adopted. Afterwards :meth:`unload_all` gives back the base.
         """
+        resolved = resolve_patches(patches)
         with one_thread():
-            self._adopt_impl(patches, force=force)
+            self._adopt_impl(resolved, force=force)

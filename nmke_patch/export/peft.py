@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +27,7 @@ from ..architectures import ArchitectureSpec, spec_for_model_type
 from ..delta import TensorDelta
 from ..errors import ExportError, InvalidPatchError, PatchMismatchError
 from ..patch import Patch, base_model_differences, check_shape
+from ..sources import PatchSource, resolve_patches
 from ..stack import check_lineage
 
 CONFIG_FILE = "adapter_config.json"
@@ -271,6 +272,17 @@ def _shira(composed: list[_Composed]) -> tuple[dict[str, torch.Tensor], int]:
     return tensors, r
 
 
+def _check_adapter_dir(out: Path) -> None:
+    """Refuse an output that is a file, a patch or a pack: an adapter folder is new or holds an adapter."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} is a file; export into a new folder or an adapter folder")
+    for file in ("manifest.json", "pack.json", "config.json"):
+        if (out / file).is_file():
+            raise ExportError(
+                f"{out} holds {file} (a patch, a pack or a model), not an adapter; export into a new folder"
+            )
+
+
 def _write(out: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], provenance: str) -> int:
     out.mkdir(parents=True, exist_ok=True)
     weights, cfg = out / WEIGHTS_FILE, out / CONFIG_FILE
@@ -288,7 +300,7 @@ def _write(out: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], 
 
 
 def export_peft(
-    patches: Sequence[Patch],
+    patches: Iterable[PatchSource] | PatchSource,
     out_dir: str | os.PathLike[str],
     *,
     fmt: PeftFormat = "lora",
@@ -299,7 +311,8 @@ def export_peft(
     """Write the composed effect of ``patches`` (deltas summed per weight, in order) as a PEFT adapter.
 
     Args:
-        patches: patches of one base model, in the order they would be applied.
+        patches: patches of one base model (``Patch`` objects, patch or pack folders, ``hf://`` references,
+            or one of them alone), in the order they would be applied.
         out_dir: adapter directory (created; ``adapter_config.json`` and ``adapter_model.safetensors``
             in it are replaced).
         fmt: ``"lora"`` (exact, any architecture) or ``"shira"`` (exact, ``nn.Linear`` models only).
@@ -317,15 +330,20 @@ def export_peft(
         ExportError: mixed base models or architectures, SHiRA on a Conv1D model, a bad ``rank``.
         InvalidPatchError: a declared shape no real weight has (checked before anything is allocated).
     """
-    patches = list(patches)
-    if not patches:
-        raise ExportError("no patches to export")
     if fmt not in ("lora", "shira"):
         raise ExportError(f"unknown PEFT format {fmt!r}; use 'lora' or 'shira'")
-    if rank is not None and (fmt != "lora" or rank < 1):
+    if rank is not None and (
+        fmt != "lora" or not isinstance(rank, int) or isinstance(rank, bool) or rank < 1
+    ):
         raise ExportError(
-            "rank applies to lora exports only" if fmt != "lora" else f"rank must be >= 1, got {rank}"
+            "rank applies to lora exports only"
+            if fmt != "lora"
+            else f"rank must be an integer >= 1, got {rank!r}"
         )
+    _check_adapter_dir(Path(out_dir))
+    patches = resolve_patches(patches)
+    if not patches:
+        raise ExportError("no patches to export")
     check_lineage(patches)
     base, warnings = _check_same_base(patches, base_model_name_or_path or None)
     model_type = base["model_type"]
