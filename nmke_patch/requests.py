@@ -6,6 +6,8 @@ any computation starts.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -14,6 +16,8 @@ from typing import Any
 
 from .errors import InvalidRequestError
 from .jsonio import load_json_text, read_user_text
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,12 @@ def _from_native(record: dict[str, Any], index: int, names: dict[str, str] | Non
     if not isinstance(paraphrases, list) or not all(isinstance(p, str) and p.strip() for p in paraphrases):
         raise InvalidRequestError(
             f"record {index}: field {name('paraphrases')!r} must be a list of non-empty strings"
+        )
+    templated = [j for j, p in enumerate(paraphrases) if "{}" in p]
+    if templated:
+        raise InvalidRequestError(
+            f"record {index}: field {name('paraphrases')!r}[{templated[0]}] contains '{{}}'; paraphrases are "
+            "whole prompts with the subject written in"
         )
     neighborhood = []
     raw_neighbors = record.get("neighborhood", [])
@@ -204,6 +214,37 @@ def _from_zsre(record: dict[str, Any], index: int) -> EditRequest:
     return _from_native(native, index, names)
 
 
+NATIVE_FIELDS = (
+    "prompt",
+    "subject",
+    "target_new",
+    "target_true",
+    "paraphrases",
+    "neighborhood",
+    "id",
+    "case_id",
+)
+
+
+def _warn_unknown_fields(records: Sequence[Any], where: str) -> None:
+    """A warning for each field of our own record format that looks like a misspelt one of ours (a typo
+    such as ``target_ture`` would otherwise drop a metric silently). Other extra fields are metadata
+    (``relation``, ...) and pass quietly; CounterFact and ZsRE records are not checked."""
+    unknown: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        if isinstance(r, dict) and "requested_rewrite" not in r and not ("src" in r and "prompt" not in r):
+            for key in r:
+                if key not in NATIVE_FIELDS:
+                    unknown.setdefault(str(key), []).append(i)
+    for key, indices in unknown.items():
+        close = difflib.get_close_matches(key.lower(), NATIVE_FIELDS, n=1, cutoff=0.75)
+        if close:
+            shown = ", ".join(map(str, indices[:5])) + (", ..." if len(indices) > 5 else "")
+            logger.warning(
+                "%s: ignoring unknown field %r in record(s) %s; did you mean %r?", where, key, shown, close[0]
+            )
+
+
 def parse_request(record: Any, index: int) -> EditRequest:
     """One record (ours, CounterFact or ZsRE) as an :class:`EditRequest`."""
     if not isinstance(record, dict):
@@ -249,6 +290,7 @@ def read_requests(path: str | os.PathLike[str]) -> list[EditRequest]:
     records, lines = _parse_records(text, file)
     if not records:
         raise InvalidRequestError(f"{file}: no records")
+    _warn_unknown_fields(records, str(file))
     parsed = []
     for i, r in enumerate(records):
         try:
@@ -274,4 +316,5 @@ def as_requests(requests: RequestsLike) -> list[EditRequest]:
         raise InvalidRequestError(
             f"requests must be a facts file path, a record or a list of records, not {type(requests).__name__}"
         )
+    _warn_unknown_fields(requests, "requests")
     return [r if isinstance(r, EditRequest) else parse_request(r, i) for i, r in enumerate(requests)]

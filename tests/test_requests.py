@@ -104,9 +104,9 @@ def _zsre(tmp_path: Path, **fields: Any) -> Path:
 
 
 def test_zsre_answers_and_rephrase_as_string_or_list(tmp_path: Path) -> None:
-    (r,) = read_requests(_zsre(tmp_path, answers="Illinois Institute of Technology", rephrase=["A {}", "B"]))
+    (r,) = read_requests(_zsre(tmp_path, answers="Illinois Institute of Technology", rephrase=["A", "B"]))
     assert r.target_true == "Illinois Institute of Technology"  # was 'I', the first character
-    assert r.paraphrases == ("A {}", "B")  # a list used to be dropped
+    assert r.paraphrases == ("A", "B")  # a list used to be dropped
     (r,) = read_requests(_zsre(tmp_path, answers=[], rephrase=None))
     assert (r.target_true, r.paraphrases) == (None, ())
     (r,) = read_requests(_write(tmp_path, json.dumps([ZSRE])))
@@ -232,3 +232,28 @@ def test_python_entry_points_refuse_anything_else() -> None:
         as_requests(3)  # type: ignore[arg-type]
     with pytest.raises(InvalidRequestError, match=r"record 1.*target_new"):
         as_requests([RECORD, {"prompt": "The capital of {} is", "subject": "Peru"}])
+
+
+def test_a_misspelled_field_is_named_with_a_suggestion(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    typo = {**RECORD, "paraphrase": ["France's capital city is"]}
+    typo.pop("target_true")
+    typo["target_ture"] = "Paris"
+    with caplog.at_level("WARNING", logger="nmke_patch.requests"):
+        (request,) = read_requests(_write(tmp_path, json.dumps([typo])))
+    assert request.target_true is None and request.paraphrases == ()
+    said = "\n".join(r.getMessage() for r in caplog.records)
+    assert "'target_ture' in record(s) 0; did you mean 'target_true'?" in said
+    assert "'paraphrase' in record(s) 0; did you mean 'paraphrases'?" in said
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="nmke_patch.requests"):
+        read_requests(_write(tmp_path, json.dumps([{**RECORD, "relation": "capital"}, ZSRE, COUNTERFACT_RECORD])))
+    assert not caplog.records  # metadata, and the extra fields of CounterFact and ZsRE records
+
+
+def test_a_paraphrase_with_a_placeholder_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequestError, match=r"record 0: field 'paraphrases'\[1\] contains '\{\}'"):
+        read_requests(
+            _write(tmp_path, json.dumps([{**RECORD, "paraphrases": ["ok", "The capital of {} is"]}]))
+        )
