@@ -486,6 +486,13 @@ def _neighbor_key(n: Neighbor) -> str:
     return f"{n.prompt}\t{n.target}"
 
 
+def _check_counts(**counts: tuple[int, int]) -> None:
+    """Refuse each ``name=(value, least)`` whose value is not an integer of at least ``least``."""
+    for name, (value, least) in counts.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise InvalidRequestError(f"{name} must be an integer >= {least} (got {value!r})")
+
+
 def evaluate(
     model: nn.Module,
     tokenizer: Any,
@@ -519,6 +526,13 @@ def evaluate(
         ``details`` holds what :func:`compare` needs (argmax tokens of neighbourhood answers, which
         unrelated facts are answered, perplexity) and the generations. Definitions: docs/evaluation.md.
     """
+    _check_counts(
+        generations=(generations, 0),
+        generation_tokens=(generation_tokens, 1),
+        max_batch_tokens=(max_batch_tokens, 1),
+    )
+    if heldout_tokens is not None:
+        _check_counts(heldout_tokens=(heldout_tokens, 1))
     requests = as_requests(requests)
     say = progress or (lambda _stage: None)
     seconds: dict[str, float] = {}

@@ -437,6 +437,8 @@ def load_patch(path: str | os.PathLike[str]) -> Patch:
             or truncation), unexpected or missing tensors, wrong dtypes or shapes, indices out of range,
             unsorted or duplicated, or non-finite values.
     """
+    if not os.fspath(path):
+        raise InvalidPatchError("an empty patch path (it would mean the current folder)")
     root = Path(path)
     data = read_manifest(root)
     where = str(root)

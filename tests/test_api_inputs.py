@@ -11,11 +11,11 @@ from conftest import MODEL_FACTORIES, assert_state_equal, random_patch, save_tin
 from transformers import PreTrainedTokenizerFast
 
 import nmke_patch
-from nmke_patch.errors import ExportError, InvalidRequestError, PatchNotAppliedError
+from nmke_patch.errors import ExportError, InvalidPatchError, InvalidRequestError, PatchNotAppliedError
 from nmke_patch.evaluate import footprint
 from nmke_patch.export.peft import export_peft
 from nmke_patch.hub import build_pack
-from nmke_patch.patch import Patch
+from nmke_patch.patch import Patch, load_patch
 from nmke_patch.sources import resolve_patches
 from nmke_patch.stack import PatchStack
 
@@ -70,6 +70,8 @@ def test_sources_refuse_what_is_not_a_patch() -> None:
         resolve_patches([1])  # type: ignore[list-item]
     with pytest.raises(InvalidRequestError, match="empty path"):
         resolve_patches([""])
+    with pytest.raises(InvalidPatchError, match="empty patch path"):
+        load_patch("")
 
 
 def test_load_model_with_patches_none(

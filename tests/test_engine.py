@@ -541,11 +541,30 @@ def test_configs_written_before_added_fields_keep_their_meaning_and_run_key() ->
         ({"layers": [1, 3]}, "layers must be consecutive"),
         ({"layers": [-1, 0]}, "layers must be consecutive"),
         ({"stats_tokens": 0}, "stats_tokens must be >= 1"),
+        ({"contrast_keep": 2.0}, r"contrast_keep must be a share in \[0, 1\]"),
+        ({"grow_budget_to": 0.05}, "grow_budget_to must be at least max_neurons"),
     ],
 )
 def test_config_refuses_values_outside_its_choices(override: dict[str, Any], message: str) -> None:
     with pytest.raises(InvalidRequestError, match=message):
         EditConfig().with_overrides(**override)
+    with pytest.raises(InvalidRequestError, match=message):  # built directly, too
+        EditConfig(**override)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"z_steps": 2.5}, "z_steps must be int"),
+        ({"layers": "4-8"}, "layers must be tuple"),
+        ({"amplification": "30"}, "amplification must be a finite number|amplification must be float"),
+    ],
+)
+def test_a_config_built_directly_checks_types(override: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidRequestError, match=message):
+        EditConfig(**override)
+    assert EditConfig(z_lr=1).z_lr == 1.0 and isinstance(EditConfig(z_lr=1).z_lr, float)
+    assert EditConfig(layers=[4, 5]).layers == (4, 5)
 
 
 def test_layers_beyond_the_model_are_refused_before_statistics(tiny_tokenizer, monkeypatch) -> None:

@@ -305,3 +305,22 @@ def test_cli_plot_into_a_missing_folder_fails_before_evaluating(tmp_path: Path, 
     result = CliRunner().invoke(app, ["eval", str(patch.path), "--facts", str(facts), "--plot", str(target)])
     assert isinstance(result.exception, NmkePatchError), result.output
     assert f"folder {target.parent} does not exist" in str(result.exception)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"generation_tokens": -3}, "generation_tokens must be an integer >= 1"),
+        ({"generations": -1}, "generations must be an integer >= 0"),
+        ({"heldout_tokens": -5}, "heldout_tokens must be an integer >= 1"),
+        ({"max_batch_tokens": 0}, "max_batch_tokens must be an integer >= 1"),
+        ({"generations": 2.5}, "generations must be an integer"),
+    ],
+)
+def test_evaluate_refuses_counts_that_are_not(
+    tiny_tokenizer: PreTrainedTokenizerFast, setting: dict[str, Any], message: str
+) -> None:
+    model = MODEL_FACTORIES["llama"]()
+    request = _request(model, tiny_tokenizer, new_is_best=True)
+    with pytest.raises(InvalidRequestError, match=message):
+        evaluate(model, tiny_tokenizer, [request], heldout_text=HELDOUT, unrelated=(), **setting)

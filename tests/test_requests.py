@@ -248,7 +248,9 @@ def test_a_misspelled_field_is_named_with_a_suggestion(
     assert "'paraphrase' in record(s) 0; did you mean 'paraphrases'?" in said
     caplog.clear()
     with caplog.at_level("WARNING", logger="nmke_patch.requests"):
-        read_requests(_write(tmp_path, json.dumps([{**RECORD, "relation": "capital"}, ZSRE, COUNTERFACT_RECORD])))
+        read_requests(
+            _write(tmp_path, json.dumps([{**RECORD, "relation": "capital"}, ZSRE, COUNTERFACT_RECORD]))
+        )
     assert not caplog.records  # metadata, and the extra fields of CounterFact and ZsRE records
 
 

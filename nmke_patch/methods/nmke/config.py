@@ -369,6 +369,11 @@ class EditConfig:
     seed: int = _f(0, "Seed for prefix sampling and preservation text.")
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # built directly, not through with_overrides: the same type rules
+            value = getattr(self, f.name)
+            coerced = _coerce(f.name, str(f.type), value)
+            if coerced is not value:
+                object.__setattr__(self, f.name, coerced)
         for name, choices in _choices().items():
             if getattr(self, name) not in choices:
                 allowed = ", ".join(map(str, choices))
@@ -431,6 +436,13 @@ class EditConfig:
                 "and bank_size >= 1",
             ),
             (0 < self.contrast_decay <= 1, "contrast_decay must be in (0, 1]"),
+            (self.contrast_keep <= 1, "contrast_keep must be a share in [0, 1]"),
+            (
+                self.grow_budget_to is None
+                or self.max_neurons is None
+                or self.grow_budget_to >= self.max_neurons,
+                "grow_budget_to must be at least max_neurons (it is the budget an edit grows to)",
+            ),
             (self.max_sweeps >= 1 and 0 <= self.sweep_until <= 1, "max_sweeps >= 1, sweep_until in [0, 1]"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (0 <= self.seed < 2**63, "seed must be in [0, 2**63)"),
