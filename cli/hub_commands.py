@@ -79,7 +79,15 @@ def pull(
     ],
     revision: RevisionOpt = None,
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Download into this folder instead of the Hub cache.")
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help=(
+                "Also copy the verified pack into this folder (new, empty, or an earlier pull's, which is "
+                "replaced whole); downloads still go through the Hugging Face cache."
+            ),
+        ),
     ] = None,
     token: TokenOpt = None,
 ) -> None:

@@ -43,5 +43,9 @@ class HubError(NmkePatchError, OSError):
     """Pushing to or pulling from the Hugging Face Hub failed."""
 
 
+class EditError(NmkePatchError, RuntimeError):
+    """Computing an edit failed numerically (an update that is not finite)."""
+
+
 class ExportError(NmkePatchError, ValueError):
     """A patch cannot be exported in the requested format."""

@@ -17,6 +17,7 @@ only target positions are unembedded.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -486,8 +487,20 @@ def _neighbor_key(n: Neighbor) -> str:
     return f"{n.prompt}\t{n.target}"
 
 
-def _check_counts(**counts: tuple[int, int]) -> None:
-    """Refuse each ``name=(value, least)`` whose value is not an integer of at least ``least``."""
+def _check_counts(
+    generations: int = 8,
+    generation_tokens: int = 40,
+    heldout_tokens: int | None = 1024,
+    max_batch_tokens: int = 512,
+) -> None:
+    """Refuse a count of :func:`evaluate` that is not an integer of at least its least value."""
+    counts = {
+        "generations": (generations, 0),
+        "generation_tokens": (generation_tokens, 1),
+        "max_batch_tokens": (max_batch_tokens, 1),
+    }
+    if heldout_tokens is not None:
+        counts["heldout_tokens"] = (heldout_tokens, 1)
     for name, (value, least) in counts.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise InvalidRequestError(f"{name} must be an integer >= {least} (got {value!r})")
@@ -526,13 +539,7 @@ def evaluate(
         ``details`` holds what :func:`compare` needs (argmax tokens of neighbourhood answers, which
         unrelated facts are answered, perplexity) and the generations. Definitions: docs/evaluation.md.
     """
-    _check_counts(
-        generations=(generations, 0),
-        generation_tokens=(generation_tokens, 1),
-        max_batch_tokens=(max_batch_tokens, 1),
-    )
-    if heldout_tokens is not None:
-        _check_counts(heldout_tokens=(heldout_tokens, 1))
+    _check_counts(generations, generation_tokens, heldout_tokens, max_batch_tokens)
     requests = as_requests(requests)
     say = progress or (lambda _stage: None)
     seconds: dict[str, float] = {}
@@ -664,9 +671,9 @@ def evaluate(
 # -- comparison and footprint ------------------------------------------------------------------------------
 
 
-def footprint(items: Iterable[PatchSource | TensorDelta]) -> dict[str, Any]:
+def footprint(items: Iterable[PatchSource | TensorDelta] | PatchSource | TensorDelta) -> dict[str, Any]:
     """Neurons, parameters and bytes that patches (or tensor deltas) change, neurons united per tensor;
-    patches may be given as anything :func:`~nmke_patch.sources.resolve_patches` takes.
+    patches may be given as anything :func:`~nmke_patch.sources.resolve_patches` takes, one alone or several.
 
     Returns:
         ``{"tensors": {name: {"neurons", "of_neurons", "share"}}, "union_neurons", "mean_share",
@@ -677,7 +684,11 @@ def footprint(items: Iterable[PatchSource | TensorDelta]) -> dict[str, Any]:
     union: dict[str, set[int]] = {}
     meta: dict[str, TensorDelta] = {}
     patch_bytes = 0
+    if isinstance(items, (str, os.PathLike, Patch, TensorDelta)):
+        items = [items]
     for item in items:
+        if item is None:
+            raise TypeError("footprint: None is not a patch (expected paths, Patch objects or TensorDeltas)")
         if isinstance(item, TensorDelta):
             deltas: tuple[TensorDelta, ...] = (item,)
         else:
@@ -791,7 +802,7 @@ def evaluate_pair(
     model: nn.Module,
     tokenizer: Any,
     requests: RequestsLike,
-    patches: Iterable[PatchSource],
+    patches: Iterable[PatchSource] | PatchSource,
     *,
     force: bool = False,
     cache: bool = True,
@@ -810,6 +821,9 @@ def evaluate_pair(
     Returns:
         ``{"base": evaluate(...), "patched": evaluate(...), "comparison": compare(...), "base_cached": bool}``.
     """
+    # every argument checked before any patch touches the model
+    inspect.signature(evaluate).bind(model, tokenizer, requests, **kwargs)  # TypeError for an unknown one
+    _check_counts(**{k: v for k, v in kwargs.items() if k in inspect.signature(_check_counts).parameters})
     requests = as_requests(requests)
     resolved = resolve_patches(patches)
     if not force:

@@ -477,6 +477,8 @@ def _hub_error(
         msg = f"{'push to' if push else 'pull of'} {where} failed: {detail}"
     else:
         msg = f"could not reach the Hub at {endpoint} ({type(exc).__name__}): {_CHECK_ENDPOINT}"
+        if not push:
+            msg += "; a pack pulled before is served from the cache with HF_HUB_OFFLINE=1"
     return HubError(msg)
 
 
@@ -606,11 +608,19 @@ def _pulled_here(folder: Path) -> bool:
 
 def _download(repo_id: str, revision: str | None, token: str | None, endpoint: str | None) -> Path:
     """``snapshot_download`` of the pack into the Hugging Face cache (from it only when offline); one-line
-    errors."""
-    from huggingface_hub import snapshot_download
+    errors.
+
+    Online, the Hub is asked first: ``snapshot_download`` alone would answer a refusal (401, 404) or an
+    outage with a copy cached earlier, so a revoked token or a deleted pack would go unnoticed. Offline
+    (``HF_HUB_OFFLINE``), the cache is the intended source."""
+    from huggingface_hub import HfApi, snapshot_download
 
     url = hub_endpoint(endpoint)
     try:
+        if not _offline():
+            HfApi(endpoint=url, token=token, library_name=LIBRARY_NAME).repo_info(
+                repo_id, repo_type=_REPO_TYPE, revision=revision
+            )
         return Path(
             snapshot_download(
                 repo_id,

@@ -15,6 +15,8 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
+import urllib.request
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -196,9 +198,10 @@ def load_base(
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=cache_only)
     except (OSError, ValueError) as exc:
         if cache_only:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelLoadError(
-                f"could not load model {str(source)!r}: not a local directory, not in the Hugging Face cache, "
-                "and the Hub cannot be reached from here"
+                f"could not load model {str(source)!r}: not a local directory, and the Hub cannot be reached from "
+                f"here, so only the Hugging Face cache was tried: {reason}"
             ) from exc
         raise ModelLoadError(f"could not load model {str(source)!r}: {exc}".splitlines()[0]) from exc
     if device_map is None and target is not None:
@@ -217,24 +220,35 @@ def load_base(
 
 
 def _hub_unreachable(timeout: float = 3.0) -> bool:
-    """Whether the Hub's host refuses a direct connection within ``timeout`` seconds. ``False`` where a proxy
-    is configured (the probe would not use it) or ``HF_HUB_OFFLINE`` is set (transformers is offline then)."""
+    """Whether the Hub's host refuses a direct connection within ``timeout`` seconds in all (name lookup and
+    every address included). ``False`` where a proxy applies to the host (the probe would not use it), where
+    ``HF_HUB_OFFLINE`` is set (transformers is offline then) or where the endpoint cannot be parsed."""
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE or any(
-        os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
-    ):
+    if constants.HF_HUB_OFFLINE:
         return False
     url = urlparse(constants.ENDPOINT)
-    if not url.hostname:
-        return False
     try:
-        socket.create_connection(
-            (url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout
-        ).close()
-    except OSError:
-        return True
-    return False
+        host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    except ValueError:  # a malformed port: transformers reports it
+        return False
+    if not host:
+        return False
+    proxies = urllib.request.getproxies()
+    if (proxies.get(url.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(host):
+        return False
+    reached = threading.Event()
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout).close()
+            reached.set()
+        except OSError:
+            pass
+
+    # A thread, so that a slow name lookup or several addresses cannot stretch the probe past ``timeout``.
+    threading.Thread(target=connect, daemon=True, name="nmke-hub-probe").start()
+    return not reached.wait(timeout)
 
 
 def _reads_as_path(name: str) -> bool:

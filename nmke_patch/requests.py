@@ -229,20 +229,27 @@ NATIVE_FIELDS = (
 def _warn_unknown_fields(records: Sequence[Any], where: str) -> None:
     """A warning for each field of our own record format that looks like a misspelt one of ours (a typo
     such as ``target_ture`` would otherwise drop a metric silently). Other extra fields are metadata
-    (``relation``, ...) and pass quietly; CounterFact and ZsRE records are not checked."""
-    unknown: dict[str, list[int]] = {}
+    (``relation``, ``subject_id``, ``uid``, ...) and pass quietly; so does a field close to one the record
+    already has. CounterFact and ZsRE records are not checked."""
+    unknown: dict[tuple[str, str], list[int]] = {}
     for i, r in enumerate(records):
         if isinstance(r, dict) and "requested_rewrite" not in r and not ("src" in r and "prompt" not in r):
             for key in r:
-                if key not in NATIVE_FIELDS:
-                    unknown.setdefault(str(key), []).append(i)
-    for key, indices in unknown.items():
-        close = difflib.get_close_matches(key.lower(), NATIVE_FIELDS, n=1, cutoff=0.75)
-        if close:
-            shown = ", ".join(map(str, indices[:5])) + (", ..." if len(indices) > 5 else "")
-            logger.warning(
-                "%s: ignoring unknown field %r in record(s) %s; did you mean %r?", where, key, shown, close[0]
-            )
+                if key in NATIVE_FIELDS:
+                    continue
+                missing = [f for f in _SUGGESTED_FIELDS if f not in r]
+                close = difflib.get_close_matches(str(key).lower(), missing, n=1, cutoff=0.75)
+                if close:
+                    unknown.setdefault((str(key), close[0]), []).append(i)
+    for (key, meant), indices in unknown.items():
+        shown = ", ".join(map(str, indices[:5])) + (", ..." if len(indices) > 5 else "")
+        logger.warning(
+            "%s: ignoring unknown field %r in record(s) %s; did you mean %r?", where, key, shown, meant
+        )
+
+
+_SUGGESTED_FIELDS = NATIVE_FIELDS[:6]
+"""The fields a misspelling of would lose something (an error or a metric); ``id``/``case_id`` are labels."""
 
 
 def parse_request(record: Any, index: int) -> EditRequest:

@@ -91,6 +91,11 @@ def test_export_and_footprint_take_paths(saved: tuple[torch.nn.Module, Patch, Pa
     two = export_peft([str(a.path), b], tmp_path / "two")
     assert one.modules != two.modules and len(two.modules) == 2
     assert footprint([a.path, b])["union_neurons"] == a.num_neurons + b.num_neurons
+    for one_alone in (a, a.path, str(a.path)):  # one patch alone, not the characters of its path
+        assert footprint(one_alone) == footprint([a])
+    assert footprint(a.deltas[0])["union_neurons"] == len(a.deltas[0].indices)
+    with pytest.raises(TypeError, match="None is not a patch"):
+        footprint([a, None])  # type: ignore[list-item]
 
 
 @pytest.mark.parametrize("rank", [True, 2.5, "3", 0])

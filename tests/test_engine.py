@@ -15,7 +15,7 @@ from nmke_patch import stats as stats_module
 from nmke_patch.architectures import spec_for_model
 from nmke_patch.checkpoints import run_key
 from nmke_patch.create import LoadedModel, create_patch
-from nmke_patch.errors import InvalidRequestError, ModelLoadError, PatchMismatchError
+from nmke_patch.errors import EditError, InvalidRequestError, ModelLoadError, PatchMismatchError
 from nmke_patch.methods.nmke.attribution import final_norm_scale, neuron_scores
 from nmke_patch.methods.nmke.config import ADDED_FIELDS, EditConfig
 from nmke_patch.methods.nmke.engine import Editor
@@ -350,6 +350,22 @@ def test_contrast_keys_are_kept_by_the_edit(arch: str, tiny_tokenizer) -> None:
     assert changes[1] < 0.05 * changes[0], changes
 
 
+def test_a_solve_that_diverges_stops_with_its_own_error(tiny_tokenizer, monkeypatch) -> None:
+    from nmke_patch.methods.nmke import engine
+
+    lm = loaded("llama", tiny_tokenizer)
+    before = state_copy(lm.model)
+
+    def diverging(*args: Any, **kwargs: Any) -> Any:
+        update = solve_layer(*args, **kwargs)
+        return update._replace(x=torch.full_like(update.x, float("nan")))
+
+    monkeypatch.setattr(engine, "solve_layer", diverging)
+    with pytest.raises(EditError, match=r"update of layer \d .* is not finite: the solve diverged"):
+        create_patch(requests()[:1], loaded=lm, config=TINY_CONFIG, name="t")
+    assert_state_equal(lm.model, before)
+
+
 @pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
 def test_reusing_touched_neurons_shrinks_the_lifetime_patch(arch: str, tiny_tokenizer) -> None:
     lm = loaded(arch, tiny_tokenizer)
@@ -565,6 +581,15 @@ def test_a_config_built_directly_checks_types(override: dict[str, Any], message:
         EditConfig(**override)
     assert EditConfig(z_lr=1).z_lr == 1.0 and isinstance(EditConfig(z_lr=1).z_lr, float)
     assert EditConfig(layers=[4, 5]).layers == (4, 5)
+
+
+def test_a_config_takes_numpy_numbers_and_dense_methods_ignore_the_budget() -> None:
+    np = pytest.importorskip("numpy")
+    config = EditConfig(z_steps=np.int64(5), z_lr=np.float32(0.5), layers=[np.int64(3), 4])
+    assert (config.z_steps, config.z_lr, config.layers) == (5, 0.5, (3, 4))
+    assert type(config.z_steps) is int and type(config.z_lr) is float and type(config.layers[0]) is int
+    assert config.identity() == EditConfig(z_steps=5, z_lr=0.5, layers=(3, 4)).identity()
+    assert EditConfig(method="alphaedit", grow_budget_to=0.05).grow_budget_to == 0.05
 
 
 def test_layers_beyond_the_model_are_refused_before_statistics(tiny_tokenizer, monkeypatch) -> None:

@@ -27,6 +27,7 @@ from nmke_patch.evaluate import (
     words,
 )
 from nmke_patch.requests import EditRequest, Neighbor
+from nmke_patch.stack import PatchStack
 
 HELDOUT = ["w5 w6 w7 w8 w9 w10 w11 w12", "w20 w21 w22 w23 w24 w25 w26 w27 w28 w29 w30"]
 SMALL_EVALUATION: dict = {  # evaluate_pair settings for tiny models: two texts, one fact, short generations
@@ -324,3 +325,20 @@ def test_evaluate_refuses_counts_that_are_not(
     request = _request(model, tiny_tokenizer, new_is_best=True)
     with pytest.raises(InvalidRequestError, match=message):
         evaluate(model, tiny_tokenizer, [request], heldout_text=HELDOUT, unrelated=(), **setting)
+    patch = random_patch(model, seed=3)
+    applied: list[Any] = []
+    original_apply = PatchStack.apply
+
+    def spy(self: PatchStack, p: Any, **kwargs: Any) -> Any:
+        applied.append(p)
+        return original_apply(self, p, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(PatchStack, "apply", spy)
+        with pytest.raises(InvalidRequestError, match=message):  # refused before any patch is applied
+            evaluate_pair(
+                model, tiny_tokenizer, [request], patch, heldout_text=HELDOUT, unrelated=(), **setting
+            )
+        with pytest.raises(TypeError):
+            evaluate_pair(model, tiny_tokenizer, [request], patch, heldout_txt=HELDOUT)
+    assert not applied

@@ -128,7 +128,7 @@ def test_packs_that_could_never_be_applied_are_refused_before_any_upload(hub, tw
     assert "or on one model named two ways" in caplog.text and (tmp_path / "named" / "pack.json").is_file()
 
 
-def test_private_pack_needs_a_token(hub, two_patches):
+def test_private_pack_needs_a_token(hub, two_patches, tmp_path):
     a, _ = two_patches
     push_pack([a.path], "user/secret", private=True, token=TOKEN)
     assert hub.repos["user/secret"].private
@@ -139,6 +139,12 @@ def test_private_pack_needs_a_token(hub, two_patches):
     with pytest.raises(HubError):
         pull_pack("hf://user/secret", token="hf_wrong")
     assert _ids(pull_pack("hf://user/secret", token=TOKEN)) == [a.id]
+    for where in ({}, {"local_dir": tmp_path / "secret"}):  # cached now: still refused without access
+        with pytest.raises(HubError, match="private"):
+            pull_pack("hf://user/secret", **where)
+        with pytest.raises(HubError, match="private"):
+            pull_pack("hf://user/secret", token=OTHER_TOKEN, **where)
+    assert not (tmp_path / "secret").exists()
     with pytest.raises(HubError, match="push"):
         push_pack([a.path], "user/secret", token=OTHER_TOKEN)  # no write access to user/
     with pytest.raises(HubError):
@@ -164,6 +170,17 @@ def test_offline_pull_uses_the_cache(hub, two_patches, monkeypatch):
         pull_pack("hf://user/pack@v9")
     with pytest.raises(HubError, match="offline"):
         push_pack([a.path], "user/pack", token=TOKEN)
+
+
+def test_hub_outage_is_reported_not_covered_by_the_cache(hub, two_patches, tmp_path):
+    a, _ = two_patches
+    push_pack([a.path], "user/pack", token=TOKEN)
+    pull_pack("hf://user/pack")
+    hub.stop()  # the Hub goes down; HF_HUB_OFFLINE is not set
+    for where in ({}, {"local_dir": tmp_path / "out"}):
+        with pytest.raises(HubError, match=r"could not reach the Hub.*HF_HUB_OFFLINE=1"):
+            pull_pack("hf://user/pack", **where)
+    assert not (tmp_path / "out").exists()
 
 
 def test_pull_into_a_folder_is_all_or_nothing(hub, two_patches, tmp_path, monkeypatch):

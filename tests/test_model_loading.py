@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -20,8 +22,9 @@ class _Connection:
 
 def _clear_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
-    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+    for var in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "NO_PROXY", "REQUEST_METHOD"):
         monkeypatch.delenv(var, raising=False)
+        monkeypatch.delenv(var.lower(), raising=False)
 
 
 def test_hub_probe(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -38,11 +41,44 @@ def test_hub_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")  # the probe would bypass it: no verdict
     assert not models._hub_unreachable()
     _clear_proxies(monkeypatch)
+    monkeypatch.setenv("ALL_PROXY", "http://proxy.example:3128")
+    assert not models._hub_unreachable()
+    monkeypatch.setenv("NO_PROXY", "huggingface.co")  # the proxy does not apply to the Hub: probe directly
+    monkeypatch.setattr(hub_constants, "ENDPOINT", "https://huggingface.co")
+    assert models._hub_unreachable()
+    _clear_proxies(monkeypatch)
     monkeypatch.setattr(socket, "create_connection", lambda address, timeout: _Connection())
+    assert not models._hub_unreachable()
+
+
+def test_hub_probe_keeps_its_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lookup that hangs (or many addresses each timing out) still gives a verdict in about ``timeout``."""
+    _clear_proxies(monkeypatch)
+    release = threading.Event()
+
+    def hang(address: tuple[str, int], timeout: float) -> _Connection:
+        release.wait(30)
+        raise OSError("timed out")
+
+    monkeypatch.setattr(socket, "create_connection", hang)
+    started = time.monotonic()
+    try:
+        assert models._hub_unreachable(timeout=0.2)
+        assert time.monotonic() - started < 5  # 0.2 s asked; generous for a loaded machine, far below 30
+    finally:
+        release.set()
+
+
+def test_hub_probe_gives_no_verdict_on_a_malformed_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    _clear_proxies(monkeypatch)
+    monkeypatch.setattr(hub_constants, "ENDPOINT", "https://hub.example:notaport")
     assert not models._hub_unreachable()
 
 
 def test_unreachable_hub_means_cache_only_and_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(models, "_hub_unreachable", lambda: True)
-    with pytest.raises(ModelLoadError, match="not in the Hugging Face cache, and the Hub cannot be reached"):
+    with pytest.raises(
+        ModelLoadError, match="the Hub cannot be reached from here, so only the Hugging Face cache"
+    ) as err:
         load_base("nmke-patch-tests/no-such-model")
+    assert str(err.value).split("cache was tried: ", 1)[1].strip()  # the loader's own reason follows

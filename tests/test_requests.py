@@ -249,9 +249,19 @@ def test_a_misspelled_field_is_named_with_a_suggestion(
     caplog.clear()
     with caplog.at_level("WARNING", logger="nmke_patch.requests"):
         read_requests(
-            _write(tmp_path, json.dumps([{**RECORD, "relation": "capital"}, ZSRE, COUNTERFACT_RECORD]))
+            _write(
+                tmp_path,
+                json.dumps(
+                    [
+                        {**RECORD, "relation": "capital", "subject_id": 7, "prompt_id": 2, "uid": "a1"},
+                        {**RECORD, "target": "Rome", "neighborhoods": "v2", "neighborhood": []},
+                        ZSRE,
+                        COUNTERFACT_RECORD,
+                    ]
+                ),
+            )
         )
-    assert not caplog.records  # metadata, and the extra fields of CounterFact and ZsRE records
+    assert not caplog.records  # metadata, fields beside the one they resemble, CounterFact and ZsRE extras
 
 
 def test_a_paraphrase_with_a_placeholder_is_refused(tmp_path: Path) -> None:

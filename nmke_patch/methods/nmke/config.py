@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -27,12 +28,12 @@ def _coerce(name: str, annotation: str, value: Any) -> Any:
     and ``x=30.0`` are the same setting and the same run key); anything else of the wrong type is refused."""
     if value is None and ("None" in annotation or name == "layers"):
         return None
-    number = isinstance(value, int | float) and not isinstance(value, bool)
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy scalars too
     if name == "layers":
         if isinstance(value, list | tuple) and all(
-            isinstance(x, int) and not isinstance(x, bool) for x in value
+            isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in value
         ):
-            return tuple(value)
+            return tuple(int(x) for x in value)
     elif annotation.startswith("bool"):
         if isinstance(value, bool):
             return value
@@ -41,7 +42,7 @@ def _coerce(name: str, annotation: str, value: Any) -> Any:
             return int(value)
     elif annotation.startswith("float"):
         if number:
-            return float(value)
+            return float(value)  # type: ignore[arg-type]
     elif isinstance(value, str):
         return value
     if isinstance(value, str) and annotation.startswith(("int", "float")):
@@ -439,6 +440,7 @@ class EditConfig:
             (self.contrast_keep <= 1, "contrast_keep must be a share in [0, 1]"),
             (
                 self.grow_budget_to is None
+                or self.method != "nmke"  # the dense methods have no budget to grow
                 or self.max_neurons is None
                 or self.grow_budget_to >= self.max_neurons,
                 "grow_budget_to must be at least max_neurons (it is the budget an edit grows to)",

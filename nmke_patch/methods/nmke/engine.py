@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 
 from ...architectures import decoder_layers, get_submodule, spec_for_model
 from ...delta import TensorDelta, gather_neurons, make_delta
+from ...errors import EditError
 from ...patch import Manifest, Patch
 from ...requests import EditRequest
 from ...stack import PatchStack
@@ -402,6 +403,11 @@ class Editor:
         out = []
         for l in self.layers:
             idx = torch.nonzero(self.touched[l]).flatten()
+            if idx.numel() and not bool(torch.isfinite(self.cum[l][idx]).all()):
+                raise EditError(
+                    f"the update of layer {l} ({self.spec.weight_name(l)}) is not finite: the solve diverged. "
+                    "Nothing was written; try --dtype fp32, --set min_preservation=300 or smaller batches"
+                )
             if idx.numel():
                 out.append(
                     make_delta(
