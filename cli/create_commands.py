@@ -20,8 +20,9 @@ from rich.progress import (
 from rich.table import Table
 
 from nmke_patch.checkpoints import refuse_interrupted_run
-from nmke_patch.errors import InvalidRequestError
+from nmke_patch.errors import InvalidRequestError, PatchMismatchError
 from nmke_patch.jsonio import load_json_text
+from nmke_patch.merged import RECORD_FILE, read_record
 from nmke_patch.methods.nmke.config import EditConfig
 from nmke_patch.patch import PATCH_SUFFIX, check_patch_target
 from nmke_patch.requests import read_requests
@@ -187,6 +188,14 @@ def create(
     check_corpus(config.stats_corpus)  # a missing corpus file fails before the model loads
     parents = resolve_patches(on or [])  # read and verified once, here
     check_lineage(parents)  # an incomplete or out-of-order chain fails before the model loads too
+    held = {m.id for m in read_record(model) or []}
+    merged_parents = [p.name for p in parents if p.id in held]
+    if merged_parents:
+        raise PatchMismatchError(
+            f"--model {model} has {', '.join(merged_parents)} merged already ({RECORD_FILE}); create on the base "
+            "model with --on (the child then applies to this merged model too), or drop --on to make this "
+            "merged model the new base"
+        )
     for p in parents:
         if p.path is not None and out.resolve() in (p.path.resolve(), *p.path.resolve().parents):
             raise FileExistsError(

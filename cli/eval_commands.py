@@ -13,10 +13,11 @@ import typer
 from rich.table import Table
 
 from nmke_patch.errors import InvalidRequestError, NmkePatchError
+from nmke_patch.merged import read_record
 from nmke_patch.patch import Patch
 from nmke_patch.requests import read_requests
 from nmke_patch.sources import resolve_patches
-from nmke_patch.stack import check_lineage
+from nmke_patch.stack import PatchStack, check_lineage
 
 from .common import DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, ModelOpt, PatchesArg, console, err_console, shown
 
@@ -249,8 +250,9 @@ def eval_command(
     from nmke_patch.models import load_base
 
     resolved = resolve_patches(patches)  # validate everything before the slow part
+    held = read_record(model) or []  # a merged model's patches: the base here, and parents for children
     if not force:
-        check_lineage(resolved)
+        check_lineage(resolved, [m.id for m in held])
     requests = read_requests(facts)[:limit]
     extra: dict[str, Any] = {"generations": generations}
     if unrelated is not None:
@@ -267,6 +269,7 @@ def eval_command(
     try:
         with err_console.status("loading model") as status:
             loaded, tokenizer, info = load_base(model, device=device, dtype=dtype)
+            PatchStack.for_model(loaded).declare_merged(held)
             result = evaluate_pair(
                 loaded,
                 tokenizer,

@@ -226,9 +226,10 @@ def apply(
     resolved = resolve_patches(patches)  # validate every patch before loading anything
     held = check_apply(model, resolved, force=force)
     if not force:
-        check_lineage(resolved)  # what the stack would refuse, before the model loads
+        check_lineage(resolved, [m.id for m in held])  # what the stack would refuse, before the model loads
     loaded, tokenizer, _ = _load(model, device, dtype)
     stack = PatchStack.for_model(loaded)
+    stack.declare_merged(held)  # children of merged patches apply on top of them
     by_id = {p.id: p for p in resolved}
     forced = []
     for p in resolved:
@@ -354,9 +355,11 @@ def verify(
 ) -> None:
     """Check that patches fit a base model (applied in order, in memory; nothing is saved)."""
     resolved = resolve_patches(patches)
-    check_lineage(resolved)  # what the stack would refuse, before the model loads
+    held = read_record(model) or []
+    check_lineage(resolved, [m.id for m in held])  # what the stack would refuse, before the model loads
     loaded, _, info = _load(model, device, dtype)
     stack = PatchStack.for_model(loaded)
+    stack.declare_merged(held)
     for p in resolved:
         stack.check(p, fingerprints=True)
         stack.apply(p)

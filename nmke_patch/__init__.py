@@ -46,13 +46,16 @@ def load_model(
     Returns:
         ``(model, tokenizer)``; ``PatchStack.for_model(model)`` lists, unloads and adds patches.
     """
+    from .merged import read_record
     from .models import load_base
 
     resolved = resolve_patches(patches)
+    held = read_record(model) or []  # a model saved by `apply --out`: what it has merged
     if not force:
-        check_lineage(resolved)  # a broken chain fails before the model loads
+        check_lineage(resolved, [m.id for m in held])  # a broken chain fails before the model loads
     loaded, tokenizer, _ = load_base(model, device=device, dtype=dtype, device_map=device_map)
     stack = PatchStack.for_model(loaded)
+    stack.declare_merged(held)  # children of its patches apply on top of them
     for patch in resolved:
         stack.apply(patch, force=force)
     return loaded, tokenizer

@@ -826,9 +826,9 @@ def evaluate_pair(
     _check_counts(**{k: v for k, v in kwargs.items() if k in inspect.signature(_check_counts).parameters})
     requests = as_requests(requests)
     resolved = resolve_patches(patches)
-    if not force:
-        check_lineage(resolved)
     stack = PatchStack.for_model(model)
+    if not force:
+        check_lineage(resolved, [m.id for m in stack.merged])
     if stack.applied:
         raise InvalidRequestError("evaluate_pair needs the base model: unload the applied patches first")
     say = progress or (lambda _stage: None)

@@ -7,6 +7,7 @@ before loading anything, to merge a patch twice or to revert patches other than 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ class MergedPatch:
         return cls(patch.name, patch.id)
 
 
-def read_record(model_dir: str | Path | None) -> list[MergedPatch] | None:
+def read_record(model_dir: str | os.PathLike[str] | None) -> list[MergedPatch] | None:
     """The patches ``model_dir`` says are merged into it, oldest first; ``None`` where it keeps no record
     (a Hub id, a plain base model, the default model). A record that is not one is an error, not ignored."""
     if model_dir is None:
@@ -68,8 +69,7 @@ def names(merged: list[MergedPatch]) -> str:
 def check_apply(
     model_dir: str | Path | None, patches: list[Patch], *, force: bool = False
 ) -> list[MergedPatch]:
-    """What ``model_dir`` holds already (empty without a record); refuses a patch it holds already and
-    (unless ``force``) a child of patches it holds."""
+    """What ``model_dir`` holds already (empty without a record); refuses a patch it holds already."""
     held = read_record(model_dir) or []
     ids = {m.id for m in held}
     twice = [p.name for p in patches if p.id in ids]
@@ -78,15 +78,6 @@ def check_apply(
             f"{model_dir} already has {', '.join(twice)} merged ({RECORD_FILE}: {names(held)}); apply to the "
             "base model, or revert it first"
         )
-    given = {p.id for p in patches}
-    for p in [] if force else patches:
-        merged_parents = [r.name for r in p.manifest.parents if r.id in ids and r.id not in given]
-        if merged_parents:
-            raise PatchMismatchError(
-                f"{p.name} was made on top of {', '.join(merged_parents)}, which {model_dir} has merged "
-                f"({RECORD_FILE}); the stack cannot take a merged model's record as applied parents: apply the whole "
-                "chain to the base model, or --force if this model is exactly the base plus those parents"
-            )
     return held
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from .architectures import ArchitectureSpec, decoder_layers, spec_for_model
 from .delta import TensorDelta, add_delta, gather_neurons, scatter_neurons
 from .errors import PatchMismatchError, PatchNotAppliedError
 from .models import check_resident, tensor_fingerprint
-from .patch import Patch, check_deltas
+from .patch import ParentRef, Patch, check_deltas
 from .sources import PatchSource, resolve_one, resolve_patches
 from .threads import one_thread
 
@@ -55,14 +56,18 @@ def _within_rounding(a: torch.Tensor, b: torch.Tensor, size: torch.Tensor, *, st
     return bool(((a.float() - b.float()).abs() <= bound).all())
 
 
-def check_lineage(patches: Sequence[Patch]) -> None:
+def check_lineage(patches: Sequence[Patch], merged: Sequence[str] = ()) -> None:
     """Refuse a list of patches that names a patch twice or puts a patch before (or without) a patch it
-    was made on top of: a chain is given whole, oldest first. Reads the manifests only."""
+    was made on top of: a chain is given whole, oldest first. ``merged``: ids of patches already merged
+    into the model, oldest first; they count as given before the list. Reads the manifests only."""
     listed = {p.id for p in patches}
+    merged = list(merged)
     for i, patch in enumerate(patches):
         if patch.id in {p.id for p in patches[:i]}:
             raise PatchMismatchError(f"patch {patch.describe()} is given twice")
-        earlier = {p.id for p in patches[:i]}
+        if patch.id in merged:
+            raise PatchMismatchError(f"patch {patch.describe()} is merged into this model already")
+        earlier = set(merged) | {p.id for p in patches[:i]}
         missing = [r for r in patch.manifest.parents if r.id not in earlier]
         if missing:
             named = ", ".join(
@@ -72,7 +77,7 @@ def check_lineage(patches: Sequence[Patch]) -> None:
                 f"patch {patch.describe()} was made on top of {named}; give every patch of a chain, oldest "
                 "first (each patch's recorded parents before it)"
             )
-        position = {p.id: j for j, p in enumerate(patches[:i])}
+        position = {pid: j for j, pid in enumerate([*merged, *(p.id for p in patches[:i])])}
         order = [position[r.id] for r in patch.manifest.parents]
         if order != sorted(order):
             raise PatchMismatchError(
@@ -98,6 +103,7 @@ class PatchStack:
         self._editable = {self.spec.weight_name(i) for i in range(num_layers)}
         self._applied: list[Patch] = []
         self._base: dict[str, _Snapshot] = {}
+        self._merged: list[ParentRef] = []
 
     @classmethod
     def for_model(cls, model: nn.Module) -> PatchStack:
@@ -112,6 +118,25 @@ class PatchStack:
     def applied(self) -> list[Patch]:
         """Applied patches, oldest first (a copy)."""
         return list(self._applied)
+
+    @property
+    def merged(self) -> list[ParentRef]:
+        """Patches declared merged into the weights before this stack (:meth:`declare_merged`), oldest first."""
+        return list(self._merged)
+
+    def declare_merged(self, patches: Iterable[Any]) -> None:
+        """Declare patches merged into the live weights already (a model saved by ``apply --out`` lists them
+        in ``nmke_patches.json``): each is given by anything with ``name`` and ``id`` (a :class:`Patch`, a
+        :class:`~nmke_patch.merged.MergedPatch`), oldest first. Patches made on top of them then apply here;
+        they themselves are part of the base, so :meth:`unload_all` keeps them. Replaces an earlier
+        declaration; needs a stack with nothing applied.
+        """
+        if self._applied:
+            raise PatchMismatchError("declare_merged() needs a stack with no patches applied")
+        refs = [ParentRef(name=str(p.name), id=str(p.id)) for p in patches]
+        if len({r.id for r in refs}) != len(refs):
+            raise PatchMismatchError("declare_merged(): a patch is listed twice")
+        self._merged = refs
 
     # -- checks ---------------------------------------------------------------------------------
 
@@ -177,19 +202,22 @@ class PatchStack:
             check_deltas(patch.deltas, patch.describe())
         if any(p.id == patch.id for p in self._applied):
             raise PatchMismatchError(f"patch {patch.describe()} is already applied")
-        applied_ids = [p.id for p in self._applied]
-        missing = [ref.name for ref in patch.manifest.parents if ref.id not in applied_ids]
+        if any(m.id == patch.id for m in self._merged):
+            raise PatchMismatchError(f"patch {patch.describe()} is merged into this model already")
+        present = [m.id for m in self._merged] + [p.id for p in self._applied]
+        missing = [ref.name for ref in patch.manifest.parents if ref.id not in present]
         if missing and not force:
             raise PatchMismatchError(
                 f"patch {patch.describe()} was made on top of {', '.join(missing)}, not applied here; "
                 "apply its parents first, oldest first (to override: force=True in Python, --force with apply, eval or revert)"
             )
-        parents = [p for p in self._applied if p.id in set(patch.parent_ids)]
+        parents = [p for p in self._applied if p.id in set(patch.parent_ids)]  # merged ones are in the base
         order = [ref.id for ref in patch.manifest.parents]
-        if not force and not missing and [p.id for p in parents] != order:
+        if not force and not missing and [i for i in present if i in set(order)] != order:
+            here = [m.name for m in self._merged if m.id in set(order)] + [p.name for p in parents]
             raise PatchMismatchError(
                 f"patch {patch.describe()} was made on top of {', '.join(r.name for r in patch.manifest.parents)} in "
-                f"that order, but they are applied here as {', '.join(p.name for p in parents)}; unload them and "
+                f"that order, but they are applied here as {', '.join(here)}; unload them and "
                 "apply the chain oldest first"
             )
         overlaps: list[Overlap] = []

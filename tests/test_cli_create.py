@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny, tiny_llama
+from conftest import random_patch, save_tiny, tiny_llama
 from nmke_patch.cli.main import app
 from transformers import PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
-from nmke_patch.errors import InvalidRequestError
+from nmke_patch.errors import InvalidRequestError, PatchMismatchError
+from nmke_patch.merged import MergedPatch, write_record
 from nmke_patch.patch import load_patch
 
 
@@ -217,3 +218,20 @@ def test_method_and_mode_choices_are_the_configs(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "nmke" in bad.output and "alphaedit" in bad.output
     assert not (tmp_path / "p.nmke").exists()
     assert EditConfig().method == MethodChoice.nmke.value
+
+
+def test_a_parent_merged_into_the_model_is_refused_before_loading(
+    setup: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model_dir = Path(setup[setup.index("--model") + 1])
+    parent = random_patch(tiny_llama(dtype=torch.float32), name="merged-one").save(tmp_path / "p.nmke")
+    write_record(model_dir, [MergedPatch.of(parent)])  # as `apply --out` leaves it
+
+    def no_model(*_: object, **__: object) -> None:
+        raise AssertionError("the model loaded before the parents were checked")
+
+    monkeypatch.setattr("nmke_patch.models.load_base", no_model)
+    result = CliRunner().invoke(app, [*setup, "-o", str(tmp_path / "c.nmke"), "--on", str(parent.path)])
+    assert isinstance(result.exception, PatchMismatchError), result.output
+    assert "has merged-one merged already" in str(result.exception)
+    assert not (tmp_path / "c.nmke").exists()

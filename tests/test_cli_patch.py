@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
+import nmke_patch
 from nmke_patch.errors import InvalidPatchError, ModelLoadError, PatchMismatchError
 from nmke_patch.patch import DELTAS_FILE, Patch
 from nmke_patch.stack import PatchStack
@@ -232,16 +233,28 @@ def test_the_merged_record_says_what_stays_after_a_partial_revert(
         result.exit_code == 0 and "forced" in result.output and "base model saved" not in _flat(result.output)
     )
     assert not (tmp_path / "f" / "nmke_patches.json").exists()
-    # a child of what a merged model holds cannot be stacked on it (no snapshot): said, not "wrong base"
-    result = runner.invoke(app, ["apply", _patch_dir(b), "-m", str(only_a), "-o", str(tmp_path / "x")])
-    assert isinstance(result.exception, PatchMismatchError)
-    assert "b was made on top of a, which" in str(result.exception) and "to the base model" in str(
+    # a child of what a merged model holds goes on top of it: base + a + b, recorded, and it reverts
+    child = tmp_path / "a_then_b"
+    result = runner.invoke(app, ["apply", _patch_dir(b), "-m", str(only_a), "-o", str(child)])
+    assert result.exit_code == 0, result.output
+    _assert_equal(_weights(child), _weights(ab))
+    assert _record(child) == ["a", "b"]
+    assert runner.invoke(app, ["verify", _patch_dir(b), "-m", str(only_a)]).exit_code == 0
+    result = runner.invoke(app, ["revert", _patch_dir(b), "-m", str(child), "-o", str(tmp_path / "a_again")])
+    assert result.exit_code == 0 and _record(tmp_path / "a_again") == ["a"]
+    _assert_equal(_weights(tmp_path / "a_again"), _weights(only_a))
+    loaded, _ = nmke_patch.load_model(only_a, patches=[b])  # the Python API reads the record too
+    live = loaded.state_dict()
+    _assert_equal({k: live[k] for k in _weights(ab)}, _weights(ab))
+    stack = PatchStack.for_model(loaded)
+    assert [m.name for m in stack.merged] == ["a"] and [p.name for p in stack.unload_all()] == ["b"]
+    _assert_equal({k: live[k] for k in _weights(only_a)}, _weights(only_a))
+    # on the base, or after a model that lacks a, the child is refused before loading
+    result = runner.invoke(app, ["apply", _patch_dir(b), "-m", str(base), "-o", str(tmp_path / "x")])
+    assert isinstance(result.exception, PatchMismatchError) and "made on top of a (not given)" in str(
         result.exception
     )
-    forced = tmp_path / "forced_b"  # forced: the merged model is exactly base + a, so this is base + a + b
-    result = runner.invoke(app, ["apply", _patch_dir(b), "-m", str(only_a), "-o", str(forced), "--force"])
-    assert result.exit_code == 0, result.output
-    _assert_equal(_weights(forced), _weights(ab))
+    assert not (tmp_path / "x").exists()
     # forced past the record's order where the weights still revert exactly (c and a share no neuron):
     # the record, less what was reverted, still says what stays
     c = random_patch(MODEL_FACTORIES["llama"](), name="c", seed=5, indices=[10, 11]).save(tmp_path / "c.nmke")

@@ -206,3 +206,43 @@ def test_check_lineage_names_parents_given_in_another_order() -> None:
         PatchMismatchError, match="made on top of a, b in that order; give them in that order"
     ):
         check_lineage([b, a, c])  # read from the manifests, before any model loads
+
+
+def test_children_of_merged_patches_apply_on_top_of_them() -> None:
+    """A model with a and b merged into its weights (as `apply --out` saves it) takes their child c."""
+    from nmke_patch.stack import check_lineage
+
+    model = MODEL_FACTORIES["llama"]()
+    stack = PatchStack.for_model(model)
+    a = random_patch(model, name="a", seed=1, indices=[0, 1, 2])
+    stack.apply(a)
+    b = random_patch(model, name="b", seed=2, indices=[2, 3], parents=(a,))
+    stack.apply(b)
+    c = random_patch(model, name="c", seed=3, indices=[1, 3, 5], parents=(a, b))
+    stack.apply(c)
+    merged_abc = state_copy(model)
+    stack.unload(c)
+    merged_ab = state_copy(model)
+    model = MODEL_FACTORIES["llama"]()
+    model.load_state_dict(merged_ab)  # as a saved merged model loads: no stack knows a and b
+    stack = PatchStack.for_model(model)
+    with pytest.raises(PatchMismatchError, match="made on top of a, b, not applied here"):
+        stack.apply(c)
+    with pytest.raises(PatchMismatchError, match=r"a \(not given\)"):
+        check_lineage([c])
+    check_lineage([c], merged=[a.id, b.id])
+    with pytest.raises(PatchMismatchError, match="in that order"):
+        check_lineage([c], merged=[b.id, a.id])
+    stack.declare_merged([b, a])
+    with pytest.raises(PatchMismatchError, match="applied here as b, a"):
+        stack.apply(c)
+    stack.declare_merged([a, b])
+    with pytest.raises(PatchMismatchError, match="merged into this model already"):
+        stack.apply(b)
+    stack.apply(c)
+    assert_state_equal(model, merged_abc)
+    assert [p.name for p in stack.unload_all()] == ["c"] and [m.name for m in stack.merged] == ["a", "b"]
+    assert_state_equal(model, merged_ab)  # a and b belong to the base: they stay
+    stack.apply(c)
+    with pytest.raises(PatchMismatchError, match="no patches applied"):
+        stack.declare_merged([a])
