@@ -684,6 +684,8 @@ def footprint(items: Iterable[PatchSource | TensorDelta] | PatchSource | TensorD
     union: dict[str, set[int]] = {}
     meta: dict[str, TensorDelta] = {}
     patch_bytes = 0
+    if items is None:
+        raise TypeError("footprint: None is not a patch (expected paths, Patch objects or TensorDeltas)")
     if isinstance(items, (str, os.PathLike, Patch, TensorDelta)):
         items = [items]
     for item in items:

@@ -440,6 +440,7 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 
 
 _CHECK_ENDPOINT = "check the network or the endpoint (NMKE_PATCH_HF_ENDPOINT, else HF_ENDPOINT)"
+_OFFLINE_HINT = "a pack pulled before is served from the cache with HF_HUB_OFFLINE=1"
 
 
 def _hub_error(
@@ -475,10 +476,12 @@ def _hub_error(
     elif isinstance(exc, hf.HfHubHTTPError):
         detail = (str(exc).strip().splitlines() or [""])[0]
         msg = f"{'push to' if push else 'pull of'} {where} failed: {detail}"
+        if not push and isinstance(status, int) and status >= 500:
+            msg += f"; {_OFFLINE_HINT}"
     else:
         msg = f"could not reach the Hub at {endpoint} ({type(exc).__name__}): {_CHECK_ENDPOINT}"
         if not push:
-            msg += "; a pack pulled before is served from the cache with HF_HUB_OFFLINE=1"
+            msg += f"; {_OFFLINE_HINT}"
     return HubError(msg)
 
 

@@ -227,17 +227,17 @@ def _hub_unreachable(timeout: float = 3.0) -> bool:
 
     if constants.HF_HUB_OFFLINE:
         return False
-    url = urlparse(constants.ENDPOINT)
     try:
+        url = urlparse(constants.ENDPOINT)
         host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
-    except ValueError:  # a malformed port: transformers reports it
+    except ValueError:  # a malformed endpoint or port: transformers reports it
         return False
     if not host:
         return False
     proxies = urllib.request.getproxies()
     if (proxies.get(url.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(host):
         return False
-    reached = threading.Event()
+    reached, done = threading.Event(), threading.Event()
 
     def connect() -> None:
         try:
@@ -245,10 +245,13 @@ def _hub_unreachable(timeout: float = 3.0) -> bool:
             reached.set()
         except OSError:
             pass
+        finally:
+            done.set()
 
     # A thread, so that a slow name lookup or several addresses cannot stretch the probe past ``timeout``.
     threading.Thread(target=connect, daemon=True, name="nmke-hub-probe").start()
-    return not reached.wait(timeout)
+    done.wait(timeout)
+    return not reached.is_set()
 
 
 def _reads_as_path(name: str) -> bool:

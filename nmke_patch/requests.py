@@ -248,7 +248,7 @@ def _warn_unknown_fields(records: Sequence[Any], where: str) -> None:
         )
 
 
-_SUGGESTED_FIELDS = NATIVE_FIELDS[:6]
+_SUGGESTED_FIELDS = tuple(f for f in NATIVE_FIELDS if f not in ("id", "case_id"))
 """The fields a misspelling of would lose something (an error or a metric); ``id``/``case_id`` are labels."""
 
 

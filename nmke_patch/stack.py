@@ -198,8 +198,7 @@ class PatchStack:
         return values
 
     def _check_impl(self, patch: Patch, *, force: bool = False, fingerprints: bool = False) -> list[Overlap]:
-        if patch.path is None:  # built in memory: checked as load_patch checks a file (which set path)
-            check_deltas(patch.deltas, patch.describe())
+        check_deltas(patch.deltas, patch.describe())  # a Patch built or changed in memory, as a file is
         if any(p.id == patch.id for p in self._applied):
             raise PatchMismatchError(f"patch {patch.describe()} is already applied")
         if any(m.id == patch.id for m in self._merged):
@@ -355,8 +354,7 @@ class PatchStack:
             raise PatchMismatchError("adopt() needs a stack with no patches applied")
         patches = list(patches)
         for patch in patches:
-            if patch.path is None:
-                check_deltas(patch.deltas, patch.describe())
+            check_deltas(patch.deltas, patch.describe())
             for delta in patch.deltas:
                 self._param(patch, delta)
         for patch in patches:

@@ -3,6 +3,7 @@ and refuses anything else with a clear error, before it changes anything."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,27 @@ def test_export_and_footprint_take_paths(saved: tuple[torch.nn.Module, Patch, Pa
     assert footprint(a.deltas[0])["union_neurons"] == len(a.deltas[0].indices)
     with pytest.raises(TypeError, match="None is not a patch"):
         footprint([a, None])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="None is not a patch"):
+        footprint(None)  # type: ignore[arg-type]
+
+
+def test_a_loaded_patch_changed_in_memory_is_checked_again(
+    saved: tuple[torch.nn.Module, Patch, Patch],
+) -> None:
+    model, a, _ = saved
+    before = state_copy(model)
+    bad = a.deltas[0]
+    nan = bad.delta.clone()
+    nan[0, 0] = float("nan")
+    changed = dataclasses.replace(a, deltas=(dataclasses.replace(bad, delta=nan), *a.deltas[1:]))
+    assert changed.path == a.path  # replace keeps the path of the file it was loaded from
+    stack = PatchStack.for_model(model)
+    with pytest.raises(InvalidPatchError, match="non-finite"):
+        stack.apply(changed)
+    with pytest.raises(InvalidPatchError, match="non-finite"):
+        stack.adopt([changed])
+    assert_state_equal(model, before)
+    assert not stack.applied
 
 
 @pytest.mark.parametrize("rank", [True, 2.5, "3", 0])

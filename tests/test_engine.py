@@ -572,6 +572,7 @@ def test_config_refuses_values_outside_its_choices(override: dict[str, Any], mes
     ("override", "message"),
     [
         ({"z_steps": 2.5}, "z_steps must be int"),
+        ({"z_steps": 10**400}, "z_steps must be between"),
         ({"layers": "4-8"}, "layers must be tuple"),
         ({"amplification": "30"}, "amplification must be a finite number|amplification must be float"),
     ],

@@ -36,7 +36,9 @@ def test_hub_probe(monkeypatch: pytest.MonkeyPatch) -> None:
         raise OSError("Name or service not known")
 
     monkeypatch.setattr(socket, "create_connection", refuse)
-    assert models._hub_unreachable()
+    started = time.monotonic()
+    assert models._hub_unreachable(timeout=30)
+    assert time.monotonic() - started < 10  # a refusal is a verdict at once, not after the timeout
     assert calls and calls[0][1] in (80, 443)
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")  # the probe would bypass it: no verdict
     assert not models._hub_unreachable()
@@ -71,8 +73,9 @@ def test_hub_probe_keeps_its_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_hub_probe_gives_no_verdict_on_a_malformed_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
     _clear_proxies(monkeypatch)
-    monkeypatch.setattr(hub_constants, "ENDPOINT", "https://hub.example:notaport")
-    assert not models._hub_unreachable()
+    for endpoint in ("https://hub.example:notaport", "https://[::1"):
+        monkeypatch.setattr(hub_constants, "ENDPOINT", endpoint)
+        assert not models._hub_unreachable()
 
 
 def test_unreachable_hub_means_cache_only_and_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

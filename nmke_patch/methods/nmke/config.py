@@ -28,7 +28,7 @@ def _coerce(name: str, annotation: str, value: Any) -> Any:
     and ``x=30.0`` are the same setting and the same run key); anything else of the wrong type is refused."""
     if value is None and ("None" in annotation or name == "layers"):
         return None
-    number = isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy scalars too
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy numbers too
     if name == "layers":
         if isinstance(value, list | tuple) and all(
             isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in value
@@ -38,8 +38,8 @@ def _coerce(name: str, annotation: str, value: Any) -> Any:
         if isinstance(value, bool):
             return value
     elif annotation.startswith("int"):
-        if number and float(value).is_integer():
-            return int(value)
+        if number and (isinstance(value, numbers.Integral) or float(value).is_integer()):
+            return int(value)  # range checks follow in EditConfig
     elif annotation.startswith("float"):
         if number:
             return float(value)  # type: ignore[arg-type]
@@ -384,7 +384,7 @@ class EditConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             number = isinstance(value, int | float) and not isinstance(value, bool)
-            if number and not math.isfinite(value):
+            if number and not isinstance(value, int) and not math.isfinite(value):  # ints are finite
                 raise InvalidRequestError(f"invalid config: {f.name} must be a finite number (got {value!r})")
             whole = str(f.type).startswith("int") and f.name != "seed"
             if whole and number and not -MAX_INT_SETTING <= value <= MAX_INT_SETTING:
