@@ -13,7 +13,7 @@ import typer
 from rich.table import Table
 
 from nmke_patch.errors import InvalidRequestError, NmkePatchError
-from nmke_patch.merged import read_record
+from nmke_patch.merged import check_apply
 from nmke_patch.patch import Patch
 from nmke_patch.requests import read_requests
 from nmke_patch.sources import resolve_patches
@@ -250,7 +250,7 @@ def eval_command(
     from nmke_patch.models import load_base
 
     resolved = resolve_patches(patches)  # validate everything before the slow part
-    held = read_record(model) or []  # a merged model's patches: the base here, and parents for children
+    held = check_apply(model, resolved)  # a merged model's patches: the base here, and parents for children
     if not force:
         check_lineage(resolved, [m.id for m in held])
     requests = read_requests(facts)[:limit]

@@ -224,7 +224,7 @@ def apply(
     `revert` can check it is given the right patches."""
     check_out_dir(out, model, overwrite)
     resolved = resolve_patches(patches)  # validate every patch before loading anything
-    held = check_apply(model, resolved, force=force)
+    held = check_apply(model, resolved)
     if not force:
         check_lineage(resolved, [m.id for m in held])  # what the stack would refuse, before the model loads
     loaded, tokenizer, _ = _load(model, device, dtype)
@@ -355,8 +355,8 @@ def verify(
 ) -> None:
     """Check that patches fit a base model (applied in order, in memory; nothing is saved)."""
     resolved = resolve_patches(patches)
-    held = read_record(model) or []
-    check_lineage(resolved, [m.id for m in held])  # what the stack would refuse, before the model loads
+    held = check_apply(model, resolved)  # what a merged model holds: refused again, parents for children
+    check_lineage(resolved, held)  # what the stack would refuse, before the model loads
     loaded, _, info = _load(model, device, dtype)
     stack = PatchStack.for_model(loaded)
     stack.declare_merged(held)

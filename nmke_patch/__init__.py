@@ -46,11 +46,11 @@ def load_model(
     Returns:
         ``(model, tokenizer)``; ``PatchStack.for_model(model)`` lists, unloads and adds patches.
     """
-    from .merged import read_record
+    from .merged import check_apply
     from .models import load_base
 
     resolved = resolve_patches(patches)
-    held = read_record(model) or []  # a model saved by `apply --out`: what it has merged
+    held = check_apply(model, resolved)  # a model saved by `apply --out`: what it has merged
     if not force:
         check_lineage(resolved, [m.id for m in held])  # a broken chain fails before the model loads
     loaded, tokenizer, _ = load_base(model, device=device, dtype=dtype, device_map=device_map)

@@ -66,9 +66,7 @@ def names(merged: list[MergedPatch]) -> str:
     return ", ".join(m.name for m in merged) if merged else "no patches"
 
 
-def check_apply(
-    model_dir: str | Path | None, patches: list[Patch], *, force: bool = False
-) -> list[MergedPatch]:
+def check_apply(model_dir: str | os.PathLike[str] | None, patches: list[Patch]) -> list[MergedPatch]:
     """What ``model_dir`` holds already (empty without a record); refuses a patch it holds already."""
     held = read_record(model_dir) or []
     ids = {m.id for m in held}

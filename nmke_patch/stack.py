@@ -56,12 +56,13 @@ def _within_rounding(a: torch.Tensor, b: torch.Tensor, size: torch.Tensor, *, st
     return bool(((a.float() - b.float()).abs() <= bound).all())
 
 
-def check_lineage(patches: Sequence[Patch], merged: Sequence[str] = ()) -> None:
+def check_lineage(patches: Sequence[Patch], merged: Iterable[Any] = ()) -> None:
     """Refuse a list of patches that names a patch twice or puts a patch before (or without) a patch it
-    was made on top of: a chain is given whole, oldest first. ``merged``: ids of patches already merged
-    into the model, oldest first; they count as given before the list. Reads the manifests only."""
+    was made on top of: a chain is given whole, oldest first. ``merged``: the patches already merged into
+    the model, oldest first (ids, or anything with an ``id``: :attr:`PatchStack.merged`, a record's
+    entries); they count as given before the list. Reads the manifests only."""
     listed = {p.id for p in patches}
-    merged = list(merged)
+    merged = _ids_of(merged)
     for i, patch in enumerate(patches):
         if patch.id in {p.id for p in patches[:i]}:
             raise PatchMismatchError(f"patch {patch.describe()} is given twice")
@@ -84,6 +85,13 @@ def check_lineage(patches: Sequence[Patch], merged: Sequence[str] = ()) -> None:
                 f"patch {patch.describe()} was made on top of "
                 f"{', '.join(r.name for r in patch.manifest.parents)} in that order; give them in that order"
             )
+
+
+def _ids_of(items: Iterable[Any]) -> list[str]:
+    """Patch ids from ids or objects with an ``id`` (one id string alone is refused, not split)."""
+    if isinstance(items, str | bytes):
+        raise TypeError("merged: expected a list of patches or ids, not one string")
+    return [item if isinstance(item, str) else str(item.id) for item in items]
 
 
 class PatchStack:
@@ -133,6 +141,8 @@ class PatchStack:
         """
         if self._applied:
             raise PatchMismatchError("declare_merged() needs a stack with no patches applied")
+        if isinstance(patches, str | bytes):
+            raise TypeError("declare_merged: expected a list of patches, not one string")
         refs = [ParentRef(name=str(p.name), id=str(p.id)) for p in patches]
         if len({r.id for r in refs}) != len(refs):
             raise PatchMismatchError("declare_merged(): a patch is listed twice")
@@ -203,7 +213,9 @@ class PatchStack:
             raise PatchMismatchError(f"patch {patch.describe()} is already applied")
         if any(m.id == patch.id for m in self._merged):
             raise PatchMismatchError(f"patch {patch.describe()} is merged into this model already")
-        present = [m.id for m in self._merged] + [p.id for p in self._applied]
+        merged_ids = [m.id for m in self._merged]
+        merged_parents = [r for r in patch.manifest.parents if r.id in merged_ids]
+        present = merged_ids + [p.id for p in self._applied]
         missing = [ref.name for ref in patch.manifest.parents if ref.id not in present]
         if missing and not force:
             raise PatchMismatchError(
@@ -231,6 +243,13 @@ class PatchStack:
             actual = expected.to(dtype)
             # A chain made in one dtype and replayed in another rounds at every step in a different place.
             rounded = bool(parents) and expected.dtype != delta.original.dtype
+            if merged_parents and expected.dtype != delta.original.dtype and not torch.equal(recorded, actual):
+                raise PatchMismatchError(  # their deltas are not here to bound the rounding with
+                    f"patch {patch.describe()} was made in {delta.original.dtype} on top of "
+                    f"{', '.join(r.name for r in merged_parents)}, which this model holds merged in "
+                    f"{expected.dtype}: rounded at another step, its values cannot be checked against the "
+                    "patch's; apply the whole chain to the base model in this dtype (or force)"
+                )
             if not torch.equal(recorded, actual) and not (
                 rounded
                 and _within_rounding(
@@ -247,7 +266,16 @@ class PatchStack:
                     f"touched neurons differ from the values the patch was made on (max abs diff {worst:.3g}); "
                     "wrong base model? (to override: force=True in Python, --force with apply, eval or revert)"
                 )
-            comparable = fingerprints and delta.fingerprint and not parents and delta.name not in self._base
+            # The whole tensor is known only where the live weights are exactly what the patch was made on:
+            # nothing applied to it here, and the merged patches are exactly its parents. A child of merged
+            # patches is always compared: a merged model's record is not taken on trust.
+            comparable = (
+                (fingerprints or bool(merged_parents))
+                and delta.fingerprint
+                and not parents
+                and delta.name not in self._base
+                and merged_ids == list(patch.parent_ids)
+            )
             if (
                 comparable
                 and param.dtype == delta.original.dtype
@@ -353,6 +381,15 @@ class PatchStack:
         if self._applied:
             raise PatchMismatchError("adopt() needs a stack with no patches applied")
         patches = list(patches)
+        # Adopting patches declared merged takes them out of the declaration: they become revertible. They
+        # must be the last ones declared, in order, and come first here.
+        declared = [m.id for m in self._merged]
+        k = sum(p.id in declared for p in patches)
+        if k and declared[len(declared) - k :] != [p.id for p in patches[:k]]:
+            raise PatchMismatchError(
+                "adopt(): patches declared merged can be adopted only as the last ones declared, in order "
+                f"(declared: {', '.join(m.name for m in self._merged)})"
+            )
         for patch in patches:
             check_deltas(patch.deltas, patch.describe())
             for delta in patch.deltas:
@@ -371,6 +408,7 @@ class PatchStack:
                         f"({int((replayed != live).any(dim=1).sum())} neurons differ); cannot revert exactly"
                     )
         self._applied = patches
+        self._merged = self._merged[: len(self._merged) - k]
 
     def check(self, patch: PatchSource, *, force: bool = False, fingerprints: bool = False) -> list[Overlap]:
         """Raise :class:`PatchMismatchError` if ``patch`` does not fit this model's current stack.
@@ -418,7 +456,9 @@ class PatchStack:
 
         The base values are taken from the patches' recorded originals; then replaying the patches
         must reproduce the live weights exactly, or :class:`PatchMismatchError` is raised (unless ``force``)
-        and nothing is adopted. Afterwards :meth:`unload_all` gives back the base.
+        and nothing is adopted. Afterwards :meth:`unload_all` gives back the weights without them: the base,
+        or what stays declared merged. Patches declared merged (:meth:`declare_merged`) may be adopted as
+        the last ones declared, in order; they leave the declaration.
         """
         resolved = resolve_patches(patches)
         with one_thread():

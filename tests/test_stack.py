@@ -246,3 +246,71 @@ def test_children_of_merged_patches_apply_on_top_of_them() -> None:
     stack.apply(c)
     with pytest.raises(PatchMismatchError, match="no patches applied"):
         stack.declare_merged([a])
+
+
+def _merged_copy(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A fresh model holding ``model``'s current weights, as a saved merged model loads (no stack)."""
+    fresh = MODEL_FACTORIES["llama"]().to(dtype)
+    fresh.load_state_dict(state_copy(model))
+    return fresh
+
+
+def test_a_merged_models_record_is_checked_not_trusted() -> None:
+    """A record claiming a patch that the weights do not hold: a child of it is refused even where it
+    touches none of the claimed patch's neurons (the whole-tensor fingerprint disagrees)."""
+    model = MODEL_FACTORIES["llama"]()
+    stack = PatchStack.for_model(model)
+    a = random_patch(model, name="a", seed=1, layers=(1,), indices=[0, 1])
+    stack.apply(a)
+    elsewhere = random_patch(model, name="b", seed=2, layers=(1,), indices=[7, 8], parents=(a,))
+    stack.unload_all()
+    liar = _merged_copy(model)  # the base, whatever its record says
+    before = state_copy(liar)
+    lying = PatchStack.for_model(liar)
+    lying.declare_merged([a])
+    with pytest.raises(PatchMismatchError, match="fingerprint mismatch"):
+        lying.apply(elsewhere)
+    assert_state_equal(liar, before)
+
+
+def test_merged_and_other_patches_and_dtypes() -> None:
+    from nmke_patch.stack import check_lineage
+
+    model = MODEL_FACTORIES["llama"]()
+    stack = PatchStack.for_model(model)
+    a = random_patch(model, name="a", seed=1, indices=[0, 1, 2])
+    stack.apply(a)
+    q = random_patch(model, name="q", seed=2, indices=[9, 10])  # unrelated, same tensors, other neurons
+    b = random_patch(model, name="b", seed=3, indices=[1, 2, 3], parents=(a,))
+    stack.apply(q)
+    # a and q merged: b (a child of a) applies and passes the checks verify makes
+    aq = PatchStack.for_model(_merged_copy(model))
+    aq.declare_merged([a, q])
+    aq.check(b, fingerprints=True)
+    # the stack as a revert leaves it: adopting q takes it out of the declaration, so it unloads
+    with pytest.raises(PatchMismatchError, match="last ones declared"):
+        aq.adopt([a])
+    aq.adopt([q])
+    assert [m.name for m in aq.merged] == ["a"] and [p.name for p in aq.applied] == ["q"]
+    aq.unload_all()
+    stack.unload(q)
+    assert_state_equal(aq.model, state_copy(model))  # base + a
+    aq.apply(q)
+    aq.unload(q)
+    aq.apply(b)
+    # merged in bf16, made in fp32: the chain applied to the bf16 base is checked within its rounding, but
+    # the merged parent's rounding cannot be bounded without its deltas: said so, not "wrong base model"
+    stack.unload_all()
+    base_half = MODEL_FACTORIES["llama"]().to(torch.bfloat16)
+    chain = PatchStack.for_model(base_half)
+    chain.apply(a)
+    merged_a = PatchStack.for_model(_merged_copy(base_half, torch.bfloat16))
+    merged_a.declare_merged([a])
+    with pytest.raises(PatchMismatchError, match="holds merged in torch.bfloat16: rounded at another step"):
+        merged_a.apply(b)
+    chain.apply(b)
+    # merged ids come as ids or as patches, never as one string
+    check_lineage([b], merged=[a])
+    check_lineage([b], merged=[a.id])
+    with pytest.raises(TypeError, match="not one string"):
+        check_lineage([b], merged=a.id)
