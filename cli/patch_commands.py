@@ -23,9 +23,9 @@ from nmke_patch.merged import (
     read_record,
     write_record,
 )
-from nmke_patch.patch import Patch
+from nmke_patch.patch import MANIFEST_FILE, Patch
 from nmke_patch.paths import give_umask_permissions, move_into_place, staging_dir
-from nmke_patch.sources import resolve_patches
+from nmke_patch.sources import HF_PREFIX, PACK_FILE, resolve_patches
 from nmke_patch.stack import PatchStack, check_lineage
 
 if TYPE_CHECKING:
@@ -128,12 +128,24 @@ def _print_summary(patch: Patch) -> None:
     console.print(facts)
 
 
+def _is_pack(source: str) -> bool:
+    """Whether ``source`` names an edit pack (``hf://`` or a folder with pack.json and no manifest)."""
+    path = Path(source)
+    return source.startswith(HF_PREFIX) or (
+        (path / PACK_FILE).is_file() and not (path / MANIFEST_FILE).is_file()
+    )
+
+
 def inspect(patches: PatchesArg, as_json: JsonOpt = False) -> None:
-    """Show what a patch edits: tensors, neurons touched, bytes, base model, method and the facts."""
+    """Show what a patch edits: tensors, neurons touched, bytes, base model, method and the facts.
+
+    With --json: one object for one patch directory; a list (in order) for several patches or any pack,
+    however many patches it holds."""
     resolved = resolve_patches(patches)
     if as_json:
         out = [patch_summary(p) for p in resolved]
-        typer.echo(json.dumps(out[0] if len(out) == 1 else out, indent=2, default=str))
+        one_patch = len(patches) == 1 and not _is_pack(patches[0])
+        typer.echo(json.dumps(out[0] if one_patch else out, indent=2, default=str))
         return
     for p in resolved:
         _print_summary(p)
@@ -247,7 +259,9 @@ def apply(
                 labelled(
                     "overlap:",
                     "yellow",
-                    f"{p.name} and {o.other} both touch {o.num_neurons} neurons of {o.tensor}",
+                    f"{p.name} and {o.other} both touch {o.num_neurons} neurons of {o.tensor} (their deltas add "
+                    f"up; `revert` takes {p.name} off the saved model only together with "
+                    f"{by_id[o.other_id].name if o.other_id in by_id else o.other})",
                 )
             )
     _save(loaded, tokenizer, out, None if forced else held + [MergedPatch.of(p) for p in resolved])
@@ -270,6 +284,24 @@ def apply(
             if torch.finfo(d.original.dtype).bits < torch.finfo(params[d.name].dtype).bits
         }
     )
+    wide_children = sorted(
+        {
+            p.name
+            for p in resolved
+            if p.manifest.parents
+            for d in p.deltas
+            if torch.finfo(d.original.dtype).bits > torch.finfo(params[d.name].dtype).bits
+        }
+    )
+    if wide_children and not forced:
+        console.print(
+            labelled(
+                "note:",
+                "yellow",
+                f"{', '.join(wide_children)} {'was' if len(wide_children) == 1 else 'were'} made in a wider dtype on top of their parents and are merged here in "
+                f"{loaded.dtype}: `revert` takes them off only together with those parents",
+            )
+        )
     if narrow:
         console.print(
             labelled(
@@ -315,7 +347,15 @@ def revert(
     exact = True
     try:
         stack.adopt(resolved)
-    except PatchMismatchError:
+    except PatchMismatchError as exc:
+        if not force and left:
+            everything = " ".join(m.name for m in [*left, *(MergedPatch.of(p) for p in resolved)])
+            raise PatchMismatchError(
+                f"{exc}. {model} also holds {names(left)}, merged before: a patch that shares neurons with one of "
+                "those without being made on top of it (create --on), or a chain merged in another dtype than "
+                f"it was made in, does not record the values it replaced there; revert them together "
+                f"(`revert {everything}`)"
+            ) from exc
         if not force:
             raise
         stack.adopt(resolved, force=True)

@@ -81,34 +81,55 @@ def refuse_interrupted_run(folder: Path, run_key: str | None = None, total: int 
 
 
 def load_checkpoint(
-    folder: Path, run_key: str
+    folder: Path, run_key: str, total: int | None = None
 ) -> tuple[int, dict[str, torch.Tensor], list[EditRecord]] | None:
     """``(next_index, state tensors, records)`` of the checkpoint in ``folder``, or None if there is none.
+    ``total``: the run's number of requests, which ``next_index`` may not exceed.
 
     Raises:
-        InvalidRequestError: the checkpoint belongs to another run.
+        InvalidRequestError: the checkpoint belongs to another run, or it is damaged.
     """
     progress = folder / "progress.json"
     if not progress.is_file():
         return None
-    data = json.loads(progress.read_text())
-    if data.get("run_key") != run_key:
-        raise InvalidRequestError(
-            f"checkpoint {folder} belongs to a different run (facts, settings, parents or base model differ); "
-            "delete it to start over"
-        )
-    with safe_open(str(folder / "state.safetensors"), framework="pt") as fh:
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    records = [
-        EditRecord(
-            index=r["index"],
-            id=r["id"],
-            p_new_before=r["p_new_before"],
-            p_new_after=r["p_new_after"],
-            z_steps=r["z_steps"],
-            neurons=r["neurons"],
-            seconds=r["seconds"],
-        )
-        for r in data["records"]
-    ]
-    return int(data["next_index"]), tensors, records
+    try:
+        data = json.loads(progress.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("progress.json is not an object")
+        if data.get("run_key") != run_key:
+            raise InvalidRequestError(
+                f"checkpoint {folder} belongs to a different run (facts, settings, parents or base model "
+                "differ); delete it to start over"
+            )
+        records = [
+            EditRecord(
+                index=r["index"],
+                id=r["id"],
+                p_new_before=r["p_new_before"],
+                p_new_after=r["p_new_after"],
+                z_steps=r["z_steps"],
+                neurons=r["neurons"],
+                seconds=r["seconds"],
+            )
+            for r in data["records"]
+        ]
+        next_index = data["next_index"]
+        if not isinstance(next_index, int) or isinstance(next_index, bool) or next_index < 0:
+            raise ValueError(f"next_index {next_index!r} is not a count")
+        if total is not None and next_index > total:
+            raise ValueError(f"next_index {next_index} is beyond the run's {total} requests")
+        if len(records) != next_index:
+            raise ValueError(f"{len(records)} edit records for {next_index} edits done")
+        with safe_open(str(folder / "state.safetensors"), framework="pt") as fh:
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except InvalidRequestError:
+        raise
+    except Exception as exc:  # any damage (JSON, fields, safetensors, a missing file): one clear line
+        raise damaged_checkpoint(folder, exc) from exc
+    return next_index, tensors, records
+
+
+def damaged_checkpoint(folder: Path, exc: BaseException) -> InvalidRequestError:
+    """The error for a checkpoint that cannot be read back."""
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return InvalidRequestError(f"checkpoint {folder} is damaged ({reason}); delete it to start over")

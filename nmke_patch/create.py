@@ -14,7 +14,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .architectures import decoder_layers, spec_for_model
-from .checkpoints import load_checkpoint, refuse_interrupted_run, run_key, save_checkpoint
+from .checkpoints import damaged_checkpoint, load_checkpoint, refuse_interrupted_run, run_key, save_checkpoint
 from .errors import InvalidPatchError, InvalidRequestError
 from .methods.nmke.config import EditConfig
 from .methods.nmke.engine import Editor
@@ -172,10 +172,13 @@ def create_patch(
         if folder is not None and not resume:
             refuse_interrupted_run(folder, key, len(requests))  # a finished run of the same key may go again
         if folder is not None and resume:
-            restored = load_checkpoint(folder, key)
+            restored = load_checkpoint(folder, key, len(requests))
             if restored is not None:
                 start, tensors, records = restored
-                editor.load_state(tensors, records)
+                try:
+                    editor.load_state(tensors, records)
+                except (KeyError, ValueError, TypeError, RuntimeError) as exc:  # tensors missing or misshapen
+                    raise damaged_checkpoint(folder, exc) from exc
                 logger.info("resuming at request %d of %d", start, len(requests))
         step = config.batch_size if config.mode == "batch" else 1
         since_checkpoint = 0

@@ -305,7 +305,26 @@ def read_requests(path: str | os.PathLike[str]) -> list[EditRequest]:
         except InvalidRequestError as exc:  # name the file (eval reads several) and, in JSONL, the line
             where = f" (line {lines[i]})" if lines is not None else ""
             raise InvalidRequestError(f"{file}: {exc}{where}") from None
+    _warn_no_change(parsed, str(file))
     return parsed
+
+
+def _warn_no_change(requests: Sequence[EditRequest], where: str) -> None:
+    """A warning for records whose new target is their true one: nothing to edit, and P(new) > P(true)
+    (efficacy, generalization) can never hold for them."""
+    same = [
+        i
+        for i, r in enumerate(requests)
+        if r.target_true is not None and r.target_new.strip() == r.target_true.strip()
+    ]
+    if same:
+        shown = ", ".join(map(str, same[:5])) + (", ..." if len(same) > 5 else "")
+        logger.warning(
+            "%s: record(s) %s ask for the answer they already name as true (target_new == target_true): "
+            "nothing to edit, and efficacy counts them as failed",
+            where,
+            shown,
+        )
 
 
 RequestsLike = str | os.PathLike[str] | EditRequest | dict[str, Any] | Sequence[EditRequest | dict[str, Any]]
@@ -324,4 +343,6 @@ def as_requests(requests: RequestsLike) -> list[EditRequest]:
             f"requests must be a facts file path, a record or a list of records, not {type(requests).__name__}"
         )
     _warn_unknown_fields(requests, "requests")
-    return [r if isinstance(r, EditRequest) else parse_request(r, i) for i, r in enumerate(requests)]
+    parsed = [r if isinstance(r, EditRequest) else parse_request(r, i) for i, r in enumerate(requests)]
+    _warn_no_change(parsed, "requests")
+    return parsed

@@ -243,7 +243,11 @@ class PatchStack:
             actual = expected.to(dtype)
             # A chain made in one dtype and replayed in another rounds at every step in a different place.
             rounded = bool(parents) and expected.dtype != delta.original.dtype
-            if merged_parents and expected.dtype != delta.original.dtype and not torch.equal(recorded, actual):
+            if (
+                merged_parents
+                and expected.dtype != delta.original.dtype
+                and not torch.equal(recorded, actual)
+            ):
                 raise PatchMismatchError(  # their deltas are not here to bound the rounding with
                     f"patch {patch.describe()} was made in {delta.original.dtype} on top of "
                     f"{', '.join(r.name for r in merged_parents)}, which this model holds merged in "

@@ -235,3 +235,47 @@ def test_a_parent_merged_into_the_model_is_refused_before_loading(
     assert isinstance(result.exception, PatchMismatchError), result.output
     assert "has merged-one merged already" in str(result.exception)
     assert not (tmp_path / "c.nmke").exists()
+
+
+def test_a_damaged_checkpoint_is_named_on_resume(
+    setup: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import nmke_patch.create
+
+    out = tmp_path / "p.nmke"
+    checkpoint = tmp_path / "p.nmke.checkpoint"
+    real = nmke_patch.create.create_patch
+    with monkeypatch.context() as m:  # interrupted after the first of two edits
+        m.setattr(nmke_patch.create, "create_patch", lambda *a, **k: real(*a, **{**k, "stop_after": 1}))
+        assert CliRunner().invoke(app, [*setup, "-o", str(out), "--checkpoint-every", "1"]).exit_code == 130
+    progress = json.loads((checkpoint / "progress.json").read_text())
+    state = (checkpoint / "state.safetensors").read_bytes()
+    damages = {
+        "cut short": lambda: (checkpoint / "progress.json").write_text(json.dumps(progress)[:40]),
+        "edits beyond the run": lambda: (checkpoint / "progress.json").write_text(
+            json.dumps({**progress, "next_index": 99})
+        ),
+        "records missing": lambda: (checkpoint / "progress.json").write_text(
+            json.dumps({**progress, "records": []})
+        ),
+        "no state": lambda: (checkpoint / "state.safetensors").unlink(),
+        "state of another shape": lambda: (checkpoint / "state.safetensors").write_bytes(
+            _state_without_a_tensor(state)
+        ),
+    }
+    for what, damage in damages.items():
+        (checkpoint / "progress.json").write_text(json.dumps(progress))
+        (checkpoint / "state.safetensors").write_bytes(state)
+        damage()
+        result = CliRunner().invoke(app, [*setup, "-o", str(out), "--resume"])
+        assert isinstance(result.exception, InvalidRequestError), (what, result.output)
+        assert f"checkpoint {checkpoint} is damaged" in str(result.exception), what
+        assert not out.exists()
+
+
+def _state_without_a_tensor(data: bytes) -> bytes:
+    from safetensors.torch import load, save
+
+    tensors = load(data)
+    tensors.pop(sorted(tensors)[0])
+    return save(tensors)

@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 
 import nmke_patch
 from nmke_patch.errors import InvalidPatchError, ModelLoadError, PatchMismatchError
+from nmke_patch.hub import build_pack
 from nmke_patch.patch import DELTAS_FILE, Patch
 from nmke_patch.stack import PatchStack
 
@@ -97,6 +98,9 @@ def test_inspect_json(llama_setup: tuple[Path, Patch], tmp_path: Path) -> None:
     both = runner.invoke(app, ["inspect", _patch_dir(patch), _patch_dir(other), "--json"])
     assert both.exit_code == 0, both.output
     assert [p["name"] for p in json.loads(both.output)] == ["capitals", "other"]
+    build_pack([patch], tmp_path / "pack-of-one")  # a pack is a list, however many patches it holds
+    one = runner.invoke(app, ["inspect", str(tmp_path / "pack-of-one"), "--json"])
+    assert one.exit_code == 0 and [p["id"] for p in json.loads(one.output)] == [patch.id]
 
 
 def test_inspect_bad_path_is_a_clean_error(tmp_path: Path) -> None:
@@ -697,3 +701,48 @@ def test_a_broken_chain_is_refused_before_the_model_loads(command: str, tmp_path
     assert isinstance(result.exception, PatchMismatchError), result.output
     assert "made on top of parent" in str(result.exception)
     assert not (tmp_path / "out").exists()
+
+
+def test_independent_patches_on_shared_neurons_are_reverted_together(
+    llama_setup: tuple[Path, Patch], tmp_path: Path
+) -> None:
+    base, _ = llama_setup
+    model = MODEL_FACTORIES["llama"]()
+    x = random_patch(model, name="x", seed=7, indices=[0, 1, 2]).save(tmp_path / "x.nmke")
+    y = random_patch(model, name="y", seed=8, indices=[2, 3]).save(
+        tmp_path / "y.nmke"
+    )  # made on the base too
+    xy = tmp_path / "xy"
+    result = runner.invoke(app, ["apply", _patch_dir(x), _patch_dir(y), "-m", str(base), "-o", str(xy)])
+    assert result.exit_code == 0 and "takes y off the saved model only together with x" in _flat(
+        result.output
+    )
+    result = runner.invoke(app, ["revert", _patch_dir(y), "-m", str(xy), "-o", str(tmp_path / "y_off")])
+    assert isinstance(result.exception, PatchMismatchError)
+    assert "also holds x, merged before" in str(result.exception) and "(`revert x y`)" in str(
+        result.exception
+    )
+    assert not (tmp_path / "y_off").exists()
+    result = runner.invoke(
+        app, ["revert", _patch_dir(x), _patch_dir(y), "-m", str(xy), "-o", str(tmp_path / "b0")]
+    )
+    assert result.exit_code == 0, result.output
+    _assert_equal(_weights(tmp_path / "b0"), _weights(base))
+
+
+def test_a_chain_merged_in_a_narrower_dtype_says_its_child_reverts_with_its_parents(
+    llama_setup: tuple[Path, Patch], tmp_path: Path
+) -> None:
+    base, _ = llama_setup
+    a, b = _chain(tmp_path)
+    out = tmp_path / "ab_bf16"
+    args = ["apply", _patch_dir(a), _patch_dir(b), "-m", str(base), "-o", str(out), "--dtype", "bf16"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "b was made in a wider dtype on top of their parents" in _flat(result.output)
+    result = runner.invoke(app, ["revert", _patch_dir(b), "-m", str(out), "-o", str(tmp_path / "x")])
+    assert isinstance(result.exception, PatchMismatchError) and "(`revert a b`)" in str(result.exception)
+    result = runner.invoke(
+        app, ["revert", _patch_dir(a), _patch_dir(b), "-m", str(out), "-o", str(tmp_path / "y")]
+    )
+    assert result.exit_code == 0, result.output

@@ -269,3 +269,19 @@ def test_a_paraphrase_with_a_placeholder_is_refused(tmp_path: Path) -> None:
         read_requests(
             _write(tmp_path, json.dumps([{**RECORD, "paraphrases": ["ok", "The capital of {} is"]}]))
         )
+
+
+def test_a_record_asking_for_its_true_answer_is_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    same = {**RECORD, "target_new": " Paris", "target_true": "Paris"}
+    with caplog.at_level("WARNING", logger="nmke_patch.requests"):
+        assert len(read_requests(_write(tmp_path, json.dumps([RECORD, same])))) == 2  # kept, with a word
+        as_requests([same])
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and all("record(s) " in m and "target_new == target_true" in m for m in said)
+    assert "record(s) 1 ask" in said[0] and "record(s) 0 ask" in said[1]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="nmke_patch.requests"):
+        as_requests([RECORD])
+    assert not caplog.records

@@ -306,7 +306,7 @@ def test_merged_and_other_patches_and_dtypes() -> None:
     chain.apply(a)
     merged_a = PatchStack.for_model(_merged_copy(base_half, torch.bfloat16))
     merged_a.declare_merged([a])
-    with pytest.raises(PatchMismatchError, match="holds merged in torch.bfloat16: rounded at another step"):
+    with pytest.raises(PatchMismatchError, match=r"holds merged in torch\.bfloat16: rounded at another step"):
         merged_a.apply(b)
     chain.apply(b)
     # merged ids come as ids or as patches, never as one string
