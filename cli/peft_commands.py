@@ -65,18 +65,19 @@ def export_peft_command(
         f"exported {len(resolved)} patch(es) as {report.format.upper()} to {report.path}: "
         f"{len(report.modules)} modules, rank {rank_text}, {report.adapter_bytes:,} bytes"
     )
-    if report.exact:
-        console.print("exact: merge_and_unload() reproduces the patched weights bit for bit")
-    elif report.relative_error is None:
-        shared = sum(report.shared_neurons.values())
-        console.print(
-            f"within 2 ulp where patches share neurons ({shared} neurons in {len(report.shared_neurons)} "
-            "modules): merge_and_unload() adds their summed delta; elsewhere exact"
-        )
-    elif report.relative_error == 0:
+    if report.relative_error == 0:
         console.print(
             f"not truncated: --rank {rank} is at least every module's touched-neuron count, so ranks were "
             f"capped at {rank_text}; as exact as a full-rank export"
+        )
+    if report.exact:
+        console.print("exact: merge_and_unload() reproduces the patched weights bit for bit")
+    elif not report.relative_error:
+        shared = sum(report.shared_neurons.values())
+        console.print(
+            f"within rounding where patches share neurons ({shared} neurons in {len(report.shared_neurons)} "
+            "modules; (n + 1) / 2 ulp for n patches on a neuron, docs/peft.md): merge_and_unload() adds their "
+            "summed delta; elsewhere exact"
         )
     else:
         worst = max(report.module_errors.items(), key=lambda kv: kv[1])

@@ -377,6 +377,16 @@ def read_pack_json(pack_dir: Path, *, where: str | None = None) -> list[dict[str
     return out
 
 
+def cache_repo_root(folder: str | os.PathLike[str]) -> Path | None:
+    """The Hugging Face cache folder of the repository whose snapshot ``folder`` is
+    (``.../models--user--pack`` for ``.../models--user--pack/snapshots/<commit>``), else ``None``. Files of a
+    snapshot are links into that folder's ``blobs/``."""
+    path = Path(folder).absolute()
+    repo = path.parent.parent
+    cached = path.parent.name == "snapshots" and (repo / "blobs").is_dir()
+    return repo if cached and repo.name.startswith(("models--", "datasets--", "spaces--")) else None
+
+
 def verify_pack(
     folder: str | os.PathLike[str],
     *,
@@ -440,6 +450,7 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 
 
 _CHECK_ENDPOINT = "check the network or the endpoint (NMKE_PATCH_HF_ENDPOINT, else HF_ENDPOINT)"
+_TOKEN_SOURCES = "HF_TOKEN, `hf auth login`, or --token with push and pull"
 _OFFLINE_HINT = "a pack pulled before is served from the cache with HF_HUB_OFFLINE=1"
 
 
@@ -453,11 +464,11 @@ def _hub_error(
     access = "write" if push else "read"
     status = getattr(getattr(exc, "response", None), "status_code", None)
     if isinstance(exc, hf.GatedRepoError):
-        msg = f"{where} is gated: accept its conditions on the Hub page, then pass a token (--token or HF_TOKEN)"
+        msg = f"{where} is gated: accept its conditions on the Hub page, then give a token ({_TOKEN_SOURCES})"
     elif isinstance(exc, hf.RepositoryNotFoundError):
         msg = (
             f"{where} was not found on {endpoint}, or it is private and no valid token was given:"
-            " check the name, or pass --token / set HF_TOKEN"
+            f" check the name, or give a token ({_TOKEN_SOURCES})"
         )
     elif isinstance(exc, hf.RevisionNotFoundError):
         msg = f"revision {revision or 'main'!r} does not exist in {repo_id}: check the branch, tag or commit"
@@ -471,7 +482,7 @@ def _hub_error(
     elif isinstance(exc, hf.HfHubHTTPError) and status in (401, 403):
         msg = (
             f"not authorized to {'push to' if push else 'pull'} {where} (HTTP {status}): pass a token with"
-            f" {access} access (--token, HF_TOKEN or `hf auth login`)"
+            f" {access} access ({_TOKEN_SOURCES})"
         )
     elif isinstance(exc, hf.HfHubHTTPError):
         detail = (str(exc).strip().splitlines() or [""])[0]
@@ -533,6 +544,13 @@ def push_pack(
                 )
             if revision and revision != "main":
                 api.create_branch(repo_id, branch=revision, repo_type=_REPO_TYPE, exist_ok=True)
+            present = api.list_repo_files(repo_id, repo_type=_REPO_TYPE, revision=revision)
+            theirs = sorted(f for f in present if f != ".gitattributes")
+            if PACK_FILE not in present and theirs:
+                raise HubError(  # a model or data repository: its card and files are not ours to replace
+                    f"{repo_id} holds files ({', '.join(theirs[:3])}{', ...' if len(theirs) > 3 else ''}) "
+                    "and is not an edit pack (no pack.json); push to a new repository"
+                )
             info = api.upload_folder(
                 repo_id=repo_id,
                 folder_path=folder,
@@ -568,14 +586,16 @@ def pull_verified(
     if local_dir is None:
         folder = _download(repo_id, revision, token, endpoint)
         # the cache stores files as symlinks into <repo folder>/blobs: links may lead there, nowhere else
-        return folder, verify_pack(folder, trusted_root=folder.parent.parent, where=where)
+        return folder, verify_pack(folder, trusted_root=cache_repo_root(folder) or folder, where=where)
     target = Path(local_dir)
     _check_pull_target(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_dir(target)  # downloaded and verified aside: a refused pack leaves nothing behind
     try:  # through the cache: a second pull of the same revision downloads nothing
         cached = _download(repo_id, revision, token, endpoint)
-        verify_pack(cached, trusted_root=cached.parent.parent, where=where)  # links checked before copying
+        verify_pack(
+            cached, trusted_root=cache_repo_root(cached) or cached, where=where
+        )  # links checked first
         shutil.copytree(cached, staging, symlinks=False, dirs_exist_ok=True)
         marker = staging / _PULL_MARKER
         marker.mkdir(parents=True, exist_ok=True)

@@ -51,6 +51,12 @@ def new_folder_has_content(target: Path, hint: str) -> bool:
     check_parents(target)
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         raise FileExistsError(f"{target} is a file or a link; {hint}")
+    here = Path.cwd().resolve()
+    if target.exists() and (here == target.resolve() or target.resolve() in here.parents):
+        raise FileExistsError(
+            f"{target} is the folder this runs in (or holds it), which a new folder replaces whole; {hint} "
+            "such as ./pack"
+        )
     return target.exists() and any(target.iterdir())
 
 

@@ -46,9 +46,10 @@ def resolve_patches(sources: Iterable[PatchSource] | PatchSource | None) -> list
             continue
         path = Path(text)
         if (path / PACK_FILE).is_file() and not (path / MANIFEST_FILE).is_file():
-            from .hub import verify_pack  # a local pack is as untrusted as a pulled one
+            from .hub import cache_repo_root, verify_pack  # a local pack is as untrusted as a pulled one
 
-            patches.extend(verify_pack(path))
+            # the folder `pull` prints is a cache snapshot: its files are links into the repository's blobs/
+            patches.extend(verify_pack(path, trusted_root=cache_repo_root(path)))
         else:
             patches.append(load_patch(path))
     return patches

@@ -68,6 +68,7 @@ def test_push_pull_roundtrip_and_apply(hub, two_patches):
     folder = pull_pack("hf://user/pack")
     assert _ids(folder) == [a.id, b.id]
     assert [p.id for p in verify_pack(folder, trusted_root=folder.parent.parent)] == [a.id, b.id]
+    assert [p.id for p in resolve_patches([folder])] == [a.id, b.id]  # the folder pull gives is a pack too
     card = (folder / "README.md").read_text()
     assert "library_name: nmke-patch" in card and "knowledge-editing" in card
     assert "base_model:" not in card  # "tiny" is not a Hub id
@@ -197,6 +198,16 @@ def test_pull_into_a_folder_is_all_or_nothing(hub, two_patches, tmp_path, monkey
     assert [f.name for f in mine.iterdir()] == ["README.md"] and (
         mine / "README.md"
     ).read_text() == "important"
+    here = tmp_path / "here"  # the folder the command runs in: never replaced under the user's feet
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for target in (".", here, tmp_path):
+        with pytest.raises(FileExistsError, match="is the folder this runs in"):
+            pull_pack("user/pack", local_dir=target)
+        with pytest.raises(FileExistsError, match="is the folder this runs in"):
+            build_pack([a], target)
+    assert list(here.iterdir()) == []
+    monkeypatch.chdir(tmp_path.parent)
     out = tmp_path / "out"
     assert _ids(pull_pack("user/pack", local_dir=out)) == [a.id, b.id]
     push_pack([a.path], "user/pack", token=TOKEN)
@@ -355,3 +366,18 @@ def test_pack_keeps_the_editing_state_of_its_patches(tmp_path: Path) -> None:
     (pulled,) = resolve_patches([pack])
     assert pulled.id == saved.id
     assert torch.equal(pulled.state["keys.1"], patch.state["keys.1"])
+
+
+def test_push_refuses_a_repository_that_is_not_a_pack(hub, two_patches):
+    from huggingface_hub import HfApi
+
+    a, _ = two_patches
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    api.create_repo("user/my-model")
+    api.upload_file(path_or_fileobj=b"# My model\n", path_in_repo="README.md", repo_id="user/my-model")
+    before = dict(hub.files("user/my-model"))
+    with pytest.raises(HubError, match=r"user/my-model holds files \(README.md\) and is not an edit pack"):
+        push_pack([a.path], "user/my-model", token=TOKEN)
+    assert hub.files("user/my-model") == before
+    push_pack([a.path], "user/fresh", token=TOKEN)  # a new repository, and then the pack it now is
+    push_pack([a.path], "user/fresh", token=TOKEN)

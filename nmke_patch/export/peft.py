@@ -3,8 +3,8 @@
 A neuron-masked delta touching ``k`` neurons of an MLP output projection is exactly a rank-``k`` LoRA:
 ``lora_A`` holds ``k`` one-hot rows selecting those neurons (input features), ``lora_B`` holds the ``k``
 value-vector changes as columns, and ``r = lora_alpha = k`` gives scaling 1. ``B @ A`` then reproduces the
-delta bit for bit, so ``merge_and_unload()`` gives the same fp32 weights as applying the patch (within 2
-ulp where stacked patches share a neuron: their deltas are summed before the merge adds them). SHiRA
+delta bit for bit, so ``merge_and_unload()`` gives the same fp32 weights as applying the patch (within
+rounding where stacked patches share a neuron: their deltas are summed before the merge adds them). SHiRA
 stores the same entries as a sparse (index, value) list. ``rank`` asks for a smaller, lossy LoRA
 (truncated SVD per module). See ``docs/peft.md``.
 """
@@ -55,7 +55,8 @@ class ExportReport:
             modules together; ``None`` for full-rank exports.
         module_errors: the same per module (lossy exports only).
         shared_neurons: per module, the neurons that more than one patch touches (only modules with
-            some); there the adapter holds the summed delta, and merging it is within 2 ulp of stacking.
+            some); there the adapter holds the summed delta, and merging it is within (n + 1) / 2 ulp of
+            stacking n patches.
         warnings: base-model differences accepted because ``base_model_name_or_path`` was given.
     """
 
@@ -73,7 +74,7 @@ class ExportReport:
     @property
     def exact(self) -> bool:
         """Whether ``merge_and_unload()`` gives weights ``torch.equal`` to applying the patches in order."""
-        return self.relative_error is None and not self.shared_neurons
+        return not self.relative_error and not self.shared_neurons  # None (full rank) or 0 (nothing cut)
 
 
 @dataclass(frozen=True)
