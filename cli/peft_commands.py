@@ -76,7 +76,7 @@ def export_peft_command(
         shared = sum(report.shared_neurons.values())
         console.print(
             f"within rounding where patches share neurons ({shared} neurons in {len(report.shared_neurons)} "
-            "modules; (n + 1) / 2 ulp for n patches on a neuron, docs/peft.md): merge_and_unload() adds their "
+            "modules; n ulp for n patches on a neuron, docs/peft.md): merge_and_unload() adds their "
             "summed delta; elsewhere exact"
         )
     else:

@@ -55,7 +55,7 @@ class ExportReport:
             modules together; ``None`` for full-rank exports.
         module_errors: the same per module (lossy exports only).
         shared_neurons: per module, the neurons that more than one patch touches (only modules with
-            some); there the adapter holds the summed delta, and merging it is within (n + 1) / 2 ulp of
+            some); there the adapter holds the summed delta, and merging it is within n ulp of
             stacking n patches.
         warnings: base-model differences accepted because ``base_model_name_or_path`` was given.
     """
