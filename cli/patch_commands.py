@@ -298,8 +298,9 @@ def apply(
             labelled(
                 "note:",
                 "yellow",
-                f"{', '.join(wide_children)} {'was' if len(wide_children) == 1 else 'were'} made in a wider dtype on top of their parents and are merged here in "
-                f"{loaded.dtype}: `revert` takes them off only together with those parents",
+                f"{', '.join(wide_children)} ({len(wide_children)} patch(es) made on top of parents) recorded a wider "
+                f"dtype than this model's {loaded.dtype}: `revert` takes them off only together with their "
+                "parents",
             )
         )
     if narrow:
@@ -349,12 +350,12 @@ def revert(
         stack.adopt(resolved)
     except PatchMismatchError as exc:
         if not force and left:
-            everything = " ".join(m.name for m in [*left, *(MergedPatch.of(p) for p in resolved)])
             raise PatchMismatchError(
-                f"{exc}. {model} also holds {names(left)}, merged before: a patch that shares neurons with one of "
-                "those without being made on top of it (create --on), or a chain merged in another dtype than "
-                f"it was made in, does not record the values it replaced there; revert them together "
-                f"(`revert {everything}`)"
+                f"{exc}. If {', '.join(p.name for p in resolved)} shares neurons with {names(left)}, merged "
+                "before it without being its parent (apply reported the overlap), or the chain was merged in a "
+                "narrower dtype than it was made in, the values there are not recorded in it: revert them "
+                f"together, passing their patches too, oldest first ({names(left)}, then these); otherwise "
+                f"{model} was changed after it was saved"
             ) from exc
         if not force:
             raise

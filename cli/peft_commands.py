@@ -26,7 +26,7 @@ def export_peft_command(
         typer.Option(
             "--format",
             help="lora: any architecture. shira: sparse, nn.Linear models only. Both are exact where no two "
-            "patches share a neuron (else within 2 ulp there).",
+            "patches share a neuron (else within rounding there: n ulp for n patches on a neuron).",
         ),
     ] = PeftFormatChoice.lora,
     rank: Annotated[

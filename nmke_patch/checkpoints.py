@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import InvalidRequestError
@@ -122,14 +122,17 @@ def load_checkpoint(
             raise ValueError(f"{len(records)} edit records for {next_index} edits done")
         with safe_open(str(folder / "state.safetensors"), framework="pt") as fh:
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except InvalidRequestError:
-        raise
-    except Exception as exc:  # any damage (JSON, fields, safetensors, a missing file): one clear line
-        raise damaged_checkpoint(folder, exc) from exc
+    except (ValueError, KeyError, TypeError, FileNotFoundError, SafetensorError) as exc:
+        if isinstance(exc, InvalidRequestError):
+            raise
+        raise damaged_checkpoint(folder, exc) from exc  # JSON, fields, counts, state file: one clear line
     return next_index, tensors, records
 
 
 def damaged_checkpoint(folder: Path, exc: BaseException) -> InvalidRequestError:
     """The error for a checkpoint that cannot be read back."""
-    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    reason = (text.strip().splitlines() or [type(exc).__name__])[0]
+    if isinstance(exc, KeyError) and not reason.startswith("missing"):
+        reason = f"missing {reason}"
     return InvalidRequestError(f"checkpoint {folder} is damaged ({reason}); delete it to start over")

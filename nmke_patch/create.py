@@ -177,7 +177,7 @@ def create_patch(
                 start, tensors, records = restored
                 try:
                     editor.load_state(tensors, records)
-                except (KeyError, ValueError, TypeError, RuntimeError) as exc:  # tensors missing or misshapen
+                except (KeyError, ValueError) as exc:  # tensors missing, misshapen or not finite
                     raise damaged_checkpoint(folder, exc) from exc
                 logger.info("resuming at request %d of %d", start, len(requests))
         step = config.batch_size if config.mode == "batch" else 1

@@ -381,7 +381,7 @@ def cache_repo_root(folder: str | os.PathLike[str]) -> Path | None:
     """The Hugging Face cache folder of the repository whose snapshot ``folder`` is
     (``.../models--user--pack`` for ``.../models--user--pack/snapshots/<commit>``), else ``None``. Files of a
     snapshot are links into that folder's ``blobs/``."""
-    path = Path(folder).absolute()
+    path = Path(folder).resolve()
     repo = path.parent.parent
     cached = path.parent.name == "snapshots" and (repo / "blobs").is_dir()
     return repo if cached and repo.name.startswith(("models--", "datasets--", "spaces--")) else None

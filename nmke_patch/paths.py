@@ -51,8 +51,15 @@ def new_folder_has_content(target: Path, hint: str) -> bool:
     check_parents(target)
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         raise FileExistsError(f"{target} is a file or a link; {hint}")
-    here = Path.cwd().resolve()
-    if target.exists() and (here == target.resolve() or target.resolve() in here.parents):
+    try:
+        here: Path | None = Path.cwd().resolve()
+    except FileNotFoundError:  # the folder this runs in was deleted: it cannot be the target
+        here = None
+    if (
+        here is not None
+        and target.exists()
+        and (here == target.resolve() or target.resolve() in here.parents)
+    ):
         raise FileExistsError(
             f"{target} is the folder this runs in (or holds it), which a new folder replaces whole; {hint} "
             "such as ./pack"

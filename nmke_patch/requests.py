@@ -309,18 +309,21 @@ def read_requests(path: str | os.PathLike[str]) -> list[EditRequest]:
     return parsed
 
 
-def _warn_no_change(requests: Sequence[EditRequest], where: str) -> None:
+def _warn_no_change(
+    requests: Sequence[EditRequest], where: str, indices: Sequence[int] | None = None
+) -> None:
     """A warning for records whose new target is their true one: nothing to edit, and P(new) > P(true)
-    (efficacy, generalization) can never hold for them."""
+    (efficacy, generalization) can never hold for them. ``indices``: the records' own (0-based) indices."""
+    numbers = list(range(len(requests))) if indices is None else list(indices)
     same = [
-        i
+        numbers[i]
         for i, r in enumerate(requests)
         if r.target_true is not None and r.target_new.strip() == r.target_true.strip()
     ]
     if same:
         shown = ", ".join(map(str, same[:5])) + (", ..." if len(same) > 5 else "")
         logger.warning(
-            "%s: record(s) %s ask for the answer they already name as true (target_new == target_true): "
+            "%s: record(s) %s (0-based) ask for the answer they already name as true (target_new == target_true): "
             "nothing to edit, and efficacy counts them as failed",
             where,
             shown,
@@ -344,5 +347,6 @@ def as_requests(requests: RequestsLike) -> list[EditRequest]:
         )
     _warn_unknown_fields(requests, "requests")
     parsed = [r if isinstance(r, EditRequest) else parse_request(r, i) for i, r in enumerate(requests)]
-    _warn_no_change(parsed, "requests")
+    records = [i for i, r in enumerate(requests) if not isinstance(r, EditRequest)]  # requests were checked
+    _warn_no_change([parsed[i] for i in records], "requests", records)
     return parsed

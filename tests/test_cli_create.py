@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -259,8 +260,18 @@ def test_a_damaged_checkpoint_is_named_on_resume(
             json.dumps({**progress, "records": []})
         ),
         "no state": lambda: (checkpoint / "state.safetensors").unlink(),
-        "state of another shape": lambda: (checkpoint / "state.safetensors").write_bytes(
-            _state_without_a_tensor(state)
+        "a state tensor missing": lambda: (checkpoint / "state.safetensors").write_bytes(
+            _changed_state(state, lambda t: t.pop(sorted(t)[0]))
+        ),
+        "a state tensor of another shape": lambda: (checkpoint / "state.safetensors").write_bytes(
+            _changed_state(
+                state, lambda t: t.update({k: t[k][:-1] for k in t if k.startswith(("cum.", "c_past."))})
+            )
+        ),
+        "non-finite state": lambda: (checkpoint / "state.safetensors").write_bytes(
+            _changed_state(
+                state, lambda t: t.update({k: t[k] * float("nan") for k in t if k.startswith("cum.")})
+            )
         ),
     }
     for what, damage in damages.items():
@@ -273,9 +284,9 @@ def test_a_damaged_checkpoint_is_named_on_resume(
         assert not out.exists()
 
 
-def _state_without_a_tensor(data: bytes) -> bytes:
+def _changed_state(data: bytes, change: Callable[[dict[str, torch.Tensor]], object]) -> bytes:
     from safetensors.torch import load, save
 
     tensors = load(data)
-    tensors.pop(sorted(tensors)[0])
-    return save(tensors)
+    change(tensors)
+    return save({k: v.contiguous() for k, v in tensors.items()})

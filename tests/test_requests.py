@@ -280,7 +280,11 @@ def test_a_record_asking_for_its_true_answer_is_named(
         as_requests([same])
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 2 and all("record(s) " in m and "target_new == target_true" in m for m in said)
-    assert "record(s) 1 ask" in said[0] and "record(s) 0 ask" in said[1]
+    assert "record(s) 1 (0-based) ask" in said[0] and "record(s) 0 (0-based) ask" in said[1]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="nmke_patch.requests"):
+        as_requests(as_requests([RECORD, same])[::-1])  # parsed requests are not warned of again
+    assert len(caplog.records) == 1 and "record(s) 1 (0-based)" in caplog.records[0].getMessage()
     caplog.clear()
     with caplog.at_level("WARNING", logger="nmke_patch.requests"):
         as_requests([RECORD])

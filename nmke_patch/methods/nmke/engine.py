@@ -764,7 +764,34 @@ class Editor:
         return out
 
     def load_state(self, tensors: dict[str, torch.Tensor], records: list[EditRecord]) -> None:
-        """Restore :meth:`state_tensors` (from a checkpoint) and put the edits back on the model."""
+        """Restore :meth:`state_tensors` (from a checkpoint) and put the edits back on the model.
+
+        Raises:
+            KeyError, ValueError: a tensor is missing, or has another shape than this editor's or non-finite
+                values (nothing is restored then).
+        """
+        for l in self.layers:
+            expected = {
+                f"cum.{l}": tuple(self.cum[l].shape),
+                f"touched.{l}": tuple(self.touched[l].shape),
+                f"c_past.{l}": tuple(self.c_past[l].shape),
+                f"keys.{l}": (None, self.d_ff),
+                f"contrast.{l}": (None, self.d_ff),
+                **({f"c_kept.{l}": tuple(self.c_kept[l].shape)} if l in self.c_kept else {}),
+            }
+            for name, shape in expected.items():
+                if name not in tensors:
+                    if name.startswith("contrast."):  # absent in checkpoints written before it existed
+                        continue
+                    raise KeyError(f"missing {name}")
+                t = tensors[name]
+                wrong = t.dim() != len(shape) or any(
+                    w is not None and w != n for w, n in zip(shape, t.shape, strict=False)
+                )
+                if wrong and not (name.startswith("keys.") and t.numel() == 0):
+                    raise ValueError(f"{name} has shape {list(t.shape)}, this run's is {list(shape)}")
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"{name} holds non-finite values")
         for l in self.layers:
             self.cum[l] = tensors[f"cum.{l}"].float().clone()
             self.touched[l] = tensors[f"touched.{l}"].bool().clone()
