@@ -23,9 +23,9 @@ from nmke_patch.merged import (
     read_record,
     write_record,
 )
-from nmke_patch.patch import MANIFEST_FILE, Patch
+from nmke_patch.patch import Patch
 from nmke_patch.paths import give_umask_permissions, move_into_place, staging_dir
-from nmke_patch.sources import HF_PREFIX, PACK_FILE, resolve_patches
+from nmke_patch.sources import is_pack, resolve_patches
 from nmke_patch.stack import PatchStack, check_lineage
 
 if TYPE_CHECKING:
@@ -128,14 +128,6 @@ def _print_summary(patch: Patch) -> None:
     console.print(facts)
 
 
-def _is_pack(source: str) -> bool:
-    """Whether ``source`` names an edit pack (``hf://`` or a folder with pack.json and no manifest)."""
-    path = Path(source)
-    return source.startswith(HF_PREFIX) or (
-        (path / PACK_FILE).is_file() and not (path / MANIFEST_FILE).is_file()
-    )
-
-
 def inspect(patches: PatchesArg, as_json: JsonOpt = False) -> None:
     """Show what a patch edits: tensors, neurons touched, bytes, base model, method and the facts.
 
@@ -144,7 +136,7 @@ def inspect(patches: PatchesArg, as_json: JsonOpt = False) -> None:
     resolved = resolve_patches(patches)
     if as_json:
         out = [patch_summary(p) for p in resolved]
-        one_patch = len(patches) == 1 and not _is_pack(patches[0])
+        one_patch = len(patches) == 1 and not is_pack(patches[0])
         typer.echo(json.dumps(out[0] if one_patch else out, indent=2, default=str))
         return
     for p in resolved:

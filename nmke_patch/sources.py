@@ -45,7 +45,7 @@ def resolve_patches(sources: Iterable[PatchSource] | PatchSource | None) -> list
             patches.extend(pull_verified(text)[1])
             continue
         path = Path(text)
-        if (path / PACK_FILE).is_file() and not (path / MANIFEST_FILE).is_file():
+        if is_pack(path):
             from .hub import cache_repo_root, verify_pack  # a local pack is as untrusted as a pulled one
 
             # the folder `pull` prints is a cache snapshot: its files are links into the repository's blobs/
@@ -53,6 +53,16 @@ def resolve_patches(sources: Iterable[PatchSource] | PatchSource | None) -> list
         else:
             patches.append(load_patch(path))
     return patches
+
+
+def is_pack(source: str | os.PathLike[str]) -> bool:
+    """Whether ``source`` names an edit pack: an ``hf://`` reference, or a folder with ``pack.json`` and no
+    patch manifest (what :func:`resolve_patches` expands into several patches)."""
+    text = os.fspath(source)
+    path = Path(text)
+    return text.startswith(HF_PREFIX) or (
+        (path / PACK_FILE).is_file() and not (path / MANIFEST_FILE).is_file()
+    )
 
 
 def resolve_one(source: PatchSource) -> Patch:

@@ -168,17 +168,10 @@ def test_create_refuses_settings_the_method_does_not_read(
 def test_an_interrupted_run_is_never_overwritten_and_a_parent_never_replaced(
     setup: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import nmke_patch.create
-
     out = tmp_path / "p.nmke"
     checkpoint = tmp_path / "p.nmke.checkpoint"
-    real = nmke_patch.create.create_patch
-    monkeypatch.setattr(  # the CLI's run stops after one of two edits, as after Ctrl-C
-        nmke_patch.create, "create_patch", lambda *a, **k: real(*a, **{**k, "stop_after": 1})
-    )
-    assert CliRunner().invoke(app, [*setup, "-o", str(out), "--checkpoint-every", "1"]).exit_code == 130
+    _interrupt_after_one_edit(setup, out, monkeypatch)
     saved = (checkpoint / "progress.json").read_text()
-    monkeypatch.undo()
     monkeypatch.setenv("NMKE_PATCH_HOME", str(tmp_path / "home"))
     result = CliRunner().invoke(app, [*setup, "-o", str(out)])  # --resume forgotten
     assert isinstance(result.exception, InvalidRequestError), result.output
@@ -241,14 +234,9 @@ def test_a_parent_merged_into_the_model_is_refused_before_loading(
 def test_a_damaged_checkpoint_is_named_on_resume(
     setup: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import nmke_patch.create
-
     out = tmp_path / "p.nmke"
     checkpoint = tmp_path / "p.nmke.checkpoint"
-    real = nmke_patch.create.create_patch
-    with monkeypatch.context() as m:  # interrupted after the first of two edits
-        m.setattr(nmke_patch.create, "create_patch", lambda *a, **k: real(*a, **{**k, "stop_after": 1}))
-        assert CliRunner().invoke(app, [*setup, "-o", str(out), "--checkpoint-every", "1"]).exit_code == 130
+    _interrupt_after_one_edit(setup, out, monkeypatch)
     progress = json.loads((checkpoint / "progress.json").read_text())
     state = (checkpoint / "state.safetensors").read_bytes()
     damages = {
@@ -290,3 +278,13 @@ def _changed_state(data: bytes, change: Callable[[dict[str, torch.Tensor]], obje
     tensors = load(data)
     change(tensors)
     return save({k: v.contiguous() for k, v in tensors.items()})
+
+
+def _interrupt_after_one_edit(setup: list[str], out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run the CLI's create into ``out`` and stop it after the first of two edits, as after Ctrl-C."""
+    import nmke_patch.create
+
+    real = nmke_patch.create.create_patch
+    with monkeypatch.context() as m:
+        m.setattr(nmke_patch.create, "create_patch", lambda *a, **k: real(*a, **{**k, "stop_after": 1}))
+        assert CliRunner().invoke(app, [*setup, "-o", str(out), "--checkpoint-every", "1"]).exit_code == 130
