@@ -217,7 +217,8 @@ def eval_command(
         ),
     ] = None,
     limit: Annotated[
-        int | None, typer.Option("--limit", min=1, help="Evaluate only the first N facts.")
+        int | None,
+        typer.Option("--limit", min=1, help="Evaluate only the first N facts (the others are not checked)."),
     ] = None,
     unrelated: Annotated[
         Path | None,
@@ -253,7 +254,7 @@ def eval_command(
     held = check_apply(model, resolved)  # a merged model's patches: the base here, and parents for children
     if not force:
         check_lineage(resolved, [m.id for m in held])
-    requests = read_requests(facts)[:limit]
+    requests = read_requests(facts, limit)
     extra: dict[str, Any] = {"generations": generations}
     if unrelated is not None:
         extra["unrelated"] = load_unrelated(str(unrelated))

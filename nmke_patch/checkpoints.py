@@ -101,18 +101,7 @@ def load_checkpoint(
                 f"checkpoint {folder} belongs to a different run (facts, settings, parents or base model "
                 "differ); delete it to start over"
             )
-        records = [
-            EditRecord(
-                index=r["index"],
-                id=r["id"],
-                p_new_before=r["p_new_before"],
-                p_new_after=r["p_new_after"],
-                z_steps=r["z_steps"],
-                neurons=r["neurons"],
-                seconds=r["seconds"],
-            )
-            for r in data["records"]
-        ]
+        records = [EditRecord.from_json(r) for r in data["records"]]
         next_index = data["next_index"]
         if not isinstance(next_index, int) or isinstance(next_index, bool) or next_index < 0:
             raise ValueError(f"next_index {next_index!r} is not a count")

@@ -289,14 +289,18 @@ def _parse_records(text: str, file: Path) -> tuple[list[Any], list[int] | None]:
     return [first, *rest], [n for n, _ in lines]
 
 
-def read_requests(path: str | os.PathLike[str]) -> list[EditRequest]:
+def read_requests(path: str | os.PathLike[str], limit: int | None = None) -> list[EditRequest]:
     """Read a facts file (a JSON list, JSONL, or one JSON object; UTF-8, a byte-order mark is allowed);
-    every record is validated before returning."""
+    every record is validated before returning. ``limit``: only the first ``limit`` records are taken
+    (validated and warned about); the file must still be valid JSON throughout."""
+    if limit is not None and limit < 1:
+        raise InvalidRequestError(f"limit must be at least 1, not {limit}")
     file = Path(path)
     text = read_user_text(file, InvalidRequestError)
     records, lines = _parse_records(text, file)
     if not records:
         raise InvalidRequestError(f"{file}: no records")
+    records = records[:limit]
     _warn_unknown_fields(records, str(file))
     parsed = []
     for i, r in enumerate(records):

@@ -247,6 +247,12 @@ def test_a_damaged_checkpoint_is_named_on_resume(
         "records missing": lambda: (checkpoint / "progress.json").write_text(
             json.dumps({**progress, "records": []})
         ),
+        "a record field of the wrong type": lambda: (checkpoint / "progress.json").write_text(
+            json.dumps({**progress, "records": [{**progress["records"][0], "neurons": "many"}]})
+        ),
+        "a record that is not an object": lambda: (checkpoint / "progress.json").write_text(
+            json.dumps({**progress, "records": [1]})
+        ),
         "no state": lambda: (checkpoint / "state.safetensors").unlink(),
         "a state tensor missing": lambda: (checkpoint / "state.safetensors").write_bytes(
             _changed_state(state, lambda t: t.pop(sorted(t)[0]))

@@ -18,7 +18,7 @@ from nmke_patch.create import LoadedModel, create_patch
 from nmke_patch.errors import EditError, InvalidRequestError, ModelLoadError, PatchMismatchError
 from nmke_patch.methods.nmke.attribution import final_norm_scale, neuron_scores
 from nmke_patch.methods.nmke.config import ADDED_FIELDS, EditConfig
-from nmke_patch.methods.nmke.engine import Editor
+from nmke_patch.methods.nmke.engine import Editor, EditRecord
 from nmke_patch.methods.nmke.mask import apply_budget, hybrid_mask, mask_ratios, ranked_candidates
 from nmke_patch.methods.nmke.prompts import encode
 from nmke_patch.methods.nmke.solve import solve_layer
@@ -1203,3 +1203,13 @@ def test_a_finished_checkpoint_may_go_again_and_a_failed_parent_leaves_nothing(
         create_patch(requests()[:1], loaded=lm, config=TINY_CONFIG, name="c", on=[first, other])
     assert not PatchStack.for_model(lm.model).applied
     assert_state_equal(lm.model, before)
+
+
+def test_edit_records_read_back_what_they_wrote() -> None:
+    record = EditRecord(3, None, 0.01, 0.7, 12, {"4": 153, "5": 153}, {"total": 2.5, "z": 1.0})
+    assert EditRecord.from_json(json.loads(json.dumps(record.to_json()))) == record
+    with pytest.raises(KeyError):
+        EditRecord.from_json({k: v for k, v in record.to_json().items() if k != "z_steps"})
+    for field, bad in [("index", True), ("id", 5), ("p_new_after", "0.7"), ("neurons", {"4": 1.5})]:
+        with pytest.raises(TypeError, match=f"field '{field}'"):
+            EditRecord.from_json({**record.to_json(), field: bad})

@@ -289,3 +289,24 @@ def test_a_record_asking_for_its_true_answer_is_named(
     with caplog.at_level("WARNING", logger="nmke_patch.requests"):
         as_requests([RECORD])
     assert not caplog.records
+
+
+def test_a_limit_reads_and_warns_about_the_records_it_keeps_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    same = {**RECORD, "target_new": "Paris"}
+    typo = {**RECORD, "target_ture": "Paris"}
+    del typo["target_true"]
+    bad = {**RECORD, "subject": ""}
+    file = _write(tmp_path, "\n".join(json.dumps(r) for r in [RECORD, same, typo, bad]))
+    with caplog.at_level("WARNING", logger="nmke_patch.requests"):
+        assert len(read_requests(file, limit=1)) == 1
+    assert not caplog.records  # the dropped records are neither warned about nor validated
+    with caplog.at_level("WARNING", logger="nmke_patch.requests"):
+        assert len(read_requests(file, limit=3)) == 3
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and "'target_ture'" in said[0] and "record(s) 1 (0-based)" in said[1]
+    with pytest.raises(InvalidRequestError, match=r"record 3: field 'subject'"):
+        read_requests(file, limit=4)
+    with pytest.raises(InvalidRequestError, match="limit must be at least 1"):
+        read_requests(file, limit=0)

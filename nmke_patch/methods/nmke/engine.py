@@ -60,6 +60,38 @@ class EditRecord:
             "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
         }
 
+    @classmethod
+    def from_json(cls, data: Any) -> EditRecord:
+        """The record :meth:`to_json` wrote. Raises KeyError for a missing field and TypeError for a
+        field of the wrong kind."""
+        if not isinstance(data, dict):
+            raise TypeError(f"an edit record must be an object, not {type(data).__name__}")
+        record = cls(**{f: data[f] for f in _RECORD_FIELDS})
+        number = (int, float)
+        checks = (
+            ("index", isinstance(record.index, int) and not isinstance(record.index, bool)),
+            ("id", record.id is None or isinstance(record.id, str)),
+            ("p_new_before", isinstance(record.p_new_before, number)),
+            ("p_new_after", isinstance(record.p_new_after, number)),
+            ("z_steps", isinstance(record.z_steps, int)),
+            (
+                "neurons",
+                isinstance(record.neurons, dict) and all(isinstance(v, int) for v in record.neurons.values()),
+            ),
+            (
+                "seconds",
+                isinstance(record.seconds, dict)
+                and all(isinstance(v, number) for v in record.seconds.values()),
+            ),
+        )
+        for name, ok in checks:
+            if not ok:
+                raise TypeError(f"edit record {data.get('index')!r}: field {name!r} has the wrong type")
+        return record
+
+
+_RECORD_FIELDS = ("index", "id", "p_new_before", "p_new_after", "z_steps", "neurons", "seconds")
+
 
 @dataclass
 class _Forward:
