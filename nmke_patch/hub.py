@@ -629,6 +629,21 @@ def _pulled_here(folder: Path) -> bool:
     return (folder / PACK_FILE).is_file() and (folder / _PULL_MARKER).is_dir()
 
 
+def _check_read_access(repo_id: str, revision: str | None, token: str | None, endpoint: str) -> None:
+    """Ask for the pack file's metadata, as a download would: a gated repository answers its metadata
+    (``repo_info``) to anyone, but its files only to those granted access, so without this a pull whose
+    access was revoked would be served from the cache. A repository without a pack file passes here and
+    is refused by the verification, which says what is missing."""
+    from huggingface_hub import errors as hf
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    url = hf_hub_url(repo_id, PACK_FILE, repo_type=_REPO_TYPE, revision=revision, endpoint=endpoint)
+    try:
+        get_hf_file_metadata(url, token=token, library_name=LIBRARY_NAME, endpoint=endpoint)
+    except hf.EntryNotFoundError:
+        return
+
+
 def _download(repo_id: str, revision: str | None, token: str | None, endpoint: str | None) -> Path:
     """``snapshot_download`` of the pack into the Hugging Face cache (from it only when offline); one-line
     errors.
@@ -644,6 +659,7 @@ def _download(repo_id: str, revision: str | None, token: str | None, endpoint: s
             HfApi(endpoint=url, token=token, library_name=LIBRARY_NAME).repo_info(
                 repo_id, repo_type=_REPO_TYPE, revision=revision
             )
+            _check_read_access(repo_id, revision, token, url)
         return Path(
             snapshot_download(
                 repo_id,

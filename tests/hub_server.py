@@ -59,6 +59,7 @@ class Repo:
     private: bool
     commits: dict[str, Commit] = field(default_factory=dict)
     branches: dict[str, str] = field(default_factory=dict)
+    granted: set[str] | None = None  # gated: metadata for anyone, files for the owner and these users
 
     def resolve(self, revision: str) -> Commit | None:
         """The commit a branch name or (full or abbreviated, >= 7 chars) commit oid names."""
@@ -347,6 +348,11 @@ class HubServer:
 
     def _resolve(self, m: re.Match[str], user: str | None, headers: Any) -> Any:
         repo = self._repo(m["repo"], user)
+        if repo.granted is not None and user != repo.repo_id.split("/", 1)[0] and user not in repo.granted:
+            # like the Hub: a gated repository's files need access granted (its metadata does not)
+            raise _HubError(
+                401 if user is None else 403, f"Access to {repo.repo_id} is restricted", "GatedRepo"
+            )
         commit = repo.resolve(unquote(m["rev"]))
         if commit is None:
             raise _HubError(404, "Invalid rev id", "RevisionNotFound")

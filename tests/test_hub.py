@@ -184,6 +184,19 @@ def test_hub_outage_is_reported_not_covered_by_the_cache(hub, two_patches, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def test_revoked_access_to_a_gated_pack_is_not_covered_by_the_cache(hub, two_patches, tmp_path):
+    a, _ = two_patches
+    push_pack([a.path], "user/gated", token=TOKEN)
+    hub.repos["user/gated"].granted = {"other"}
+    assert _ids(pull_pack("user/gated", token=OTHER_TOKEN)) == [a.id]  # granted: pulled into the cache
+    hub.repos["user/gated"].granted = set()  # access revoked; the metadata stays public
+    for where in ({}, {"local_dir": tmp_path / "out"}):
+        with pytest.raises(HubError, match="user/gated is gated: accept its conditions"):
+            pull_pack("user/gated", token=OTHER_TOKEN, **where)
+    assert not (tmp_path / "out").exists()
+    assert _ids(pull_pack("user/gated", token=TOKEN)) == [a.id]  # the owner still reads it
+
+
 def test_pull_into_a_folder_is_all_or_nothing(hub, two_patches, tmp_path, monkeypatch):
     a, b = two_patches
     push_pack([a.path, b.path], "user/pack", token=TOKEN)
