@@ -392,5 +392,7 @@ def test_push_refuses_a_repository_that_is_not_a_pack(hub, two_patches):
     with pytest.raises(HubError, match=r"user/my-model holds files \(README.md\) and is not an edit pack"):
         push_pack([a.path], "user/my-model", token=TOKEN)
     assert hub.files("user/my-model") == before
+    with pytest.raises(InvalidPatchError, match=r"pack\.json"):  # pulled, it is not taken for a pack either
+        pull_pack("user/my-model", token=TOKEN)
     push_pack([a.path], "user/fresh", token=TOKEN)  # a new repository, and then the pack it now is
     push_pack([a.path], "user/fresh", token=TOKEN)
