@@ -41,7 +41,13 @@ ModelOpt = Annotated[
     ),
 ]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="Device to run on, e.g. cpu, cuda, cuda:1.")]
-DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="Weight dtype: fp32 (default), bf16 or fp16.")]
+DtypeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--dtype",
+        help="Weight dtype: fp32, bf16 or fp16 (default: the dtype the checkpoint was saved in; the embedded default model is fp32).",
+    ),
+]
 DeviceMapOpt = Annotated[
     str | None,
     typer.Option(
@@ -49,7 +55,11 @@ DeviceMapOpt = Annotated[
     ),
 ]
 ForceOpt = Annotated[
-    bool, typer.Option("--force", help="Apply even where a patch's recorded originals differ from the model.")
+    bool,
+    typer.Option(
+        "--force",
+        help="Apply even where a patch's recorded originals, whole-tensor fingerprint or parents do not match the model (docs/format.md, section 6).",
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
 PatchesArg = Annotated[

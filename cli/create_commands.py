@@ -80,7 +80,7 @@ def create(
         typer.Argument(
             metavar="FACTS",
             help="Facts to write: a JSON list of records, JSONL (one per line) or one record (ours, CounterFact "
-            "or ZsRE; docs/format.md).",
+            "or ZsRE; formats in the README).",
             exists=True,
             dir_okay=False,
         ),
@@ -126,7 +126,11 @@ def create(
         typer.Option(help=f"Tokens of text for key statistics (default {EditConfig().stats_tokens:,})."),
     ] = None,
     settings: Annotated[
-        list[str] | None, typer.Option("--set", help="Any config field, KEY=VALUE (see docs/method.md).")
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Any config field, KEY=VALUE (see docs/method.md), except those with their own option above.",
+        ),
     ] = None,
     resume: Annotated[
         bool,

@@ -1,4 +1,5 @@
-"""The patch artifact (format v1): ``NAME.nmke/`` with ``manifest.json``, ``deltas.safetensors``, ``README.md``.
+"""The patch artifact (format v1): ``NAME.nmke/`` with ``manifest.json``, ``deltas.safetensors``, ``README.md``
+and, for a patch that carries editor state, ``state.safetensors``.
 
 See ``docs/format.md`` for the specification. Reading validates everything before returning: a
 :class:`Patch` that exists in memory is internally consistent (hash, keys, dtypes, shapes, index ranges).
@@ -121,8 +122,8 @@ class Patch:
     """sha256 (hex) of ``deltas.safetensors`` (computed from the tensors when not given)."""
     path: Path | None = None
     state: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Optional editing state that travels with the patch chain: ``keys.<layer>`` float32 ``[T, d_ff]``, the
-    keys of the edits, and (with ``contrast_keep``) ``contrast.<layer>`` ``[m, d_ff]``, rows whose ``F^T F`` is
+    """Optional editing state that travels with the patch chain: ``keys.<layer>`` float32 ``[R, d_ff]``, the
+    key columns of the edits (``R = 2T`` with the default ``key_columns="contexts"``), and (with ``contrast_keep``) ``contrast.<layer>`` ``[m, d_ff]``, rows whose ``F^T F`` is
     the contrast statistics the edits kept; later ``create --on`` runs start their past-key statistics
     from both."""
 
@@ -226,7 +227,13 @@ class Patch:
                     " has no such numbers"
                 ) from exc
             text += "\n"
+            _check_writable_manifest(text, target)
             (staging / MANIFEST_FILE).write_text(text, encoding="utf-8")
+            try:  # what a reader would refuse is never written
+                read_manifest(staging)
+            except InvalidPatchError as exc:
+                reason = str(exc).replace(str(staging), str(target)).removeprefix(f"{target}: ")
+                raise InvalidPatchError(f"{target}: the manifest would not be readable: {reason}") from exc
             if card:
                 from .card import patch_card
 
@@ -351,6 +358,23 @@ def _require_file(file: Path, where: str) -> None:
     if not file.is_file():
         what = "is not a regular file" if file.exists() or file.is_symlink() else "is missing"
         raise InvalidPatchError(f"{where}: {file.name} {what}")
+
+
+def _check_writable_manifest(text: str, target: Path) -> None:
+    """Refuse manifest text the strict reader would refuse: a lone surrogate, an integer literal or a
+    nesting beyond the reader's limits, or more than :data:`MAX_MANIFEST_BYTES`."""
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise InvalidPatchError(
+            f"{target}: the manifest holds a string with a lone surrogate (in method, requests or metrics);"
+            " UTF-8 has no such characters"
+        ) from exc
+    if size > MAX_MANIFEST_BYTES:
+        raise InvalidPatchError(
+            f"{target}: the manifest would be {size} bytes, more than readers accept ({MAX_MANIFEST_BYTES})"
+        )
+    load_json_text(text, f"{target}: the manifest to write")
 
 
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:

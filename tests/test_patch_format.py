@@ -296,6 +296,25 @@ def test_non_finite_numbers_are_never_written(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_what_a_reader_would_refuse_is_never_written(tmp_path: Path) -> None:
+    patch = random_patch(MODEL_FACTORIES["llama"]())
+    deep: list[Any] = []
+    for _ in range(70):
+        deep = [deep]
+    cases = {
+        "an integer of 71 digits": [{"x": 10**70}],
+        "nested more than 64 levels deep": [{"x": deep}],
+        "a lone surrogate": [{"x": "\ud800"}],
+        "more than readers accept": [{"x": "a" * (64 << 20)}],
+        "requests": {"not": "a list"},
+    }
+    for message, requests in cases.items():
+        bad = replace(patch, manifest=replace(patch.manifest, requests=requests))
+        with pytest.raises(InvalidPatchError, match=rf"p\.nmke: the manifest.*{message}"):
+            bad.save(tmp_path / "p.nmke")
+        assert list(tmp_path.iterdir()) == [], message
+
+
 # -- the apply rule --------------------------------------------------------------------------------------
 
 

@@ -1,5 +1,6 @@
 """Target values z [design note section 1]: the residual at the last edited layer, at the subject's last
-token, that makes the model produce the new target (optimised with Adam, early stopping).
+token, that makes the model produce the new target (optimised by normalized descent, NMKE's default, or Adam,
+the baselines'; early stopping).
 
 Only the subject's last token and what follows it depend on the optimised ``delta``, and only in the layers
 above the edited one. So each prompt is run once in full; every optimisation step then replays the layers up
