@@ -43,10 +43,31 @@ class ArchitectureSpec:
         return f"{self.layers}.{layer}.{self.mlp_out}.weight"
 
     def default_layers(self, num_layers: int) -> list[int]:
-        """The default run of consecutive edited layers for a model of ``num_layers`` layers."""
-        count = min(self.default_count, num_layers)
-        start = min(round(self.default_start_fraction * num_layers), num_layers - count)
+        """The default run of consecutive edited layers for a model of ``num_layers`` layers; never the last
+        layer (see :func:`check_edited_layers`)."""
+        editable = num_layers - 1
+        count = min(self.default_count, editable)
+        start = max(0, min(round(self.default_start_fraction * num_layers), editable - count))
         return list(range(start, start + count))
+
+
+def check_edited_layers(layers: list[int], num_layers: int) -> str | None:
+    """What is wrong with editing ``layers`` of a ``num_layers``-layer model, or None. The last decoder
+    layer cannot be edited: the edit changes the output at the subject's position, and with no attention
+    layer after it that change never reaches the answer's position (the patch would be all zeros)."""
+    if num_layers < 2:
+        return f"the model has {num_layers} decoder layer(s); editing needs at least 2"
+    if not layers:
+        return "no layers to edit"
+    if layers[0] < 0 or layers[-1] >= num_layers:
+        return f"layers {layers}: the model has {num_layers} decoder layers (0-{num_layers - 1})"
+    if layers[-1] == num_layers - 1:
+        return (
+            f"layer {num_layers - 1} is the model's last decoder layer: a change at the subject there cannot "
+            f"reach the answer (no attention layer follows it), so its edit would be empty; edit layers "
+            f"0-{num_layers - 2}"
+        )
+    return None
 
 
 @cache

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .architectures import decoder_layers, spec_for_model
+from .architectures import check_edited_layers, decoder_layers, spec_for_model
 from .checkpoints import damaged_checkpoint, load_checkpoint, refuse_interrupted_run, run_key, save_checkpoint
 from .errors import InvalidPatchError, InvalidRequestError
 from .methods.nmke.config import EditConfig
@@ -125,10 +125,9 @@ def create_patch(
     spec = spec_for_model(model)
     num_layers = len(decoder_layers(model, spec))
     layers = list(config.layers) if config.layers else spec.default_layers(num_layers)
-    if layers[-1] >= num_layers:
-        raise InvalidRequestError(
-            f"layers {layers}: the model has {num_layers} decoder layers (0-{num_layers - 1})"
-        )
+    problem = check_edited_layers(layers, num_layers)
+    if problem:
+        raise InvalidRequestError(problem)
     past_keys = parent_key_rows(parents, model, layers)
     stateless = [p.name for p in parents if not p.state]
     if stateless:

@@ -18,14 +18,14 @@ VOCAB = 64
 
 
 def tiny_llama(
-    seed: int = 0, dtype: torch.dtype = torch.float32, init_range: float = 0.02
+    seed: int = 0, dtype: torch.dtype = torch.float32, init_range: float = 0.02, layers: int = 4
 ) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=48,
-        num_hidden_layers=4,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
@@ -38,12 +38,14 @@ def tiny_llama(
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
-def tiny_gpt2(seed: int = 0, dtype: torch.dtype = torch.float32, init_range: float = 0.02) -> GPT2LMHeadModel:
+def tiny_gpt2(
+    seed: int = 0, dtype: torch.dtype = torch.float32, init_range: float = 0.02, layers: int = 4
+) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     config = GPT2Config(
         vocab_size=VOCAB,
         n_embd=32,
-        n_layer=4,
+        n_layer=layers,
         n_head=4,
         n_positions=64,
         n_inner=48,

@@ -47,8 +47,8 @@ def requests() -> list[EditRequest]:
     ]
 
 
-def loaded(arch: str, tokenizer) -> LoadedModel:
-    model = MODEL_FACTORIES[arch](init_range=0.2)
+def loaded(arch: str, tokenizer, layers: int = 4) -> LoadedModel:
+    model = MODEL_FACTORIES[arch](init_range=0.2, layers=layers)
     model.requires_grad_(False)
     return LoadedModel(
         model, tokenizer, BaseModelInfo("tiny", None, type(model).__name__, model.config.model_type)
@@ -153,7 +153,7 @@ def test_padding_does_not_change_keys(arch: str, tiny_tokenizer) -> None:
 @pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
 def test_key_pass_from_recorded_entry_equals_full_pass(arch: str, tiny_tokenizer) -> None:
     """The solve's per-layer key passes skip the layers below the last edited one: same keys and outputs."""
-    lm = loaded(arch, tiny_tokenizer)
+    lm = loaded(arch, tiny_tokenizer, layers=5)  # layers 1-3 edited, and one above them
     d_ff = lm.model.config.intermediate_size if arch == "llama" else lm.model.config.n_inner
     config = TINY_CONFIG.with_overrides(layers=(1, 2, 3))
     editor = Editor(lm.model, tiny_tokenizer, config, c0={l: torch.eye(d_ff) for l in (1, 2, 3)})
@@ -604,6 +604,24 @@ def test_layers_beyond_the_model_are_refused_before_statistics(tiny_tokenizer, m
     with pytest.raises(InvalidRequestError, match="the model has 4 decoder layers"):
         create_patch(requests(), loaded=lm, config=TINY_CONFIG.with_overrides(layers=(3, 4)), name="t")
     assert_state_equal(lm.model, before)
+    # the last layer's change at the subject never reaches the answer: refused, not an all-zero patch
+    with pytest.raises(
+        InvalidRequestError, match=r"layer 3 is the model's last decoder layer.*edit layers 0-2"
+    ):
+        create_patch(requests(), loaded=lm, config=TINY_CONFIG.with_overrides(layers=(2, 3)), name="t")
+    assert_state_equal(lm.model, before)
+
+
+def test_default_layers_leave_out_the_last_layer() -> None:
+    from nmke_patch.architectures import check_edited_layers, spec_for_model
+
+    spec = spec_for_model(MODEL_FACTORIES["llama"]())
+    assert spec.default_layers(30) == [4, 5, 6, 7, 8]  # the embedded default model's
+    assert spec.default_layers(4) == [0, 1, 2]
+    assert spec.default_layers(2) == [0]
+    for n in (2, 4, 5, 6, 8, 12, 30, 80):
+        assert check_edited_layers(spec.default_layers(n), n) is None, n
+    assert "at least 2" in str(check_edited_layers(spec.default_layers(1), 1))
 
 
 @pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))

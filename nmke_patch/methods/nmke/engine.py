@@ -19,7 +19,7 @@ from typing import Any, cast
 import torch
 from transformers import PreTrainedModel
 
-from ...architectures import decoder_layers, get_submodule, spec_for_model
+from ...architectures import check_edited_layers, decoder_layers, get_submodule, spec_for_model
 from ...delta import TensorDelta, gather_neurons, make_delta
 from ...errors import EditError
 from ...patch import Manifest, Patch
@@ -148,8 +148,9 @@ class Editor:
         self.layers = (
             list(config.layers) if config.layers is not None else self.spec.default_layers(num_layers)
         )
-        if self.layers[-1] >= num_layers or self.layers[0] < 0:
-            raise ValueError(f"edited layers {self.layers} out of range for a {num_layers}-layer model")
+        problem = check_edited_layers(self.layers, num_layers)
+        if problem:
+            raise ValueError(problem)
         self.device = next(model.parameters()).device
         self.stack = PatchStack.for_model(model)
         params = dict(model.named_parameters())
