@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 from .architectures import check_edited_layers, decoder_layers, spec_for_model
 from .checkpoints import damaged_checkpoint, load_checkpoint, refuse_interrupted_run, run_key, save_checkpoint
 from .errors import InvalidPatchError, InvalidRequestError
+from .lengths import check_fits, context_length
 from .methods.nmke.config import EditConfig
 from .methods.nmke.engine import Editor
 from .methods.nmke.prompts import encode, target_logprobs_from_hidden
@@ -128,6 +129,10 @@ def create_patch(
     problem = check_edited_layers(layers, num_layers)
     if problem:
         raise InvalidRequestError(problem)
+    prefix_room = (
+        config.prefix_tokens + 4 if config.n_prefixes else 0
+    )  # a prefix re-tokenizes a little longer
+    check_fits(requests, tokenizer, context_length(model), reserve=prefix_room, what="context prefixes")
     past_keys = parent_key_rows(parents, model, layers)
     stateless = [p.name for p in parents if not p.state]
     if stateless:

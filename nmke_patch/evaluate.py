@@ -38,6 +38,7 @@ from .compat import cache_argument, returned_cache
 from .delta import TensorDelta
 from .errors import InvalidRequestError
 from .jsonio import load_json_text, read_user_text
+from .lengths import check_facts_fit, check_fits, context_length, windows
 from .methods.nmke.prompts import encode
 from .patch import Patch
 from .requests import EditRequest, Neighbor, RequestsLike, as_requests
@@ -392,12 +393,17 @@ def words(text: str) -> list[str]:
 def greedy_generate(
     model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int
 ) -> list[str]:
-    """Greedy continuations of ``prompts`` (left-padded batch, KV cache; end-of-text does not stop)."""
+    """Greedy continuations of ``prompts`` (left-padded batch, KV cache; end-of-text does not stop). Within
+    the model's context length: a prompt is cut from the left to leave room for the new tokens."""
     if not prompts:
         return []
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     encoded = [tokenizer(p).input_ids for p in prompts]
+    limit = context_length(model)
+    if limit is not None:
+        max_new_tokens = min(max_new_tokens, limit - 1)
+        encoded = [e[-(limit - max_new_tokens) :] for e in encoded]
     width = max(len(e) for e in encoded)
     ids = torch.full((len(encoded), width), pad, dtype=torch.long)
     mask = torch.zeros((len(encoded), width), dtype=torch.long)
@@ -428,6 +434,15 @@ def greedy_generate(
     return [tokenizer.decode(row, skip_special_tokens=True) for row in tokens]
 
 
+def _check_lengths(
+    model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], unrelated: Sequence[Neighbor]
+) -> None:
+    """Every scored prompt, with its answer, fits the model's context (one error naming it, else)."""
+    limit = context_length(model)
+    check_fits(requests, tokenizer, limit)
+    check_facts_fit(unrelated, tokenizer, limit, "unrelated facts")
+
+
 @torch.no_grad()
 def perplexity(
     model: nn.Module,
@@ -437,7 +452,8 @@ def perplexity(
     max_tokens: int | None = None,
     max_batch_tokens: int = 2048,
 ) -> tuple[float, int]:
-    """``exp(mean NLL)`` over every predicted token of ``paragraphs`` (each its own sequence).
+    """``exp(mean NLL)`` over every predicted token of ``paragraphs`` (each its own sequence, cut into
+    windows of the model's context length where longer).
 
     Whole paragraphs are taken in order until ``max_tokens`` tokens are reached (the last one is cut).
 
@@ -451,7 +467,7 @@ def perplexity(
         if max_tokens is not None:
             ids = ids[: max(0, max_tokens - total)]
         if len(ids) >= 2:
-            rows.append(ids)
+            rows.extend(w for w in windows(ids, context_length(model)) if len(w) >= 2)
             total += len(ids)
         if max_tokens is not None and total >= max_tokens:
             break
@@ -545,6 +561,7 @@ def evaluate(
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     unrelated = load_unrelated() if unrelated is None else list(unrelated)
+    _check_lengths(model, tokenizer, requests, unrelated)
     if heldout_text is None:
         paragraphs = load_heldout()
     elif isinstance(heldout_text, str):
@@ -838,6 +855,7 @@ def evaluate_pair(
         kwargs["unrelated"] = load_unrelated()
     if kwargs.get("heldout_text") is None:
         kwargs["heldout_text"] = load_heldout()
+    _check_lengths(model, tokenizer, requests, kwargs["unrelated"])
     try:  # the patched model first: a patch that does not fit fails before any evaluation
         for p in resolved:
             stack.apply(p, force=force)

@@ -28,6 +28,7 @@ from .architectures import ArchitectureSpec, decoder_layers, spec_for_model
 from .dataset_corpus import DatasetCorpus, is_dataset
 from .errors import ModelLoadError
 from .jsonio import read_user_text
+from .lengths import context_length
 from .paths import home
 from .sampling import end_token_ids, sample_continuations
 from .tracing import capture, stop_after
@@ -90,9 +91,7 @@ def sample_text(
     (:mod:`nmke_patch.sampling`): the same text on any device. ``progress(done, total)`` is called with
     the tokens drawn so far after every step.
     """
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(
-        model.config, "n_positions", seq_len
-    )
+    limit = context_length(model) or seq_len
     prefix_ids = tokenizer(prefix).input_ids if prefix else []
     seq_len = min(seq_len, int(limit or seq_len) - len(prefix_ids))  # the prefix takes positions too
     if seq_len < 2:
@@ -478,7 +477,12 @@ class PreservedText:
                     progress=self.progress,
                 )
                 if src.corpus is None
-                else corpus_rows(self.tokenizer, src.corpus, src.tokens)
+                else corpus_rows(
+                    self.tokenizer,
+                    src.corpus,
+                    src.tokens,
+                    seq_len=min(128, context_length(self.model) or 128),
+                )
             )
         return self._rows
 

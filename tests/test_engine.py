@@ -610,6 +610,14 @@ def test_layers_beyond_the_model_are_refused_before_statistics(tiny_tokenizer, m
     ):
         create_patch(requests(), loaded=lm, config=TINY_CONFIG.with_overrides(layers=(2, 3)), name="t")
     assert_state_equal(lm.model, before)
+    # a prompt that, with a context prefix and its answer, would not fit the model's 64 positions
+    long = [*requests(), {"prompt": " ".join(["w5"] * 60) + " {} w6", "subject": "w7", "target_new": "w8"}]
+    with pytest.raises(
+        InvalidRequestError,
+        match=r"record 2: field 'prompt' with its answer is 63 tokens; the model takes 64, 7 of them kept for context prefixes",
+    ):
+        create_patch(long, loaded=lm, config=TINY_CONFIG, name="t")
+    assert_state_equal(lm.model, before)
 
 
 def test_default_layers_leave_out_the_last_layer() -> None:

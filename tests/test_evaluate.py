@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from nmke_patch.evaluate import (
     evaluate,
     evaluate_pair,
     footprint,
+    greedy_generate,
     ngram_entropy,
     perplexity,
     score_targets,
@@ -163,6 +165,38 @@ def test_perplexity_matches_the_model_loss(tiny_tokenizer: PreTrainedTokenizerFa
     assert perplexity(model, tiny_tokenizer, HELDOUT[1:])[0] == pytest.approx(math.exp(loss), rel=1e-5)
     capped, used = perplexity(model, tiny_tokenizer, HELDOUT, max_tokens=5)
     assert used == 4 and math.isfinite(capped)
+
+
+@pytest.mark.parametrize("family", sorted(MODEL_FACTORIES))
+def test_texts_longer_than_the_context(family: str, tiny_tokenizer: PreTrainedTokenizerFast) -> None:
+    model = MODEL_FACTORIES[family]()  # 64 positions
+    before = state_copy(model)
+    long_text = " ".join(f"w{i % 60}" for i in range(150))
+    ppl, tokens = perplexity(model, tiny_tokenizer, [long_text])  # cut into windows of 64 tokens
+    assert math.isfinite(ppl) and tokens == 63 + 63 + 21
+    windows = [" ".join(f"w{i % 60}" for i in range(s, min(s + 64, 150))) for s in (0, 64, 128)]
+    assert ppl == pytest.approx(perplexity(model, tiny_tokenizer, windows)[0], rel=1e-5)
+    (out,) = greedy_generate(model, tiny_tokenizer, [long_text], 8)  # the prompt is cut from the left
+    assert len(out.split()) == 8
+    short = EditRequest("w3 w4 {} w5", "w10", "w20", "w21")
+    long_prompt = replace(short, paraphrases=("w1 w10",), neighborhood=(Neighbor(long_text, "w9"),))
+    with pytest.raises(
+        InvalidRequestError,
+        match=r"record 1: field 'neighborhood\[0\]' with its answer is 151 tokens; the model takes 64",
+    ):
+        evaluate(model, tiny_tokenizer, [short, long_prompt], **SMALL_EVALUATION)
+    with pytest.raises(InvalidRequestError, match="unrelated facts: fact 2 is 151 tokens"):
+        evaluate(
+            model,
+            tiny_tokenizer,
+            [short],
+            **{**SMALL_EVALUATION, "unrelated": [Neighbor("w7", "w8"), Neighbor(long_text, "w9")]},
+        )
+    with pytest.raises(InvalidRequestError, match="record 0: field 'prompt'"):
+        evaluate_pair(
+            model, tiny_tokenizer, [replace(short, prompt=long_text + " {}")], [random_patch(model)]
+        )
+    assert_state_equal(model, before)
 
 
 def test_evaluate_pair_restores_base_and_counts_footprint(
