@@ -89,3 +89,8 @@ def check_out_dir(out: Path, model: str | None = None, overwrite: bool = False) 
         raise FileExistsError(
             f"{out} already exists and is not empty; pass --overwrite or choose another --out"
         )
+    held = [n for n in ("manifest.json", "pack.json") if (out / n).is_file()]
+    if held:  # --overwrite puts a model among the files of a folder: never into a patch or a pack
+        raise FileExistsError(
+            f"--out {out} holds {held[0]} (a patch or a pack); a merged model is not saved into one"
+        )

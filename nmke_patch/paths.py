@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import tempfile
 from pathlib import Path
 
 
@@ -34,14 +35,28 @@ def give_umask_permissions(files: list[Path]) -> None:
 
 def check_parents(target: Path) -> None:
     """Refuse, before any work, a path to write to whose nearest existing parent is a file or a broken
-    link (the folders would fail to be created only at the end, with a bare errno)."""
+    link, or in which nothing can be written (the folders would fail to be created only at the end, with a
+    bare errno)."""
     for parent in target.absolute().parents:
         if parent.is_symlink() and not parent.exists():
             raise FileExistsError(f"{target}: {parent} is a broken link")
         if parent.exists():
             if not parent.is_dir():
                 raise FileExistsError(f"{target}: {parent} is a file, not a directory")
+            _check_writable(target, parent)
             return
+
+
+def _check_writable(target: Path, folder: Path) -> None:
+    """Refuse, with one readable line, a ``folder`` nothing can be created in (permissions, a read-only
+    or virtual file system): found by trying, since ``os.access`` does not know every file system."""
+    try:
+        probe = Path(tempfile.mkdtemp(prefix=".nmke-probe-", dir=folder))
+    except OSError as exc:
+        raise PermissionError(
+            f"{target}: cannot write in {folder} ({exc.strerror or type(exc).__name__}); choose another place"
+        ) from exc
+    probe.rmdir()
 
 
 def new_folder_has_content(target: Path, hint: str) -> bool:

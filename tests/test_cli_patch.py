@@ -497,6 +497,12 @@ def test_apply_refuses_to_write_over_its_model_or_a_full_directory(
         app, ["apply", _patch_dir(patch), "--model", str(base), "--out", _patch_dir(patch)]
     )
     assert isinstance(result.exception, FileExistsError) and "--overwrite" in str(result.exception)
+    result = runner.invoke(
+        app, ["apply", _patch_dir(patch), "--model", str(base), "--out", _patch_dir(patch), "--overwrite"]
+    )
+    assert isinstance(result.exception, FileExistsError) and "holds manifest.json (a patch or a pack)" in str(
+        result.exception
+    )
     assert sorted(p.name for p in Path(_patch_dir(patch)).iterdir()) == patch_files
     full = tmp_path / "full"
     full.mkdir()

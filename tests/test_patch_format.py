@@ -35,6 +35,7 @@ from nmke_patch.patch import (
     Manifest,
     ParentRef,
     Patch,
+    check_patch_target,
     load_patch,
     serialize_deltas,
 )
@@ -912,3 +913,13 @@ def test_a_patch_that_names_itself_or_a_parent_twice_is_refused(tmp_path: Path) 
     (saved.path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(InvalidPatchError, match="lists itself as a parent"):
         load_patch(saved.path)
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc, where nothing can be created")
+def test_a_place_nothing_can_be_written_in_is_refused_before_any_work(tmp_path: Path) -> None:
+    with pytest.raises(
+        PermissionError, match=r"^/proc/x\.nmke: cannot write in /proc \(.+\); choose another place$"
+    ):
+        check_patch_target(Path("/proc/x.nmke"))
+    check_patch_target(tmp_path / "new" / "x.nmke")  # a folder that will be created in a writable one
+    assert list(tmp_path.iterdir()) == []  # the check leaves nothing behind
