@@ -43,6 +43,17 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object, refused if a key repeats: readers disagree on which value wins, so a file that says two
+    things (by mistake, or to show a reviewer one and a loader the other) is not read at all."""
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _Refused(f"the key {key[:50]!r} appears twice in one object")
+        obj[key] = value
+    return obj
+
+
 def _problem(value: Any) -> str | None:
     """What is wrong with a parsed value, walked iteratively (no recursion): nesting deeper than
     :data:`MAX_DEPTH`, or a string holding a lone UTF-16 surrogate (``"\\ud800"``), which no UTF-8 text,
@@ -75,11 +86,16 @@ def load_json_text(text: str, what: str, error: type[NmkePatchError] = InvalidPa
     """Parse ``text`` as strict JSON, or raise ``error("{what} is not valid JSON (reason)")``.
 
     Strict: no ``NaN``/``Infinity`` (nor floats that overflow to it), integers of at most
-    :data:`MAX_INT_DIGITS` digits, nesting at most :data:`MAX_DEPTH` levels, no lone surrogates.
+    :data:`MAX_INT_DIGITS` digits, nesting at most :data:`MAX_DEPTH` levels, no lone surrogates, no key
+    twice in one object.
     """
     try:
         value = json.loads(
-            text, parse_constant=_no_constant, parse_int=_bounded_int, parse_float=_finite_float
+            text,
+            parse_constant=_no_constant,
+            parse_int=_bounded_int,
+            parse_float=_finite_float,
+            object_pairs_hook=_unique_keys,
         )
     except json.JSONDecodeError as exc:
         raise error(f"{what} is not valid JSON ({exc.msg}: line {exc.lineno} column {exc.colno})") from exc

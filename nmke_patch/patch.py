@@ -412,6 +412,7 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         ("deltas_sha256", str),
     ):
         _require(data, key, kind, where)
+    _require(data["method"], "name", str, where, "method")
     for key in ("requests", "metrics", "parents"):
         if key in data and not (isinstance(data[key], list) and all(isinstance(x, dict) for x in data[key])):
             raise InvalidPatchError(f"{where}: manifest field {key!r} must be a list of objects")

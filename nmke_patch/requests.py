@@ -132,12 +132,19 @@ def _from_counterfact(record: dict[str, Any], index: int) -> EditRequest:
         raise InvalidRequestError(f"record {index}: field 'requested_rewrite' must be an object")
 
     def target(key: str) -> str | None:
+        """``{"str": ...}`` as CounterFact writes it, or a plain string as some of its variants do."""
         value = rw.get(key)
-        if value is None:
-            return None
+        if value is None or isinstance(value, str):
+            return value
         if not isinstance(value, dict) or not isinstance(value.get("str"), str):
-            raise InvalidRequestError(f"record {index}: field 'requested_rewrite.{key}.str' must be a string")
+            raise InvalidRequestError(
+                f"record {index}: field 'requested_rewrite.{key}' must be an object with a 'str' string "
+                "(or a string)"
+            )
         return value["str"]
+
+    def name(key: str) -> str:
+        return f"requested_rewrite.{key}" + (".str" if isinstance(rw.get(key), dict) else "")
 
     true = target("target_true")
     prompts = record.get("neighborhood_prompts", [])
@@ -158,8 +165,8 @@ def _from_counterfact(record: dict[str, Any], index: int) -> EditRequest:
     names = {
         "prompt": "requested_rewrite.prompt",
         "subject": "requested_rewrite.subject",
-        "target_new": "requested_rewrite.target_new.str",
-        "target_true": "requested_rewrite.target_true.str",
+        "target_new": name("target_new"),
+        "target_true": name("target_true"),
         "paraphrases": "paraphrase_prompts",
         "neighborhood": "neighborhood_prompts",
     }

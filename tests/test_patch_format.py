@@ -626,6 +626,11 @@ CASES: list[tuple[str, Corruption, str]] = [
         r"manifest\.json is not valid JSON \(an integer of 5001 digits",
     ),
     (
+        "duplicate-key",  # a reviewer would see one id and a loader use the other
+        manifest_text(b'{"format": "nmke-patch", "format": "nmke-patch", "format_version": 1}'),
+        r"manifest\.json is not valid JSON \(the key 'format' appears twice in one object\)",
+    ),
+    (
         "nan-anywhere",
         set_field("method", {"name": "x", "config": {"lr": float("nan")}}),
         r"manifest\.json is not valid JSON \(NaN is not a JSON number\)",
@@ -634,6 +639,12 @@ CASES: list[tuple[str, Corruption, str]] = [
         "metric-infinity",
         set_field("metrics", [{"index": 0, "p_new_before": float("inf")}]),
         r"not valid JSON \(Infinity is not a JSON number\)",
+    ),
+    ("method-without-name", set_field("method", {"config": {}}), r"method is missing required field 'name'"),
+    (
+        "method-name-number",
+        set_field("method", {"name": 3}),
+        r"method field 'name' has the wrong type \(int\)",
     ),
     (
         "metric-string",

@@ -81,6 +81,10 @@ def test_jsonl_keeps_reading_line_by_line(tmp_path: Path) -> None:
             r"facts\.json is not valid JSON .*expected a JSON list",
         ),
         ('[{"prompt": "{} is", "subject": "A\\ud800", "target_new": "B"}]', r"lone surrogate"),
+        (
+            '[{"prompt": "{} is", "subject": "A", "target_new": "B", "target_new": "C"}]',
+            r"\(the key 'target_new' appears twice in one object\)",
+        ),
     ],
     ids=[
         "deep-list",
@@ -90,6 +94,7 @@ def test_jsonl_keeps_reading_line_by_line(tmp_path: Path) -> None:
         "nan",
         "broken-pretty-object",
         "surrogate",
+        "duplicate-key",
     ],
 )
 def test_hostile_json_is_one_clear_error(text: str, message: str, tmp_path: Path) -> None:
@@ -199,10 +204,26 @@ def test_zsre_locality_question_with_its_answer(tmp_path: Path) -> None:
             {"requested_rewrite": {**COUNTERFACT_RECORD["requested_rewrite"], "target_new": {"str": ""}}},
             "requested_rewrite.target_new.str",
         ),
+        (
+            {"requested_rewrite": {**COUNTERFACT_RECORD["requested_rewrite"], "target_new": " "}},
+            "requested_rewrite.target_new",
+        ),
+        (
+            {"requested_rewrite": {**COUNTERFACT_RECORD["requested_rewrite"], "target_true": ["Paris"]}},
+            "requested_rewrite.target_true",
+        ),
         ({"paraphrase_prompts": "one string"}, "paraphrase_prompts"),
         ({"neighborhood_prompts": [{"prompt": "x", "target": "y"}]}, "neighborhood_prompts"),
     ],
-    ids=["prompt", "subject", "target_new", "paraphrases", "neighborhood"],
+    ids=[
+        "prompt",
+        "subject",
+        "target_new",
+        "target_new-string",
+        "target_true-list",
+        "paraphrases",
+        "neighborhood",
+    ],
 )
 def test_counterfact_errors_name_the_field_as_written(
     change: dict[str, Any], field: str, tmp_path: Path
@@ -215,6 +236,16 @@ def test_counterfact_errors_name_the_field_as_written(
     assert [(n.prompt, n.target) for n in r.neighborhood] == [
         ("The mother tongue of Jean Gabin is", "French")
     ]
+    rewrite = COUNTERFACT_RECORD[
+        "requested_rewrite"
+    ]  # plain strings, as some CounterFact variants write them
+    plain = {
+        **rewrite,
+        "target_new": rewrite["target_new"]["str"],
+        "target_true": rewrite["target_true"]["str"],
+    }
+    (s,) = read_requests(_write(tmp_path, json.dumps([{**COUNTERFACT_RECORD, "requested_rewrite": plain}])))
+    assert s == r
 
 
 def test_python_entry_points_take_a_path_a_record_or_a_list(tmp_path: Path) -> None:
