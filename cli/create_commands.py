@@ -160,6 +160,8 @@ def create(
 
     requests = read_requests(facts)  # every record validated before anything is computed
     check_patch_target(out, overwrite=overwrite)  # before the model loads; save() checks again
+    if name is not None and not name.strip():
+        raise InvalidRequestError("--name is blank; leave it out to name the patch after --out")
     if batch_size is not None and mode is not ModeChoice.batch:
         raise InvalidRequestError("--batch-size needs --mode batch")
     options: dict[str, object] = {

@@ -129,10 +129,15 @@ def create_patch(
     problem = check_edited_layers(layers, num_layers)
     if problem:
         raise InvalidRequestError(problem)
-    prefix_room = (
-        config.prefix_tokens + 4 if config.n_prefixes else 0
-    )  # a prefix re-tokenizes a little longer
+    prefix_room = config.prefix_tokens + 4 if config.n_prefixes else 0  # re-tokenized, a prefix grows a bit
     check_fits(requests, tokenizer, context_length(model), reserve=prefix_room, what="context prefixes")
+    try:
+        for (
+            p
+        ) in parents:  # parents made on other weights fail here, before any warning or minutes of statistics
+            stack.apply(p)
+    finally:
+        stack.unload_all()  # bit-exact: the statistics and the fingerprint are the base's
     past_keys = parent_key_rows(parents, model, layers)
     stateless = [p.name for p in parents if not p.state]
     if stateless:
@@ -148,11 +153,6 @@ def create_patch(
             "there does not protect them; editing the parents' layers (see `inspect`) keeps them",
             uncovered,
         )
-    try:
-        for p in parents:  # parents made on other weights fail here, before minutes of statistics
-            stack.apply(p)
-    finally:
-        stack.unload_all()  # bit-exact: the statistics and the fingerprint are the base's
     base_fingerprint = model_fingerprint(model)  # weights and dtype, before the parents go on
     stats = load_statistics(model, tokenizer, layers, [config], progress=stats_progress)
     fingerprints: dict[str, str | None] = {spec.weight_name(l): None for l in layers}

@@ -417,7 +417,9 @@ def verify_pack(
     patches: list[Patch] = []
     for entry in entries:
         patch_dir = pack_dir / entry["path"]
-        if patch_dir.is_symlink() or not patch_dir.is_dir() or not _inside(patch_dir.resolve(), root):
+        if patch_dir.is_symlink():  # one name per patch directory: pack.json names real folders
+            raise InvalidPatchError(f"{where}: {entry['path']} is a link; pack.json must name a real folder")
+        if not patch_dir.is_dir() or not _inside(patch_dir.resolve(), root):
             raise InvalidPatchError(f"{where}: {entry['path']} is not a patch directory inside the pack")
         try:
             patch = load_patch(patch_dir)

@@ -522,6 +522,7 @@ def test_create_options_that_contradict_or_do_nothing_are_refused_before_loading
     nowhere = str(tmp_path / "no-model")  # never loaded: every refusal comes first
     cases = [
         (["--batch-size", "3"], 1, "--batch-size needs --mode batch"),
+        (["--name", " "], 1, "--name is blank"),
         (["--max-neurons", "0.1", "--set", "max_neurons=0.2"], 1, "use --max-neurons instead"),
         (["--set", "mode=batch"], 1, "use --mode instead"),
         (["--checkpoint-every", "0"], 2, "--checkpoint-every"),

@@ -306,6 +306,13 @@ def test_verify_pack_refuses_links_out_of_the_pack(two_patches, tmp_path):
     target.symlink_to(Path(a.path) / DELTAS_FILE)  # same bytes, but outside the pack
     with pytest.raises(InvalidPatchError, match="link leading out"):
         verify_pack(pack)
+    inner = build_pack([a], tmp_path / "inner")  # a link to a folder inside the pack: named, and refused
+    (inner / "patches" / "capitals.nmke").rename(inner / "real")
+    (inner / "patches" / "capitals.nmke").symlink_to(Path("..") / "real")
+    with pytest.raises(
+        InvalidPatchError, match=r"patches/capitals\.nmke is a link; pack\.json must name a real folder"
+    ):
+        verify_pack(inner)
 
 
 def test_build_pack_layout_and_card(two_patches, tmp_path):
