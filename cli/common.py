@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from nmke_patch.paths import check_parents
+from nmke_patch.paths import check_parents, check_writable
 
 # Names, prompts and paths come from strangers' patches and facts: never read them as Rich markup
 # ("[/]" in a patch name would crash the printer, "[black on black]" would hide text). Styling is explicit.
@@ -80,7 +80,12 @@ OverwriteOpt = Annotated[
 def check_out_dir(out: Path, model: str | None = None, overwrite: bool = False) -> None:
     """Refuse, before anything loads, to write over the model being read, over a file, or (without
     ``--overwrite``) into a directory that is not empty."""
-    check_parents(out)
+    written_into = (
+        out.is_dir()
+    )  # an existing folder is written into (it may be a mount point), a new one beside
+    check_parents(out, probe=not written_into)
+    if written_into:
+        check_writable(out, out)
     if model is not None and Path(model).exists() and out.resolve() == Path(model).resolve():
         raise FileExistsError(f"--out {out} is the model being read; choose another directory")
     if out.exists() and not out.is_dir():
@@ -91,6 +96,4 @@ def check_out_dir(out: Path, model: str | None = None, overwrite: bool = False) 
         )
     held = [n for n in ("manifest.json", "pack.json") if (out / n).is_file()]
     if held:  # --overwrite puts a model among the files of a folder: never into a patch or a pack
-        raise FileExistsError(
-            f"--out {out} holds {held[0]} (a patch or a pack); a merged model is not saved into one"
-        )
+        raise FileExistsError(f"--out {out} holds {held[0]} (a patch or a pack); choose another folder")

@@ -22,6 +22,7 @@ from rich.table import Table
 from nmke_patch.checkpoints import refuse_interrupted_run
 from nmke_patch.errors import InvalidRequestError, PatchMismatchError
 from nmke_patch.jsonio import load_json_text
+from nmke_patch.lengths import TooLongError
 from nmke_patch.merged import RECORD_FILE, read_record
 from nmke_patch.methods.nmke.config import EditConfig
 from nmke_patch.patch import PATCH_SUFFIX, check_patch_target
@@ -261,6 +262,8 @@ def create(
                 progress=progress,
                 stats_progress=stats_progress,
             )
+        except TooLongError as exc:
+            raise TooLongError(f"{facts}: {exc}") from None
         except KeyboardInterrupt:
             if checkpoint.exists():
                 err_console.print(

@@ -13,6 +13,7 @@ import typer
 from rich.table import Table
 
 from nmke_patch.errors import InvalidRequestError, NmkePatchError
+from nmke_patch.lengths import TooLongError
 from nmke_patch.merged import check_apply
 from nmke_patch.patch import Patch
 from nmke_patch.requests import read_requests
@@ -271,16 +272,23 @@ def eval_command(
         with err_console.status("loading model") as status:
             loaded, tokenizer, info = load_base(model, device=device, dtype=dtype)
             PatchStack.for_model(loaded).declare_merged(held)
-            result = evaluate_pair(
-                loaded,
-                tokenizer,
-                requests,
-                resolved,
-                force=force,
-                cache=cache,
-                progress=lambda stage: status.update(stage),
-                **extra,
-            )
+            try:
+                result = evaluate_pair(
+                    loaded,
+                    tokenizer,
+                    requests,
+                    resolved,
+                    force=force,
+                    cache=cache,
+                    progress=lambda stage: status.update(stage),
+                    **extra,
+                )
+            except TooLongError as exc:  # name the file it came from
+                if not exc.unrelated:
+                    raise TooLongError(f"{facts}: {exc}") from None
+                if unrelated is not None:
+                    raise TooLongError(str(exc).replace("unrelated facts", str(unrelated), 1)) from None
+                raise
     finally:
         torch.set_num_threads(previous)
     title = shown(f"{len(requests)} facts from {facts.name}; patches: {', '.join(p.name for p in resolved)}")

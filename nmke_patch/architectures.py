@@ -51,20 +51,21 @@ class ArchitectureSpec:
         return list(range(start, start + count))
 
 
-def check_edited_layers(layers: list[int], num_layers: int) -> str | None:
+def check_edited_layers(layers: list[int], num_layers: int, *, subject_last: bool = False) -> str | None:
     """What is wrong with editing ``layers`` of a ``num_layers``-layer model, or None. The last decoder
-    layer cannot be edited: the edit changes the output at the subject's position, and with no attention
-    layer after it that change never reaches the answer's position (the patch would be all zeros)."""
+    layer cannot be edited unless ``subject_last`` (every prompt ends with its subject): the edit changes
+    the output at the subject's position, and with no attention layer after it that change never reaches
+    a later position, where the answer is predicted (the patch would be all zeros)."""
     if num_layers < 2:
         return f"the model has {num_layers} decoder layer(s); editing needs at least 2"
     if not layers:
         return "no layers to edit"
     if layers[0] < 0 or layers[-1] >= num_layers:
         return f"layers {layers}: the model has {num_layers} decoder layers (0-{num_layers - 1})"
-    if layers[-1] == num_layers - 1:
+    if layers[-1] == num_layers - 1 and not subject_last:
         return (
             f"layer {num_layers - 1} is the model's last decoder layer: a change at the subject there cannot "
-            f"reach the answer (no attention layer follows it), so its edit would be empty; edit layers "
+            f"reach the answer after it (no attention layer follows), so its edit would be empty; edit layers "
             f"0-{num_layers - 2}"
         )
     return None

@@ -126,11 +126,12 @@ def create_patch(
     spec = spec_for_model(model)
     num_layers = len(decoder_layers(model, spec))
     layers = list(config.layers) if config.layers else spec.default_layers(num_layers)
-    problem = check_edited_layers(layers, num_layers)
+    subject_last = all(r.prompt.rstrip().endswith("{}") for r in requests)
+    problem = check_edited_layers(layers, num_layers, subject_last=subject_last)
     if problem:
         raise InvalidRequestError(problem)
     prefix_room = config.prefix_tokens + 4 if config.n_prefixes else 0  # re-tokenized, a prefix grows a bit
-    check_fits(requests, tokenizer, context_length(model), reserve=prefix_room, what="context prefixes")
+    check_fits(requests, tokenizer, context_length(model), scored=False, reserve=prefix_room)
     try:
         for (
             p

@@ -25,15 +25,31 @@ def context_length(model: Any) -> int | None:
     return None
 
 
-def _scored_texts(request: EditRequest) -> list[tuple[str, str]]:
-    """``(field, text)`` for every prompt of ``request`` with the longest answer it is scored with."""
+class TooLongError(InvalidRequestError):
+    """A fact that does not fit the model's context; ``unrelated``: one of the unrelated-fact set, else a
+    record of the facts (callers that know the file put its name in front)."""
+
+    def __init__(self, message: str, *, unrelated: bool = False) -> None:
+        super().__init__(message)
+        self.unrelated = unrelated
+
+
+def _texts(request: EditRequest, scored: bool) -> list[tuple[str, str, bool]]:
+    """``(what, text, with_reserve)`` for the prompts of ``request`` fed with an answer: by ``create``
+    (``scored`` False: the edit prompt, with context prefixes before it for the new target) or by
+    ``eval`` (every prompt scored, with each answer it is scored with)."""
     answers = [request.target_new] + ([request.target_true] if request.target_true else [])
-    texts = [("prompt", f"{request.text} {a}") for a in answers]
-    texts += [(f"paraphrases[{j}]", f"{p} {a}") for j, p in enumerate(request.paraphrases) for a in answers]
-    texts += [(f"neighborhood[{j}]", f"{n.prompt} {n.target}") for j, n in enumerate(request.neighborhood)]
+    if not scored:
+        return [("its prompt", f"{request.text} {a}", k == 0) for k, a in enumerate(answers)]
+    texts = [("its prompt", f"{request.text} {a}", False) for a in answers]
     texts += [
-        (f"neighborhood[{j}]", f"{n.prompt} {request.target_new}") for j, n in enumerate(request.neighborhood)
+        (f"its paraphrase {j}", f"{p} {a}", False) for j, p in enumerate(request.paraphrases) for a in answers
     ]
+    for j, n in enumerate(request.neighborhood):
+        texts += [
+            (f"its neighbourhood prompt {j}", f"{n.prompt} {a}", False)
+            for a in (n.target, request.target_new)
+        ]
     return texts
 
 
@@ -42,22 +58,29 @@ def check_fits(
     tokenizer: Any,
     limit: int | None,
     *,
+    scored: bool = True,
     reserve: int = 0,
-    what: str = "the context prefixes",
+    what: str = "context prefixes",
 ) -> None:
-    """Refuse the first record with a prompt that, with its answer and ``reserve`` more tokens (for
-    ``what``), would be longer than ``limit`` tokens. No-op when ``limit`` is None."""
+    """Refuse the first record with a prompt that, fed with its answer (all but the answer's last token)
+    and, where ``create`` puts them, ``reserve`` more tokens for ``what``, needs more than ``limit``
+    positions. ``scored``: every prompt ``eval`` scores; else those ``create`` feeds. No-op when ``limit``
+    is None."""
     if limit is None:
         return
-    room = limit - reserve
+    if reserve >= limit:
+        raise InvalidRequestError(
+            f"{what} take {reserve} of the model's {limit} positions; make them shorter"
+        )
     for i, request in enumerate(requests):
-        texts = _scored_texts(request)
-        lengths = [len(ids) for ids in tokenizer([t for _, t in texts]).input_ids]
-        for (field, _), n in zip(texts, lengths, strict=True):
+        texts = _texts(request, scored)
+        lengths = [len(ids) - 1 for ids in tokenizer([t for _, t, _ in texts]).input_ids]
+        for (name, _, with_reserve), n in zip(texts, lengths, strict=True):
+            room = limit - reserve if with_reserve else limit
             if n > room:
-                kept = f", {reserve} of them kept for {what}" if reserve else ""
-                raise InvalidRequestError(
-                    f"record {i}: field {field!r} with its answer is {n} tokens; the model takes {limit}{kept}"
+                kept = f" ({reserve} of them kept for {what})" if with_reserve else ""
+                raise TooLongError(
+                    f"record {i}: {name}, with its answer, needs {n} positions; the model has {limit}{kept}"
                 )
 
 
@@ -65,11 +88,12 @@ def check_facts_fit(facts: Sequence[Neighbor], tokenizer: Any, limit: int | None
     """The same for ``{"prompt", "target"}`` facts (the unrelated-fact set), named by 1-based line order."""
     if limit is None or not facts:
         return
-    lengths = [len(ids) for ids in tokenizer([f"{f.prompt} {f.target}" for f in facts]).input_ids]
+    lengths = [len(ids) - 1 for ids in tokenizer([f"{f.prompt} {f.target}" for f in facts]).input_ids]
     for i, n in enumerate(lengths):
         if n > limit:
-            raise InvalidRequestError(
-                f"{where}: fact {i + 1} is {n} tokens with its answer; the model takes {limit}"
+            raise TooLongError(
+                f"{where}: fact {i + 1}, with its answer, needs {n} positions; the model has {limit}",
+                unrelated=True,
             )
 
 

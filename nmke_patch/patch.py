@@ -412,7 +412,8 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         ("deltas_sha256", str),
     ):
         _require(data, key, kind, where)
-    _require(data["method"], "name", str, where, "method")
+    if "name" in data["method"]:  # optional in v1 (format.md section 12): typed when given
+        _require(data["method"], "name", str, where, "method")
     for key in ("requests", "metrics", "parents"):
         if key in data and not (isinstance(data[key], list) and all(isinstance(x, dict) for x in data[key])):
             raise InvalidPatchError(f"{where}: manifest field {key!r} must be a list of objects")

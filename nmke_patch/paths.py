@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -33,30 +34,36 @@ def give_umask_permissions(files: list[Path]) -> None:
         os.chmod(file, mode)
 
 
-def check_parents(target: Path) -> None:
+def check_parents(target: Path, *, probe: bool = True) -> None:
     """Refuse, before any work, a path to write to whose nearest existing parent is a file or a broken
-    link, or in which nothing can be written (the folders would fail to be created only at the end, with a
-    bare errno)."""
+    link, or (``probe``: the target is created beside its siblings, by a rename) one in which nothing can
+    be created; the folders would fail only at the end, with a bare errno."""
     for parent in target.absolute().parents:
         if parent.is_symlink() and not parent.exists():
             raise FileExistsError(f"{target}: {parent} is a broken link")
         if parent.exists():
             if not parent.is_dir():
                 raise FileExistsError(f"{target}: {parent} is a file, not a directory")
-            _check_writable(target, parent)
+            if probe:
+                check_writable(target, parent)
             return
 
 
-def _check_writable(target: Path, folder: Path) -> None:
+_NOT_ALLOWED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def check_writable(target: Path, folder: Path) -> None:
     """Refuse, with one readable line, a ``folder`` nothing can be created in (permissions, a read-only
-    or virtual file system): found by trying, since ``os.access`` does not know every file system."""
+    or virtual file system, a full disk): found by trying, since ``os.access`` does not know every file
+    system. ``PermissionError`` where it is not allowed, ``OSError`` otherwise."""
     try:
-        probe = Path(tempfile.mkdtemp(prefix=".nmke-probe-", dir=folder))
+        made = Path(tempfile.mkdtemp(prefix=".nmke-probe-", dir=folder))
     except OSError as exc:
-        raise PermissionError(
+        message = (
             f"{target}: cannot write in {folder} ({exc.strerror or type(exc).__name__}); choose another place"
-        ) from exc
-    probe.rmdir()
+        )
+        raise (PermissionError if exc.errno in _NOT_ALLOWED else OSError)(message) from exc
+    made.rmdir()
 
 
 def new_folder_has_content(target: Path, hint: str) -> bool:

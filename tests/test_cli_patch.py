@@ -753,3 +753,19 @@ def test_a_chain_merged_in_a_narrower_dtype_says_its_child_reverts_with_its_pare
         app, ["revert", _patch_dir(a), _patch_dir(b), "-m", str(out), "-o", str(tmp_path / "y")]
     )
     assert result.exit_code == 0, result.output
+
+
+def test_out_is_probed_where_it_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An existing --out folder (maybe a mount point under a read-only parent) is written into, so it is
+    probed itself; a new one is created beside its siblings, so its parent is."""
+    import nmke_patch.cli.common as common
+
+    import nmke_patch.paths as paths
+
+    probed: list[Path] = []
+    monkeypatch.setattr(common, "check_writable", lambda target, folder: probed.append(folder))
+    monkeypatch.setattr(paths, "check_writable", lambda target, folder: probed.append(folder))
+    (tmp_path / "exists").mkdir()
+    common.check_out_dir(tmp_path / "exists")
+    common.check_out_dir(tmp_path / "new")
+    assert probed == [tmp_path / "exists", tmp_path]

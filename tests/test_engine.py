@@ -614,10 +614,19 @@ def test_layers_beyond_the_model_are_refused_before_statistics(tiny_tokenizer, m
     long = [*requests(), {"prompt": " ".join(["w5"] * 60) + " {} w6", "subject": "w7", "target_new": "w8"}]
     with pytest.raises(
         InvalidRequestError,
-        match=r"record 2: field 'prompt' with its answer is 63 tokens; the model takes 64, 7 of them kept for context prefixes",
+        match=r"^record 2: its prompt, with its answer, needs 62 positions; the model has 64 \(7 of them kept for context prefixes\)$",
     ):
         create_patch(long, loaded=lm, config=TINY_CONFIG, name="t")
     assert_state_equal(lm.model, before)
+
+
+@pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
+def test_the_last_layer_edits_where_every_prompt_ends_with_its_subject(arch: str, tiny_tokenizer) -> None:
+    """There the subject's position is where the answer is predicted, so the last layer's change counts."""
+    lm = loaded(arch, tiny_tokenizer)
+    ending = [EditRequest("w1 w2 {}", "w4", "w5", target_true="w6")]
+    patch = create_patch(ending, loaded=lm, config=TINY_CONFIG.with_overrides(layers=(2, 3)), name="t")
+    assert {d.name.split(".")[2] for d in patch.deltas if d.delta.abs().max() > 0} == {"2", "3"}
 
 
 def test_default_layers_leave_out_the_last_layer() -> None:

@@ -28,6 +28,7 @@ from nmke_patch.evaluate import (
     score_targets,
     words,
 )
+from nmke_patch.lengths import check_fits
 from nmke_patch.requests import EditRequest, Neighbor
 from nmke_patch.stack import PatchStack
 
@@ -182,17 +183,28 @@ def test_texts_longer_than_the_context(family: str, tiny_tokenizer: PreTrainedTo
     long_prompt = replace(short, paraphrases=("w1 w10",), neighborhood=(Neighbor(long_text, "w9"),))
     with pytest.raises(
         InvalidRequestError,
-        match=r"record 1: field 'neighborhood\[0\]' with its answer is 151 tokens; the model takes 64",
+        match=r"^record 1: its neighbourhood prompt 0, with its answer, needs 150 positions; the model has 64$",
     ):
         evaluate(model, tiny_tokenizer, [short, long_prompt], **SMALL_EVALUATION)
-    with pytest.raises(InvalidRequestError, match="unrelated facts: fact 2 is 151 tokens"):
+    # create feeds only the edit prompt: a long neighbourhood prompt is eval's business
+    check_fits([long_prompt], tiny_tokenizer, 64, scored=False, reserve=7)
+    # the boundary: a prompt fed with its answer but the answer's last token, 64 positions, runs
+    edge = replace(short, prompt=" ".join(["w5"] * 63) + " {}")  # 63 + subject + answer: 64 fed
+    evaluate(model, tiny_tokenizer, [edge], **SMALL_EVALUATION)
+    with pytest.raises(InvalidRequestError, match="needs 65 positions"):
+        evaluate(model, tiny_tokenizer, [replace(edge, prompt="w6 " + edge.prompt)], **SMALL_EVALUATION)
+    with pytest.raises(InvalidRequestError, match="context prefixes take 64 of the model's 64 positions"):
+        check_fits([short], tiny_tokenizer, 64, scored=False, reserve=64)
+    with pytest.raises(
+        InvalidRequestError, match="unrelated facts: fact 2, with its answer, needs 150 positions"
+    ):
         evaluate(
             model,
             tiny_tokenizer,
             [short],
             **{**SMALL_EVALUATION, "unrelated": [Neighbor("w7", "w8"), Neighbor(long_text, "w9")]},
         )
-    with pytest.raises(InvalidRequestError, match="record 0: field 'prompt'"):
+    with pytest.raises(InvalidRequestError, match="record 0: its prompt, with its answer"):
         evaluate_pair(
             model, tiny_tokenizer, [replace(short, prompt=long_text + " {}")], [random_patch(model)]
         )

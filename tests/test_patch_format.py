@@ -640,7 +640,6 @@ CASES: list[tuple[str, Corruption, str]] = [
         set_field("metrics", [{"index": 0, "p_new_before": float("inf")}]),
         r"not valid JSON \(Infinity is not a JSON number\)",
     ),
-    ("method-without-name", set_field("method", {"config": {}}), r"method is missing required field 'name'"),
     (
         "method-name-number",
         set_field("method", {"name": 3}),
@@ -929,7 +928,7 @@ def test_a_patch_that_names_itself_or_a_parent_twice_is_refused(tmp_path: Path) 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc, where nothing can be created")
 def test_a_place_nothing_can_be_written_in_is_refused_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(
-        PermissionError, match=r"^/proc/x\.nmke: cannot write in /proc \(.+\); choose another place$"
+        OSError, match=r"^/proc/x\.nmke: cannot write in /proc \(.+\); choose another place$"
     ):
         check_patch_target(Path("/proc/x.nmke"))
     check_patch_target(tmp_path / "new" / "x.nmke")  # a folder that will be created in a writable one

@@ -148,9 +148,10 @@ class Editor:
         self.layers = (
             list(config.layers) if config.layers is not None else self.spec.default_layers(num_layers)
         )
-        problem = check_edited_layers(self.layers, num_layers)
+        problem = check_edited_layers(self.layers, num_layers, subject_last=True)  # the rest: per edit
         if problem:
             raise ValueError(problem)
+        self.num_layers = num_layers
         self.device = next(model.parameters()).device
         self.stack = PatchStack.for_model(model)
         params = dict(model.named_parameters())
@@ -664,6 +665,11 @@ class Editor:
 
     def edit(self, requests: Sequence[EditRequest], start_index: int) -> list[EditRecord]:
         """Edit ``requests`` together (one solve per layer) and keep the result on the live model."""
+        problem = check_edited_layers(
+            self.layers, self.num_layers, subject_last=all(r.prompt.rstrip().endswith("{}") for r in requests)
+        )
+        if problem:
+            raise ValueError(problem)
         t0 = time.perf_counter()
         batch, owner = self._batch(requests)
         own = torch.tensor(owner)
