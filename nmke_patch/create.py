@@ -112,6 +112,12 @@ def create_patch(
     requests = as_requests(requests)
     if not requests:
         raise InvalidRequestError("no edit requests")
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidRequestError(f"name must be a non-empty string, not {name!r}")
+    if not isinstance(loaded, LoadedModel) or not isinstance(config, EditConfig):
+        raise TypeError(
+            "create_patch takes loaded=LoadedModel(model, tokenizer, info) and config=EditConfig(...)"
+        )
     parents = resolve_patches(on)
     check_lineage(parents)  # before any work: a chain is given whole, oldest first
     check_corpus(config.stats_corpus)

@@ -226,6 +226,10 @@ class Patch:
                     f"{target}: the manifest holds NaN or Infinity (in method, requests or metrics); JSON"
                     " has no such numbers"
                 ) from exc
+            except TypeError as exc:  # a tensor, a path, a tuple key, ... in method, requests or metrics
+                raise InvalidPatchError(
+                    f"{target}: the manifest holds a value JSON cannot hold ({exc})"
+                ) from exc
             text += "\n"
             _check_writable_manifest(text, target)
             (staging / MANIFEST_FILE).write_text(text, encoding="utf-8")

@@ -189,9 +189,9 @@ def _zsre_strings(record: dict[str, Any], key: str, index: int) -> list[str]:
 def _from_zsre(record: dict[str, Any], index: int) -> EditRequest:
     subject = record.get("subject")
     src = record.get("src")
-    if not isinstance(src, str) or not isinstance(subject, str) or subject not in src:
+    if not isinstance(src, str) or not isinstance(subject, str) or not subject.strip() or subject not in src:
         raise InvalidRequestError(
-            f"record {index}: ZsRE field 'subject' must be a string that occurs in 'src'"
+            f"record {index}: ZsRE field 'subject' must be a non-empty string that occurs in 'src'"
         )
     alt = record.get("alt")
     if not isinstance(alt, str) or not alt.strip():
@@ -357,7 +357,10 @@ def as_requests(requests: RequestsLike) -> list[EditRequest]:
             f"requests must be a facts file path, a record or a list of records, not {type(requests).__name__}"
         )
     _warn_unknown_fields(requests, "requests")
-    parsed = [r if isinstance(r, EditRequest) else parse_request(r, i) for i, r in enumerate(requests)]
-    records = [i for i, r in enumerate(requests) if not isinstance(r, EditRequest)]  # requests were checked
+    # an EditRequest built in Python has not been checked: it goes through the same reader as a record
+    parsed = [
+        parse_request(r.to_json() if isinstance(r, EditRequest) else r, i) for i, r in enumerate(requests)
+    ]
+    records = [i for i, r in enumerate(requests) if not isinstance(r, EditRequest)]  # warned about once
     _warn_no_change([parsed[i] for i in records], "requests", records)
     return parsed

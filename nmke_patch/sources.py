@@ -69,6 +69,11 @@ def resolve_one(source: PatchSource) -> Patch:
     """The one patch ``source`` names (a :class:`Patch`, a patch directory, or a pack of one patch)."""
     if isinstance(source, Patch):
         return source
+    if not isinstance(source, str | os.PathLike):
+        raise TypeError(
+            f"expected one patch (a Patch or a patch directory), not {type(source).__name__}; apply several one "
+            "by one, in order, or pass them all to load_model(patches=...)"
+        )
     patches = resolve_patches(source)
     if len(patches) != 1:
         raise InvalidRequestError(

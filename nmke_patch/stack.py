@@ -104,6 +104,7 @@ class PatchStack:
     """
 
     def __init__(self, model: nn.Module) -> None:
+        model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: edit the model it wraps
         self.model = model
         self.spec: ArchitectureSpec = spec_for_model(model)
         self._params = dict(model.named_parameters(remove_duplicate=False))
@@ -115,7 +116,9 @@ class PatchStack:
 
     @classmethod
     def for_model(cls, model: nn.Module) -> PatchStack:
-        """The stack attached to ``model`` (created on first use)."""
+        """The stack attached to ``model`` (created on first use); a ``torch.compile``d model shares the
+        stack of the model it wraps."""
+        model = getattr(model, "_orig_mod", model)
         stack = model.__dict__.get(_ATTR)
         if stack is None:
             stack = cls(model)
@@ -147,6 +150,18 @@ class PatchStack:
         if len({r.id for r in refs}) != len(refs):
             raise PatchMismatchError("declare_merged(): a patch is listed twice")
         self._merged = refs
+
+    def _refresh(self) -> None:
+        """Follow the model's current parameters (``load_state_dict(..., assign=True)`` replaces them); refuse
+        if a weight that applied patches changed was replaced, since the patches are not in it any more."""
+        live = dict(self.model.named_parameters(remove_duplicate=False))
+        replaced = sorted(n for n in self._base if live.get(n) is not self._params.get(n))
+        if replaced and self._applied:
+            raise PatchMismatchError(
+                f"the model's {replaced[0]!r} was replaced (load_state_dict(..., assign=True)?) while patches were "
+                "applied to it; the stack no longer knows its weights: reload the model"
+            )
+        self._params = live
 
     # -- checks ---------------------------------------------------------------------------------
 
@@ -332,11 +347,20 @@ class PatchStack:
                 o.num_neurons,
                 o.tensor,
             )
-        for delta in patch.deltas:
+        updates = []
+        for delta in patch.deltas:  # every new value computed and checked before any weight changes
             param = self._params[delta.name]
-            self._snapshot(delta.name, param, delta.indices)
             current = gather_neurons(param.detach(), self.spec.neuron_axis, delta.indices)
-            scatter_neurons(param.data, self.spec.neuron_axis, delta.indices, add_delta(current, delta.delta))
+            new = add_delta(current, delta.delta)
+            if not bool((torch.isfinite(new) | ~torch.isfinite(current)).all()):
+                raise PatchMismatchError(
+                    f"patch {patch.describe()}: applied to {delta.name!r} it gives values beyond the range of "
+                    f"{param.dtype}; load the model in a wider dtype (fp32 or bf16)"
+                )
+            updates.append((delta, param, new))
+        for delta, param, new in updates:
+            self._snapshot(delta.name, param, delta.indices)
+            scatter_neurons(param.data, self.spec.neuron_axis, delta.indices, new)
         self._applied.append(patch)
         return overlaps
 
@@ -372,6 +396,20 @@ class PatchStack:
             scatter_neurons(param.data, self.spec.neuron_axis, delta.indices, values)
         if not self._applied:
             self._base.clear()
+        for name in {d.name for d in removed.deltas} & set(self._base):
+            # neurons no remaining patch touches hold their base values again: the live weight is their base
+            # (a later in-place change there is the user's, and unload_all keeps it)
+            still = [d.indices.to(torch.long) for p in self._applied for d in p.deltas if d.name == name]
+            snap = self._base[name]
+            keep = (
+                torch.isin(snap.indices, torch.cat(still))
+                if still
+                else torch.zeros_like(snap.indices, dtype=torch.bool)
+            )
+            if not bool(keep.any()):
+                del self._base[name]
+            elif not bool(keep.all()):
+                self._base[name] = _Snapshot(snap.indices[keep], snap.values[keep.to(snap.values.device)])
         return removed
 
     def _unload_all_impl(self) -> list[Patch]:
@@ -385,6 +423,8 @@ class PatchStack:
         if self._applied:
             raise PatchMismatchError("adopt() needs a stack with no patches applied")
         patches = list(patches)
+        if len({p.id for p in patches}) != len(patches):
+            raise PatchMismatchError("adopt(): a patch is listed twice")
         # Adopting patches declared merged takes them out of the declaration: they become revertible. They
         # must be the last ones declared, in order, and come first here.
         declared = [m.id for m in self._merged]
@@ -426,6 +466,7 @@ class PatchStack:
             The overlaps with already applied patches (neurons both touch; their deltas add up).
         """
         resolved = resolve_one(patch)
+        self._refresh()
         with one_thread():
             return self._check_impl(resolved, force=force, fingerprints=fingerprints)
 
@@ -437,6 +478,7 @@ class PatchStack:
             Overlaps with already applied patches (also logged, at info level).
         """
         resolved = resolve_one(patch)
+        self._refresh()
         with one_thread():
             return self._apply_impl(resolved, force=force)
 
@@ -447,11 +489,13 @@ class PatchStack:
         The touched neurons are rebuilt from the base snapshot by replaying the remaining patches in
         order, so the result is bit-identical to applying only those patches to the base.
         """
+        self._refresh()
         with one_thread():
             return self._unload_impl(patch)
 
     def unload_all(self) -> list[Patch]:
         """Remove every patch and restore the base weights exactly. Returns the removed patches."""
+        self._refresh()
         with one_thread():
             return self._unload_all_impl()
 
@@ -465,5 +509,6 @@ class PatchStack:
         the last ones declared, in order; they leave the declaration.
         """
         resolved = resolve_patches(patches)
+        self._refresh()
         with one_thread():
             self._adopt_impl(resolved, force=force)

@@ -42,6 +42,11 @@ def test_stack_takes_a_path_or_a_patch(saved: tuple[torch.nn.Module, Patch, Patc
     assert_state_equal(model, before)
     with pytest.raises(TypeError, match="not int"):
         stack.apply(3)  # type: ignore[arg-type]
+    for several in ([a, b], [], None):  # one patch at a time, said so (was a bare os.fspath error)
+        with pytest.raises(TypeError, match=r"expected one patch .*apply several one by one"):
+            stack.apply(several)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"expected one patch"):
+            stack.check(several)  # type: ignore[arg-type]
     assert not stack.applied
 
 

@@ -629,6 +629,17 @@ def test_the_last_layer_edits_where_every_prompt_ends_with_its_subject(arch: str
     assert {d.name.split(".")[2] for d in patch.deltas if d.delta.abs().max() > 0} == {"2", "3"}
 
 
+def test_create_patch_refuses_a_blank_name_and_wrong_argument_kinds(tiny_tokenizer) -> None:
+    lm = loaded("llama", tiny_tokenizer)
+    for name in (None, "", "  "):
+        with pytest.raises(InvalidRequestError, match="name must be a non-empty string"):
+            create_patch(requests(), loaded=lm, config=TINY_CONFIG, name=name)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="loaded=LoadedModel"):
+        create_patch(requests(), loaded=lm.model, config=TINY_CONFIG, name="t")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="config=EditConfig"):
+        create_patch(requests(), loaded=lm, config={}, name="t")  # type: ignore[arg-type]
+
+
 def test_default_layers_leave_out_the_last_layer() -> None:
     from nmke_patch.architectures import check_edited_layers, spec_for_model
 

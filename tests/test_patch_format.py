@@ -314,6 +314,11 @@ def test_what_a_reader_would_refuse_is_never_written(tmp_path: Path) -> None:
         with pytest.raises(InvalidPatchError, match=rf"p\.nmke: the manifest.*{message}"):
             bad.save(tmp_path / "p.nmke")
         assert list(tmp_path.iterdir()) == [], message
+    for method in ({"name": "x", "lr": torch.tensor(1.0)}, {"name": "x", "where": Path("a")}):
+        bad = replace(patch, manifest=replace(patch.manifest, method=method))
+        with pytest.raises(InvalidPatchError, match=r"p\.nmke: the manifest holds a value JSON cannot hold"):
+            bad.save(tmp_path / "p.nmke")
+        assert list(tmp_path.iterdir()) == []
 
 
 # -- the apply rule --------------------------------------------------------------------------------------
@@ -927,9 +932,7 @@ def test_a_patch_that_names_itself_or_a_parent_twice_is_refused(tmp_path: Path) 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc, where nothing can be created")
 def test_a_place_nothing_can_be_written_in_is_refused_before_any_work(tmp_path: Path) -> None:
-    with pytest.raises(
-        OSError, match=r"^/proc/x\.nmke: cannot write in /proc \(.+\); choose another place$"
-    ):
+    with pytest.raises(OSError, match=r"^/proc/x\.nmke: cannot write in /proc \(.+\); choose another place$"):
         check_patch_target(Path("/proc/x.nmke"))
     check_patch_target(tmp_path / "new" / "x.nmke")  # a folder that will be created in a writable one
     assert list(tmp_path.iterdir()) == []  # the check leaves nothing behind

@@ -10,7 +10,7 @@ import pytest
 from conftest import COUNTERFACT_RECORD
 
 from nmke_patch.errors import InvalidRequestError
-from nmke_patch.requests import as_requests, read_requests
+from nmke_patch.requests import EditRequest, Neighbor, as_requests, parse_request, read_requests
 
 RECORD = {"prompt": "The capital of {} is", "subject": "France", "target_new": "Rome", "target_true": "Paris"}
 ZSRE = {
@@ -341,3 +341,18 @@ def test_a_limit_reads_and_warns_about_the_records_it_keeps_only(
         read_requests(file, limit=4)
     with pytest.raises(InvalidRequestError, match="limit must be at least 1"):
         read_requests(file, limit=0)
+
+
+def test_python_built_requests_are_checked_like_records() -> None:
+    with pytest.raises(InvalidRequestError, match=r"record 0: field 'prompt'"):
+        as_requests(EditRequest("w7 w8", "w9", "w11"))  # no {} for the subject
+    with pytest.raises(InvalidRequestError, match=r"record 1: field 'subject'"):
+        as_requests([RECORD, EditRequest("w7 {} w8", "", "w11")])
+    with pytest.raises(InvalidRequestError, match=r"record 0: field 'target_new'"):
+        as_requests([EditRequest("w7 {} w8", "w9", " ")])
+    good = EditRequest("w7 {} w8", "w9", "w11", "w12", ("w9 w8",), (Neighbor("w1 w8", "w2"),), "id-1")
+    assert as_requests(good) == [good]
+    with pytest.raises(
+        InvalidRequestError, match=r"record 0: ZsRE field 'subject' must be a non-empty string"
+    ):
+        parse_request({"src": "w1 w2", "subject": "", "alt": "w3"}, 0)

@@ -314,3 +314,69 @@ def test_merged_and_other_patches_and_dtypes() -> None:
     check_lineage([b], merged=[a.id])
     with pytest.raises(TypeError, match="not one string"):
         check_lineage([b], merged=a.id)
+
+
+def test_unload_forgets_the_base_of_neurons_no_patch_touches_any_more():
+    """After a partial unload, a neuron no remaining patch touches is the user's again: a later in-place
+    change there is kept by unload_all, and a patch made on the changed weights fits."""
+    model = MODEL_FACTORIES["llama"]()
+    stack = PatchStack.for_model(model)
+    a = random_patch(model, name="a", indices=[0, 1, 2, 3])
+    b = random_patch(model, name="b", indices=[3, 10, 11], seed=1)
+    stack.apply(a)
+    stack.apply(b)
+    stack.unload(a)
+    name = "model.layers.1.mlp.down_proj.weight"
+    with torch.no_grad():
+        model.get_parameter(name)[:, 0] += 1.0
+    changed = state_copy(model)
+    c = random_patch(model, name="c", indices=[0, 5], seed=3)  # made on the changed weights
+    stack.apply(c)
+    stack.unload(c)
+    assert_state_equal(model, changed)
+    stack.unload_all()
+    assert torch.equal(model.get_parameter(name)[:, 0], changed[name][:, 0])  # the user's change stays
+    assert not torch.equal(model.get_parameter(name)[:, 10], changed[name][:, 10])  # b's neuron is back
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile imports torch.jit
+def test_the_stack_follows_replaced_parameters_and_compiled_models():
+    model = MODEL_FACTORIES["llama"]()
+    stack = PatchStack.for_model(model)
+    a = random_patch(model, name="a")
+    model.load_state_dict(state_copy(model), assign=True)  # new Parameter objects, nothing applied
+    before = state_copy(model)
+    stack.apply(a)
+    assert not torch.equal(
+        model.get_parameter("model.layers.1.mlp.down_proj.weight"),
+        before["model.layers.1.mlp.down_proj.weight"],
+    )
+    model.load_state_dict(before, assign=True)  # replaced under an applied patch: refused, not ignored
+    with pytest.raises(PatchMismatchError, match="was replaced"):
+        stack.unload_all()
+    compiled = torch.compile(MODEL_FACTORIES["llama"]())
+    plain = compiled._orig_mod
+    base = state_copy(plain)
+    assert PatchStack.for_model(compiled) is PatchStack.for_model(plain)
+    PatchStack.for_model(compiled).apply(random_patch(plain, name="b"))
+    PatchStack.for_model(plain).unload_all()
+    assert_state_equal(plain, base)
+
+
+def test_a_patch_that_overflows_the_weight_dtype_is_refused_whole():
+    model = MODEL_FACTORIES["llama"](dtype=torch.float16)
+    before = state_copy(model)
+    huge = random_patch(MODEL_FACTORIES["llama"](), name="huge", scale=1e6)
+    with pytest.raises(PatchMismatchError, match=r"beyond the range of torch\.float16"):
+        PatchStack.for_model(model).apply(huge, force=True)
+    assert_state_equal(model, before)
+    assert not PatchStack.for_model(model).applied
+
+
+def test_adopt_refuses_a_patch_listed_twice_even_forced():
+    model = MODEL_FACTORIES["llama"]()
+    a = random_patch(model, name="a")
+    stack = PatchStack.for_model(model)
+    with pytest.raises(PatchMismatchError, match="listed twice"):
+        stack.adopt([a, a], force=True)
+    assert not stack.applied
