@@ -230,7 +230,9 @@ def eval_command(
     heldout: Annotated[
         Path | None,
         typer.Option(
-            help="Held-out text for perplexity, one paragraph per line (default: packaged).", exists=True
+            help="Held-out text for perplexity, one paragraph per line (default: packaged).",
+            exists=True,
+            dir_okay=False,
         ),
     ] = None,
     generations: Annotated[int, typer.Option(min=0, help="Greedy generations for fluency (0 = skip).")] = 8,

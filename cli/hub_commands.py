@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 
 from nmke_patch.hub import build_pack, pull_pack, push_pack, read_pack_json
 from nmke_patch.sources import resolve_patches
 
-from .common import console, labelled
+from .common import console, err_console, labelled
 
 TokenOpt = Annotated[
     str | None,
@@ -31,7 +32,8 @@ def push(
     ],
     private: Annotated[bool, typer.Option("--private", help="Create the repository as private.")] = False,
     revision: Annotated[
-        str | None, typer.Option("--revision", help="Branch to push to (created from main if missing).")
+        str | None,
+        typer.Option("--revision", help="Branch to push to (created from main if missing; not a commit id)."),
     ] = None,
     token: TokenOpt = None,
     with_peft: Annotated[
@@ -40,7 +42,8 @@ def push(
 ) -> None:
     """Upload patches as an edit pack (patches, pack.json, model card) to a Hub model repository."""
     url = push_pack(sources, repo_id, private=private, revision=revision, token=token, with_peft=with_peft)
-    console.print(f"pushed {len(sources)} source(s) to {repo_id}: {url}", highlight=False, soft_wrap=True)
+    count = len(resolve_patches(sources))  # read again (cheap): a pack counts its patches
+    console.print(f"pushed {count} patch(es) to {repo_id}: {url}", highlight=False, soft_wrap=True)
 
 
 def pack(
@@ -67,10 +70,10 @@ def pack(
     console.print(f"pack of {len(patches)} patch(es) built in {folder}", highlight=False, soft_wrap=True)
 
 
-def _print_entries(folder: Path) -> None:
+def _print_entries(folder: Path, out: Console = console) -> None:
     """One "ok" line per patch of a (verified) pack folder."""
     for entry in read_pack_json(folder):
-        console.print(labelled("ok", "green", f"{entry['name']} ({entry['id'][:12]})"), highlight=False)
+        out.print(labelled("ok", "green", f"{entry['name']} ({entry['id'][:12]})"), highlight=False)
 
 
 def pull(
@@ -93,7 +96,9 @@ def pull(
 ) -> None:
     """Download an edit pack and verify every patch in it (paths, schema, sha256)."""
     folder = pull_pack(repo_id, revision=revision, local_dir=out, token=token)
-    _print_entries(folder)  # already verified by pull_pack
+    _print_entries(
+        folder, err_console
+    )  # already verified; stdout is the folder alone: dir=$(nmke-patch pull ...)
     typer.echo(str(folder))
 
 

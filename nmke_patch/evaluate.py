@@ -115,10 +115,10 @@ def load_unrelated(path: str | None = None) -> list[Neighbor]:
             line, f"{path or 'unrelated_facts.jsonl'}: line {lineno}", InvalidRequestError
         )
         if not isinstance(record, dict) or not all(
-            isinstance(record.get(k), str) for k in ("prompt", "target")
+            isinstance(record.get(k), str) and record[k].strip() for k in ("prompt", "target")
         ):
             raise InvalidRequestError(
-                f"{path or 'unrelated_facts.jsonl'}: line {lineno} needs 'prompt' and 'target' strings"
+                f"{path or 'unrelated_facts.jsonl'}: line {lineno} needs non-empty 'prompt' and 'target' strings"
             )
         facts.append(Neighbor(record["prompt"], record["target"]))
     if path is not None and not facts:

@@ -531,6 +531,11 @@ def push_pack(
     from huggingface_hub import HfApi
 
     repo_id, revision = parse_ref(repo_id, revision)
+    if revision is not None and re.fullmatch(r"[0-9a-f]{7,40}", revision):
+        raise HubError(
+            f"push --revision {revision!r} looks like a commit id; a push goes to a branch, and a branch of that "
+            "name would shadow the commit for everyone who pinned it: name the branch otherwise"
+        )
     patches = resolve_patches(sources)  # validate everything before any network call
     url = hub_endpoint(endpoint)
     if _offline():

@@ -143,6 +143,8 @@ def test_apply_out_then_revert_is_bit_identical(
     assert changed == {d.name for d in a.deltas}
     recorded = json.loads((merged / "nmke_patches.json").read_text())["applied"]
     assert [p["id"] for p in recorded] == [a.id, b.id]
+    result = runner.invoke(app, ["inspect", str(merged)])  # a merged model given where a patch goes: said so
+    assert isinstance(result.exception, InvalidPatchError) and "is a merged model" in str(result.exception)
 
     result = runner.invoke(
         app, ["revert", _patch_dir(a), _patch_dir(b), "--model", str(merged), "--out", str(base2)]

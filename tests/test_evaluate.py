@@ -23,6 +23,7 @@ from nmke_patch.evaluate import (
     evaluate_pair,
     footprint,
     greedy_generate,
+    load_unrelated,
     ngram_entropy,
     perplexity,
     score_targets,
@@ -388,3 +389,13 @@ def test_evaluate_refuses_counts_that_are_not(
         with pytest.raises(TypeError):
             evaluate_pair(model, tiny_tokenizer, [request], patch, heldout_txt=HELDOUT)
     assert not applied
+
+
+def test_unrelated_facts_need_a_prompt_and_an_answer(tmp_path: Path) -> None:
+    for line in ('{"prompt": "w3 w4", "target": ""}', '{"prompt": "  ", "target": "w5"}'):
+        file = tmp_path / "unrelated.jsonl"
+        file.write_text('{"prompt": "w1", "target": "w2"}\n' + line + "\n")
+        with pytest.raises(
+            InvalidRequestError, match=r"unrelated\.jsonl: line 2 needs non-empty 'prompt' and 'target'"
+        ):
+            load_unrelated(str(file))

@@ -361,7 +361,7 @@ def test_cli_push_and_pull(hub, two_patches, tmp_path, monkeypatch, capsys):
         app, ["push", str(a.path), str(b.path), "user/cli-pack", "--private", "--token", TOKEN]
     )
     assert result.exit_code == 0, result.output
-    assert "pushed" in result.output
+    assert "pushed 2 patch(es) to user/cli-pack" in result.output
     # no token, and nothing in the cache yet: refused
     monkeypatch.setattr(sys, "argv", ["nmke-patch", "pull", "user/cli-pack"])
     with pytest.raises(SystemExit) as exc:
@@ -374,7 +374,13 @@ def test_cli_push_and_pull(hub, two_patches, tmp_path, monkeypatch, capsys):
     result = runner.invoke(app, ["pull", "hf://user/cli-pack", "-o", str(out), "--token", TOKEN])
     assert result.exit_code == 0, result.output
     assert _ids(out) == [a.id, b.id]
-    assert a.id[:12] in result.output
+    assert a.id[:12] in result.stderr and result.stdout.strip() == str(out)  # dir=$(nmke-patch pull ...)
+    with pytest.raises(HubError, match="looks like a commit id"):  # a branch named so would shadow the pin
+        push_pack([a.path], "user/cli-pack@0123abc", token=TOKEN)
+    seen = len(hub.requests)
+    with pytest.raises(HubError, match="looks like a commit id"):
+        push_pack([a.path], "user/cli-pack", revision="a" * 40, token=TOKEN)
+    assert len(hub.requests) == seen  # refused before any request
 
 
 def test_pack_keeps_the_editing_state_of_its_patches(tmp_path: Path) -> None:
