@@ -274,6 +274,7 @@ def eval_command(
         with err_console.status("loading model") as status:
             loaded, tokenizer, info = load_base(model, device=device, dtype=dtype)
             PatchStack.for_model(loaded).declare_merged(held)
+            forced = _not_fitting(loaded, resolved) if force else []
             try:
                 result = evaluate_pair(
                     loaded,
@@ -293,12 +294,37 @@ def eval_command(
                 raise
     finally:
         torch.set_num_threads(previous)
+    if forced:
+        err_console.print(
+            f"warning: forced: {', '.join(forced)} did not fit the model, so 'patched' is not this model plus "
+            "the patches as they were made",
+            soft_wrap=True,
+        )
     title = shown(f"{len(requests)} facts from {facts.name}; patches: {', '.join(p.name for p in resolved)}")
     _report(result, as_json, title, facts, info.name_or_path, resolved, plot)
     if plot is not None:  # after the results are out: a failure to write it loses nothing
         _plot(result, plot, title)
         if not as_json:
             console.print(f"chart written to {plot}")
+
+
+def _not_fitting(model: Any, patches: list[Patch]) -> list[str]:
+    """Names of the patches that apply to ``model`` only by force (each checked on top of those before it);
+    the model is left as it was."""
+    from nmke_patch.errors import PatchMismatchError
+
+    stack = PatchStack.for_model(model)
+    names = []
+    try:
+        for p in patches:
+            try:
+                stack.check(p)
+            except PatchMismatchError:
+                names.append(p.name)
+            stack.apply(p, force=True)
+    finally:
+        stack.unload_all()
+    return names
 
 
 def _report(

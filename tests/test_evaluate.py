@@ -399,3 +399,21 @@ def test_unrelated_facts_need_a_prompt_and_an_answer(tmp_path: Path) -> None:
             InvalidRequestError, match=r"unrelated\.jsonl: line 2 needs non-empty 'prompt' and 'target'"
         ):
             load_unrelated(str(file))
+
+
+def test_cli_eval_forced_says_which_patches_did_not_fit(
+    tiny_tokenizer: PreTrainedTokenizerFast, tmp_path: Path
+) -> None:
+    model = MODEL_FACTORIES["llama"]()
+    base_dir = save_tiny(model, tiny_tokenizer, tmp_path / "base")
+    fits = random_patch(model, name="fits").save(tmp_path / "fits.nmke")
+    other = random_patch(MODEL_FACTORIES["llama"](seed=1), name="other", seed=1).save(tmp_path / "other.nmke")
+    facts = tmp_path / "facts.json"
+    facts.write_text(json.dumps([{"prompt": "w1 w2 {}", "subject": "w3", "target_new": "w10"}]))
+    args = ["eval", str(fits.path), str(other.path), "--facts", str(facts), "--model", str(base_dir)]
+    args += ["--generations", "0", "--no-cache"]
+    assert isinstance(CliRunner().invoke(app, args).exception, PatchMismatchError)
+    result = CliRunner().invoke(app, [*args, "--force", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "warning: forced: other did not fit the model" in result.stderr
+    assert json.loads(result.stdout)["patches"][1]["name"] == "other"  # stdout stays JSON
