@@ -80,9 +80,8 @@ OverwriteOpt = Annotated[
 def check_out_dir(out: Path, model: str | None = None, overwrite: bool = False) -> None:
     """Refuse, before anything loads, to write over the model being read, over a file, or (without
     ``--overwrite``) into a directory that is not empty."""
-    written_into = (
-        out.is_dir()
-    )  # an existing folder is written into (it may be a mount point), a new one beside
+    # an existing folder is written into (it may be a mount point); a new one is created beside its siblings
+    written_into = out.is_dir()
     check_parents(out, probe=not written_into)
     if written_into:
         check_writable(out, out)

@@ -41,9 +41,9 @@ def push(
     ] = False,
 ) -> None:
     """Upload patches as an edit pack (patches, pack.json, model card) to a Hub model repository."""
-    url = push_pack(sources, repo_id, private=private, revision=revision, token=token, with_peft=with_peft)
-    count = len(resolve_patches(sources))  # read again (cheap): a pack counts its patches
-    console.print(f"pushed {count} patch(es) to {repo_id}: {url}", highlight=False, soft_wrap=True)
+    patches = resolve_patches(sources)  # read once: a pack counts its patches
+    url = push_pack(patches, repo_id, private=private, revision=revision, token=token, with_peft=with_peft)
+    console.print(f"pushed {len(patches)} patch(es) to {repo_id}: {url}", highlight=False, soft_wrap=True)
 
 
 def pack(
@@ -96,9 +96,8 @@ def pull(
 ) -> None:
     """Download an edit pack and verify every patch in it (paths, schema, sha256)."""
     folder = pull_pack(repo_id, revision=revision, local_dir=out, token=token)
-    _print_entries(
-        folder, err_console
-    )  # already verified; stdout is the folder alone: dir=$(nmke-patch pull ...)
+    # already verified; stdout is the folder alone: dir=$(nmke-patch pull ...)
+    _print_entries(folder, err_console)
     typer.echo(str(folder))
 
 

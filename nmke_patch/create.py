@@ -132,16 +132,13 @@ def create_patch(
     spec = spec_for_model(model)
     num_layers = len(decoder_layers(model, spec))
     layers = list(config.layers) if config.layers else spec.default_layers(num_layers)
-    subject_last = all(r.prompt.rstrip().endswith("{}") for r in requests)
-    problem = check_edited_layers(layers, num_layers, subject_last=subject_last)
+    problem = check_edited_layers(layers, num_layers, subject_last=all(r.subject_last for r in requests))
     if problem:
         raise InvalidRequestError(problem)
     prefix_room = config.prefix_tokens + 4 if config.n_prefixes else 0  # re-tokenized, a prefix grows a bit
     check_fits(requests, tokenizer, context_length(model), scored=False, reserve=prefix_room)
-    try:
-        for (
-            p
-        ) in parents:  # parents made on other weights fail here, before any warning or minutes of statistics
+    try:  # parents made on other weights fail here, before any warning or minutes of statistics
+        for p in parents:
             stack.apply(p)
     finally:
         stack.unload_all()  # bit-exact: the statistics and the fingerprint are the base's

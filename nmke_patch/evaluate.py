@@ -462,12 +462,13 @@ def perplexity(
     """
     rows: list[list[int]] = []
     total = 0
+    limit = context_length(model)
     for text in paragraphs:
         ids = list(tokenizer(text).input_ids)
         if max_tokens is not None:
             ids = ids[: max(0, max_tokens - total)]
         if len(ids) >= 2:
-            rows.extend(w for w in windows(ids, context_length(model)) if len(w) >= 2)
+            rows.extend(w for w in windows(ids, limit) if len(w) >= 2)
             total += len(ids)
         if max_tokens is not None and total >= max_tokens:
             break

@@ -123,8 +123,9 @@ class Patch:
     path: Path | None = None
     state: dict[str, torch.Tensor] = field(default_factory=dict)
     """Optional editing state that travels with the patch chain: ``keys.<layer>`` float32 ``[R, d_ff]``, the
-    key columns of the edits (``R = 2T`` with the default ``key_columns="contexts"``), and (with ``contrast_keep``) ``contrast.<layer>`` ``[m, d_ff]``, rows whose ``F^T F`` is
-    the contrast statistics the edits kept; later ``create --on`` runs start their past-key statistics
+    key columns of the edits (``R = 2T`` with the default ``key_columns="contexts"``), and (with
+    ``contrast_keep``) ``contrast.<layer>`` ``[m, d_ff]``, rows whose ``F^T F`` is the contrast statistics
+    the edits kept; later ``create --on`` runs start their past-key statistics
     from both."""
 
     def __post_init__(self) -> None:
@@ -365,8 +366,9 @@ def _require_file(file: Path, where: str) -> None:
 
 
 def _check_writable_manifest(text: str, target: Path) -> None:
-    """Refuse manifest text the strict reader would refuse: a lone surrogate, an integer literal or a
-    nesting beyond the reader's limits, or more than :data:`MAX_MANIFEST_BYTES`."""
+    """Refuse, before it is written, manifest text that cannot be written as UTF-8 (a lone surrogate) or
+    is more than :data:`MAX_MANIFEST_BYTES`; the rest of what a reader refuses is found by reading the
+    written file back (:meth:`Patch.save`)."""
     try:
         size = len(text.encode("utf-8"))
     except UnicodeEncodeError as exc:
@@ -378,7 +380,6 @@ def _check_writable_manifest(text: str, target: Path) -> None:
         raise InvalidPatchError(
             f"{target}: the manifest would be {size} bytes, more than readers accept ({MAX_MANIFEST_BYTES})"
         )
-    load_json_text(text, f"{target}: the manifest to write")
 
 
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:

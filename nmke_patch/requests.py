@@ -45,6 +45,11 @@ class EditRequest:
         """The prompt with the subject filled in."""
         return self.prompt.replace("{}", self.subject)
 
+    @property
+    def subject_last(self) -> bool:
+        """Whether the prompt ends with its subject (the answer is then predicted at the subject)."""
+        return self.prompt.rstrip().endswith("{}")
+
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["paraphrases"] = list(self.paraphrases)

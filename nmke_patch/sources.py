@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import InvalidPatchError, InvalidRequestError
+from .merged import RECORD_FILE
 from .patch import MANIFEST_FILE, Patch, load_patch
 
 PACK_FILE = "pack.json"
@@ -50,7 +51,7 @@ def resolve_patches(sources: Iterable[PatchSource] | PatchSource | None) -> list
 
             # the folder `pull` prints is a cache snapshot: its files are links into the repository's blobs/
             patches.extend(verify_pack(path, trusted_root=cache_repo_root(path)))
-        elif (path / "nmke_patches.json").is_file() and not (path / MANIFEST_FILE).is_file():
+        elif (path / RECORD_FILE).is_file() and not (path / MANIFEST_FILE).is_file():
             raise InvalidPatchError(
                 f"{path} is a merged model (nmke_patches.json lists the patches merged into it), not a patch or a "
                 "pack: give it as --model, and the patches themselves here"

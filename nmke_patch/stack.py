@@ -401,12 +401,8 @@ class PatchStack:
             # (a later in-place change there is the user's, and unload_all keeps it)
             still = [d.indices.to(torch.long) for p in self._applied for d in p.deltas if d.name == name]
             snap = self._base[name]
-            keep = (
-                torch.isin(snap.indices, torch.cat(still))
-                if still
-                else torch.zeros_like(snap.indices, dtype=torch.bool)
-            )
-            if not bool(keep.any()):
+            keep = torch.isin(snap.indices, torch.cat(still)) if still else None
+            if keep is None or not bool(keep.any()):
                 del self._base[name]
             elif not bool(keep.all()):
                 self._base[name] = _Snapshot(snap.indices[keep], snap.values[keep.to(snap.values.device)])

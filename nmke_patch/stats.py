@@ -93,7 +93,7 @@ def sample_text(
     """
     limit = context_length(model) or seq_len
     prefix_ids = tokenizer(prefix).input_ids if prefix else []
-    seq_len = min(seq_len, int(limit or seq_len) - len(prefix_ids))  # the prefix takes positions too
+    seq_len = min(seq_len, limit - len(prefix_ids))  # the prefix takes positions too
     if seq_len < 2:
         raise ModelLoadError(f"stats_prefix takes {len(prefix_ids)} of the model's {limit} positions")
     generator = torch.Generator().manual_seed(seed)

@@ -666,7 +666,7 @@ class Editor:
     def edit(self, requests: Sequence[EditRequest], start_index: int) -> list[EditRecord]:
         """Edit ``requests`` together (one solve per layer) and keep the result on the live model."""
         problem = check_edited_layers(
-            self.layers, self.num_layers, subject_last=all(r.prompt.rstrip().endswith("{}") for r in requests)
+            self.layers, self.num_layers, subject_last=all(r.subject_last for r in requests)
         )
         if problem:
             raise ValueError(problem)
