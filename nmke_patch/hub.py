@@ -22,7 +22,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -506,6 +506,16 @@ def _is_hub_failure(exc: BaseException) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class PushResult:
+    """What :func:`upload_pack` did."""
+
+    url: str
+    """The URL of the commit that holds the pack."""
+    changed: bool
+    """False when the branch already held exactly this pack: no commit was made, ``url`` is the existing one."""
+
+
 def push_pack(
     sources: Iterable[PatchSource],
     repo_id: str,
@@ -522,12 +532,35 @@ def push_pack(
     Files of earlier pushes under ``patches/`` and ``peft/`` are removed in the same commit.
 
     Returns:
-        The URL of the commit.
+        The URL of the commit (the existing one if the branch already held this pack; see
+        :func:`upload_pack` to tell the two apart).
 
     Raises:
         InvalidPatchError: a source is not a valid patch.
         HubError: the Hub refused or could not be reached (one line saying what to do).
     """
+    return upload_pack(
+        sources,
+        repo_id,
+        private=private,
+        revision=revision,
+        token=token,
+        with_peft=with_peft,
+        endpoint=endpoint,
+    ).url
+
+
+def upload_pack(
+    sources: Iterable[PatchSource],
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+    with_peft: bool = False,
+    endpoint: str | None = None,
+) -> PushResult:
+    """:func:`push_pack`, also saying whether a commit was made (same arguments and errors)."""
     from huggingface_hub import HfApi
 
     repo_id, revision = parse_ref(repo_id, revision)
@@ -551,6 +584,7 @@ def push_pack(
                 )
             if revision and revision != "main":
                 api.create_branch(repo_id, branch=revision, repo_type=_REPO_TYPE, exist_ok=True)
+            head = api.repo_info(repo_id, repo_type=_REPO_TYPE, revision=revision).sha
             present = api.list_repo_files(repo_id, repo_type=_REPO_TYPE, revision=revision)
             theirs = sorted(f for f in present if f != ".gitattributes")
             if PACK_FILE not in present and theirs:
@@ -570,8 +604,12 @@ def push_pack(
             if _is_hub_failure(exc):
                 raise _hub_error(exc, push=True, repo_id=repo_id, revision=revision, endpoint=url) from exc
             raise
-    logger.info("pushed %d patch(es) to %s: %s", len(patches), repo_id, info.commit_url)
-    return str(info.commit_url or info.oid)
+    changed = info.oid != head
+    if changed:
+        logger.info("pushed %d patch(es) to %s: %s", len(patches), repo_id, info.commit_url)
+    else:
+        logger.info("%s already holds this pack (%s): nothing pushed", repo_id, info.commit_url)
+    return PushResult(url=str(info.commit_url or info.oid), changed=changed)
 
 
 def pull_verified(
@@ -592,6 +630,7 @@ def pull_verified(
     where = f"{HF_PREFIX}{repo_id}" + (f"@{revision}" if revision else "")
     if local_dir is None:
         folder = _download(repo_id, revision, token, endpoint)
+        _check_holds_pack(folder, repo_id, revision, token, endpoint, where)
         # the cache stores files as symlinks into <repo folder>/blobs: links may lead there, nowhere else
         return folder, verify_pack(folder, trusted_root=cache_repo_root(folder) or folder, where=where)
     target = Path(local_dir)
@@ -600,6 +639,7 @@ def pull_verified(
     staging = staging_dir(target)  # downloaded and verified aside: a refused pack leaves nothing behind
     try:  # through the cache: a second pull of the same revision downloads nothing
         cached = _download(repo_id, revision, token, endpoint)
+        _check_holds_pack(cached, repo_id, revision, token, endpoint, where)
         verify_pack(
             cached, trusted_root=cache_repo_root(cached) or cached, where=where
         )  # links checked first
@@ -615,6 +655,31 @@ def pull_verified(
     return target, moved
 
 
+def _check_holds_pack(
+    folder: Path, repo_id: str, revision: str | None, token: str | None, endpoint: str | None, where: str
+) -> None:
+    """Refuse a download without ``pack.json``, naming the repository's other branches when ``main`` (the
+    revision pulled by default) has none: ``push --revision`` leaves ``main`` as it was."""
+    if (folder / PACK_FILE).is_file() or folder.joinpath(PACK_FILE).is_symlink():
+        return  # present (a link is the cache's way; verify_pack checks where it leads)
+    hint = ""
+    if revision is None and not _offline():
+        from huggingface_hub import HfApi
+
+        try:
+            refs = HfApi(
+                endpoint=hub_endpoint(endpoint), token=token, library_name=LIBRARY_NAME
+            ).list_repo_refs(repo_id, repo_type=_REPO_TYPE)
+            others = [r.name for r in [*refs.branches, *refs.tags] if r.name != "main"]
+        except Exception as exc:  # only a hint: the refusal below stands without it
+            logger.debug("listing the branches of %s failed: %s", repo_id, exc)
+            others = []
+        if others:
+            shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+            hint = f"; it has other branches or tags ({shown}): pull {repo_id}@{others[0]} for one of them"
+    raise InvalidPatchError(f"{where}: not an nmke-patch pack ({PACK_FILE} is missing){hint}")
+
+
 _PULL_MARKER = Path(".cache", "huggingface")
 """The folder a pull into a folder leaves beside the pack (where huggingface_hub keeps a local_dir's
 metadata; ignored by git)."""
@@ -627,6 +692,12 @@ def _check_pull_target(target: Path) -> None:
         raise FileExistsError(
             f"{target} is not empty and is not the folder of an earlier pull; pull into a new or empty folder "
             "(the folder of an earlier pull is replaced whole)"
+        )
+    outer = next((p for p in Path(os.path.abspath(target)).parents if _pulled_here(p)), None)
+    if outer is not None:  # the next pull into that folder would replace it whole, this pack included
+        raise FileExistsError(
+            f"{target} is inside {outer}, the folder of an earlier pull, which a pull replaces whole; pull into "
+            "a folder outside it"
         )
 
 

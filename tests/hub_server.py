@@ -31,6 +31,7 @@ _API = re.compile(
     rf"^/api/(?P<type>models|datasets|spaces)/{_REPO}"
     r"(?:/(?P<op>revision|tree|preupload|commit|branch)/(?P<rev>[^/]+)(?:/(?P<path>.*))?)?$"
 )
+_REFS = re.compile(rf"^/api/(?P<type>models|datasets|spaces)/{_REPO}/refs$")
 _RESOLVE = re.compile(rf"^/(?:(?P<prefix>datasets|spaces)/)?{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
 _GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
 
@@ -210,6 +211,14 @@ class HubServer:
                 if user is None:
                     raise _HubError(401, "Invalid credentials in Authorization header")
                 return 200, {}, {"type": "user", "name": user, "auth": {"accessToken": {"role": "write"}}}
+            m = _REFS.match(path)
+            if m and method == "GET":
+                repo = self._repo(m["repo"], user)
+                branches = [
+                    {"name": name, "ref": f"refs/heads/{name}", "targetCommit": oid}
+                    for name, oid in sorted(repo.branches.items())
+                ]
+                return 200, {}, {"branches": branches, "converts": [], "tags": [], "pullRequests": []}
             m = _API.match(path)
             if m:
                 return self._api(method, m, query, user, body)

@@ -226,6 +226,9 @@ def test_pull_into_a_folder_is_all_or_nothing(hub, two_patches, tmp_path, monkey
     push_pack([a.path], "user/pack", token=TOKEN)
     assert _ids(pull_pack("user/pack", local_dir=out)) == [a.id]  # an earlier pull's folder: replaced whole
     assert not (out / "patches" / "languages.nmke").exists()
+    with pytest.raises(FileExistsError, match=r"inside .*out, the folder of an earlier pull"):
+        pull_pack("user/pack", local_dir=out / "nested" / "again")  # the next pull of out would delete it
+    assert not (out / "nested").exists()
     # the same revision again comes from the cache: nothing is downloaded
     seen = len(hub.requests)
     assert _ids(pull_pack("user/pack", local_dir=out)) == [a.id]
@@ -362,6 +365,11 @@ def test_cli_push_and_pull(hub, two_patches, tmp_path, monkeypatch, capsys):
     )
     assert result.exit_code == 0, result.output
     assert "pushed 2 patch(es) to user/cli-pack" in result.output
+    head = hub.repos["user/cli-pack"].branches["main"]
+    again = runner.invoke(app, ["push", str(a.path), str(b.path), "user/cli-pack", "--token", TOKEN])
+    assert again.exit_code == 0, again.output
+    assert "already holds this pack of 2 patch(es), nothing pushed" in again.stdout and head in again.stdout
+    assert hub.repos["user/cli-pack"].branches["main"] == head
     # no token, and nothing in the cache yet: refused
     monkeypatch.setattr(sys, "argv", ["nmke-patch", "pull", "user/cli-pack"])
     with pytest.raises(SystemExit) as exc:
@@ -381,6 +389,20 @@ def test_cli_push_and_pull(hub, two_patches, tmp_path, monkeypatch, capsys):
     with pytest.raises(HubError, match="looks like a commit id"):
         push_pack([a.path], "user/cli-pack", revision="a" * 40, token=TOKEN)
     assert len(hub.requests) == seen  # refused before any request
+
+
+def test_pull_of_a_pack_pushed_to_a_branch_only_names_the_branch(hub, two_patches, tmp_path):
+    a, _ = two_patches
+    push_pack([a.path], "user/branched", revision="v2", token=TOKEN)  # main keeps only .gitattributes
+    for local_dir in (None, tmp_path / "out"):
+        with pytest.raises(
+            InvalidPatchError, match=r"pack.json is missing\); .*\(v2\): pull user/branched@v2"
+        ):
+            pull_pack("user/branched", local_dir=local_dir, token=TOKEN)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(InvalidPatchError, match=r"pack.json is missing\)$"):  # asked for main by name
+        pull_pack("user/branched", revision="main", token=TOKEN)
+    assert _ids(pull_pack("user/branched@v2", token=TOKEN)) == [a.id]
 
 
 def test_pack_keeps_the_editing_state_of_its_patches(tmp_path: Path) -> None:

@@ -179,6 +179,24 @@ def test_a_subject_repeated_after_the_placeholder_is_refused(tmp_path: Path) -> 
     assert r.text == "Paris is big. The mayor of Paris is"  # before the placeholder: the last one is keyed
 
 
+def test_a_prompt_without_placeholder_is_refused_with_the_templated_form(tmp_path: Path) -> None:
+    """EasyEdit-style records write the subject into the prompt; the error shows the prompt to write."""
+    record = {
+        "prompt": "What university did Watts Humphrey attend?",
+        "subject": "Watts Humphrey",
+        "target_new": "B",
+    }
+    with pytest.raises(
+        InvalidRequestError,
+        match=r"record 0: field 'prompt' must contain exactly one '\{\}'.*write it as 'What university did \{\} attend\?'",
+    ):
+        read_requests(_write(tmp_path, json.dumps([record])))
+    with pytest.raises(
+        InvalidRequestError, match=r"exactly one '\{\}' where the subject goes \(got 'x y'\)$"
+    ):
+        read_requests(_write(tmp_path, json.dumps([{**record, "prompt": "x y"}])))  # no subject: no hint
+
+
 def test_zsre_locality_question_with_its_answer(tmp_path: Path) -> None:
     loc = {"loc": "nq question: who wrote hey jude"}
     for answer in ("Paul McCartney", ["Paul McCartney", "Lennon-McCartney"]):
