@@ -274,7 +274,6 @@ def eval_command(
         with err_console.status("loading model") as status:
             loaded, tokenizer, info = load_base(model, device=device, dtype=dtype)
             PatchStack.for_model(loaded).declare_merged(held)
-            forced = _not_fitting(loaded, resolved) if force else []
             try:
                 result = evaluate_pair(
                     loaded,
@@ -294,7 +293,7 @@ def eval_command(
                 raise
     finally:
         torch.set_num_threads(previous)
-    if forced:
+    if forced := result["forced"]:
         err_console.print(
             f"warning: forced: {', '.join(forced)} did not fit the model, so 'patched' is not this model plus "
             "the patches as they were made",
@@ -306,25 +305,6 @@ def eval_command(
         _plot(result, plot, title)
         if not as_json:
             console.print(f"chart written to {plot}")
-
-
-def _not_fitting(model: Any, patches: list[Patch]) -> list[str]:
-    """Names of the patches that apply to ``model`` only by force (each checked on top of those before it);
-    the model is left as it was."""
-    from nmke_patch.errors import PatchMismatchError
-
-    stack = PatchStack.for_model(model)
-    names = []
-    try:
-        for p in patches:
-            try:
-                stack.check(p)
-            except PatchMismatchError:
-                names.append(p.name)
-            stack.apply(p, force=True)
-    finally:
-        stack.unload_all()
-    return names
 
 
 def _report(
@@ -342,6 +322,7 @@ def _report(
             "facts": str(facts),
             "model": model_name,
             "patches": [{"name": p.name, "id": p.id} for p in resolved],
+            "forced": result["forced"],
             "base_cached": result["base_cached"],
             **{
                 side: {k: result[side][k] for k in ("metrics", "counts", "seconds")}

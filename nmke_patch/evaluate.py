@@ -36,7 +36,7 @@ from torch import nn
 
 from .compat import cache_argument, returned_cache
 from .delta import TensorDelta
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, PatchMismatchError
 from .jsonio import load_json_text, read_user_text
 from .lengths import check_facts_fit, check_fits, context_length, windows
 from .methods.nmke.prompts import encode
@@ -839,7 +839,8 @@ def evaluate_pair(
         kwargs: passed to :func:`evaluate`.
 
     Returns:
-        ``{"base": evaluate(...), "patched": evaluate(...), "comparison": compare(...), "base_cached": bool}``.
+        ``{"base": evaluate(...), "patched": evaluate(...), "comparison": compare(...), "base_cached": bool,
+        "forced": [names of the patches applied only by force, each checked on top of those before it]}``.
     """
     # every argument checked before any patch touches the model
     inspect.signature(evaluate).bind(model, tokenizer, requests, **kwargs)  # TypeError for an unknown one
@@ -857,8 +858,14 @@ def evaluate_pair(
     if kwargs.get("heldout_text") is None:
         kwargs["heldout_text"] = load_heldout()
     _check_lengths(model, tokenizer, requests, kwargs["unrelated"])
+    forced = []
     try:  # the patched model first: a patch that does not fit fails before any evaluation
         for p in resolved:
+            if force:
+                try:
+                    stack.check(p)
+                except PatchMismatchError:
+                    forced.append(p.name)
             stack.apply(p, force=force)
         patched = evaluate(model, tokenizer, requests, progress=lambda s: say(f"patched: {s}"), **kwargs)
     finally:
@@ -880,4 +887,10 @@ def evaluate_pair(
             staging.write_text(json.dumps(base), encoding="utf-8")
             os.replace(staging, file)
     comparison = compare(base, patched, patches=resolved)
-    return {"base": base, "patched": patched, "comparison": comparison, "base_cached": cached}
+    return {
+        "base": base,
+        "patched": patched,
+        "comparison": comparison,
+        "base_cached": cached,
+        "forced": forced,
+    }

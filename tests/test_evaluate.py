@@ -416,4 +416,5 @@ def test_cli_eval_forced_says_which_patches_did_not_fit(
     result = CliRunner().invoke(app, [*args, "--force", "--json"])
     assert result.exit_code == 0, result.output
     assert "warning: forced: other did not fit the model" in result.stderr
-    assert json.loads(result.stdout)["patches"][1]["name"] == "other"  # stdout stays JSON
+    out = json.loads(result.stdout)  # stdout stays JSON
+    assert out["patches"][1]["name"] == "other" and out["forced"] == ["other"]
