@@ -14,13 +14,24 @@ from rich.table import Table
 
 from nmke_patch.errors import InvalidRequestError, NmkePatchError
 from nmke_patch.lengths import TooLongError
-from nmke_patch.merged import check_apply
+from nmke_patch.merged import RECORD_FILE, check_apply, names
 from nmke_patch.patch import Patch
 from nmke_patch.requests import read_requests
 from nmke_patch.sources import resolve_patches
 from nmke_patch.stack import PatchStack, check_lineage
 
-from .common import DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, ModelOpt, PatchesArg, console, err_console, shown
+from .common import (
+    DeviceOpt,
+    DtypeOpt,
+    ForceOpt,
+    JsonOpt,
+    ModelOpt,
+    PatchesArg,
+    console,
+    err_console,
+    labelled,
+    shown,
+)
 
 SHARES = (
     "efficacy",
@@ -293,6 +304,16 @@ def eval_command(
                 raise
     finally:
         torch.set_num_threads(previous)
+    if held:  # "base" is the model given, which already holds merged patches
+        err_console.print(
+            labelled(
+                "note:",
+                "yellow",
+                f"{model} already has {names(held)} merged ({RECORD_FILE}): 'base' is that model, and "
+                "'patched' adds the patches given",
+            ),
+            soft_wrap=True,
+        )
     if forced := result["forced"]:
         err_console.print(
             f"warning: forced: {', '.join(forced)} did not fit the model, so 'patched' is not this model plus "
@@ -300,6 +321,7 @@ def eval_command(
             soft_wrap=True,
         )
     title = shown(f"{len(requests)} facts from {facts.name}; patches: {', '.join(p.name for p in resolved)}")
+    result["model_holds"] = [{"name": m.name, "id": m.id} for m in held]
     _report(result, as_json, title, facts, info.name_or_path, resolved, plot)
     if plot is not None:  # after the results are out: a failure to write it loses nothing
         _plot(result, plot, title)
@@ -323,6 +345,7 @@ def _report(
             "model": model_name,
             "patches": [{"name": p.name, "id": p.id} for p in resolved],
             "forced": result["forced"],
+            "model_holds": result["model_holds"],
             "base_cached": result["base_cached"],
             **{
                 side: {k: result[side][k] for k in ("metrics", "counts", "seconds")}

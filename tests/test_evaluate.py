@@ -418,3 +418,25 @@ def test_cli_eval_forced_says_which_patches_did_not_fit(
     assert "warning: forced: other did not fit the model" in result.stderr
     out = json.loads(result.stdout)  # stdout stays JSON
     assert out["patches"][1]["name"] == "other" and out["forced"] == ["other"]
+
+
+def test_cli_eval_on_a_merged_model_says_what_its_base_holds(
+    tiny_tokenizer: PreTrainedTokenizerFast, tmp_path: Path
+) -> None:
+    model = MODEL_FACTORIES["llama"]()
+    base_dir = save_tiny(model, tiny_tokenizer, tmp_path / "base")
+    first = random_patch(model, name="first", indices=[0, 1]).save(tmp_path / "first.nmke")
+    second = random_patch(model, name="second", indices=[5, 6], seed=3).save(tmp_path / "second.nmke")
+    merged = tmp_path / "merged"
+    applied = CliRunner().invoke(app, ["apply", str(first.path), "-m", str(base_dir), "-o", str(merged)])
+    assert applied.exit_code == 0, applied.output
+    facts = tmp_path / "facts.json"
+    facts.write_text(json.dumps([{"prompt": "w1 w2 {}", "subject": "w3", "target_new": "w10"}]))
+    args = ["eval", str(second.path), "--facts", str(facts), "--generations", "0", "--no-cache", "--json"]
+    result = CliRunner().invoke(app, [*args, "--model", str(merged)])
+    assert result.exit_code == 0, result.output
+    assert f"note: {merged} already has first merged" in " ".join(result.stderr.split())
+    assert json.loads(result.stdout)["model_holds"] == [{"name": "first", "id": first.id}]
+    plain = CliRunner().invoke(app, [*args, "--model", str(base_dir)])
+    assert plain.exit_code == 0 and "already has" not in plain.stderr
+    assert json.loads(plain.stdout)["model_holds"] == []
