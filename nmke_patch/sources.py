@@ -6,8 +6,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import InvalidPatchError, InvalidRequestError
-from .merged import RECORD_FILE
+from .errors import InvalidPatchError, InvalidRequestError, NmkePatchError
+from .merged import RECORD_FILE, names, read_record
 from .patch import MANIFEST_FILE, Patch, load_patch
 
 PACK_FILE = "pack.json"
@@ -52,9 +52,13 @@ def resolve_patches(sources: Iterable[PatchSource] | PatchSource | None) -> list
             # the folder `pull` prints is a cache snapshot: its files are links into the repository's blobs/
             patches.extend(verify_pack(path, trusted_root=cache_repo_root(path)))
         elif (path / RECORD_FILE).is_file() and not (path / MANIFEST_FILE).is_file():
+            try:
+                held = f"{names(read_record(path) or [])} merged into it"
+            except NmkePatchError:  # an unreadable record: the refusal stands without the list
+                held = f"{RECORD_FILE} names the patches merged into it"
             raise InvalidPatchError(
-                f"{path} is a merged model (nmke_patches.json lists the patches merged into it), not a patch or a "
-                "pack: give it as --model, and the patches themselves here"
+                f"{path} is a merged model ({held}), not a patch or a pack: give it as --model, and the patches "
+                "themselves here"
             )
         else:
             patches.append(load_patch(path))

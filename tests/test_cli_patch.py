@@ -144,7 +144,9 @@ def test_apply_out_then_revert_is_bit_identical(
     recorded = json.loads((merged / "nmke_patches.json").read_text())["applied"]
     assert [p["id"] for p in recorded] == [a.id, b.id]
     result = runner.invoke(app, ["inspect", str(merged)])  # a merged model given where a patch goes: said so
-    assert isinstance(result.exception, InvalidPatchError) and "is a merged model" in str(result.exception)
+    assert isinstance(
+        result.exception, InvalidPatchError
+    ) and f"is a merged model ({a.name}, {b.name} merged into it)" in str(result.exception)
 
     result = runner.invoke(
         app, ["revert", _patch_dir(a), _patch_dir(b), "--model", str(merged), "--out", str(base2)]
