@@ -155,9 +155,13 @@ def _print_table(result: dict[str, Any], title: str) -> None:
 def _chart_path(path: Path) -> Path:
     """Where ``--plot PATH`` writes: PATH, with ``.png`` added unless it ends in an image extension
     (``.png``, ``.svg``, ``.pdf``, ``.jpg``); refused when it is a directory."""
+    if not str(path).strip() or str(path) == ".":
+        raise NmkePatchError("--plot needs a file name, such as eval.png")
     if path.is_dir():
         raise NmkePatchError(f"--plot {path} is a directory; give a file name such as {path / 'eval.png'}")
     folder = path.parent
+    if folder.exists() and not folder.is_dir():
+        raise NmkePatchError(f"--plot {path}: {folder} is a file, not a folder")
     if not folder.is_dir():
         raise NmkePatchError(f"--plot {path}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK):

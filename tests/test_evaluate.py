@@ -353,6 +353,15 @@ def test_cli_plot_into_a_missing_folder_fails_before_evaluating(tmp_path: Path, 
     result = CliRunner().invoke(app, ["eval", str(patch.path), "--facts", str(facts), "--plot", str(target)])
     assert isinstance(result.exception, NmkePatchError), result.output
     assert f"folder {target.parent} does not exist" in str(result.exception)
+    (tmp_path / "afile").write_text("x")
+    for plot, message in (
+        (str(tmp_path / "afile" / "x.png"), "afile is a file, not a folder"),
+        ("", "needs a file"),
+    ):
+        result = CliRunner().invoke(app, ["eval", str(patch.path), "--facts", str(facts), "--plot", plot])
+        assert isinstance(result.exception, NmkePatchError) and message in str(result.exception), (
+            result.output
+        )
 
 
 @pytest.mark.parametrize(
