@@ -314,6 +314,7 @@ def revert(
     force: Annotated[
         bool,
         typer.Option(
+            "--force",
             help="Revert even where the weights are not the base plus these patches, or they are not the last "
             "ones nmke_patches.json lists: the result is then neither the base nor any recorded state."
         ),

@@ -119,7 +119,8 @@ class Patch:
     manifest: Manifest
     deltas: tuple[TensorDelta, ...]
     id: str = ""
-    """sha256 (hex) of ``deltas.safetensors`` (computed from the tensors when not given)."""
+    """sha256 (hex) of ``deltas.safetensors`` (computed from the tensors when not given). A copy with other
+    deltas keeps the id it is given: ``dataclasses.replace(patch, deltas=..., id="")`` computes the new one."""
     path: Path | None = None
     state: dict[str, torch.Tensor] = field(default_factory=dict)
     """Optional editing state that travels with the patch chain: ``keys.<layer>`` float32 ``[R, d_ff]``, the
