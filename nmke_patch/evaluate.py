@@ -63,7 +63,7 @@ FLUENCY_PROMPTS = (
 """Prompts that top up the fluency prompts when there are fewer requests than generations."""
 
 _WORD = re.compile(r"\w+|[^\w\s]")
-EVAL_VERSION = 1
+EVAL_VERSION = 2
 """Bumped whenever a metric's computation changes (invalidates cached base results)."""
 
 METRICS: dict[str, str] = {
@@ -594,6 +594,7 @@ def evaluate(
     unrelated_idx = [add(u.prompt, u.target) for u in unrelated]
     scores = score_targets(model, tokenizer, prompts, targets, max_batch_tokens=max_batch_tokens)
     p = scores.prob.tolist()
+    lp = scores.logprob.tolist()  # the comparisons: probabilities of long targets underflow to 0 alike
     acc = scores.token_accuracy.tolist()
     seconds["scoring"] = time.perf_counter() - t0
 
@@ -619,15 +620,15 @@ def evaluate(
         per["zsre_accuracy"].append(acc[new[0]])
         per["zsre_paraphrase_accuracy"].append(_mean(acc[i] for i in new[1:]))
         if true is not None:
-            per["efficacy"].append(float(p[new[0]] > p[true[0]]))
+            per["efficacy"].append(float(lp[new[0]] > lp[true[0]]))
             per["efficacy_margin"].append(p[new[0]] - p[true[0]])
             pairs = list(zip(new[1:], true[1:], strict=True))
-            per["generalization"].append(_mean(float(p[a] > p[b]) for a, b in pairs))
+            per["generalization"].append(_mean(float(lp[a] > lp[b]) for a, b in pairs))
             per["generalization_margin"].append(_mean(p[a] - p[b] for a, b in pairs))
         nb = [
             (a, b) for n, a, b in zip(r.neighborhood, own, against, strict=True) if n.target != r.target_new
         ]
-        per["specificity"].append(_mean(float(p[a] > p[b]) for a, b in nb))
+        per["specificity"].append(_mean(float(lp[a] > lp[b]) for a, b in nb))
         per["specificity_margin"].append(_mean(p[a] - p[b] for a, b in nb))
         per["zsre_neighborhood_accuracy"].append(_mean(acc[a] for a in own))
         keys = [_neighbor_key(n) for n in r.neighborhood]

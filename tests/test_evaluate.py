@@ -84,6 +84,26 @@ def test_constructed_metrics(tiny_tokenizer: PreTrainedTokenizerFast, new_is_bes
     assert m["unrelated_accuracy"] is None and m["fluency"] is None
 
 
+def test_comparisons_hold_where_probabilities_underflow(tiny_tokenizer: PreTrainedTokenizerFast) -> None:
+    """P(new) > P(true) is decided on log-probabilities: far below exp's range both would be 0.0."""
+    model = MODEL_FACTORIES["llama"]()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(1e4)  # every token but the argmax: log P far below -745
+        logits = model(input_ids=torch.tensor([tiny_tokenizer("w1 w2 w3").input_ids])).logits[0, -1]
+    words_only = [
+        i
+        for i in logits.argsort(descending=True).tolist()
+        if tiny_tokenizer.convert_ids_to_tokens(i).startswith("w")
+    ]
+    second, last = (tiny_tokenizer.convert_ids_to_tokens(i) for i in (words_only[1], words_only[-1]))
+    request = EditRequest("w1 w2 {}", "w3", second, last, paraphrases=("w1 w2 w3",))
+    result = evaluate(model, tiny_tokenizer, [request], heldout_text=(), unrelated=(), generations=0)
+    scores = score_targets(model, tiny_tokenizer, ["w1 w2 w3"] * 2, [second, last])
+    assert float(scores.logprob[0]) < -745 and float(scores.prob[0]) == 0.0  # the case at hand
+    assert scores.logprob[0] > scores.logprob[1]
+    assert result["metrics"]["efficacy"] == 1.0 and result["metrics"]["generalization"] == 1.0
+
+
 def test_evaluate_reads_a_facts_file_path(tiny_tokenizer: PreTrainedTokenizerFast, tmp_path: Path) -> None:
     model = MODEL_FACTORIES["llama"]()
     request = _request(model, tiny_tokenizer, new_is_best=True)
