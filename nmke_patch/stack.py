@@ -162,6 +162,13 @@ class PatchStack:
                 "applied to it; the stack no longer knows its weights: reload the model"
             )
         self._params = live
+        for name, snap in self._base.items():  # model.to(dtype or device) converts the weights in place
+            param = live[name]
+            if snap.values.dtype != param.dtype or snap.values.device != param.device:
+                # the base as that conversion would have made it: unload_all gives the converted base
+                self._base[name] = _Snapshot(
+                    snap.indices, snap.values.to(device=param.device, dtype=param.dtype)
+                )
 
     # -- checks ---------------------------------------------------------------------------------
 
@@ -388,12 +395,24 @@ class PatchStack:
         return found[0]
 
     def _unload_impl(self, patch: Patch | str) -> Patch:
-        removed = self._applied.pop(self._find(patch))
-        for delta in removed.deltas:
+        index = self._find(patch)
+        removed = self._applied[index]
+        remaining = self._applied[:index] + self._applied[index + 1 :]
+        updates = []
+        for delta in removed.deltas:  # every value computed and checked before any weight changes
             param = self._params[delta.name]
-            values = self._base_values(delta.name, param, delta.indices)
-            values = self._replay(delta.name, delta.indices, values, self._applied)
+            base = self._base_values(delta.name, param, delta.indices)
+            values = self._replay(delta.name, delta.indices, base.clone(), remaining)
+            if not bool((torch.isfinite(values) | ~torch.isfinite(base)).all()):
+                raise PatchMismatchError(
+                    f"unloading {removed.describe()} would leave {delta.name!r} with values beyond the range of "
+                    f"{param.dtype}: the patches that stay overflow it without this one; unload them as well "
+                    "(unload_all), or load the model in a wider dtype"
+                )
+            updates.append((delta, param, values))
+        for delta, param, values in updates:
             scatter_neurons(param.data, self.spec.neuron_axis, delta.indices, values)
+        self._applied = remaining
         if not self._applied:
             self._base.clear()
         for name in {d.name for d in removed.deltas} & set(self._base):

@@ -6,8 +6,10 @@ import pytest
 import torch
 from conftest import MODEL_FACTORIES, assert_state_equal, random_patch, state_copy
 
-from nmke_patch.delta import add_delta, gather_neurons
+from nmke_patch.architectures import spec_for_model
+from nmke_patch.delta import TensorDelta, add_delta, gather_neurons
 from nmke_patch.errors import PatchMismatchError, PatchNotAppliedError
+from nmke_patch.patch import Manifest, Patch
 from nmke_patch.stack import PatchStack
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -380,3 +382,55 @@ def test_adopt_refuses_a_patch_listed_twice_even_forced():
     with pytest.raises(PatchMismatchError, match="listed twice"):
         stack.adopt([a, a], force=True)
     assert not stack.applied
+
+
+def _one_value_patch(model: torch.nn.Module, name: str, value: float) -> Patch:
+    """A patch adding ``value`` to one element of neuron 3 of layer 1, made on ``model`` as it is."""
+    spec = spec_for_model(model)
+    pname = spec.weight_name(1)
+    weight = dict(model.named_parameters())[pname]
+    idx = torch.tensor([3], dtype=torch.int32)
+    original = gather_neurons(weight.detach(), spec.neuron_axis, idx.long()).clone()
+    delta = torch.zeros(1, original.shape[1])
+    delta[0, 0] = value
+    td = TensorDelta(pname, tuple(weight.shape), spec.neuron_axis, idx, delta, original)
+    return Patch(Manifest(name=name, base_model={}, method={}), (td,))
+
+
+def test_unloading_refuses_to_leave_values_beyond_the_dtype():
+    """In fp16, A (-60000) then B (+120000) stay finite together; B alone overflows, as apply(B) would."""
+    model = MODEL_FACTORIES["llama"](dtype=torch.float16)
+    base = state_copy(model)
+    a, b = _one_value_patch(model, "a", -60000.0), _one_value_patch(model, "b", 120000.0)
+    stack = PatchStack.for_model(model)
+    stack.apply(a)
+    stack.apply(b)
+    both = state_copy(model)
+    with pytest.raises(PatchMismatchError, match=r"unloading a .* beyond the range of torch\.float16"):
+        stack.unload(a)
+    assert_state_equal(model, both)  # nothing changed, nothing forgotten
+    assert [p.name for p in stack.applied] == ["a", "b"]
+    stack.unload(b)
+    stack.unload(a)
+    assert_state_equal(model, base)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize(("start", "to"), [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_a_model_converted_while_patched_unloads_to_the_converted_base(arch, start, to):
+    """model.to(dtype) with patches applied: unload and unload_all work on the base as converted."""
+    model = MODEL_FACTORIES[arch](dtype=start)
+    a = random_patch(model, name="a", seed=1, indices=[0, 1, 2])
+    b = random_patch(model, name="b", seed=2, indices=[5, 6])
+    only_b = MODEL_FACTORIES[arch](dtype=start)  # b alone, converted the same way
+    PatchStack.for_model(only_b).apply(b)
+    only_b.to(to)
+    stack = PatchStack.for_model(model)
+    stack.apply(a)
+    stack.apply(b)
+    model.to(to)  # the same parameters, converted in place
+    stack.unload(a)
+    assert [p.name for p in stack.applied] == ["b"]
+    assert_state_equal(model, state_copy(only_b))
+    stack.unload_all()
+    assert_state_equal(model, state_copy(MODEL_FACTORIES[arch](dtype=start).to(to)))
