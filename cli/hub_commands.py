@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from nmke_patch.hub import build_pack, pull_pack, read_pack_json, upload_pack
+from nmke_patch.hub import build_pack, pull_pack, push_pack, read_pack_json
 from nmke_patch.sources import resolve_patches
 
 from .common import console, err_console, labelled
@@ -42,15 +42,11 @@ def push(
 ) -> None:
     """Upload patches as an edit pack (patches, pack.json, model card) to a Hub model repository."""
     patches = resolve_patches(sources)  # read once: a pack counts its patches
-    result = upload_pack(
-        patches, repo_id, private=private, revision=revision, token=token, with_peft=with_peft
-    )
-    if result.changed:
-        message = f"pushed {len(patches)} patch(es) to {repo_id}: {result.url}"
+    url = push_pack(patches, repo_id, private=private, revision=revision, token=token, with_peft=with_peft)
+    if url.changed:
+        message = f"pushed {len(patches)} patch(es) to {repo_id}: {url}"
     else:
-        message = (
-            f"{repo_id} already holds this pack of {len(patches)} patch(es), nothing pushed: {result.url}"
-        )
+        message = f"{repo_id} already holds this pack of {len(patches)} patch(es), nothing pushed: {url}"
     console.print(message, highlight=False, soft_wrap=True)
 
 

@@ -316,7 +316,7 @@ def revert(
         typer.Option(
             "--force",
             help="Revert even where the weights are not the base plus these patches, or they are not the last "
-            "ones nmke_patches.json lists: the result is then neither the base nor any recorded state."
+            "ones nmke_patches.json lists: the result is then neither the base nor any recorded state.",
         ),
     ] = False,
     overwrite: OverwriteOpt = False,

@@ -22,7 +22,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -506,14 +506,16 @@ def _is_hub_failure(exc: BaseException) -> bool:
     )
 
 
-@dataclass(frozen=True)
-class PushResult:
-    """What :func:`upload_pack` did."""
+class PushResult(str):
+    """The URL of the commit that holds a pushed pack (a ``str``), and whether the push made it."""
 
-    url: str
-    """The URL of the commit that holds the pack."""
     changed: bool
-    """False when the branch already held exactly this pack: no commit was made, ``url`` is the existing one."""
+    """False when the branch already held exactly this pack: no commit was made, the URL is the existing one."""
+
+    def __new__(cls, url: str, *, changed: bool) -> PushResult:
+        result = super().__new__(cls, url)
+        result.changed = changed
+        return result
 
 
 def push_pack(
@@ -525,42 +527,20 @@ def push_pack(
     token: str | None = None,
     with_peft: bool = False,
     endpoint: str | None = None,
-) -> str:
+) -> PushResult:
     """Build a pack from patch directories, packs or :class:`Patch` objects and upload it to ``repo_id``.
 
     Creates the repository (kept if it exists) and the branch ``revision`` (from ``main``) if missing.
     Files of earlier pushes under ``patches/`` and ``peft/`` are removed in the same commit.
 
     Returns:
-        The URL of the commit (the existing one if the branch already held this pack; see
-        :func:`upload_pack` to tell the two apart).
+        The URL of the commit, a ``str`` whose ``changed`` is False when the branch already held this pack
+        (no commit made; the URL is the existing commit's).
 
     Raises:
         InvalidPatchError: a source is not a valid patch.
         HubError: the Hub refused or could not be reached (one line saying what to do).
     """
-    return upload_pack(
-        sources,
-        repo_id,
-        private=private,
-        revision=revision,
-        token=token,
-        with_peft=with_peft,
-        endpoint=endpoint,
-    ).url
-
-
-def upload_pack(
-    sources: Iterable[PatchSource],
-    repo_id: str,
-    *,
-    private: bool = False,
-    revision: str | None = None,
-    token: str | None = None,
-    with_peft: bool = False,
-    endpoint: str | None = None,
-) -> PushResult:
-    """:func:`push_pack`, also saying whether a commit was made (same arguments and errors)."""
     from huggingface_hub import HfApi
 
     repo_id, revision = parse_ref(repo_id, revision)
@@ -609,7 +589,7 @@ def upload_pack(
         logger.info("pushed %d patch(es) to %s: %s", len(patches), repo_id, info.commit_url)
     else:
         logger.info("%s already holds this pack (%s): nothing pushed", repo_id, info.commit_url)
-    return PushResult(url=str(info.commit_url or info.oid), changed=changed)
+    return PushResult(str(info.commit_url or info.oid), changed=changed)
 
 
 def pull_verified(

@@ -61,7 +61,9 @@ def test_push_pull_roundtrip_and_apply(hub, two_patches):
     a, b = two_patches
     url = push_pack([a.path, b.path], "user/pack", token=TOKEN)
     oid = hub.repos["user/pack"].branches["main"]
-    assert url.endswith(oid)
+    assert url.endswith(oid) and url.changed
+    again = push_pack([a.path, b.path], "user/pack", token=TOKEN)  # the branch holds this pack already
+    assert again == url and not again.changed and hub.repos["user/pack"].branches["main"] == oid
     files = hub.files("user/pack")
     assert {"pack.json", "README.md", "patches/capitals.nmke/deltas.safetensors"} <= set(files)
 
