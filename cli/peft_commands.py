@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from nmke_patch.export.peft import export_peft
+from nmke_patch.patch import Patch
 from nmke_patch.sources import resolve_patches
+from nmke_patch.stack import PatchStack, check_lineage
 
 from .common import OutOpt, OverwriteOpt, PatchesArg, check_out_dir, console, labelled
 
@@ -45,17 +47,29 @@ def export_peft_command(
             "asserts that the patches share this base, so differing recorded names only warn.",
         ),
     ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Also check that the patches fit this base model, as `verify` does, before writing (PEFT "
+            "itself cannot tell a wrong base). Default: no model is loaded.",
+        ),
+    ] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Export patches (composed in order) as a PEFT adapter directory, loadable without nmke-patch."""
     check_out_dir(out, overwrite=overwrite)
     resolved = resolve_patches(patches)
+    check_lineage(resolved)  # what the export refuses, before a model loads
+    loaded = _check_fit(model, resolved) if model is not None else None
     report = export_peft(
         resolved,
         out,
         fmt="shira" if fmt is PeftFormatChoice.shira else "lora",
         rank=rank,
         base_model_name_or_path=base_model,
+        model=loaded,
     )
     for warning in report.warnings:
         console.print(labelled("warning:", "yellow", warning))
@@ -89,6 +103,26 @@ def export_peft_command(
             )
         )
     console.print(f"load with: PeftModel.from_pretrained(base_model, {str(report.path)!r})", highlight=False)
+
+
+def _check_fit(model: str, patches: list[Patch]) -> Any:
+    """The base model ``model``, once every patch has been checked to fit it in order (then removed)."""
+    from nmke_patch.merged import check_apply
+    from nmke_patch.models import load_base
+
+    held = check_apply(model, patches)  # a merged model's record: a patch it holds is refused
+    with console.status("loading model"):
+        loaded, _, _ = load_base(model)
+    stack = PatchStack.for_model(loaded)
+    stack.declare_merged(held)
+    try:
+        for p in patches:
+            stack.check(p, fingerprints=True)
+            stack.apply(p)
+    finally:
+        stack.unload_all()
+    console.print(labelled("ok", "green", f"{len(patches)} patch(es) fit {model}"), highlight=False)
+    return loaded
 
 
 def register(app: typer.Typer) -> None:

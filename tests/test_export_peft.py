@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MODEL_FACTORIES, random_patch
+from conftest import MODEL_FACTORIES, random_patch, save_tiny
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -421,3 +421,20 @@ def test_default_model_export(tmp_path: Path) -> None:
         assert_state_equal(merged, model)
         with torch.no_grad():
             assert torch.equal(merged(**ids).logits, want)
+
+
+def test_cli_export_peft_checks_the_patches_against_a_model(tmp_path: Path, tiny_tokenizer) -> None:
+    """PEFT cannot tell a wrong base; `--model` checks the fit as `verify` does, before writing."""
+    from nmke_patch.cli.main import app
+
+    model = MODEL_FACTORIES["llama"]()
+    patch = random_patch(model, name="p").save(tmp_path / "p.nmke")
+    fits = save_tiny(model, tiny_tokenizer, tmp_path / "base")
+    other = save_tiny(MODEL_FACTORIES["llama"](seed=1), tiny_tokenizer, tmp_path / "other")
+    runner = CliRunner()
+    result = runner.invoke(app, ["export-peft", str(patch.path), "-m", str(fits), "-o", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    assert f"ok 1 patch(es) fit {fits}" in " ".join(result.output.split()) and "exact" in result.output
+    result = runner.invoke(app, ["export-peft", str(patch.path), "-m", str(other), "-o", str(tmp_path / "b")])
+    assert isinstance(result.exception, PatchMismatchError) and "p (" in str(result.exception)
+    assert not (tmp_path / "b").exists()
