@@ -134,6 +134,25 @@ def test_attribution_matches_direct_logit_lens(arch: str) -> None:
         assert torch.allclose(scores[0, i], direct, atol=1e-4), (i, scores[0, i], direct)
 
 
+def test_the_subject_is_keyed_at_the_last_byte_token_of_its_last_character() -> None:
+    """Byte-level BPE splits a CJK character or an emoji into several tokens with the same span; only the
+    last has read the whole character, so the subject's key must sit there (an earlier one is shared with
+    other subjects whose character starts with the same bytes)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["The city of Paris is in France."], vocab_size=300, show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
+    for prompt, subject in (("The city of 上海 is", "上海"), ("The flag 🇦🇿 is", "🇦🇿"), ("Paris is", "Paris")):
+        offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
+        end = prompt.rfind(subject) + len(subject)
+        expected = max(i for i, (a, b) in enumerate(offsets) if a < end <= b)
+        batch = encode(tokenizer, [prompt], [subject], [None])
+        assert int(batch.subject_pos[0]) == expected
+        assert all(a >= end for a, _ in offsets[expected + 1 :])  # nothing after it is part of the subject
+
+
 @pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
 def test_padding_does_not_change_keys(arch: str, tiny_tokenizer) -> None:
     model = MODEL_FACTORIES[arch]()

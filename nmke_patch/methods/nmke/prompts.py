@@ -59,9 +59,12 @@ class Batch:
 
 
 def _token_at(offsets: list[tuple[int, int]], char: int) -> int:
-    for i, (a, b) in enumerate(offsets):
-        if a <= char < b:
-            return i
+    """The last token covering character ``char``: a byte-level tokenizer splits some characters (CJK,
+    emoji, some accented letters) into several tokens that all report that character's span, and only the
+    last of them has read the whole character."""
+    covering = [i for i, (a, b) in enumerate(offsets) if a <= char < b]
+    if covering:
+        return covering[-1]
     for i, (a, _b) in enumerate(offsets):  # char was whitespace merged into the next token
         if a > char:
             return i - 1
