@@ -113,8 +113,14 @@ def load_json_text(text: str, what: str, error: type[NmkePatchError] = InvalidPa
 
 def read_user_text(path: str | os.PathLike[str], error: type[NmkePatchError] = InvalidPatchError) -> str:
     """A user's text file (facts, held-out text, a stats corpus) as UTF-8, a leading byte-order mark
-    dropped; ``error("{path}: not UTF-8 text (...)")`` if it is not UTF-8. Other OS errors pass through."""
+    dropped; ``error("{path}: not UTF-8 text (...)")`` if it is not UTF-8 or holds NUL characters. Other OS
+    errors pass through."""
     try:
-        return Path(path).read_text(encoding="utf-8-sig")
+        text = Path(path).read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise error(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    if "\x00" in text:  # UTF-16 without a byte-order mark decodes as UTF-8 with a NUL after each ASCII letter
+        raise error(
+            f"{path}: not UTF-8 text (it holds NUL characters: UTF-16 without a byte-order mark, or binary?)"
+        )
+    return text

@@ -103,6 +103,13 @@ def test_hostile_json_is_one_clear_error(text: str, message: str, tmp_path: Path
         read_requests(_write(tmp_path, text))
 
 
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-16"])
+def test_utf16_files_are_named_as_not_utf8(encoding: str, tmp_path: Path) -> None:
+    """Without a byte-order mark, UTF-16 of ASCII text is valid UTF-8 full of NULs, not a JSON error."""
+    with pytest.raises(InvalidRequestError, match=r"facts\.json: not UTF-8 text"):
+        read_requests(_write(tmp_path, json.dumps([RECORD]).encode(encoding)))
+
+
 def _zsre(tmp_path: Path, **fields: Any) -> Path:
     record = {k: v for k, v in {**ZSRE, **fields}.items() if v is not None}
     return _write(tmp_path, json.dumps([record]))
