@@ -96,7 +96,8 @@ def _from_native(record: dict[str, Any], index: int, names: dict[str, str] | Non
         )
     subject = _str(record, "subject", index, field=name("subject"))
     assert subject is not None
-    if subject.strip() in prompt.split("{}")[1]:
+    filled = prompt.replace("{}", subject.strip())
+    if filled.rfind(subject.strip()) != prompt.index("{}"):  # also where it overlaps the text after '{}'
         raise InvalidRequestError(
             f"record {index}: field {name('subject')!r} ({subject.strip()!r}) also occurs after '{{}}' in the "
             "prompt; the edit is keyed at the subject's last occurrence, so put '{}' there or rephrase"

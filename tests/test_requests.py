@@ -184,6 +184,9 @@ def test_a_subject_repeated_after_the_placeholder_is_refused(tmp_path: Path) -> 
         _write(tmp_path, json.dumps([{**record, "prompt": "Paris is big. The mayor of {} is"}]))
     )
     assert r.text == "Paris is big. The mayor of Paris is"  # before the placeholder: the last one is keyed
+    overlapping = {"prompt": "{} Bora is an island in", "subject": "Bora Bora", "target_new": "Japan"}
+    with pytest.raises(InvalidRequestError, match=r"'subject' \('Bora Bora'\) also occurs after"):
+        read_requests(_write(tmp_path, json.dumps([overlapping])))  # "Bora Bora Bora": last match is not {}
 
 
 def test_a_prompt_without_placeholder_is_refused_with_the_templated_form(tmp_path: Path) -> None:
