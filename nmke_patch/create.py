@@ -19,7 +19,7 @@ from .errors import InvalidPatchError, InvalidRequestError
 from .lengths import check_fits, context_length
 from .methods.nmke.config import EditConfig
 from .methods.nmke.engine import Editor
-from .methods.nmke.prompts import encode, target_logprobs_from_hidden
+from .methods.nmke.prompts import encode, split_subjects, target_logprobs_from_hidden
 from .models import BaseModelInfo, check_resident, tensor_fingerprint
 from .patch import Manifest, ParentRef, Patch
 from .requests import RequestsLike, as_requests
@@ -137,6 +137,15 @@ def create_patch(
         raise InvalidRequestError(problem)
     prefix_room = config.prefix_tokens + 4 if config.n_prefixes else 0  # re-tokenized, a prefix grows a bit
     check_fits(requests, tokenizer, context_length(model), scored=False, reserve=prefix_room)
+    for i, token in split_subjects(tokenizer, requests)[:5]:
+        logger.warning(
+            "record %d: the subject %r ends inside the token %r of %r; the edit is keyed at that token, so it "
+            "binds to the longer word (write the prompt so the subject ends a word)",
+            i,
+            requests[i].subject,
+            token,
+            requests[i].text,
+        )
     try:  # parents made on other weights fail here, before any warning or minutes of statistics
         for p in parents:
             stack.apply(p)

@@ -20,7 +20,7 @@ from nmke_patch.methods.nmke.attribution import final_norm_scale, neuron_scores
 from nmke_patch.methods.nmke.config import ADDED_FIELDS, EditConfig
 from nmke_patch.methods.nmke.engine import Editor, EditRecord
 from nmke_patch.methods.nmke.mask import apply_budget, hybrid_mask, mask_ratios, ranked_candidates
-from nmke_patch.methods.nmke.prompts import encode
+from nmke_patch.methods.nmke.prompts import encode, split_subjects
 from nmke_patch.methods.nmke.solve import solve_layer
 from nmke_patch.methods.nmke.values import NormalizedDescent, compute_target_value, reached
 from nmke_patch.models import BaseModelInfo
@@ -134,16 +134,31 @@ def test_attribution_matches_direct_logit_lens(arch: str) -> None:
         assert torch.allclose(scores[0, i], direct, atol=1e-4), (i, scores[0, i], direct)
 
 
-def test_the_subject_is_keyed_at_the_last_byte_token_of_its_last_character() -> None:
-    """Byte-level BPE splits a CJK character or an emoji into several tokens with the same span; only the
-    last has read the whole character, so the subject's key must sit there (an earlier one is shared with
-    other subjects whose character starts with the same bytes)."""
+def _byte_level_tokenizer(text: str) -> Any:
+    """A byte-level BPE tokenizer (GPT-2's kind) trained in-process on ``text``."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(["The city of Paris is in France."], vocab_size=300, show_progress=False)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
+    bpe.train_from_iterator([text], vocab_size=300, show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
+
+
+def test_a_subject_ending_inside_a_token_is_found() -> None:
+    tokenizer = _byte_level_tokenizer("The Yankees are a team. The Yankees won. The Yankees lost.")
+    assert "ĠYankees" in tokenizer.get_vocab()
+    requests = [
+        EditRequest("The {}s are a team from", "Yankee", "Paris"),  # ends inside " Yankees"
+        EditRequest("The {} are a team from", "Yankees", "Paris"),
+    ]
+    assert split_subjects(tokenizer, requests) == [(0, " Yankees")]
+
+
+def test_the_subject_is_keyed_at_the_last_byte_token_of_its_last_character() -> None:
+    """Byte-level BPE splits a CJK character or an emoji into several tokens with the same span; only the
+    last has read the whole character, so the subject's key must sit there (an earlier one is shared with
+    other subjects whose character starts with the same bytes)."""
+    tokenizer = _byte_level_tokenizer("The city of Paris is in France.")
     for prompt, subject in (("The city of 上海 is", "上海"), ("The flag 🇦🇿 is", "🇦🇿"), ("Paris is", "Paris")):
         offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
         end = prompt.rfind(subject) + len(subject)

@@ -71,6 +71,22 @@ def _token_at(offsets: list[tuple[int, int]], char: int) -> int:
     return len(offsets) - 1
 
 
+def split_subjects(tokenizer: Any, requests: Sequence[Any]) -> list[tuple[int, str]]:
+    """Requests whose subject's last token runs on past the subject (``"{}s"`` with ``Yankee`` gives the
+    token ``es``): ``(index, that token's text)``. The edit is keyed at that token all the same, so it
+    binds to the longer word, not the subject alone."""
+    found = []
+    for i, r in enumerate(requests):
+        text = r.text
+        enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+        offsets = [tuple(o) for o in enc["offset_mapping"]]
+        end = text.rfind(r.subject) + len(r.subject)
+        at = _token_at(offsets, end - 1)
+        if offsets[at][1] > end:
+            found.append((i, text[offsets[at][0] : offsets[at][1]]))
+    return found
+
+
 def encode(
     tokenizer: Any,
     prompts: Sequence[str],
