@@ -292,7 +292,12 @@ def create(
         )
     console.print(table)
     console.print(f"patch written to {out}")
-    _report_landing(saved.manifest.metrics, config)
+    multi_token = {
+        m["index"]
+        for r, m in zip(requests, saved.manifest.metrics, strict=True)
+        if len(loaded.tokenizer(" " + r.target_new, add_special_tokens=False).input_ids) > 1
+    }
+    _report_landing(saved.manifest.metrics, config, multi_token)
     with console.status("measuring held-out perplexity"):
         try:
             _report_health(loaded, [*parents, saved])
@@ -331,9 +336,10 @@ def _report_health(loaded: LoadedModel, chain: list[Patch]) -> None:
         )
 
 
-def _report_landing(metrics: list[dict[str, Any]], config: EditConfig) -> None:
+def _report_landing(metrics: list[dict[str, Any]], config: EditConfig, multi_token: set[int]) -> None:
     """One line on how many edits reach ``sweep_until`` (P(new) after all edits), and a warning naming those
-    that do not, so a user sees a weak edit before shipping it rather than after."""
+    that do not, so a user sees a weak edit before shipping it rather than after. ``multi_token``: indices
+    of edits whose answer has several tokens (z stops per token unless ``z_stop_whole``)."""
     threshold = config.sweep_until
     weak = [m for m in metrics if float(m["p_new_final"]) < threshold]
     console.print(
@@ -348,6 +354,13 @@ def _report_landing(metrics: list[dict[str, Any]], config: EditConfig) -> None:
             + (
                 "; `--set grow_budget_to=0.4` lets an edit that does not land use more neurons (docs/method.md)"
                 if config.method == "nmke"
+                else ""
+            )
+            + (
+                f"; {', '.join(f'#{m}' for m in sorted(long_answers)[:5])} answer with several tokens, and the "
+                f"target value stops once each token averages P {config.z_stop_prob:g}: `--set z_stop_whole=true`"
+                " aims at the whole answer"
+                if (long_answers := multi_token & {int(m["index"]) for m in weak}) and not config.z_stop_whole
                 else ""
             ),
             soft_wrap=True,

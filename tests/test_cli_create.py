@@ -73,6 +73,14 @@ def test_create_warns_about_edits_below_the_landing_threshold(setup: list[str], 
     text = " ".join(result.output.split())
     assert "0 of 2 edit(s) reach P(new) >= 1 after all edits" in text
     assert f"warning: 2 edit(s) below P(new) 1: #0 ({finals[0]:.3f}), #1 ({finals[1]:.3f})" in text
+    assert "z_stop_whole" not in text  # one-token answers: the per-token stop is the whole answer's
+    facts = tmp_path / "long.json"
+    facts.write_text(json.dumps([{"prompt": "w3 {} w4", "subject": "w5", "target_new": "w6 w7 w8"}]))
+    args = ["create", str(facts), *setup[2:], "-o", str(tmp_path / "long.nmke"), "--set", "sweep_until=1.0"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "#0 answer with several tokens" in " ".join(result.output.split())
+    assert "`--set z_stop_whole=true` aims at the whole answer" in " ".join(result.output.split())
 
 
 def test_create_with_a_dataset_as_stats_corpus(setup: list[str], tmp_path: Path) -> None:

@@ -213,7 +213,7 @@ def compute_target_value(
     with replay_prefix(decoder_layers(model, spec), layer, edited_layer_output):
         for steps in range(1, config.z_steps + 1):
             lp, kl_new = scores(run())
-            p_rows = torch.exp(lp.detach())
+            p_rows = torch.exp(lp.detach() * counts) if config.z_stop_whole else torch.exp(lp.detach())
             p_now = float(p_rows.mean())
             if reached(p_rows, config):
                 steps -= 1
