@@ -84,12 +84,12 @@ def _from_native(record: dict[str, Any], index: int, names: dict[str, str] | Non
     prompt = _str(record, "prompt", index, field=name("prompt"))
     assert prompt is not None
     if prompt.count("{}") != 1:
-        subject_text = record.get("subject")
+        written = record.get("subject")
+        written = written.strip() if isinstance(written, str) else ""
         hint = ""
-        if "{}" not in prompt and isinstance(subject_text, str) and subject_text.strip() in prompt:
-            at = prompt.rfind(subject_text.strip())  # the edit is keyed at the subject's last occurrence
-            suggestion = prompt[:at] + "{}" + prompt[at + len(subject_text.strip()) :]
-            hint = f"; the subject occurs in it: write it as {suggestion!r}"
+        if "{}" not in prompt and written and written in prompt:
+            at = prompt.rfind(written)  # the edit is keyed at the subject's last occurrence
+            hint = f"; the subject occurs in it: write it as {prompt[:at] + '{}' + prompt[at + len(written) :]!r}"
         raise InvalidRequestError(
             f"record {index}: field {name('prompt')!r} must contain exactly one '{{}}' where the subject goes"
             f" (got {prompt!r}){hint}"

@@ -163,8 +163,8 @@ class PatchStack:
             )
         self._params = live
         for name, snap in self._base.items():  # model.to(dtype or device) converts the weights in place
-            param = live[name]
-            if snap.values.dtype != param.dtype or snap.values.device != param.device:
+            param = live.get(name)
+            if param is not None and (snap.values.dtype != param.dtype or snap.values.device != param.device):
                 # the base as that conversion would have made it: unload_all gives the converted base
                 self._base[name] = _Snapshot(
                     snap.indices, snap.values.to(device=param.device, dtype=param.dtype)
