@@ -25,6 +25,7 @@ from nmke_patch.jsonio import load_json_text
 from nmke_patch.lengths import TooLongError
 from nmke_patch.merged import RECORD_FILE, read_record
 from nmke_patch.methods.nmke.config import EditConfig
+from nmke_patch.methods.nmke.prompts import encode
 from nmke_patch.patch import PATCH_SUFFIX, check_patch_target
 from nmke_patch.requests import read_requests
 
@@ -292,11 +293,12 @@ def create(
         )
     console.print(table)
     console.print(f"patch written to {out}")
+    answers = encode(
+        loaded.tokenizer, [r.text for r in requests], [None] * len(requests), [r.target_new for r in requests]
+    )
     multi_token = {
-        m["index"]
-        for r, m in zip(requests, saved.manifest.metrics, strict=True)
-        if len(loaded.tokenizer(" " + r.target_new, add_special_tokens=False).input_ids) > 1
-    }
+        m["index"] for m, ids in zip(saved.manifest.metrics, answers.target_ids, strict=True) if len(ids) > 1
+    }  # tokenized in context, as the engine scores them
     _report_landing(saved.manifest.metrics, config, multi_token)
     with console.status("measuring held-out perplexity"):
         try:
@@ -360,7 +362,9 @@ def _report_landing(metrics: list[dict[str, Any]], config: EditConfig, multi_tok
                 f"; {', '.join(f'#{m}' for m in sorted(long_answers)[:5])} answer with several tokens, and the "
                 f"target value stops once each token averages P {config.z_stop_prob:g}: `--set z_stop_whole=true`"
                 " aims at the whole answer"
-                if (long_answers := multi_token & {int(m["index"]) for m in weak}) and not config.z_stop_whole
+                if (long_answers := multi_token & {int(m["index"]) for m in weak})
+                and config.method == "nmke"
+                and not config.z_stop_whole
                 else ""
             ),
             soft_wrap=True,

@@ -517,6 +517,9 @@ class PushResult(str):
         result.changed = changed
         return result
 
+    def __getnewargs_ex__(self) -> tuple[tuple[str], dict[str, bool]]:  # copy and pickle
+        return (str(self),), {"changed": self.changed}
+
 
 def push_pack(
     sources: Iterable[PatchSource],

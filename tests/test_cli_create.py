@@ -81,6 +81,11 @@ def test_create_warns_about_edits_below_the_landing_threshold(setup: list[str], 
     assert result.exit_code == 0, result.output
     assert "#0 answer with several tokens" in " ".join(result.output.split())
     assert "`--set z_stop_whole=true` aims at the whole answer" in " ".join(result.output.split())
+    memit = CliRunner().invoke(
+        app, [*args[:-4], "-o", str(tmp_path / "m.nmke"), "--method", "memit", *args[-2:]]
+    )
+    assert memit.exit_code == 0 and "below P(new)" in memit.output
+    assert "z_stop_whole" not in memit.output  # NMKE only: not advised where --set would refuse it
 
 
 def test_create_with_a_dataset_as_stats_corpus(setup: list[str], tmp_path: Path) -> None:

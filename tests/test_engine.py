@@ -725,6 +725,22 @@ def test_landing_counts_parallel_columns_together() -> None:
     assert torch.allclose(realised.mean(), torch.tensor(0.6), atol=2e-3), realised
 
 
+def test_z_stop_whole_stops_on_the_whole_answer(tiny_tokenizer) -> None:
+    """By default z stops once the per-token geometric mean passes z_stop_prob, which for an answer of three
+    tokens is its cube for the whole answer; z_stop_whole waits for the whole answer itself. (A random tiny
+    model reaches small probabilities only, hence the small threshold.)"""
+    model = MODEL_FACTORIES["llama"](init_range=0.2)
+    spec = spec_for_model(model)
+    request = EditRequest(prompt="w5 w6 {} w8", subject="w10", target_new="w12 w13 w14")
+    config = EditConfig(z_steps=60, z_stop_prob=1e-5, n_prefixes=0)
+    per_token = compute_target_value(model, tiny_tokenizer, spec, 0, request, [], config)
+    whole = compute_target_value(
+        model, tiny_tokenizer, spec, 0, request, [], config.with_overrides(z_stop_whole=True)
+    )
+    assert per_token.steps == 0 and per_token.p_before**3 < 1e-5  # stopped at once: the mean passes 1e-5
+    assert 0 < whole.steps < 60 and whole.p_after >= 1e-5  # went on until the whole answer passed it
+
+
 def test_z_stop_bare_waits_for_the_bare_prompt() -> None:
     lagging = torch.tensor([0.1, 0.9, 0.9, 0.9])  # mean 0.7; the bare prompt (first) far behind
     assert reached(lagging, EditConfig(z_stop_prob=0.6, z_stop_bare=False))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -64,6 +66,8 @@ def test_push_pull_roundtrip_and_apply(hub, two_patches):
     assert url.endswith(oid) and url.changed
     again = push_pack([a.path, b.path], "user/pack", token=TOKEN)  # the branch holds this pack already
     assert again == url and not again.changed and hub.repos["user/pack"].branches["main"] == oid
+    for copied in (copy.deepcopy(again), pickle.loads(pickle.dumps(again))):  # a str before: still copyable
+        assert copied == url and copied.changed is False
     files = hub.files("user/pack")
     assert {"pack.json", "README.md", "patches/capitals.nmke/deltas.safetensors"} <= set(files)
 
