@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -96,3 +97,22 @@ def check_out_dir(out: Path, model: str | None = None, overwrite: bool = False) 
     held = [n for n in ("manifest.json", "pack.json") if (out / n).is_file()]
     if held:  # --overwrite puts a model among the files of a folder: never into a patch or a pack
         raise FileExistsError(f"--out {out} holds {held[0]} (a patch or a pack); choose another folder")
+
+
+def check_in_order(
+    model: Any, held: Sequence[Any], patches: Sequence[Any], each: Callable[[Any], None]
+) -> None:
+    """Check that ``patches`` fit ``model`` in order, each on top of those before it (``held``: the patches
+    its record says are merged into it), with the whole-tensor fingerprints where they apply; ``each(patch)``
+    runs once a patch fits. The model is left as it was."""
+    from nmke_patch.stack import PatchStack
+
+    stack = PatchStack.for_model(model)
+    stack.declare_merged(held)
+    try:
+        for p in patches:
+            stack.check(p, fingerprints=True)
+            stack.apply(p)
+            each(p)
+    finally:
+        stack.unload_all()

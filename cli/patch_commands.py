@@ -40,6 +40,7 @@ from .common import (
     OutOpt,
     OverwriteOpt,
     PatchesArg,
+    check_in_order,
     check_out_dir,
     console,
     err_console,
@@ -392,11 +393,8 @@ def verify(
     held = check_apply(model, resolved)  # what a merged model holds: refused again, parents for children
     check_lineage(resolved, held)  # what the stack would refuse, before the model loads
     loaded, _, info = _load(model, device, dtype)
-    stack = PatchStack.for_model(loaded)
-    stack.declare_merged(held)
-    for p in resolved:
-        stack.check(p, fingerprints=True)
-        stack.apply(p)
+
+    def report(p: Patch) -> None:
         console.print(
             labelled(
                 "ok",
@@ -418,6 +416,8 @@ def verify(
                 ),
                 soft_wrap=True,
             )
+
+    check_in_order(loaded, held, resolved, report)
 
 
 def register(app: typer.Typer) -> None:

@@ -10,9 +10,9 @@ import typer
 from nmke_patch.export.peft import export_peft
 from nmke_patch.patch import Patch
 from nmke_patch.sources import resolve_patches
-from nmke_patch.stack import PatchStack, check_lineage
+from nmke_patch.stack import check_lineage
 
-from .common import OutOpt, OverwriteOpt, PatchesArg, check_out_dir, console, labelled
+from .common import OutOpt, OverwriteOpt, PatchesArg, check_in_order, check_out_dir, console, labelled
 
 
 class PeftFormatChoice(str, Enum):
@@ -113,14 +113,7 @@ def _check_fit(model: str, patches: list[Patch]) -> Any:
     held = check_apply(model, patches)  # a merged model's record: a patch it holds is refused
     with console.status("loading model"):
         loaded, _, _ = load_base(model)
-    stack = PatchStack.for_model(loaded)
-    stack.declare_merged(held)
-    try:
-        for p in patches:
-            stack.check(p, fingerprints=True)
-            stack.apply(p)
-    finally:
-        stack.unload_all()
+    check_in_order(loaded, held, patches, lambda _p: None)
     console.print(labelled("ok", "green", f"{len(patches)} patch(es) fit {model}"), highlight=False)
     return loaded
 
