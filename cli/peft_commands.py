@@ -53,16 +53,24 @@ def export_peft_command(
             "--model",
             "-m",
             help="Also check that the patches fit this base model, as `verify` does, before writing (PEFT "
-            "itself cannot tell a wrong base). Default: no model is loaded.",
+            "itself cannot tell a wrong base). Default: no model is loaded (see --check).",
         ),
     ] = None,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Check the fit before writing, as `verify` does, on --model or, without it, on the "
+            "embedded default model.",
+        ),
+    ] = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Export patches (composed in order) as a PEFT adapter directory, loadable without nmke-patch."""
     check_out_dir(out, overwrite=overwrite)
     resolved = resolve_patches(patches)
     check_lineage(resolved)  # what the export refuses, before a model loads
-    loaded = _check_fit(model, resolved) if model is not None else None
+    loaded = _check_fit(model, resolved) if model is not None or check else None
     report = export_peft(
         resolved,
         out,
@@ -105,8 +113,9 @@ def export_peft_command(
     console.print(f"load with: PeftModel.from_pretrained(base_model, {str(report.path)!r})", highlight=False)
 
 
-def _check_fit(model: str, patches: list[Patch]) -> Any:
-    """The base model ``model``, once every patch has been checked to fit it in order (then removed)."""
+def _check_fit(model: str | None, patches: list[Patch]) -> Any:
+    """The base model ``model`` (``None``: the embedded default), once every patch has been checked to fit
+    it in order (then removed)."""
     from nmke_patch.merged import check_apply
     from nmke_patch.models import load_base
 
@@ -114,7 +123,8 @@ def _check_fit(model: str, patches: list[Patch]) -> Any:
     with console.status("loading model"):
         loaded, _, _ = load_base(model)
     check_in_order(loaded, held, patches, lambda _p: None)
-    console.print(labelled("ok", "green", f"{len(patches)} patch(es) fit {model}"), highlight=False)
+    where = model if model is not None else "the embedded default model"
+    console.print(labelled("ok", "green", f"{len(patches)} patch(es) fit {where}"), highlight=False)
     return loaded
 
 

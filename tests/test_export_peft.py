@@ -438,3 +438,26 @@ def test_cli_export_peft_checks_the_patches_against_a_model(tmp_path: Path, tiny
     result = runner.invoke(app, ["export-peft", str(patch.path), "-m", str(other), "-o", str(tmp_path / "b")])
     assert isinstance(result.exception, PatchMismatchError) and "p (" in str(result.exception)
     assert not (tmp_path / "b").exists()
+
+
+def test_cli_export_peft_check_uses_the_default_model_without_model(
+    tmp_path: Path, tiny_tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--check` alone checks the fit on the embedded default model (here a stand-in for it)."""
+    from nmke_patch.cli.main import app
+
+    from nmke_patch import models
+
+    model = MODEL_FACTORIES["llama"]()
+    patch = random_patch(model, name="p").save(tmp_path / "p.nmke")
+    other = save_tiny(MODEL_FACTORIES["llama"](seed=1), tiny_tokenizer, tmp_path / "other")
+    monkeypatch.setattr(models, "default_model_dir", lambda: other)
+    runner = CliRunner()
+    result = runner.invoke(app, ["export-peft", str(patch.path), "--check", "-o", str(tmp_path / "b")])
+    assert isinstance(result.exception, PatchMismatchError) and "p (" in str(result.exception)
+    assert not (tmp_path / "b").exists()
+    fits = save_tiny(model, tiny_tokenizer, tmp_path / "base")
+    monkeypatch.setattr(models, "default_model_dir", lambda: fits)
+    result = runner.invoke(app, ["export-peft", str(patch.path), "--check", "-o", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    assert "ok 1 patch(es) fit the embedded default model" in " ".join(result.output.split())
