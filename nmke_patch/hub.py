@@ -21,7 +21,8 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -506,6 +507,26 @@ def _is_hub_failure(exc: BaseException) -> bool:
     )
 
 
+class _DropEmptyCommitNotice(logging.Filter):
+    """Drops huggingface_hub's "No files have been modified" warning: push reports that case itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No files have been modified")
+
+
+@contextmanager
+def _without_empty_commit_notice() -> Iterator[None]:
+    quiet = _DropEmptyCommitNotice()
+    loggers = [logging.getLogger(n) for n in ("huggingface_hub.hf_api", "huggingface_hub._upload_pipeline")]
+    for each in loggers:
+        each.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for each in loggers:
+            each.removeFilter(quiet)
+
+
 class PushResult(str):
     """The URL of the commit that holds a pushed pack (a ``str``), and whether the push made it."""
 
@@ -575,14 +596,15 @@ def push_pack(
                     f"{repo_id} holds files ({', '.join(theirs[:3])}{', ...' if len(theirs) > 3 else ''}) "
                     "and is not an edit pack (no pack.json); push to a new repository"
                 )
-            info = api.upload_folder(
-                repo_id=repo_id,
-                folder_path=folder,
-                repo_type=_REPO_TYPE,
-                revision=revision,
-                commit_message=f"Upload nmke-patch pack ({len(patches)} patch{'es' if len(patches) != 1 else ''})",
-                delete_patterns=[f"{PATCHES_DIR}/**", f"{PEFT_DIR}/**"],
-            )
+            with _without_empty_commit_notice():
+                info = api.upload_folder(
+                    repo_id=repo_id,
+                    folder_path=folder,
+                    repo_type=_REPO_TYPE,
+                    revision=revision,
+                    commit_message=f"Upload nmke-patch pack ({len(patches)} patch{'es' if len(patches) != 1 else ''})",
+                    delete_patterns=[f"{PATCHES_DIR}/**", f"{PEFT_DIR}/**"],
+                )
         except Exception as exc:
             if _is_hub_failure(exc):
                 raise _hub_error(exc, push=True, repo_id=repo_id, revision=revision, endpoint=url) from exc

@@ -361,7 +361,7 @@ def test_parse_ref():
         parse_ref("hf://user/pack@v1", "v2")
 
 
-def test_cli_push_and_pull(hub, two_patches, tmp_path, monkeypatch, capsys):
+def test_cli_push_and_pull(hub, two_patches, tmp_path, monkeypatch, capsys, caplog):
     from nmke_patch.cli.main import app, run
 
     a, b = two_patches
@@ -375,6 +375,8 @@ def test_cli_push_and_pull(hub, two_patches, tmp_path, monkeypatch, capsys):
     again = runner.invoke(app, ["push", str(a.path), str(b.path), "user/cli-pack", "--token", TOKEN])
     assert again.exit_code == 0, again.output
     assert "already holds this pack of 2 patch(es), nothing pushed" in again.stdout and head in again.stdout
+    # huggingface_hub's own notice would say it twice
+    assert not [r for r in caplog.records if "No files have been modified" in r.getMessage()]
     assert hub.repos["user/cli-pack"].branches["main"] == head
     # no token, and nothing in the cache yet: refused
     monkeypatch.setattr(sys, "argv", ["nmke-patch", "pull", "user/cli-pack"])
