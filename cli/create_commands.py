@@ -311,7 +311,7 @@ def _report_health(loaded: LoadedModel, chain: list[Patch]) -> None:
     """Held-out perplexity (the text ``eval`` uses, first 1,024 tokens) without and with the new patch, and a
     warning when it rises more than 10%: a patch that changes the model beyond its facts should not look
     fine."""
-    from nmke_patch.evaluate import load_heldout, perplexity
+    from nmke_patch.health import load_heldout, perplexity
     from nmke_patch.stack import PatchStack
 
     text = load_heldout()

@@ -6,12 +6,10 @@ MEND/MEMIT/AlphaEdit (teacher-forced token accuracy). Every metric is defined in
 
 :func:`evaluate` measures one model as it is; :func:`compare` turns a base and a patched result into
 drift figures (neighbourhood agreement, perplexity drift, unrelated-fact retention) and the footprint of
-the patches; :func:`evaluate_pair` does both for a base model and a list of patches.
-
-All teacher-forced scoring goes through :func:`score_targets`: rows are right-padded, every (prompt,
-target) pair is read at its own positions, token rows shared between pairs (identical, or one a prefix of
-another) run once, openings shared by several rows run once (the rows continue from their KV cache), and
-only target positions are unembedded.
+the patches; :func:`evaluate_pair` does both for a base model and a list of patches. The pieces live in
+:mod:`~nmke_patch.scoring` (teacher-forced scoring), :mod:`~nmke_patch.health` (fluency, perplexity, the
+packaged texts and facts) and :mod:`~nmke_patch.footprint`; their public names are importable from here
+too.
 """
 
 from __future__ import annotations
@@ -22,28 +20,42 @@ import json
 import logging
 import math
 import os
-import re
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, is_dataclass
-from importlib import resources
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from .compat import cache_argument, returned_cache
 from .delta import TensorDelta
 from .errors import InvalidRequestError, PatchMismatchError
-from .jsonio import load_json_text, read_user_text
-from .lengths import check_facts_fit, check_fits, context_length, windows
-from .methods.nmke.prompts import encode
+from .footprint import footprint, layer_index
+from .health import greedy_generate, load_heldout, load_unrelated, ngram_entropy, perplexity, words
+from .lengths import check_facts_fit, check_fits, context_length
 from .patch import Patch
 from .requests import EditRequest, Neighbor, RequestsLike, as_requests
+from .scoring import Scores, score_targets
 from .sources import PatchSource, resolve_patches
 from .stack import PatchStack, check_lineage
+
+__all__ = [
+    "EVAL_VERSION",
+    "METRICS",
+    "Scores",
+    "compare",
+    "evaluate",
+    "evaluate_pair",
+    "footprint",
+    "greedy_generate",
+    "layer_index",
+    "load_heldout",
+    "load_unrelated",
+    "ngram_entropy",
+    "perplexity",
+    "score_targets",
+    "words",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +74,6 @@ FLUENCY_PROMPTS = (
 )
 """Prompts that top up the fluency prompts when there are fewer requests than generations."""
 
-_WORD = re.compile(r"\w+|[^\w\s]")
 EVAL_VERSION = 2
 """Bumped whenever a metric's computation changes (invalidates cached base results)."""
 
@@ -88,352 +99,6 @@ METRICS: dict[str, str] = {
 """Short labels of every metric, in display order (definitions: docs/evaluation.md)."""
 
 
-# -- packaged data -----------------------------------------------------------------------------------------
-
-
-def load_heldout() -> list[str]:
-    """The held-out paragraphs shipped with the package (``nmke_patch/_data/heldout.txt``, one per line)."""
-    text = resources.files("nmke_patch").joinpath("_data/heldout.txt").read_text(encoding="utf-8")
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def load_unrelated(path: str | None = None) -> list[Neighbor]:
-    """Unrelated facts (``{"prompt", "target"}`` JSONL): ``path``, or the packaged set (empty if absent)."""
-    if path is None:
-        source = resources.files("nmke_patch").joinpath("_data/unrelated_facts.jsonl")
-        if not source.is_file():
-            logger.warning("the packaged unrelated-fact set is missing; retention is not measured")
-            return []
-        text = source.read_text(encoding="utf-8")
-    else:
-        text = read_user_text(path, InvalidRequestError)
-    facts = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        record = load_json_text(
-            line, f"{path or 'unrelated_facts.jsonl'}: line {lineno}", InvalidRequestError
-        )
-        if not isinstance(record, dict) or not all(
-            isinstance(record.get(k), str) and record[k].strip() for k in ("prompt", "target")
-        ):
-            raise InvalidRequestError(
-                f"{path or 'unrelated_facts.jsonl'}: line {lineno} needs non-empty 'prompt' and 'target' strings"
-            )
-        facts.append(Neighbor(record["prompt"], record["target"]))
-    if path is not None and not facts:
-        raise InvalidRequestError(f"{path} holds no facts (one JSON object per line: prompt, target)")
-    return facts
-
-
-# -- teacher-forced scoring --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Scores:
-    """Teacher-forced scores of (prompt, target) pairs, in input order."""
-
-    logprob: torch.Tensor
-    """``[N]`` float64: log P(target | prompt), summed over the target's tokens."""
-    token_accuracy: torch.Tensor
-    """``[N]`` float64: share of target tokens that are the argmax at their position."""
-    argmax: list[list[int]]
-    """Per pair, the argmax token at each target position."""
-
-    @property
-    def prob(self) -> torch.Tensor:
-        return self.logprob.exp()
-
-    @property
-    def exact(self) -> torch.Tensor:
-        """``[N]`` bool: every target token is the argmax (greedy decoding yields the target)."""
-        return self.token_accuracy >= 1.0
-
-
-def _carriers(feeds: list[list[int]]) -> tuple[list[list[int]], list[int]]:
-    """Distinct token rows to run (longest first) and, per feed, the row that contains it as a prefix."""
-    order = sorted(range(len(feeds)), key=lambda i: -len(feeds[i]))
-    by_prefix: dict[tuple[int, ...], int] = {}
-    rows: list[list[int]] = []
-    assign = [0] * len(feeds)
-    for i in order:
-        key = tuple(feeds[i])
-        row = by_prefix.get(key)
-        if row is None:
-            row = len(rows)
-            rows.append(feeds[i])
-            for k in range(1, len(key) + 1):
-                by_prefix.setdefault(key[:k], row)
-        assign[i] = row
-    return rows, assign
-
-
-def _stem_lengths(rows: list[list[int]]) -> list[int]:
-    """Per row, the length of the longest proper prefix it shares with another row (0 if none)."""
-    counts = Counter(tuple(r[:k]) for r in rows for k in range(1, len(r)))
-    return [next((k for k in range(len(r) - 1, 0, -1) if counts[tuple(r[:k])] >= 2), 0) for r in rows]
-
-
-def _pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``[B, W]`` token ids and attention mask."""
-    width = max(1, max((len(r) for r in rows), default=1))
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, row in enumerate(rows):
-        if row:
-            ids[b, : len(row)] = torch.tensor(list(row))
-            mask[b, : len(row)] = 1
-    return ids, mask
-
-
-def _buckets(items: list[int], width: Callable[[int], int], max_batch_tokens: int) -> list[list[int]]:
-    """``items`` sorted by ``width`` (longest first) and cut into batches of at most ``max_batch_tokens``
-    padded tokens (a single item may exceed it): few forward passes, little padding."""
-    out: list[list[int]] = []
-    cur: list[int] = []
-    for i in sorted(items, key=lambda i: -width(i)):
-        if cur and (len(cur) + 1) * width(cur[0]) > max_batch_tokens:
-            out.append(cur)
-            cur = []
-        cur.append(i)
-    return [*out, cur] if cur else out
-
-
-def _backbone(model: nn.Module) -> Any:
-    """The transformer without its LM head (``model.base_model``): final hidden states, no logits."""
-    return model.base_model
-
-
-def _head(model: nn.Module) -> Any:
-    """The LM head (output embeddings): hidden states to logits."""
-    get: Any = model.get_output_embeddings
-    return get()
-
-
-@dataclass
-class _Stem:
-    """A shared prefix, run once: its final hidden states and its keys/values per layer."""
-
-    hidden: torch.Tensor  # [L, d]
-    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [heads, L, head_dim]
-
-
-def _run_stems(
-    model: nn.Module, stems: list[tuple[int, ...]], max_batch_tokens: int, pad: int
-) -> list[_Stem] | None:
-    """Run each stem once (right-padded batches); None when the model's KV cache cannot be read back."""
-    device = next(model.parameters()).device
-    done: dict[int, _Stem] = {}
-    for batch in _buckets(list(range(len(stems))), lambda i: len(stems[i]), max_batch_tokens):
-        ids, mask = _pad([stems[i] for i in batch], pad)
-        result = _backbone(model)(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True)
-        layers = getattr(returned_cache(result), "layers", None)
-        if not layers or not all(hasattr(l, "keys") and hasattr(l, "values") for l in layers):
-            return None
-        for b, i in enumerate(batch):
-            n = len(stems[i])
-            done[i] = _Stem(
-                result.last_hidden_state[b, :n], [(l.keys[b, :, :n], l.values[b, :, :n]) for l in layers]
-            )
-    return [done[i] for i in range(len(stems))]
-
-
-def _continue_from_stems(
-    model: nn.Module, stems: list[_Stem], suffixes: torch.Tensor, suffix_mask: torch.Tensor
-) -> torch.Tensor:
-    """Final hidden states ``[R, Lu, d]`` of right-padded ``suffixes`` ``[R, Lu]`` fed after ``stems[b]``.
-
-    The stems' keys/values are right-padded into one KV cache; the attention mask hides the padding and
-    each row's positions continue from its own stem's length.
-    """
-    from transformers import DynamicCache
-
-    device = suffixes.device
-    rows, lu = suffixes.shape
-    lengths = [s.hidden.shape[0] for s in stems]
-    width = max(lengths)
-    mask = torch.zeros((rows, width + lu), dtype=torch.long, device=device)
-    mask[:, width:] = suffix_mask
-    for b, n in enumerate(lengths):
-        mask[b, :n] = 1
-    cache = DynamicCache()
-    for layer in range(len(stems[0].kv)):
-        k0, v0 = stems[0].kv[layer]
-        keys = k0.new_zeros((rows, k0.shape[0], width, k0.shape[2]))
-        values = v0.new_zeros((rows, v0.shape[0], width, v0.shape[2]))
-        for b, s in enumerate(stems):
-            k, v = s.kv[layer]
-            keys[b, :, : k.shape[1]] = k
-            values[b, :, : v.shape[1]] = v
-        cache.update(keys, values, layer)
-    base = _backbone(model)
-    cache_arg = cache_argument(base)
-    positions = torch.tensor(lengths, device=device)[:, None] + torch.arange(lu, device=device)[None, :]
-    return base(
-        input_ids=suffixes, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_arg: cache}
-    ).last_hidden_state
-
-
-def _row_states(
-    model: nn.Module, rows: list[list[int]], *, share_prefixes: bool, max_batch_tokens: int, pad: int
-) -> Iterator[list[tuple[int, torch.Tensor]]]:
-    """Batches of ``(row, final hidden states [len(row), d])`` (rows right-padded, similar lengths together).
-
-    With ``share_prefixes`` the longest proper prefix each row shares with another row (a template's
-    opening, a prompt scored with several targets) runs once, and the rows continue from its KV cache.
-    """
-    device = next(model.parameters()).device
-    stem_len = _stem_lengths(rows) if share_prefixes else [0] * len(rows)
-    keys = sorted({tuple(rows[r][: stem_len[r]]) for r in range(len(rows)) if stem_len[r]})
-    stems = _run_stems(model, keys, max_batch_tokens, pad) if keys else []
-    if stems is None:  # this model's cache cannot be read back: no sharing
-        stem_len, stems = [0] * len(rows), []
-    index = {k: i for i, k in enumerate(keys)}
-    plain = [r for r in range(len(rows)) if not stem_len[r]]
-    for batch in _buckets(plain, lambda r: len(rows[r]), max_batch_tokens):
-        ids, mask = _pad([rows[r] for r in batch], pad)
-        hidden = _backbone(model)(
-            input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
-        ).last_hidden_state
-        yield [(r, hidden[b, : len(rows[r])]) for b, r in enumerate(batch)]
-    shared = [r for r in range(len(rows)) if stem_len[r]]
-    for batch in _buckets(shared, lambda r: len(rows[r]) - stem_len[r], max_batch_tokens):
-        mine = [stems[index[tuple(rows[r][: stem_len[r]])]] for r in batch]
-        ids, mask = _pad([rows[r][stem_len[r] :] for r in batch], pad)
-        hidden = _continue_from_stems(model, mine, ids.to(device), mask.to(device))
-        yield [
-            (r, torch.cat([s.hidden, hidden[b, : len(rows[r]) - stem_len[r]]]))
-            for b, (r, s) in enumerate(zip(batch, mine, strict=True))
-        ]
-
-
-@torch.no_grad()
-def score_targets(
-    model: nn.Module,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    targets: Sequence[str],
-    *,
-    max_batch_tokens: int = 512,
-    share_prefixes: bool = True,
-) -> Scores:
-    """Score ``targets[i]`` after ``prompts[i]`` with teacher forcing (``" " + target`` is appended).
-
-    Each distinct token row runs once (a pair whose row is a prefix of another's is read from the longer
-    row: causal attention makes the states identical); rows are right-padded into batches of similar
-    lengths of at most ``max_batch_tokens`` tokens; with ``share_prefixes`` shared openings run once
-    (:func:`_row_states`); each pair is read at its own positions and only those are unembedded.
-    """
-    n = len(prompts)
-    if n == 0:
-        return Scores(torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64), [])
-    enc = encode(tokenizer, list(prompts), [None] * n, list(targets))
-    lengths = enc.attention_mask.sum(dim=1).tolist()
-    feeds = [enc.input_ids[i, : lengths[i]].tolist() for i in range(n)]
-    rows, assign = _carriers(feeds)
-    users: list[list[int]] = [[] for _ in rows]
-    for i, row in enumerate(assign):
-        users[row].append(i)
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    unembed = _head(model)
-    logprob = torch.zeros(n, dtype=torch.float64)
-    correct = torch.zeros(n, dtype=torch.float64)
-    argmax: list[list[int]] = [[] for _ in range(n)]
-    states = _row_states(
-        model, rows, share_prefixes=share_prefixes, max_batch_tokens=max_batch_tokens, pad=pad
-    )
-    for batch in states:
-        pair, vectors, tok = [], [], []
-        for r, h in batch:
-            for i in users[r]:
-                first = int(enc.last_pos[i])
-                m = len(enc.target_ids[i])
-                pair += [i] * m
-                vectors.append(h[first : first + m])
-                tok += enc.target_ids[i]
-        logits = unembed(torch.cat(vectors)).float()
-        tokens = torch.tensor(tok, device=device)
-        lp = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1).double().cpu()
-        best = logits.argmax(dim=-1).cpu()
-        index = torch.tensor(pair)
-        logprob.index_add_(0, index, lp)
-        correct.index_add_(0, index, (best == tokens.cpu()).double())
-        for i, t in zip(pair, best.tolist(), strict=True):
-            argmax[i].append(t)
-    counts = torch.tensor([max(1, len(t)) for t in enc.target_ids], dtype=torch.float64)
-    return Scores(logprob, correct / counts, argmax)
-
-
-# -- model health ------------------------------------------------------------------------------------------
-
-
-def ngram_entropy(
-    tokens: Sequence[Any], ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)
-) -> float:
-    """Weighted n-gram entropy in bits (ROME's fluency): ``mean_n(w_n * H(n-gram frequencies))``.
-
-    ``tokens`` are any hashable items (words here). A sequence too short for an n-gram contributes 0.
-    """
-    terms = []
-    for n, w in zip(ns, weights, strict=True):
-        grams = Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
-        total = sum(grams.values())
-        h = -sum(c / total * math.log2(c / total) for c in grams.values()) if total else 0.0
-        terms.append(w * h)
-    return sum(terms) / len(terms)
-
-
-def words(text: str) -> list[str]:
-    """Word and punctuation tokens (a dependency-free stand-in for ``nltk.word_tokenize``)."""
-    return _WORD.findall(text)
-
-
-@torch.no_grad()
-def greedy_generate(
-    model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int
-) -> list[str]:
-    """Greedy continuations of ``prompts`` (left-padded batch, KV cache; end-of-text does not stop). Within
-    the model's context length: a prompt is cut from the left to leave room for the new tokens."""
-    if not prompts:
-        return []
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    encoded = [tokenizer(p).input_ids for p in prompts]
-    limit = context_length(model)
-    if limit is not None:
-        max_new_tokens = min(max_new_tokens, limit - 1)
-        encoded = [e[-(limit - max_new_tokens) :] for e in encoded]
-    width = max(len(e) for e in encoded)
-    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for i, e in enumerate(encoded):
-        ids[i, width - len(e) :] = torch.tensor(e)
-        mask[i, width - len(e) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
-    cache_arg = cache_argument(model)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    generated = []
-    for step in range(max_new_tokens):
-        nxt = out.logits[:, -1].argmax(dim=-1)
-        generated.append(nxt)
-        if step == max_new_tokens - 1:
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        positions = positions[:, -1:] + 1
-        past = returned_cache(out)
-        out = model(
-            input_ids=nxt[:, None],
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            **{cache_arg: past},
-        )
-    tokens = torch.stack(generated, dim=1).cpu()
-    return [tokenizer.decode(row, skip_special_tokens=True) for row in tokens]
-
-
 def _check_lengths(
     model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], unrelated: Sequence[Neighbor]
 ) -> None:
@@ -441,55 +106,6 @@ def _check_lengths(
     limit = context_length(model)
     check_fits(requests, tokenizer, limit)
     check_facts_fit(unrelated, tokenizer, limit, "unrelated facts")
-
-
-@torch.no_grad()
-def perplexity(
-    model: nn.Module,
-    tokenizer: Any,
-    paragraphs: Sequence[str],
-    *,
-    max_tokens: int | None = None,
-    max_batch_tokens: int = 2048,
-) -> tuple[float, int]:
-    """``exp(mean NLL)`` over every predicted token of ``paragraphs`` (each its own sequence, cut into
-    windows of the model's context length where longer).
-
-    Whole paragraphs are taken in order until ``max_tokens`` tokens are reached (the last one is cut).
-
-    Returns:
-        ``(perplexity, number of predicted tokens)``.
-    """
-    rows: list[list[int]] = []
-    total = 0
-    limit = context_length(model)
-    for text in paragraphs:
-        ids = list(tokenizer(text).input_ids)
-        if max_tokens is not None:
-            ids = ids[: max(0, max_tokens - total)]
-        if len(ids) >= 2:
-            rows.extend(w for w in windows(ids, limit) if len(w) >= 2)
-            total += len(ids)
-        if max_tokens is not None and total >= max_tokens:
-            break
-    if not rows:
-        return float("nan"), 0
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    unembed = _head(model)
-    nll, count = 0.0, 0
-    for batch in _buckets(list(range(len(rows))), lambda r: len(rows[r]), max_batch_tokens):
-        padded, mask = _pad([rows[r] for r in batch], pad)
-        padded, mask = padded.to(device), mask.to(device)
-        hidden = _backbone(model)(input_ids=padded, attention_mask=mask, use_cache=False).last_hidden_state
-        valid = mask[:, 1:].bool()
-        h = hidden[:, :-1][valid]
-        labels = padded[:, 1:][valid]
-        for s in range(0, h.shape[0], 512):  # bound the [positions, vocab] logits
-            logits = unembed(h[s : s + 512]).float()
-            nll += float(torch.nn.functional.cross_entropy(logits, labels[s : s + 512], reduction="sum"))
-        count += int(valid.sum())
-    return math.exp(nll / count), count
 
 
 # -- evaluation --------------------------------------------------------------------------------------------
@@ -688,70 +304,6 @@ def evaluate(
 
 
 # -- comparison and footprint ------------------------------------------------------------------------------
-
-
-def footprint(items: Iterable[PatchSource | TensorDelta] | PatchSource | TensorDelta) -> dict[str, Any]:
-    """Neurons, parameters and bytes that patches (or tensor deltas) change, neurons united per tensor;
-    patches may be given as anything :func:`~nmke_patch.sources.resolve_patches` takes, one alone or several.
-
-    Returns:
-        ``{"tensors": {name: {"neurons", "of_neurons", "share"}}, "union_neurons", "mean_share",
-        "max_share", "parameters_changed", "patch_bytes", "dense_bytes"}``; ``patch_bytes`` is the payload
-        (indices, deltas, originals) summed over the patches, ``dense_bytes`` what the same tensors would take
-        with every neuron stored.
-    """
-    union: dict[str, set[int]] = {}
-    meta: dict[str, TensorDelta] = {}
-    patch_bytes = 0
-    if items is None:
-        raise TypeError("footprint: None is not a patch (expected paths, Patch objects or TensorDeltas)")
-    if isinstance(items, (str, os.PathLike, Patch, TensorDelta)):
-        items = [items]
-    for item in items:
-        if item is None:
-            raise TypeError("footprint: None is not a patch (expected paths, Patch objects or TensorDeltas)")
-        if isinstance(item, TensorDelta):
-            deltas: tuple[TensorDelta, ...] = (item,)
-        else:
-            deltas = tuple(d for p in resolve_patches(item) for d in p.deltas)
-        for d in deltas:
-            union.setdefault(d.name, set()).update(d.indices.tolist())
-            meta[d.name] = d
-            patch_bytes += d.nbytes
-    tensors = {}
-    params = 0
-    dense = 0
-    for name in sorted(union, key=_layer_order):
-        d = meta[name]
-        total = int(d.shape[d.neuron_axis])
-        k = len(union[name])
-        tensors[name] = {"neurons": k, "of_neurons": total, "share": k / total}
-        params += k * d.value_dim
-        per_neuron = d.indices.element_size() + d.value_dim * (
-            d.delta.element_size() + d.original.element_size()
-        )
-        dense += total * per_neuron
-    shares = [t["share"] for t in tensors.values()]
-    return {
-        "tensors": tensors,
-        "union_neurons": sum(t["neurons"] for t in tensors.values()),
-        "mean_share": sum(shares) / len(shares) if shares else 0.0,
-        "max_share": max(shares, default=0.0),
-        "parameters_changed": params,
-        "patch_bytes": patch_bytes,
-        "dense_bytes": dense,
-    }
-
-
-def layer_index(name: str) -> int | None:
-    """The decoder-layer number in a parameter name (``model.layers.3.mlp.down_proj.weight`` -> 3)."""
-    numbers = re.findall(r"\.(\d+)\.", name)
-    return int(numbers[0]) if numbers else None
-
-
-def _layer_order(name: str) -> tuple[int, str]:
-    index = layer_index(name)
-    return (-1 if index is None else index, name)
 
 
 def compare(
