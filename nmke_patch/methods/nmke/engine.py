@@ -29,6 +29,7 @@ from ...stats import nullspace_basis
 from ...tracing import capture, replay_prefix, stop_after
 from .attribution import neuron_scores
 from .config import EditConfig
+from .contrast import LookAlikeSubjects
 from .mask import apply_budget, hybrid_mask, mask_ratios, ranked_candidates, ranks
 from .prompts import Batch, encode, sample_prefixes, target_logprobs_from_hidden
 from .solve import solve_layer
@@ -196,7 +197,7 @@ class Editor:
             model, tokenizer, config.n_prefixes, config.prefix_tokens, config.seed
         )
         self._working: Patch | None = None
-        self._unit_embeddings: torch.Tensor | None = None
+        self._look_alikes = LookAlikeSubjects(model, tokenizer, self.config, self.device)
         self._serial = 0
         norm = get_submodule(model, self.spec.final_norm)
         self._norm_gain = cast(torch.Tensor, norm.weight).detach()
@@ -295,71 +296,13 @@ class Editor:
             own = self.tokenizer(before + r.subject).input_ids[ids.shape[1] : ids.shape[1] + 1]
             if not own or not (before.strip() or cfg.contrast_subject_first):
                 continue
-            rows, last = self._contrast_rows(r, ids, own[0], opens=not before.strip())
+            rows, last = self._look_alikes.rows(r, ids, own[0], opens=not before.strip())
             with capture(self.model, inputs=inputs) as seen, stop_after(last_key_module):
                 self.model.base_model(input_ids=rows, use_cache=False)
             at = torch.arange(len(rows), device=self.device)
             for l in self.layers:
                 out[l].append(seen[f"k{l}"][at, last].float().cpu().T)
         return {l: torch.cat(v, dim=1) for l, v in out.items() if v}
-
-    def _contrast_rows(
-        self, r: EditRequest, ids: torch.Tensor, own: int, *, opens: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token rows of one request's contrast subjects, right-padded, and each row's last subject token.
-
-        ``ids``: the prompt text before the subject; ``own``: the subject's first token; ``opens``: no text
-        precedes the subject.
-        """
-        cfg = self.config
-        if opens and cfg.contrast_first == "list":
-            listed = self._listed(r.subject, cfg.contrast_subjects)
-            if listed is not None:
-                return listed
-        wide = (64 if cfg.contrast_words else 1) * cfg.contrast_subjects
-        if not opens:
-            logits = self.model(input_ids=ids, use_cache=False).logits[0, -1]
-            logits[own] = -float("inf")
-            pool = logits.topk(min(len(logits), wide)).indices
-        else:
-            pool = self._nearest_tokens(own, wide)
-        if cfg.contrast_words:  # few names among the predictions: top up with tokens like the subject's
-            pool = torch.cat([pool, self._nearest_tokens(own, 8 * cfg.contrast_subjects)])
-            candidates = self._like_subject(ids, pool, r.subject, cfg.contrast_subjects)
-            return self._complete_words(ids, candidates)
-        candidates = pool[: cfg.contrast_subjects]
-        rows = torch.cat([ids.expand(len(candidates), -1), candidates[:, None]], dim=1)
-        return rows, torch.full((len(candidates),), rows.shape[1] - 1, device=self.device)
-
-    @torch.no_grad()
-    def _listed(self, subject: str, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Names the model lists after ``subject`` ("Vancouver," -> Toronto, Seattle, ...), each completed
-        greedily to a whole word and then put at the start of a text, as the subject of a prompt that opens
-        with it is: ``(rows, last)`` as :meth:`_complete_words`, or None if the model lists no name."""
-        ids = self.tokenizer(subject + ",", return_tensors="pt").input_ids.to(self.device)
-        logits = self.model(input_ids=ids, use_cache=False).logits[0, -1]
-        pool = logits.topk(min(len(logits), 8 * count)).indices
-        rows, last = self._complete_words(ids, self._like_subject(ids, pool, subject, 2 * count))
-        n, taken = ids.shape[1], {subject, *subject.split()}  # not the subject, nor a word of it
-        names = [
-            str(self.tokenizer.decode(rows[i, n : int(last[i]) + 1].tolist())).strip()
-            for i in range(len(rows))
-        ]
-        names = [
-            w
-            for w in dict.fromkeys(names)
-            if len(w) > 1 and w not in taken and w[:1].isupper() == subject[:1].isupper()
-        ][:count]
-        if not names:
-            return None
-        encoded = [self.tokenizer(w).input_ids for w in names]
-        width = max(len(e) for e in encoded)
-        # right-padded by repeating the last token: causal attention, so padding cannot move a key before it
-        padded = [e + [e[-1]] * (width - len(e)) for e in encoded]
-        return (
-            torch.tensor(padded, device=self.device),
-            torch.tensor([len(e) - 1 for e in encoded], device=self.device),
-        )
 
     def _nearest_preserved_keys(
         self, keys_subject: dict[int, torch.Tensor], bare: torch.Tensor, selected: dict[int, torch.Tensor]
@@ -378,58 +321,6 @@ class Editor:
             nearest = (sub @ subject.T).topk(min(m, len(bank)), dim=0).indices  # [m, u]
             out[l] = bank[nearest.T.reshape(-1)].T
         return out
-
-    def _added_text(self, ids: list[int], token: int) -> str:
-        return str(self.tokenizer.decode([*ids, token]))[len(self.tokenizer.decode(ids)) :]
-
-    def _like_subject(self, ids: torch.Tensor, pool: torch.Tensor, subject: str, count: int) -> torch.Tensor:
-        """The first ``count`` tokens of ``pool`` that start a word capitalised as ``subject`` is."""
-        context = ids[0].tolist()
-        capital = subject[:1].isupper()
-        keep: list[int] = []
-        for t in dict.fromkeys(pool.tolist()):
-            text = self._added_text(context, t).strip()
-            if text[:1].isalpha() and text[:1].isupper() == capital:
-                keep.append(t)
-            if len(keep) == count:
-                break
-        return torch.tensor(keep or pool[:count].tolist(), dtype=torch.long, device=self.device)
-
-    @torch.no_grad()
-    def _complete_words(
-        self, ids: torch.Tensor, candidates: torch.Tensor, max_extra: int = 3
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows ``context + candidate``, each extended greedily while the model continues the same word.
-
-        Returns ``(rows [m, L], last [m])``: rows right-padded by repeating their last token (causal
-        attention: what follows a position cannot change its key) and the index of each row's last token.
-        """
-        rows = torch.cat([ids.expand(len(candidates), -1), candidates[:, None]], dim=1)
-        last = torch.full((len(rows),), rows.shape[1] - 1, device=self.device)
-        growing = torch.ones(len(rows), dtype=torch.bool, device=self.device)
-        at = torch.arange(len(rows), device=self.device)
-        for _ in range(max_extra):
-            logits = self.model(input_ids=rows, use_cache=False).logits[at, last]
-            nxt = logits.argmax(-1)
-            for i in torch.nonzero(growing).flatten().tolist():
-                added = self._added_text(rows[i, : int(last[i]) + 1].tolist(), int(nxt[i]))
-                growing[i] = bool(added) and added[0].isalnum()
-            if not growing.any():
-                break
-            rows = torch.cat([rows, rows[at, last][:, None]], dim=1)
-            last = last + growing.long()
-            rows[at[growing], last[growing]] = nxt[growing]
-        return rows, last
-
-    def _nearest_tokens(self, token: int, count: int) -> torch.Tensor:
-        """The ``count`` tokens (not ``token``) whose input embeddings have the highest cosine with its."""
-        if self._unit_embeddings is None:  # input embeddings are never edited: normalise them once
-            table = cast(torch.Tensor, self.model.get_input_embeddings().weight).detach().float()
-            self._unit_embeddings = table / table.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        unit = self._unit_embeddings
-        similarity = unit @ unit[token]
-        similarity[token] = -float("inf")
-        return similarity.topk(min(count, len(similarity) - 1)).indices.to(self.device)
 
     # -- model state ----------------------------------------------------------------------------
 
