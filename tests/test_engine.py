@@ -18,6 +18,7 @@ from nmke_patch.create import LoadedModel, create_patch
 from nmke_patch.errors import EditError, InvalidRequestError, ModelLoadError, PatchMismatchError
 from nmke_patch.methods.nmke.attribution import final_norm_scale, neuron_scores
 from nmke_patch.methods.nmke.config import ADDED_FIELDS, EditConfig
+from nmke_patch.methods.nmke.contrast import LookAlikeSubjects
 from nmke_patch.methods.nmke.engine import Editor, EditRecord
 from nmke_patch.methods.nmke.mask import apply_budget, hybrid_mask, mask_ratios, ranked_candidates
 from nmke_patch.methods.nmke.prompts import encode, split_subjects
@@ -835,13 +836,12 @@ def test_contrast_words_are_completed_greedily_and_keyed_at_their_last_token(
     arch: str, tiny_tokenizer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     lm = loaded(arch, tiny_tokenizer)
-    d_ff = lm.model.config.intermediate_size if arch == "llama" else lm.model.config.n_inner
-    editor = Editor(lm.model, tiny_tokenizer, TINY_CONFIG, c0={l: torch.eye(d_ff) for l in (1, 2)})
+    look_alikes = LookAlikeSubjects(lm.model, tiny_tokenizer, TINY_CONFIG, torch.device("cpu"))
     # a stand-in word rule: a token continues the current word when its id is even
-    monkeypatch.setattr(editor, "_added_text", lambda ids, t: "x" if t % 2 == 0 else " x")
+    monkeypatch.setattr(look_alikes, "_added_text", lambda ids, t: "x" if t % 2 == 0 else " x")
     context = torch.tensor([[5, 6]])
     candidates = torch.arange(10, 18)
-    rows, last = editor._complete_words(context, candidates, max_extra=3)
+    rows, last = look_alikes._complete_words(context, candidates, max_extra=3)
     for i, c in enumerate(candidates.tolist()):
         seq = [5, 6, c]
         for _ in range(3):
