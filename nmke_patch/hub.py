@@ -27,7 +27,7 @@ from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .card import fmt_probability, p_new_with_patch
+from .card import fmt_probability, p_new_with_patch, patch_card
 from .errors import HubError, InvalidPatchError, PatchMismatchError
 from .jsonio import load_json_text
 from .patch import (
@@ -39,6 +39,7 @@ from .patch import (
     Patch,
     base_model_differences,
     load_patch,
+    read_manifest,
 )
 from .paths import move_into_place, new_folder_has_content, staging_dir
 from .sources import HF_PREFIX, PACK_FILE, PatchSource, resolve_patches
@@ -127,17 +128,24 @@ def _dir_name(name: str, taken: set[str]) -> str:
 
 
 def _write_patch(patch: Patch, target: Path) -> Patch:
-    """Copy a saved patch's files verbatim (its id is the hash of those bytes), else save it."""
+    """Copy a saved patch's checked files verbatim (its id is the hash of those bytes), else save it.
+
+    Only what :func:`load_patch` validates is copied (the manifest, the deltas and the state the manifest
+    declares, each read through any link, as a pulled pack's files are links into the Hub cache) and then
+    checked again; the card is written anew from the manifest. A stranger's patch folder cannot carry other
+    files into a pack.
+    """
     if patch.path is None:
         return patch.save(target)
+    root = Path(patch.path)
+    files = [MANIFEST_FILE, DELTAS_FILE] + ([STATE_FILE] if "state_sha256" in read_manifest(root) else [])
     target.mkdir(parents=True)
-    for fname in (MANIFEST_FILE, DELTAS_FILE, STATE_FILE, CARD_FILE):
-        src = Path(patch.path) / fname
-        if src.is_file():
-            shutil.copyfile(src, target / fname)
+    for fname in files:
+        shutil.copyfile(root / fname, target / fname)
     copied = load_patch(target)
     if copied.id != patch.id:
         raise InvalidPatchError(f"{patch.path}: changed on disk while building the pack")
+    (target / CARD_FILE).write_text(patch_card(copied), encoding="utf-8")
     return copied
 
 
@@ -317,6 +325,14 @@ def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
+def _link_target(path: Path, where: str, shown: Path | str) -> Path:
+    """Where the link ``path`` leads; a link that loops is refused (``shown``: its name in the message)."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:  # Python < 3.13 raises on a loop
+        raise InvalidPatchError(f"{where}: {shown} is a link that loops or cannot be followed") from exc
+
+
 def _safe_rel(rel: Any, where: str) -> str:
     if not isinstance(rel, str) or not rel:
         raise InvalidPatchError(f"{where}: each {PACK_FILE} entry needs a non-empty 'path' string")
@@ -410,7 +426,9 @@ def verify_pack(
     for dirpath, dirnames, filenames in os.walk(pack_dir):
         for name in dirnames + filenames:
             path = Path(dirpath) / name
-            if path.is_symlink() and not _inside(path.resolve(), trusted):
+            if path.is_symlink() and not _inside(
+                _link_target(path, where, path.relative_to(pack_dir)), trusted
+            ):
                 raise InvalidPatchError(
                     f"{where}: {path.relative_to(pack_dir)} is a link leading out of the pack"
                 )
@@ -420,7 +438,7 @@ def verify_pack(
         patch_dir = pack_dir / entry["path"]
         if patch_dir.is_symlink():  # one name per patch directory: pack.json names real folders
             raise InvalidPatchError(f"{where}: {entry['path']} is a link; pack.json must name a real folder")
-        if not patch_dir.is_dir() or not _inside(patch_dir.resolve(), root):
+        if not patch_dir.is_dir() or not _inside(_link_target(patch_dir, where, entry["path"]), root):
             raise InvalidPatchError(f"{where}: {entry['path']} is not a patch directory inside the pack")
         try:
             patch = load_patch(patch_dir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import pickle
+import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -439,3 +440,30 @@ def test_push_refuses_a_repository_that_is_not_a_pack(hub, two_patches):
         pull_pack("user/my-model", token=TOKEN)
     push_pack([a.path], "user/fresh", token=TOKEN)  # a new repository, and then the pack it now is
     push_pack([a.path], "user/fresh", token=TOKEN)
+
+
+def test_pack_copies_only_a_patch_s_own_checked_files(two_patches, tmp_path):
+    """A stranger's patch folder must not carry local files into a pack: its card is written anew and a
+    state file its manifest does not declare is left behind, links or not."""
+    a, _ = two_patches
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOKEN=hunter2\n")
+    evil = tmp_path / "evil.nmke"
+    shutil.copytree(a.path, evil)
+    (evil / "README.md").unlink()
+    (evil / "README.md").symlink_to(secret)
+    (evil / "state.safetensors").symlink_to(secret)
+    pack = build_pack([str(evil)], tmp_path / "pack")
+    copied = pack / "patches" / "capitals.nmke"
+    assert sorted(f.name for f in copied.iterdir()) == ["README.md", "deltas.safetensors", "manifest.json"]
+    assert not [f for f in pack.rglob("*") if f.is_symlink()]
+    assert "hunter2" not in "".join(f.read_text(errors="replace") for f in pack.rglob("*") if f.is_file())
+    assert "capitals" in (copied / "README.md").read_text()
+
+
+def test_a_link_that_loops_in_a_pack_is_refused_in_one_line(two_patches, tmp_path):
+    a, _ = two_patches
+    pack = build_pack([a], tmp_path / "pack")
+    (pack / "loop").symlink_to("loop")
+    with pytest.raises(InvalidPatchError, match="loop is a link that loops"):
+        verify_pack(pack)
