@@ -319,6 +319,10 @@ def test_refuses_contradicting_widths_and_checks_against_the_model(tmp_path: Pat
     wider = _declaring(patch, (64, 48), index=1)  # one tensor claims another residual width than the other
     with pytest.raises(InvalidPatchError, match=r"residual width of 64 where other tensors have 32"):
         export_peft([wider], tmp_path / "out")
+    # one tensor claims a far wider MLP than the other: SHiRA would pad it to the densest module's rank
+    for fmt in ("lora", "shira"):
+        with pytest.raises(InvalidPatchError, match=r"declares 1536 neurons where other tensors have 48"):
+            export_peft([_declaring(patch, (32, 1536), index=1)], tmp_path / "out", fmt=fmt)
     grown = _declaring(patch, (32, 96))  # credible on its own; only the model can tell
     with pytest.raises(
         PatchMismatchError, match=r"declares shape \[32, 96\] but the base model has shape \[32, 48\]"

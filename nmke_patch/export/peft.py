@@ -120,10 +120,11 @@ def _check_same_base(patches: Sequence[Patch], asserted: str | None) -> tuple[di
 
 def _check_shapes(patches: Sequence[Patch], spec: ArchitectureSpec, model: nn.Module | None) -> None:
     """Refuse, before anything is allocated, a declared shape that no real weight has: out of bounds, an MLP
-    more than :data:`MAX_FF_RATIO` times wider than its residual stream, residual widths that differ
+    more than :data:`MAX_FF_RATIO` times wider than its residual stream, residual or MLP widths that differ
     between tensors, payloads that do not match it, or (given ``model``) another shape than the model's."""
     params = dict(model.named_parameters()) if model is not None else {}
     d_model: int | None = None
+    neurons: int | None = None
     for p in patches:
         for d in p.deltas:
             what = f"patch {p.describe()}: tensor {d.name!r}"
@@ -140,7 +141,12 @@ def _check_shapes(patches: Sequence[Patch], spec: ArchitectureSpec, model: nn.Mo
                     f"{what} declares a residual width of {width} where other tensors have {d_model}; the"
                     " patches' shapes contradict each other"
                 )
-            d_model = width
+            if neurons is not None and d_ff != neurons:  # every MLP of a supported model is as wide
+                raise InvalidPatchError(  # (and SHiRA pads every module to the densest: no blow-up)
+                    f"{what} declares {d_ff} neurons where other tensors have {neurons}; the patches' shapes"
+                    " contradict each other"
+                )
+            d_model, neurons = width, d_ff
             if tuple(d.delta.shape) != (d.num_neurons, width):
                 raise InvalidPatchError(f"{what}: delta must have shape [{d.num_neurons}, {width}]")
             param = params.get(d.name)
