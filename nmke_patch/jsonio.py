@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -111,12 +112,27 @@ def load_json_text(text: str, what: str, error: type[NmkePatchError] = InvalidPa
     return value
 
 
+MAX_TEXT_BYTES = 1 << 30
+"""Largest text file read (facts, held-out text, unrelated facts, a stats corpus): 1 GiB."""
+
+
 def read_user_text(path: str | os.PathLike[str], error: type[NmkePatchError] = InvalidPatchError) -> str:
     """A user's text file (facts, held-out text, a stats corpus) as UTF-8, a leading byte-order mark
-    dropped; ``error("{path}: not UTF-8 text (...)")`` if it is not UTF-8 or holds NUL characters. Other OS
-    errors pass through."""
+    dropped; ``error("{path}: ...")`` if it is a device, larger than :data:`MAX_TEXT_BYTES` (a pipe is read
+    that far, no further), not UTF-8 or holds NUL characters. Other OS errors pass through."""
+    file = Path(path)
     try:
-        text = Path(path).read_text(encoding="utf-8-sig")
+        mode = file.stat().st_mode
+    except OSError:
+        mode = 0  # open() below names the problem
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        raise error(f"{path}: a device, not a text file")
+    with open(file, "rb") as fh:
+        data = fh.read(MAX_TEXT_BYTES + 1)
+    if len(data) > MAX_TEXT_BYTES:
+        raise error(f"{path}: larger than {MAX_TEXT_BYTES:,} bytes; split it or give less text")
+    try:
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise error(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     if "\x00" in text:  # UTF-16 without a byte-order mark decodes as UTF-8 with a NUL after each ASCII letter

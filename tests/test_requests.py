@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +110,24 @@ def test_utf16_files_are_named_as_not_utf8(encoding: str, tmp_path: Path) -> Non
     """Without a byte-order mark, UTF-16 of ASCII text is valid UTF-8 full of NULs, not a JSON error."""
     with pytest.raises(InvalidRequestError, match=r"facts\.json: not UTF-8 text"):
         read_requests(_write(tmp_path, json.dumps([RECORD]).encode(encoding)))
+
+
+def test_devices_and_endless_pipes_are_refused_without_reading_them_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/dev/zero as a facts file used to fill memory (MemoryError traceback); a pipe is read up to the cap."""
+    from nmke_patch import jsonio
+
+    with pytest.raises(InvalidRequestError, match=r"/dev/zero: a device, not a text file"):
+        read_requests("/dev/zero")
+    monkeypatch.setattr(jsonio, "MAX_TEXT_BYTES", 1000)
+    fifo = tmp_path / "facts.jsonl"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes(b" " * 5000), daemon=True)
+    writer.start()
+    with pytest.raises(InvalidRequestError, match=r"facts\.jsonl: larger than 1,000 bytes"):
+        read_requests(fifo)
+    writer.join(timeout=1)
 
 
 def _zsre(tmp_path: Path, **fields: Any) -> Path:
