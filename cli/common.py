@@ -12,13 +12,24 @@ from rich.text import Text
 
 from nmke_patch.paths import check_parents, check_writable
 
+_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)]}
+_CONTROLS_BUT_LAYOUT = {c: e for c, e in _CONTROLS.items() if c not in (0x09, 0x0A)}
+
+
+class SafeConsole(Console):
+    """A Rich console that prints strings with their control characters as visible escapes (newlines and
+    tabs kept): every message may hold a stranger's patch name, and ESC sequences in one must not reach
+    the terminal."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        safe = (o.translate(_CONTROLS_BUT_LAYOUT) if isinstance(o, str) else o for o in objects)
+        super().print(*safe, **kwargs)
+
+
 # Names, prompts and paths come from strangers' patches and facts: never read them as Rich markup
 # ("[/]" in a patch name would crash the printer, "[black on black]" would hide text). Styling is explicit.
-console = Console(markup=False)
-err_console = Console(stderr=True, markup=False, highlight=False)
-
-
-_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)]}
+console = SafeConsole(markup=False)
+err_console = SafeConsole(stderr=True, markup=False, highlight=False)
 
 
 def shown(text: object) -> str:

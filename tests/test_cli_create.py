@@ -51,10 +51,10 @@ def test_create_writes_a_patch_and_reports_every_edit(setup: list[str], tmp_path
 def test_create_warns_when_held_out_perplexity_rises(
     setup: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import nmke_patch.evaluate
+    import nmke_patch.health
 
     readings = iter([(20.0, 1024), (31.0, 1024)])  # without, then with the patch
-    monkeypatch.setattr(nmke_patch.evaluate, "perplexity", lambda *a, **k: next(readings))
+    monkeypatch.setattr(nmke_patch.health, "perplexity", lambda *a, **k: next(readings))
     result = CliRunner().invoke(app, [*setup, "-o", str(tmp_path / "p.nmke")])
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())

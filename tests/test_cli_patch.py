@@ -564,6 +564,24 @@ def test_control_characters_in_names_are_shown_escaped(tmp_path: Path) -> None:
     assert "base: org/\\x1b[2Jwiped" in result.output
 
 
+def test_every_message_shows_control_characters_escaped(
+    llama_setup: tuple[Path, Patch], tmp_path: Path
+) -> None:
+    """Not only the messages that escape names themselves: `revert` names what stays merged from the
+    merged model's own record."""
+    base, _ = llama_setup
+    model = MODEL_FACTORIES["llama"]()
+    evil = _patch_dir(random_patch(model, name="\x1b[2J\x1b[31mEVIL", seed=5).save(tmp_path / "e.nmke"))
+    plain = _patch_dir(random_patch(model, name="plain", seed=6).save(tmp_path / "p.nmke"))
+    merged, out = str(tmp_path / "m"), str(tmp_path / "r")
+    assert runner.invoke(app, ["apply", evil, plain, "--model", str(base), "--out", merged]).exit_code == 0
+    result = runner.invoke(app, ["revert", plain, "--model", merged, "--out", out])
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.stdout and "still has \\x1b[2J\\x1b[31mEVIL merged" in " ".join(
+        result.stdout.split()
+    )
+
+
 def test_non_finite_settings_and_full_export_dirs_are_refused_first(
     llama_setup: tuple[Path, Patch],
     tmp_path: Path,
