@@ -51,16 +51,25 @@ class ModeChoice(str, Enum):
     batch = "batch"
 
 
+_MAX_LAYERS = 10_000
+"""More decoder layers than any model has: a bound for ``--layers`` ranges (the model checks the rest)."""
+
+
 def _parse_layers(text: str | None) -> tuple[int, ...] | None:
     if text is None:
         return None
     try:
         if "-" in text and "," not in text:
             a, b = (int(x) for x in text.split("-"))
-            return tuple(range(a, b + 1))
-        return tuple(int(x) for x in text.split(","))
+        else:
+            return tuple(int(x) for x in text.split(","))
     except ValueError as exc:
         raise InvalidRequestError(f"--layers must look like '4,5,6' or '4-8' (got {text!r})") from exc
+    if not 0 <= a <= b < _MAX_LAYERS:  # checked before a range of a billion numbers is built
+        raise InvalidRequestError(
+            f"--layers {text}: a range FIRST-LAST of layer numbers, 0 <= FIRST <= LAST < {_MAX_LAYERS}"
+        )
+    return tuple(range(a, b + 1))
 
 
 def _parse_settings(pairs: list[str]) -> dict[str, object]:

@@ -307,3 +307,15 @@ def _interrupt_after_one_edit(setup: list[str], out: Path, monkeypatch: pytest.M
     with monkeypatch.context() as m:
         m.setattr(nmke_patch.create, "create_patch", lambda *a, **k: real(*a, **{**k, "stop_after": 1}))
         assert CliRunner().invoke(app, [*setup, "-o", str(out), "--checkpoint-every", "1"]).exit_code == 130
+
+
+@pytest.mark.parametrize("layers", ["0-999999999", "5-2"])
+def test_a_layer_range_out_of_reason_is_refused_before_it_is_built(
+    layers: str, setup: list[str], tmp_path: Path
+) -> None:
+    """`0-999999999` used to build a billion-number tuple (MemoryError traceback)."""
+    args = [a for a in setup if a not in ("--layers", "1")]
+    result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "p.nmke"), "--layers", layers])
+    assert isinstance(result.exception, InvalidRequestError)
+    assert f"--layers {layers}: a range FIRST-LAST of layer numbers" in str(result.exception)
+    assert not (tmp_path / "p.nmke").exists()
