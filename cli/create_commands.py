@@ -26,7 +26,7 @@ from nmke_patch.lengths import TooLongError
 from nmke_patch.merged import RECORD_FILE, read_record
 from nmke_patch.methods.nmke.config import EditConfig
 from nmke_patch.methods.nmke.prompts import encode
-from nmke_patch.patch import PATCH_SUFFIX, check_patch_target
+from nmke_patch.patch import MAX_NAME_CHARS, PATCH_SUFFIX, check_patch_target
 from nmke_patch.requests import read_requests
 
 if TYPE_CHECKING:
@@ -203,6 +203,11 @@ def create(
             "Drop it (docs/method.md)"
         )
     check_corpus(config.stats_corpus)  # a missing corpus file fails before the model loads
+    patch_name = name or out.name.removesuffix(PATCH_SUFFIX)
+    if len(patch_name) > MAX_NAME_CHARS:  # save() would refuse it, after all the edits
+        raise InvalidRequestError(
+            f"the patch name is {len(patch_name):,} characters long; at most {MAX_NAME_CHARS}"
+        )
     parents = resolve_patches(on or [])  # read and verified once, here
     check_lineage(parents)  # an incomplete or out-of-order chain fails before the model loads too
     held = {m.id for m in read_record(model) or []}
@@ -264,7 +269,7 @@ def create(
                 requests,
                 loaded=loaded,
                 config=config,
-                name=name or out.name.removesuffix(PATCH_SUFFIX),
+                name=patch_name,
                 on=parents,
                 checkpoint_dir=checkpoint,
                 resume=resume,

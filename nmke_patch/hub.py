@@ -34,6 +34,7 @@ from .patch import (
     CARD_FILE,
     DELTAS_FILE,
     MANIFEST_FILE,
+    MAX_NAME_CHARS,
     PATCH_SUFFIX,
     STATE_FILE,
     Patch,
@@ -336,6 +337,8 @@ def _link_target(path: Path, where: str, shown: Path | str) -> Path:
 def _safe_rel(rel: Any, where: str) -> str:
     if not isinstance(rel, str) or not rel:
         raise InvalidPatchError(f"{where}: each {PACK_FILE} entry needs a non-empty 'path' string")
+    if len(rel) > 1024:
+        raise InvalidPatchError(f"{where}: a {PACK_FILE} path is {len(rel):,} characters long; at most 1024")
     parts = PurePosixPath(rel).parts
     if (
         rel.startswith(("/", "~"))
@@ -386,6 +389,10 @@ def read_pack_json(pack_dir: Path, *, where: str | None = None) -> list[dict[str
         if not isinstance(name, str) or not isinstance(pid, str) or not _ID_RE.fullmatch(pid):
             raise InvalidPatchError(
                 f"{where}: {PACK_FILE} entry {rel!r} needs a 'name' and an 'id' (a sha256 in 64 lowercase hex digits)"
+            )
+        if len(name) > MAX_NAME_CHARS:
+            raise InvalidPatchError(
+                f"{where}: {PACK_FILE} entry {rel!r} has a name of {len(name):,} characters; at most {MAX_NAME_CHARS}"
             )
         out.append({"path": rel, "name": name, "id": pid})
     paths = [e["path"] for e in out]

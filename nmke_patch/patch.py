@@ -42,6 +42,8 @@ STATE_FILE = "state.safetensors"
 CARD_FILE = "README.md"
 PATCH_SUFFIX = ".nmke"
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+MAX_NAME_CHARS = 256
+"""Longest patch name accepted: a name is shown in every message about its patch."""
 MAX_DIM = 2**20
 """Largest dimension a weight of a patch may declare (the largest real MLPs have ~2**16)."""
 MAX_ELEMENTS = 2**32
@@ -403,7 +405,9 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InvalidPatchError(f"{where}: {MANIFEST_FILE} must hold a JSON object")
     if data.get("format") != FORMAT_NAME:
-        raise InvalidPatchError(f"{where}: not an nmke-patch manifest (format={data.get('format')!r})")
+        shown = repr(data.get("format"))
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise InvalidPatchError(f"{where}: not an nmke-patch manifest (format={shown})")
     version = _require(data, "format_version", int, where)
     if version != FORMAT_VERSION:
         raise InvalidPatchError(
@@ -418,6 +422,10 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         ("deltas_sha256", str),
     ):
         _require(data, key, kind, where)
+    if len(data["name"]) > MAX_NAME_CHARS:
+        raise InvalidPatchError(
+            f"{where}: the patch name is {len(data['name']):,} characters long; at most {MAX_NAME_CHARS}"
+        )
     if "name" in data["method"]:  # optional in v1 (format.md section 12): typed when given
         _require(data["method"], "name", str, where, "method")
     for key in ("requests", "metrics", "parents"):

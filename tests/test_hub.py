@@ -268,7 +268,7 @@ def _flip_byte(data: bytes, pos: int = -3) -> bytes:
 
 def test_tampered_pack_is_refused_and_nothing_applied(hub, two_patches):
     a, b = two_patches
-    for repo in ("user/t1", "user/t2", "user/t3", "user/t4", "user/t5", "user/t6", "user/t7"):
+    for repo in ("user/t1", "user/t2", "user/t3", "user/t4", "user/t5", "user/t6", "user/t7", "user/t8"):
         push_pack([a.path, b.path], repo, token=TOKEN)
     deltas = f"patches/languages.nmke/{DELTAS_FILE}"
     hub.files("user/t1")[deltas] = _flip_byte(hub.files("user/t1")[deltas])
@@ -287,6 +287,9 @@ def test_tampered_pack_is_refused_and_nothing_applied(hub, two_patches):
     hub.files("user/t5")["pack.json"] = json.dumps(pack).encode()
     hub.files("user/t6")["pack.json"] = b"[" * 200_000  # was a RecursionError traceback
     hub.files("user/t7")["pack.json"] = b'{"format": "nmke-pack", "format_version": 1' + b"0" * 5000 + b"}"
+    pack = json.loads(hub.files("user/t8")["pack.json"])
+    pack["patches"][1]["name"] = "n" * 1_000_000  # would be repeated in every message about it
+    hub.files("user/t8")["pack.json"] = json.dumps(pack).encode()
 
     model = tiny_llama()
     before = state_copy(model)
@@ -298,6 +301,7 @@ def test_tampered_pack_is_refused_and_nothing_applied(hub, two_patches):
         ("user/t5", "calls it 'harmless'"),
         ("user/t6", r"hf://user/t6: pack\.json is not valid JSON \(nested more than 64 levels"),
         ("user/t7", r"hf://user/t7: pack\.json is not valid JSON \(an integer of 5001 digits"),
+        ("user/t8", r"has a name of 1,000,000 characters; at most 256$"),
     ):
         with pytest.raises(InvalidPatchError, match=why):
             patches = resolve_patches([f"hf://{repo}"])

@@ -581,6 +581,12 @@ CASES: list[tuple[str, Corruption, str]] = [
     ),
     ("format-missing", drop_field("format"), r"not an nmke-patch manifest \(format=None\)"),
     ("format-other", set_field("format", "safetensors"), r"not an nmke-patch manifest"),
+    ("format-huge", set_field("format", "x" * 2_000_000), r"\(format='xxxx[x]*\.\.\.\)$"),
+    (
+        "name-huge",
+        set_field("name", "n" * 5_000_000),
+        r"the patch name is 5,000,000 characters long; at most 256$",
+    ),
     ("not-json", manifest_text(b'{"format": "nmke-patch",'), r"manifest\.json is not valid JSON"),
     ("not-utf8", manifest_text(b"\xff\xfe{}"), r"manifest\.json is not valid JSON"),
     ("manifest-is-a-list", manifest_text(b"[]"), r"manifest\.json must hold a JSON object"),
