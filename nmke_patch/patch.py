@@ -42,6 +42,7 @@ STATE_FILE = "state.safetensors"
 CARD_FILE = "README.md"
 PATCH_SUFFIX = ".nmke"
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+_FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
 MAX_NAME_CHARS = 256
 """Longest patch name accepted: a name is shown in every message about its patch."""
 MAX_DIM = 2**20
@@ -594,8 +595,8 @@ def _check_tensors(
         raise InvalidPatchError(
             f"{what}: original must be {dtype_name(dtype)} of shape [{k}, {shape[1 - axis]}]"
         )
-    if fingerprint is not None and not isinstance(fingerprint, str):
-        raise InvalidPatchError(f"{what}: fingerprint must be a string")
+    if fingerprint is not None and not (isinstance(fingerprint, str) and _FINGERPRINT.fullmatch(fingerprint)):
+        raise InvalidPatchError(f"{what}: fingerprint must be null or 'sha256:' and 64 lowercase hex digits")
     result = TensorDelta(
         name=name,
         shape=shape,

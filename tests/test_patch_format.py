@@ -606,7 +606,8 @@ CASES: list[tuple[str, Corruption, str]] = [
     ("shape-negative", set_entry("shape", [32, -48]), r"invalid shape"),
     ("neuron-axis-2", set_entry("neuron_axis", 2), r"neuron_axis 2, expected 0 or 1"),
     ("dtype-int8", set_entry("dtype", "int8"), r"unsupported dtype 'int8'"),
-    ("fingerprint-not-string", set_entry("fingerprint", 5), r"fingerprint must be a string"),
+    ("fingerprint-not-string", set_entry("fingerprint", 5), r"fingerprint must be null or 'sha256:'"),
+    ("fingerprint-malformed", set_entry("fingerprint", "md5:xx"), r"fingerprint must be null or 'sha256:'"),
     ("tensor-listed-twice", dup_entry, r"a tensor is listed twice"),
     ("parent-malformed", set_field("parents", [{"name": "p"}]), r"each parent must be an object"),
     (
