@@ -53,6 +53,12 @@ def read_record(model_dir: str | os.PathLike[str] | None) -> list[MergedPatch] |
             f'{path} is not a record of merged patches (needs {{"applied": [{{"name": ..., "id": ...}}]}}); '
             "fix or remove it"
         )
+    ids = [e["id"] for e in entries]
+    if len(set(ids)) != len(ids):
+        twice = sorted({e["name"] for e in entries if ids.count(e["id"]) > 1})
+        raise ModelLoadError(
+            f"{path} lists {', '.join(twice)} more than once; a patch is merged at most once: fix or remove it"
+        )
     return [MergedPatch(e["name"], e["id"]) for e in entries]
 
 

@@ -94,6 +94,17 @@ def _ids_of(items: Iterable[Any]) -> list[str]:
     return [item if isinstance(item, str) else str(item.id) for item in items]
 
 
+def _has_wider(dtype: torch.dtype) -> bool:
+    """A float16 or bfloat16 model can be loaded in float32 instead; a float32 one has nowhere to go."""
+    return torch.finfo(dtype).max < torch.finfo(torch.float32).max
+
+
+def _overflow_advice(dtype: torch.dtype) -> str:
+    if _has_wider(dtype):
+        return "load the model in a wider dtype (fp32, or bf16 for fp16)"
+    return "no dtype holds them: the patch is not a credible edit of this model"
+
+
 class PatchStack:
     """The patches applied to one live model, in order.
 
@@ -362,7 +373,7 @@ class PatchStack:
             if not bool((torch.isfinite(new) | ~torch.isfinite(current)).all()):
                 raise PatchMismatchError(
                     f"patch {patch.describe()}: applied to {delta.name!r} it gives values beyond the range of "
-                    f"{param.dtype}; load the model in a wider dtype (fp32 or bf16)"
+                    f"{param.dtype}; {_overflow_advice(param.dtype)}"
                 )
             updates.append((delta, param, new))
         for delta, param, new in updates:
@@ -407,7 +418,7 @@ class PatchStack:
                 raise PatchMismatchError(
                     f"unloading {removed.describe()} would leave {delta.name!r} with values beyond the range of "
                     f"{param.dtype}: the patches that stay overflow it without this one; unload them as well "
-                    "(unload_all), or load the model in a wider dtype"
+                    f"(unload_all){', or load the model in a wider dtype' if _has_wider(param.dtype) else ''}"
                 )
             updates.append((delta, param, values))
         for delta, param, values in updates:

@@ -303,6 +303,11 @@ def test_the_merged_record_says_what_stays_after_a_partial_revert(
     assert isinstance(result.exception, ModelLoadError) and "not a record of merged patches" in str(
         result.exception
     )
+    twice = {"name": "b", "id": "0" * 64}
+    (ab / "nmke_patches.json").write_text(json.dumps({"applied": [twice, twice]}))
+    result = runner.invoke(app, ["apply", _patch_dir(b), "-m", str(ab), "-o", str(tmp_path / "z")])
+    assert isinstance(result.exception, ModelLoadError) and "lists b more than once" in str(result.exception)
+    assert not (tmp_path / "z").exists()
 
 
 def test_an_interrupted_save_leaves_the_output_as_it_was(

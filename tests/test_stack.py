@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import MODEL_FACTORIES, assert_state_equal, random_patch, state_copy
@@ -369,10 +371,20 @@ def test_a_patch_that_overflows_the_weight_dtype_is_refused_whole():
     model = MODEL_FACTORIES["llama"](dtype=torch.float16)
     before = state_copy(model)
     huge = random_patch(MODEL_FACTORIES["llama"](), name="huge", scale=1e6)
-    with pytest.raises(PatchMismatchError, match=r"beyond the range of torch\.float16"):
+    with pytest.raises(
+        PatchMismatchError, match=r"beyond the range of torch\.float16; load the model in a wider"
+    ):
         PatchStack.for_model(model).apply(huge, force=True)
     assert_state_equal(model, before)
     assert not PatchStack.for_model(model).applied
+    wide = MODEL_FACTORIES["llama"]()  # float32 has nowhere wider to go: not advised
+    plain = random_patch(wide, name="absurd")
+    absurd = replace(
+        plain, deltas=tuple(replace(d, delta=torch.full_like(d.delta, 3e38)) for d in plain.deltas)
+    )
+    PatchStack.for_model(wide).apply(absurd)
+    with pytest.raises(PatchMismatchError, match=r"torch\.float32; no dtype holds them"):
+        PatchStack.for_model(wide).apply(replace(absurd, id="f" * 64), force=True)
 
 
 def test_adopt_refuses_a_patch_listed_twice_even_forced():
