@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -58,7 +59,9 @@ MAX_PACK_JSON_BYTES = 4 * 1024 * 1024
 _REPO_TYPE = "model"
 _ID_RE = re.compile(r"[0-9a-f]{64}")
 # packs live in a user's or an organisation's namespace: "user/pack" (never a bare, legacy "name")
-_HUB_MODEL_RE = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+_HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
+_HUB_MODEL_RE = re.compile(f"{_HUB_PART}/{_HUB_PART}")
+"""``user/name`` as the Hub accepts it: ASCII letters, digits, ``_.-``, not ending in ``.`` or ``-``."""
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
 
@@ -101,7 +104,7 @@ def parse_ref(ref: str, revision: str | None = None) -> tuple[str, str | None]:
     repo_id = repo_id.strip("/")
     if sep and not rev:
         raise HubError(f"{ref!r}: empty revision after '@'; use hf://user/pack@REVISION")
-    if not _HUB_MODEL_RE.fullmatch(repo_id) or ".." in repo_id:
+    if not _is_hub_id(repo_id):
         raise HubError(
             f"{ref!r} is not an edit pack's repository id; expected user/pack (or hf://user/pack[@revision])"
         )
@@ -112,7 +115,17 @@ def parse_ref(ref: str, revision: str | None = None) -> tuple[str, str | None]:
 
 def looks_like_hub_id(name: str) -> bool:
     """Whether a base model's ``name_or_path`` reads as a Hub model id (``org/name``), not a local path."""
-    return bool(_HUB_MODEL_RE.fullmatch(name)) and ".." not in name and not os.path.exists(name)
+    return _is_hub_id(name) and not os.path.exists(name)
+
+
+def _is_hub_id(name: str) -> bool:
+    """The Hub's own rules for a repository id, so that no id passes here that huggingface_hub refuses."""
+    return (
+        bool(_HUB_MODEL_RE.fullmatch(name))
+        and ".." not in name
+        and "--" not in name
+        and not name.endswith(".git")
+    )
 
 
 # -- building ----------------------------------------------------------------------------------------
@@ -468,13 +481,79 @@ def verify_pack(
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The HTTP client's own errors (timeouts, refused connections, redirect loops, ...)."""
     found: list[type[BaseException]] = []
     for module in ("httpx2", "httpx"):
         try:
-            found.append(importlib.import_module(module).TransportError)
+            found.append(importlib.import_module(module).HTTPError)
         except (ImportError, AttributeError):
             continue
     return tuple(found)
+
+
+HUB_TIMEOUT_ENV = "NMKE_PATCH_HUB_TIMEOUT"
+DEFAULT_HUB_TIMEOUT_S = 60.0
+"""How long a Hub request may wait for the server (connect, each read or write), in seconds."""
+
+
+def hub_timeout_s() -> float:
+    """``$NMKE_PATCH_HUB_TIMEOUT`` (seconds, > 0), else :data:`DEFAULT_HUB_TIMEOUT_S`."""
+    text = os.environ.get(HUB_TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_HUB_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise HubError(f"{HUB_TIMEOUT_ENV}={text!r}: give a number of seconds greater than 0")
+    return value
+
+
+@contextmanager
+def _bounded_requests() -> Iterator[None]:
+    """huggingface_hub asks many API requests to wait for an answer forever (``timeout=None``; its file
+    downloads do not): a server that accepts the connection and never answers would hang a pull or a
+    push. Within this block every request of its shared client that would wait forever waits at most
+    :func:`hub_timeout_s` (per connect, read or write); requests with a timeout of their own keep it."""
+    from huggingface_hub.utils import get_session
+
+    seconds = hub_timeout_s()
+
+    def bound(request: Any) -> None:
+        timeout = request.extensions.get("timeout")
+        if not timeout or all(v is None for v in timeout.values()):
+            request.extensions["timeout"] = dict.fromkeys(("connect", "read", "write", "pool"), seconds)
+
+    hooks = get_session().event_hooks["request"]
+    hooks.append(bound)
+    try:
+        yield
+    finally:
+        hooks.remove(bound)
+
+
+def _malformed(exc: BaseException) -> bool:
+    """A huggingface_hub call that failed on the server's answer itself (not JSON, fields missing): an
+    endpoint that is not the Hub API, or a proxy in the way."""
+    return (
+        isinstance(exc, (json.JSONDecodeError, KeyError, TypeError))
+        or type(exc).__name__ == "HFValidationError"
+    )
+
+
+@contextmanager
+def _hub_calls(*, push: bool, repo_id: str, revision: str | None, endpoint: str) -> Iterator[None]:
+    """Hub requests with a bounded wait, their failures as one :class:`HubError` line."""
+    try:
+        with _bounded_requests():
+            yield
+    except HubError:
+        raise
+    except Exception as exc:
+        if _is_hub_failure(exc) or _malformed(exc):
+            raise _hub_error(exc, push=push, repo_id=repo_id, revision=revision, endpoint=endpoint) from exc
+        raise
 
 
 _CHECK_ENDPOINT = "check the network or the endpoint (NMKE_PATCH_HF_ENDPOINT, else HF_ENDPOINT)"
@@ -500,12 +579,30 @@ def _hub_error(
         )
     elif isinstance(exc, hf.RevisionNotFoundError):
         msg = f"revision {revision or 'main'!r} does not exist in {repo_id}: check the branch, tag or commit"
+    elif isinstance(exc, hf.EntryNotFoundError) and not isinstance(exc, hf.LocalEntryNotFoundError):
+        msg = (
+            f"a file of {where} could not be downloaded (HTTP 404; the repository changed during the"
+            " pull?): pull again"
+        )
+    elif _malformed(exc):
+        msg = (
+            f"the server at {endpoint} did not answer as the Hugging Face Hub API does ({type(exc).__name__}):"
+            f" {_CHECK_ENDPOINT}"
+        )
+    elif status == 429 or _http_status(exc) == 429:
+        msg = f"the Hub at {endpoint} is limiting requests (HTTP 429): wait a minute, then try again"
     elif isinstance(exc, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)) and _offline():
         msg = f"{where} is not in the local Hugging Face cache and offline mode is on: pull it once with HF_HUB_OFFLINE unset"
-    elif isinstance(exc, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)):
+    elif isinstance(exc, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)) and _http_status(exc):
         msg = (
-            f"could not reach the Hub at {endpoint} and {where} is not in the local Hugging Face cache:"
-            f" {_CHECK_ENDPOINT}"
+            f"the Hub at {endpoint} answered HTTP {_http_status(exc)} while {where} was downloaded, and it"
+            f" is not in the local Hugging Face cache: try again later; {_OFFLINE_HINT}"
+        )
+    elif isinstance(exc, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)):
+        cause = _transport_cause(exc)
+        msg = (
+            f"could not reach the Hub at {endpoint}{f' ({cause})' if cause else ''} and {where} is not in the"
+            f" local Hugging Face cache: {_CHECK_ENDPOINT}"
         )
     elif isinstance(exc, hf.HfHubHTTPError) and status in (401, 403):
         msg = (
@@ -522,6 +619,31 @@ def _hub_error(
         if not push:
             msg += f"; {_OFFLINE_HINT}"
     return HubError(msg)
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from or while handling, in turn."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _transport_cause(exc: BaseException) -> str | None:
+    """The name of the network error (a timeout, a refused connection) behind ``exc``, if any."""
+    errors = _transport_errors()
+    return next((type(c).__name__ for c in _causes(exc) if isinstance(c, errors)), None)
+
+
+def _http_status(exc: BaseException) -> int | None:
+    """The HTTP status of the first error with a response in ``exc``'s chain of causes, if any."""
+    for cause in _causes(exc):
+        status = getattr(getattr(cause, "response", None), "status_code", None)
+        if isinstance(status, int):
+            return status
+    return None
 
 
 def _is_hub_failure(exc: BaseException) -> bool:
@@ -605,7 +727,7 @@ def push_pack(
     api = HfApi(endpoint=url, token=token, library_name=LIBRARY_NAME)
     with tempfile.TemporaryDirectory(prefix="nmke-pack-") as tmp:
         folder = build_pack(patches, Path(tmp) / "pack", repo_id=repo_id, with_peft=with_peft)
-        try:
+        with _hub_calls(push=True, repo_id=repo_id, revision=revision, endpoint=url):
             api.create_repo(repo_id, repo_type=_REPO_TYPE, private=True if private else None, exist_ok=True)
             if private and not api.repo_info(repo_id, repo_type=_REPO_TYPE).private:
                 raise HubError(
@@ -630,10 +752,6 @@ def push_pack(
                     commit_message=f"Upload nmke-patch pack ({len(patches)} patch{'es' if len(patches) != 1 else ''})",
                     delete_patterns=[f"{PATCHES_DIR}/**", f"{PEFT_DIR}/**"],
                 )
-        except Exception as exc:
-            if _is_hub_failure(exc):
-                raise _hub_error(exc, push=True, repo_id=repo_id, revision=revision, endpoint=url) from exc
-            raise
     changed = info.oid != head
     if changed:
         logger.info("pushed %d patch(es) to %s: %s", len(patches), repo_id, info.commit_url)
@@ -697,9 +815,10 @@ def _check_holds_pack(
         from huggingface_hub import HfApi
 
         try:
-            refs = HfApi(
-                endpoint=hub_endpoint(endpoint), token=token, library_name=LIBRARY_NAME
-            ).list_repo_refs(repo_id, repo_type=_REPO_TYPE)
+            with _bounded_requests():
+                refs = HfApi(
+                    endpoint=hub_endpoint(endpoint), token=token, library_name=LIBRARY_NAME
+                ).list_repo_refs(repo_id, repo_type=_REPO_TYPE)
             others = [r.name for r in [*refs.branches, *refs.tags] if r.name != "main"]
         except Exception as exc:  # only a hint: the refusal below stands without it
             logger.debug("listing the branches of %s failed: %s", repo_id, exc)
@@ -752,6 +871,10 @@ def _check_read_access(repo_id: str, revision: str | None, token: str | None, en
         return
 
 
+_PACK_PATTERNS = [PACK_FILE, "README.md", f"{PATCHES_DIR}/**", f"{PEFT_DIR}/**"]
+"""What a pull downloads: a pack's own files, nothing else the repository holds."""
+
+
 def _download(repo_id: str, revision: str | None, token: str | None, endpoint: str | None) -> Path:
     """``snapshot_download`` of the pack into the Hugging Face cache (from it only when offline); one-line
     errors.
@@ -762,13 +885,16 @@ def _download(repo_id: str, revision: str | None, token: str | None, endpoint: s
     from huggingface_hub import HfApi, snapshot_download
 
     url = hub_endpoint(endpoint)
-    try:
+    with _hub_calls(push=False, repo_id=repo_id, revision=revision, endpoint=url):
+        head = None
         if not _offline():
-            HfApi(endpoint=url, token=token, library_name=LIBRARY_NAME).repo_info(
-                repo_id, repo_type=_REPO_TYPE, revision=revision
+            head = (
+                HfApi(endpoint=url, token=token, library_name=LIBRARY_NAME)
+                .repo_info(repo_id, repo_type=_REPO_TYPE, revision=revision)
+                .sha
             )
             _check_read_access(repo_id, revision, token, url)
-        return Path(
+        folder = Path(
             snapshot_download(
                 repo_id,
                 repo_type=_REPO_TYPE,
@@ -778,12 +904,15 @@ def _download(repo_id: str, revision: str | None, token: str | None, endpoint: s
                 endpoint=url,
                 local_files_only=_offline(),
                 library_name=LIBRARY_NAME,
+                allow_patterns=_PACK_PATTERNS,
             )
         )
-    except Exception as exc:
-        if _is_hub_failure(exc):
-            raise _hub_error(exc, push=False, repo_id=repo_id, revision=revision, endpoint=url) from exc
-        raise
+    if head is not None and folder.name != head:  # it answered a failed request with an older copy
+        raise HubError(
+            f"the Hub at {url} holds commit {head[:12]} of {repo_id}{'@' + revision if revision else ''} but"
+            f" served {folder.name[:12]} from the local cache (a request failed on the way): try again"
+        )
+    return folder
 
 
 def pull_pack(

@@ -21,6 +21,7 @@ import json
 import re
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -75,6 +76,20 @@ class Repo:
         return None
 
 
+@dataclass
+class Fault:
+    """A failure the server plays instead of its answer: requests whose path matches ``path`` (a regex,
+    searched) and, if given, ``method`` get ``status`` with ``body``, after waiting ``hang`` seconds;
+    ``times`` limits how often (None: always)."""
+
+    path: str
+    method: str | None = None
+    status: int = 500
+    body: bytes = b""
+    hang: float = 0.0
+    times: int | None = None
+
+
 class _HubError(Exception):
     def __init__(self, status: int, message: str, code: str | None = None, **extra: Any) -> None:
         super().__init__(message)
@@ -119,6 +134,7 @@ class HubServer:
         self.tokens = dict(tokens or {})
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str]] = []
+        self.faults: list[Fault] = []
         self._lock = threading.RLock()
         self._counter = itertools.count()
         self._httpd: _Server | None = None
@@ -160,6 +176,18 @@ class HubServer:
         self.stop()
 
     # -- helpers for tests --------------------------------------------------------------------------
+
+    def take_fault(self, method: str, path: str) -> Fault | None:
+        """The first fault that matches this request (one of its ``times`` used up), if any."""
+        with self._lock:
+            for fault in self.faults:
+                if (fault.method in (None, method)) and re.search(fault.path, path):
+                    if fault.times is not None:
+                        if fault.times <= 0:
+                            continue
+                        fault.times -= 1
+                    return fault
+        return None
 
     def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
         """The (mutable) file tree of ``revision``: editing it tampers with what the server serves."""
@@ -392,6 +420,15 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         self.hub.requests.append((method, parts.path))
+        fault = self.hub.take_fault(method, parts.path)
+        if fault is not None:
+            time.sleep(fault.hang)
+            self.send_response(fault.status)
+            self.send_header("Content-Length", str(len(fault.body)))
+            self.end_headers()
+            if method != "HEAD":
+                self.wfile.write(fault.body)
+            return
         try:
             status, headers, payload = self.hub.handle(
                 method, parts.path, parse_qs(parts.query), self.headers, body

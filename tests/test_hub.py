@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_state_equal, random_patch, state_copy, tiny_llama
-from hub_server import HubServer
+from hub_server import Fault, HubServer
 from typer.testing import CliRunner
 
 from nmke_patch.errors import HubError, InvalidPatchError, PatchMismatchError
@@ -471,3 +471,76 @@ def test_a_link_that_loops_in_a_pack_is_refused_in_one_line(two_patches, tmp_pat
     (pack / "loop").symlink_to("loop")
     with pytest.raises(InvalidPatchError, match="loop is a link that loops"):
         verify_pack(pack)
+
+
+def test_a_hub_that_never_answers_times_out_in_one_line(hub, two_patches, monkeypatch):
+    """huggingface_hub's API requests wait forever by default: a pull used to hang with no output."""
+    a, _ = two_patches
+    push_pack([a.path], "user/pack", token=TOKEN)
+    monkeypatch.setenv("NMKE_PATCH_HUB_TIMEOUT", "0.5")
+    for path in (
+        r"^/api/models/user/pack$",
+        r"^/api/models/user/pack/revision/",
+    ):  # ours, snapshot_download's
+        hub.faults.append(Fault(path, hang=3.0))
+        with pytest.raises(HubError, match=r"could not reach the Hub at \S+ \(ReadTimeout\)"):
+            pull_pack("user/pack")
+        hub.faults.clear()
+    hub.faults.append(Fault(r"^/api/repos/create$", hang=3.0))
+    with pytest.raises(HubError, match=r"could not reach the Hub at \S+ \(ReadTimeout\)"):
+        push_pack([a.path], "user/other", token=TOKEN)
+    hub.faults.clear()
+    monkeypatch.setenv("NMKE_PATCH_HUB_TIMEOUT", "soon")
+    with pytest.raises(HubError, match=r"NMKE_PATCH_HUB_TIMEOUT='soon': give a number of seconds"):
+        pull_pack("user/pack")
+
+
+def test_a_failed_request_is_not_answered_with_an_older_cached_pack(hub, two_patches, tmp_path):
+    """snapshot_download answers a failed request of its own with whatever the cache holds."""
+    a, b = two_patches
+    push_pack([a.path], "user/pack", token=TOKEN)
+    pull_pack("user/pack")  # one patch, cached
+    push_pack([a.path, b.path], "user/pack", token=TOKEN)
+    for where in ({}, {"local_dir": tmp_path / "out"}):
+        # our own repo_info (/api/models/user/pack) is answered; snapshot_download's fails, once
+        hub.faults.append(Fault(r"^/api/models/user/pack/revision/", status=503, times=1))
+        with pytest.raises(HubError, match=r"holds commit .* but served .* from the local cache"):
+            pull_pack("user/pack", **where)
+        hub.faults.clear()
+    assert not (tmp_path / "out").exists()
+    assert _ids(pull_pack("user/pack")) == [a.id, b.id]
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        (Fault(r"^/api/models/user/pack/revision/", status=200, body=b"<html>login</html>"),
+         r"did not answer as the Hugging Face Hub API does \(JSONDecodeError\)"),
+        (Fault(r"^/api/models/user/pack/revision/", status=200, body=b"{}"),
+         r"did not answer as the Hugging Face Hub API does \(KeyError\)"),
+        (Fault(r"^/api/models/user/pack/revision/", status=429),
+         r"is limiting requests \(HTTP 429\): wait a minute"),
+    ],
+)  # fmt: skip
+def test_answers_that_are_not_the_hub_api_s_are_one_line(hub, two_patches, fault, message):
+    a, _ = two_patches
+    push_pack([a.path], "user/pack", token=TOKEN)
+    hub.faults.append(fault)
+    with pytest.raises(HubError, match=message):
+        pull_pack("user/pack")
+
+
+def test_ids_the_hub_refuses_are_refused_first():
+    for bad in ("user/a--b", "user/pack-", "user/pack.", "user/pack.git", "usér/pack"):
+        with pytest.raises(HubError, match="is not an edit pack's repository id"):
+            parse_ref(bad)
+
+
+def test_a_pull_downloads_the_pack_s_files_only(hub, two_patches):
+    a, _ = two_patches
+    push_pack([a.path], "user/pack", token=TOKEN)
+    repo = hub.repos["user/pack"]
+    head = repo.commits[repo.branches["main"]]
+    head.files["junk/big.bin"] = b"\0" * 100_000  # someone else's file in the repository
+    folder = pull_pack("user/pack")
+    assert not (folder / "junk").exists() and (folder / "pack.json").is_file()
