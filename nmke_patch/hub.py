@@ -97,6 +97,18 @@ def _cache_dir() -> str | None:
     return None
 
 
+def _cached_commit(repo_id: str, short: str) -> str | None:
+    """The one commit in the Hugging Face cache of ``repo_id`` whose id starts with ``short`` (hex), if any:
+    offline, huggingface_hub finds a pinned commit by its full id only."""
+    from huggingface_hub import constants
+
+    folder = (
+        Path(_cache_dir() or constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+    )
+    found = [p.name for p in folder.glob(f"{short}*")] if folder.is_dir() else []
+    return found[0] if len(found) == 1 else None
+
+
 def parse_ref(ref: str, revision: str | None = None) -> tuple[str, str | None]:
     """``hf://user/pack@rev``, ``hf://user/pack`` or ``user/pack`` -> ``(repo_id, revision)``."""
     text = ref.removeprefix(HF_PREFIX)
@@ -553,6 +565,11 @@ def _hub_calls(*, push: bool, repo_id: str, revision: str | None, endpoint: str)
     except Exception as exc:
         if _is_hub_failure(exc) or _malformed(exc):
             raise _hub_error(exc, push=push, repo_id=repo_id, revision=revision, endpoint=endpoint) from exc
+        if isinstance(exc, OSError) and "Consistency check failed" in str(exc):  # huggingface_hub's words
+            raise HubError(
+                f"a download from {endpoint} was cut short (a file's size is not the one the Hub announced):"
+                " pull again"
+            ) from exc
         raise
 
 
@@ -779,8 +796,7 @@ def pull_verified(
     if local_dir is None:
         folder = _download(repo_id, revision, token, endpoint)
         _check_holds_pack(folder, repo_id, revision, token, endpoint, where)
-        # the cache stores files as symlinks into <repo folder>/blobs: links may lead there, nowhere else
-        return folder, verify_pack(folder, trusted_root=cache_repo_root(folder) or folder, where=where)
+        return folder, _verify_cached(folder, where)
     target = Path(local_dir)
     _check_pull_target(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -788,9 +804,7 @@ def pull_verified(
     try:  # through the cache: a second pull of the same revision downloads nothing
         cached = _download(repo_id, revision, token, endpoint)
         _check_holds_pack(cached, repo_id, revision, token, endpoint, where)
-        verify_pack(
-            cached, trusted_root=cache_repo_root(cached) or cached, where=where
-        )  # links checked first
+        _verify_cached(cached, where)  # links checked first
         shutil.copytree(cached, staging, symlinks=False, dirs_exist_ok=True)
         marker = staging / _PULL_MARKER
         marker.mkdir(parents=True, exist_ok=True)
@@ -801,6 +815,22 @@ def pull_verified(
         shutil.rmtree(staging, ignore_errors=True)
     moved = [replace(p, path=target / p.path.relative_to(staging)) if p.path else p for p in patches]
     return target, moved
+
+
+def _verify_cached(folder: Path, where: str) -> list[Patch]:
+    """:func:`verify_pack` of a pack in the Hugging Face cache, whose files are links into its ``blobs/``
+    (they may lead there, nowhere else). A refusal names the cached copy: a damaged download stays there
+    and is served again until it is removed."""
+    root = cache_repo_root(folder)
+    try:
+        return verify_pack(folder, trusted_root=root or folder, where=where)
+    except InvalidPatchError as exc:
+        if root is None:
+            raise
+        raise InvalidPatchError(
+            f"{exc} (checked in the Hugging Face cache; if the Hub's copy is intact, this copy was damaged on"
+            f" the way: delete {root} and pull again)"
+        ) from exc
 
 
 def _check_holds_pack(
@@ -885,6 +915,8 @@ def _download(repo_id: str, revision: str | None, token: str | None, endpoint: s
     from huggingface_hub import HfApi, snapshot_download
 
     url = hub_endpoint(endpoint)
+    if _offline() and revision and re.fullmatch(r"[0-9a-f]{7,39}", revision):
+        revision = _cached_commit(repo_id, revision) or revision
     with _hub_calls(push=False, repo_id=repo_id, revision=revision, endpoint=url):
         head = None
         if not _offline():

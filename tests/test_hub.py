@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import pickle
+import re
 import shutil
 import sys
 from dataclasses import replace
@@ -178,6 +179,8 @@ def test_offline_pull_uses_the_cache(hub, two_patches, monkeypatch):
         pull_pack("hf://user/pack@v9")
     with pytest.raises(HubError, match="offline"):
         push_pack([a.path], "user/pack", token=TOKEN)
+    pinned = online.name  # the snapshot folder is named by its commit
+    assert pull_pack(f"hf://user/pack@{pinned[:8]}") == online  # a short pin, as docs/hub.md shows it
 
 
 def test_hub_outage_is_reported_not_covered_by_the_cache(hub, two_patches, tmp_path):
@@ -544,3 +547,21 @@ def test_a_pull_downloads_the_pack_s_files_only(hub, two_patches):
     head.files["junk/big.bin"] = b"\0" * 100_000  # someone else's file in the repository
     folder = pull_pack("user/pack")
     assert not (folder / "junk").exists() and (folder / "pack.json").is_file()
+
+
+def test_a_download_damaged_on_the_way_says_how_to_recover(hub, two_patches):
+    a, _ = two_patches
+    push_pack([a.path], "user/pack", token=TOKEN)
+    path = f"patches/capitals.nmke/{DELTAS_FILE}"
+    good = hub.files("user/pack")[path]
+    served = rf"^/user/pack/resolve/[^/]+/{re.escape(path)}$"
+    hub.faults.append(Fault(served, method="GET", status=200, body=good[:-10], times=1))  # cut short
+    with pytest.raises(HubError, match=r"was cut short .*: pull again"):
+        pull_pack("user/pack")
+    hub.faults.append(Fault(served, method="GET", status=200, body=_flip_byte(good), times=1))  # same size
+    with pytest.raises(InvalidPatchError, match=r"sha256.* delete (\S+) and pull again\)$") as refused:
+        pull_pack("user/pack")
+    with pytest.raises(InvalidPatchError):  # the damaged copy stays in the cache ...
+        pull_pack("user/pack")
+    shutil.rmtree(re.search(r"delete (\S+) and pull again", str(refused.value)).group(1))
+    assert _ids(pull_pack("user/pack")) == [a.id]  # ... until it is deleted
