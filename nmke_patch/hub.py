@@ -817,6 +817,10 @@ def pull_verified(
     return target, moved
 
 
+_DAMAGE_WORDS = ("sha256", "hashes to", "could not be read", "truncated")
+"""Words of the refusals a download damaged on the way gives (the content, not what the pack says)."""
+
+
 def _verify_cached(folder: Path, where: str) -> list[Patch]:
     """:func:`verify_pack` of a pack in the Hugging Face cache, whose files are links into its ``blobs/``
     (they may lead there, nowhere else). A refusal names the cached copy: a damaged download stays there
@@ -825,7 +829,7 @@ def _verify_cached(folder: Path, where: str) -> list[Patch]:
     try:
         return verify_pack(folder, trusted_root=root or folder, where=where)
     except InvalidPatchError as exc:
-        if root is None:
+        if root is None or not any(w in str(exc) for w in _DAMAGE_WORDS):
             raise
         raise InvalidPatchError(
             f"{exc} (checked in the Hugging Face cache; if the Hub's copy is intact, this copy was damaged on"
