@@ -351,7 +351,7 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _base_cache_file(
-    model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], kwargs: dict[str, Any]
+    model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], settings: dict[str, Any]
 ) -> Path:
     from .paths import home
     from .stats import model_fingerprint
@@ -364,7 +364,7 @@ def _base_cache_file(
         if backend
         else type(tokenizer).__name__,
         "requests": [r.to_json() for r in requests],
-        "settings": kwargs,
+        "settings": settings,
     }
     text = json.dumps(payload, sort_keys=True, default=_jsonable)
     key = hashlib.sha256(text.encode()).hexdigest()
@@ -396,7 +396,11 @@ def evaluate_pair(
         "forced": [names of the patches applied only by force, each checked on top of those before it]}``.
     """
     # every argument checked before any patch touches the model
-    inspect.signature(evaluate).bind(model, tokenizer, requests, **kwargs)  # TypeError for an unknown one
+    bound = inspect.signature(evaluate).bind(model, tokenizer, requests, **kwargs)  # TypeError: unknown
+    bound.apply_defaults()  # the cache key holds every setting: given or left at its default, the same
+    settings = {
+        k: v for k, v in bound.arguments.items() if k not in ("model", "tokenizer", "requests", "progress")
+    }
     _check_counts(**{k: v for k, v in kwargs.items() if k in inspect.signature(_check_counts).parameters})
     requests = as_requests(requests)
     resolved = resolve_patches(patches)
@@ -423,7 +427,7 @@ def evaluate_pair(
         patched = evaluate(model, tokenizer, requests, progress=lambda s: say(f"patched: {s}"), **kwargs)
     finally:
         stack.unload_all()  # exact: the base again, for its evaluation and its cache key
-    file = _base_cache_file(model, tokenizer, requests, kwargs) if cache else None
+    file = _base_cache_file(model, tokenizer, requests, settings) if cache else None
     base = None
     if file is not None and file.is_file():
         try:

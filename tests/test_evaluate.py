@@ -252,6 +252,14 @@ def test_evaluate_pair_restores_base_and_counts_footprint(
     assert fp["mean_share"] == pytest.approx(4 / 48) and fp == footprint([a, b])
     again = evaluate_pair(model, tiny_tokenizer, [request], [a, b], force=True, **kwargs)
     assert again["base_cached"] and again["base"]["metrics"] == result["base"]["metrics"]
+    # a setting given at its default value is the same setting (the CLI gives every one)
+    explicit = evaluate_pair(
+        model, tiny_tokenizer, [request], [a, b], force=True, max_batch_tokens=512, **kwargs
+    )
+    assert explicit["base_cached"]
+    assert not evaluate_pair(model, tiny_tokenizer, [request], [a], max_batch_tokens=64, **kwargs)[
+        "base_cached"
+    ]
 
 
 def test_evaluate_pair_refuses_a_patch_that_does_not_fit_before_evaluating(
