@@ -72,6 +72,23 @@ def _parse_layers(text: str | None) -> tuple[int, ...] | None:
     return tuple(range(a, b + 1))
 
 
+def _no_budget(text: str) -> bool:
+    return text.strip().lower() == "none"
+
+
+def _budget(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError as exc:
+        raise InvalidRequestError(
+            f"--max-neurons takes a fraction of a layer's neurons, e.g. 0.1, or none (got {text!r})"
+        ) from exc
+
+
+_PYTHON_WORDS: dict[str, object] = {"None": None, "True": True, "False": False}
+"""Python's spellings, read as JSON's null, true and false in --set values."""
+
+
 def _parse_settings(pairs: list[str]) -> dict[str, object]:
     out: dict[str, object] = {}
     for pair in pairs:
@@ -81,7 +98,7 @@ def _parse_settings(pairs: list[str]) -> dict[str, object]:
         try:  # strict: NaN / Infinity stay strings, which the config then refuses for a number
             out[key.strip()] = load_json_text(value, f"--set {key.strip()}", InvalidRequestError)
         except InvalidRequestError:
-            out[key.strip()] = value
+            out[key.strip()] = _PYTHON_WORDS.get(value.strip(), value)
     return out
 
 
@@ -108,10 +125,11 @@ def create(
         int | None, typer.Option(min=1, help="Requests per solve with --mode batch (default 10).")
     ] = None,
     max_neurons: Annotated[
-        float | None,
+        str | None,
         typer.Option(
+            metavar="FRACTION|none",
             help="Sparsity budget: at most this fraction of a layer's neurons per edit (nmke only; default "
-            f"{EditConfig().max_neurons:g})."
+            f"{EditConfig().max_neurons:g}); none = no budget, the published mask's size.",
         ),
     ] = None,
     layers: Annotated[
@@ -179,12 +197,14 @@ def create(
         "method": method.value,
         "mode": mode.value,
         "batch_size": 10 if mode is ModeChoice.batch and batch_size is None else batch_size,
-        "max_neurons": max_neurons,
+        "max_neurons": None if max_neurons is None or _no_budget(max_neurons) else _budget(max_neurons),
         "layers": _parse_layers(layers),
         "stats_corpus": stats_corpus,
         "stats_tokens": stats_tokens,
     }
     overrides = {k: v for k, v in options.items() if v is not None}
+    if max_neurons is not None and _no_budget(max_neurons):
+        overrides["max_neurons"] = None
     extra = _parse_settings(settings or [])
     clash = sorted(set(extra) & set(options))
     if clash:

@@ -319,3 +319,28 @@ def test_a_layer_range_out_of_reason_is_refused_before_it_is_built(
     assert isinstance(result.exception, InvalidRequestError)
     assert f"--layers {layers}: a range FIRST-LAST of layer numbers" in str(result.exception)
     assert not (tmp_path / "p.nmke").exists()
+
+
+def test_no_budget_and_python_spellings_reach_the_config(setup: list[str], tmp_path: Path) -> None:
+    """`--max-neurons none` is the published mask size; --set reads None/True/False as null/true/false."""
+    out = tmp_path / "p.nmke"
+    args = [
+        *setup,
+        "-o",
+        str(out),
+        "--max-neurons",
+        "none",
+        "--set",
+        "sink_ratio=None",
+        "--set",
+        "z_stop_whole=True",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    config = load_patch(out).manifest.method["config"]
+    assert config["max_neurons"] is None and config["sink_ratio"] is None and config["z_stop_whole"] is True
+    result = CliRunner().invoke(app, [*setup, "-o", str(tmp_path / "q.nmke"), "--max-neurons", "a tenth"])
+    assert isinstance(result.exception, InvalidRequestError)
+    assert "--max-neurons takes a fraction of a layer's neurons, e.g. 0.1, or none (got 'a tenth')" in str(
+        result.exception
+    )

@@ -198,7 +198,7 @@ class EditConfig:
     sink_ratio: float | None = _f(
         8.0,
         "Guard for a subject that is a text's first token where that position is the attention sink (the "
-        "same key for every text, far longer: SmolLM2-135M layer 11, 3000 vs 6.5), whose output change "
+        "same key for every text, and at SmolLM2-135M's layer 11 hundreds of times longer than a prefixed subject's), whose output change "
         "reaches every text. At a layer where the bare prompt's key is more than this many times as long as "
         "the mean length of the same subject's keys after a context prefix, that column is left out and the other "
         "edited layers realise its residual; where the bare prompt's output at the last edited layer is more than "
