@@ -394,6 +394,11 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise InvalidPatchError(
             f"{root}: not a patch directory (expected NAME{PATCH_SUFFIX}/ with {MANIFEST_FILE})"
         )
+    if not file.exists() and (root / "pack.json").is_file():
+        raise InvalidPatchError(
+            f"{root}: an edit pack, not a patch: commands and load_model take a pack where patches go; in"
+            f" Python, resolve_patches([{str(root)!r}]) gives its patches"
+        )
     _require_file(file, str(root))
     if file.stat().st_size > MAX_MANIFEST_BYTES:
         raise InvalidPatchError(f"{root}: {MANIFEST_FILE} is larger than {MAX_MANIFEST_BYTES} bytes")

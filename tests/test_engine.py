@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -1309,3 +1310,16 @@ def test_edit_records_read_back_what_they_wrote() -> None:
     for field, bad in [("index", True), ("id", 5), ("p_new_after", "0.7"), ("neurons", {"4": 1.5})]:
         with pytest.raises(TypeError, match=f"field '{field}'"):
             EditRecord.from_json({**record.to_json(), field: bad})
+
+
+def test_a_diverged_solve_names_an_absurd_parent_state(tiny_tokenizer, tmp_path: Path) -> None:
+    """Finite but absurd key rows in a stranger's parent (1e30) make the solve diverge: say where to look."""
+    lm = loaded("llama", tiny_tokenizer)
+    d_ff = lm.model.config.intermediate_size
+    parent = random_patch(lm.model, name="parent", layers=(1, 2))
+    parent = replace(parent, state={f"keys.{l}": torch.full((2, d_ff), 1e30) for l in (1, 2)})
+    saved = parent.save(tmp_path / "parent.nmke")
+    with pytest.raises(
+        EditError, match=r"the parents' key state \(--on\) holds values up to 1e\+30: check it"
+    ):
+        create_patch(requests(), loaded=lm, config=TINY_CONFIG, name="child", on=[saved])

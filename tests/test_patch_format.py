@@ -700,6 +700,11 @@ def test_not_a_patch_directory(tmp_path: Path) -> None:
     (tmp_path / "file.nmke").write_text("x")
     with pytest.raises(InvalidPatchError, match=r"not a patch directory"):
         load_patch(tmp_path / "file.nmke")
+    from nmke_patch.hub import build_pack
+
+    pack = build_pack([random_patch(MODEL_FACTORIES["llama"](), name="p")], tmp_path / "pack")
+    with pytest.raises(InvalidPatchError, match=r"pack: an edit pack, not a patch: .*resolve_patches"):
+        load_patch(pack)
 
 
 # -- file-valid patches that do not fit the model ---------------------------------------------------------

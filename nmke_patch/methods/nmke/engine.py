@@ -332,6 +332,12 @@ class Editor:
                 raise EditError(
                     f"the update of layer {l} ({self.spec.weight_name(l)}) is not finite: the solve diverged. "
                     "Nothing was written; try --dtype fp32, --set min_preservation=300 or smaller batches"
+                    + (
+                        "; the parents' key state (--on) holds values up to "
+                        f"{max(float(k.abs().max()) for k in self.past_keys.values() if k.numel()):.3g}: check it"
+                        if any(k.numel() for k in self.past_keys.values())
+                        else ""
+                    )
                 )
             if idx.numel():
                 out.append(
