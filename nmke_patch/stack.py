@@ -9,6 +9,7 @@ remaining patches in order with :func:`nmke_patch.delta.add_delta`.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -116,7 +117,10 @@ class PatchStack:
 
     def __init__(self, model: nn.Module) -> None:
         model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: edit the model it wraps
+        if _ATTR in model.__dict__:
+            raise ValueError("this model has a patch stack already: use PatchStack.for_model(model)")
         self.model = model
+        self._lock = threading.RLock()
         self.spec: ArchitectureSpec = spec_for_model(model)
         self._params = dict(model.named_parameters(remove_duplicate=False))
         num_layers = len(decoder_layers(model, self.spec))
@@ -124,6 +128,16 @@ class PatchStack:
         self._applied: list[Patch] = []
         self._base: dict[str, _Snapshot] = {}
         self._merged: list[ParentRef] = []
+        model.__dict__[_ATTR] = self  # one stack per model: a second would not know this one's snapshots
+
+    def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy / pickle of a patched model
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     @classmethod
     def for_model(cls, model: nn.Module) -> PatchStack:
@@ -131,10 +145,7 @@ class PatchStack:
         stack of the model it wraps."""
         model = getattr(model, "_orig_mod", model)
         stack = model.__dict__.get(_ATTR)
-        if stack is None:
-            stack = cls(model)
-            model.__dict__[_ATTR] = stack
-        return stack
+        return stack if stack is not None else cls(model)
 
     @property
     def applied(self) -> list[Patch]:
@@ -153,6 +164,10 @@ class PatchStack:
         they themselves are part of the base, so :meth:`unload_all` keeps them. Replaces an earlier
         declaration; needs a stack with nothing applied.
         """
+        with self._lock:
+            self._declare_merged(patches)
+
+    def _declare_merged(self, patches: Iterable[Any]) -> None:
         if self._applied:
             raise PatchMismatchError("declare_merged() needs a stack with no patches applied")
         if isinstance(patches, str | bytes):
@@ -189,7 +204,12 @@ class PatchStack:
                 f"patch {patch.describe()}: tensor {delta.name!r} is not an editable MLP output projection of this "
                 f"{self.spec.model_type} model (wrong model?)"
             )
-        param = self._params[delta.name]
+        param = self._params.get(delta.name)
+        if param is None:
+            raise PatchMismatchError(
+                f"patch {patch.describe()}: the model has no parameter {delta.name!r} (quantized, or wrapped, e.g."
+                " by PEFT? apply patches to the plain model, before wrapping or quantizing it)"
+            )
         if param.is_meta:
             check_resident(self.model, [delta.name])  # raises, explaining device_map offloading
         if tuple(param.shape) != tuple(delta.shape):
@@ -492,8 +512,8 @@ class PatchStack:
             The overlaps with already applied patches (neurons both touch; their deltas add up).
         """
         resolved = resolve_one(patch)
-        self._refresh()
-        with one_thread():
+        with self._lock, one_thread():  # one caller at a time: snapshots and weights stay consistent
+            self._refresh()
             return self._check_impl(resolved, force=force, fingerprints=fingerprints)
 
     def apply(self, patch: PatchSource, *, force: bool = False) -> list[Overlap]:
@@ -504,8 +524,8 @@ class PatchStack:
             Overlaps with already applied patches (also logged, at info level).
         """
         resolved = resolve_one(patch)
-        self._refresh()
-        with one_thread():
+        with self._lock, one_thread():  # one caller at a time: snapshots and weights stay consistent
+            self._refresh()
             return self._apply_impl(resolved, force=force)
 
     def unload(self, patch: Patch | str) -> Patch:
@@ -515,14 +535,14 @@ class PatchStack:
         The touched neurons are rebuilt from the base snapshot by replaying the remaining patches in
         order, so the result is bit-identical to applying only those patches to the base.
         """
-        self._refresh()
-        with one_thread():
+        with self._lock, one_thread():  # one caller at a time: snapshots and weights stay consistent
+            self._refresh()
             return self._unload_impl(patch)
 
     def unload_all(self) -> list[Patch]:
         """Remove every patch and restore the base weights exactly. Returns the removed patches."""
-        self._refresh()
-        with one_thread():
+        with self._lock, one_thread():  # one caller at a time: snapshots and weights stay consistent
+            self._refresh()
             return self._unload_all_impl()
 
     def adopt(self, patches: Iterable[PatchSource] | PatchSource, *, force: bool = False) -> None:
@@ -535,6 +555,6 @@ class PatchStack:
         the last ones declared, in order; they leave the declaration.
         """
         resolved = resolve_patches(patches)
-        self._refresh()
-        with one_thread():
+        with self._lock, one_thread():  # one caller at a time: snapshots and weights stay consistent
+            self._refresh()
             self._adopt_impl(resolved, force=force)
