@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +16,14 @@ from transformers import PreTrainedModel
 from .architectures import check_edited_layers, decoder_layers, spec_for_model
 from .checkpoints import damaged_checkpoint, load_checkpoint, refuse_interrupted_run, run_key, save_checkpoint
 from .errors import InvalidPatchError, InvalidRequestError
+from .inference import inference_state
 from .lengths import check_fits, context_length
 from .methods.nmke.config import EditConfig
 from .methods.nmke.engine import Editor
 from .methods.nmke.prompts import encode, split_subjects, target_logprobs_from_hidden
 from .models import BaseModelInfo, check_resident, tensor_fingerprint
 from .patch import Manifest, ParentRef, Patch
-from .requests import RequestsLike, as_requests
+from .requests import EditRequest, RequestsLike, as_requests
 from .sources import PatchSource, resolve_patches
 from .stack import PatchStack, check_lineage
 from .stats import StatsProgress, check_corpus, load_statistics, model_fingerprint
@@ -118,6 +119,39 @@ def create_patch(
         raise TypeError(
             "create_patch takes loaded=LoadedModel(model, tokenizer, info) and config=EditConfig(...)"
         )
+    model = getattr(loaded.model, "_orig_mod", loaded.model)  # torch.compile's wrapper: edit what it wraps
+    loaded = replace(loaded, model=model)
+    with inference_state(model):  # dropout off, no gradients left on the user's parameters
+        return _create(
+            requests,
+            loaded=loaded,
+            config=config,
+            name=name,
+            on=on,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            checkpoint_every=checkpoint_every,
+            progress=progress,
+            stats_progress=stats_progress,
+            stop_after=stop_after,
+        )
+
+
+def _create(
+    requests: list[EditRequest],
+    *,
+    loaded: LoadedModel,
+    config: EditConfig,
+    name: str,
+    on: Sequence[PatchSource],
+    checkpoint_dir: str | os.PathLike[str] | None,
+    resume: bool,
+    checkpoint_every: int,
+    progress: Progress | None,
+    stats_progress: StatsProgress | None,
+    stop_after: int | None,
+) -> Patch:
+    """:func:`create_patch` once its arguments are checked, with the model in its inference state."""
     parents = resolve_patches(on)
     check_lineage(parents)  # before any work: a chain is given whole, oldest first
     check_corpus(config.stats_corpus)

@@ -32,6 +32,7 @@ from .delta import TensorDelta
 from .errors import InvalidRequestError, PatchMismatchError
 from .footprint import footprint, layer_index
 from .health import greedy_generate, load_heldout, load_unrelated, ngram_entropy, perplexity, words
+from .inference import in_inference_state
 from .lengths import check_facts_fit, check_fits, context_length
 from .patch import Patch
 from .requests import EditRequest, Neighbor, RequestsLike, as_requests
@@ -139,13 +140,38 @@ def _check_counts(
             raise InvalidRequestError(f"{name} must be an integer >= {least} (got {value!r})")
 
 
+def _as_unrelated(unrelated: str | os.PathLike[str] | Iterable[Any] | None) -> list[Neighbor]:
+    """``evaluate``'s ``unrelated``: the packaged set (None), a JSONL file, or facts given as
+    :class:`Neighbor` or ``{"prompt", "target"}`` objects."""
+    if unrelated is None:
+        return load_unrelated()
+    if isinstance(unrelated, str | os.PathLike):
+        return load_unrelated(os.fspath(unrelated))
+    facts = []
+    for i, fact in enumerate(unrelated):
+        if (
+            isinstance(fact, dict)
+            and isinstance(fact.get("prompt"), str)
+            and isinstance(fact.get("target"), str)
+        ):
+            fact = Neighbor(fact["prompt"], fact["target"])
+        if not isinstance(fact, Neighbor):
+            raise InvalidRequestError(
+                f"unrelated[{i}]: expected Neighbor(prompt, target) or {{'prompt': ..., 'target': ...}}, not"
+                f" {type(fact).__name__}"
+            )
+        facts.append(fact)
+    return facts
+
+
+@in_inference_state  # dropout off whatever mode the user's model is in; restored afterwards
 def evaluate(
     model: nn.Module,
     tokenizer: Any,
     requests: RequestsLike,
     *,
     heldout_text: str | Sequence[str] | None = None,
-    unrelated: Sequence[Neighbor] | None = None,
+    unrelated: str | os.PathLike[str] | Sequence[Neighbor | dict[str, str]] | None = None,
     generations: int = 8,
     generation_tokens: int = 40,
     heldout_tokens: int | None = 1024,
@@ -158,7 +184,8 @@ def evaluate(
         requests: the facts: a facts file path, one record, or a list of records (:func:`as_requests`).
         heldout_text: text for perplexity (a string with one paragraph per line, or paragraphs);
             ``None`` = the packaged held-out paragraphs; empty = skip perplexity.
-        unrelated: facts for retention; ``None`` = the packaged unrelated-fact set; empty = skip.
+        unrelated: facts for retention (:class:`Neighbor` or ``{"prompt", "target"}`` objects, or a JSONL
+            file of them); ``None`` = the packaged unrelated-fact set; empty = skip.
         generations: number of greedy free generations for fluency (0 = skip), each
             ``generation_tokens`` long; prompts are the first requests' edit prompts, topped up with
             :data:`FLUENCY_PROMPTS`.
@@ -177,7 +204,7 @@ def evaluate(
     say = progress or (lambda _stage: None)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    unrelated = load_unrelated() if unrelated is None else list(unrelated)
+    unrelated = _as_unrelated(unrelated)
     _check_lengths(model, tokenizer, requests, unrelated)
     if heldout_text is None:
         paragraphs = load_heldout()

@@ -1323,3 +1323,21 @@ def test_a_diverged_solve_names_an_absurd_parent_state(tiny_tokenizer, tmp_path:
         EditError, match=r"the parents' key state \(--on\) holds values up to 1e\+30: check it"
     ):
         create_patch(requests(), loaded=lm, config=TINY_CONFIG, name="child", on=[saved])
+
+
+def test_create_runs_a_training_model_in_eval_mode_and_gives_it_back_as_it_was(tiny_tokenizer) -> None:
+    """A user's model in train mode (GPT-2's dropout is 0.1) with gradients on, even compiled: the same
+    patch as from the model in eval mode, no .grad left behind, every module's mode and flag restored."""
+    reference = create_patch(requests(), loaded=loaded("gpt2", tiny_tokenizer), config=TINY_CONFIG, name="t")
+    lm = loaded("gpt2", tiny_tokenizer)
+    lm.model.train()
+    lm.model.requires_grad_(True)
+    lm.model.transformer.h[0].eval()  # a module the user set apart stays so
+    lm.model.lm_head.requires_grad_(False)
+    compiled = LoadedModel(torch.compile(lm.model), lm.tokenizer, lm.info)  # never run: unwrapped first
+    patch = create_patch(requests(), loaded=compiled, config=TINY_CONFIG, name="t")
+    assert torch.equal(patch.deltas[0].delta, reference.deltas[0].delta)
+    assert [d.indices.tolist() for d in patch.deltas] == [d.indices.tolist() for d in reference.deltas]
+    assert lm.model.training and not lm.model.transformer.h[0].training and lm.model.transformer.h[1].training
+    assert all(p.grad is None for p in lm.model.parameters())
+    assert not lm.model.lm_head.weight.requires_grad and lm.model.transformer.wpe.weight.requires_grad

@@ -477,3 +477,21 @@ def test_cli_eval_on_a_merged_model_says_what_its_base_holds(
     plain = CliRunner().invoke(app, [*args, "--model", str(base_dir)])
     assert plain.exit_code == 0 and "already has" not in plain.stderr
     assert json.loads(plain.stdout)["model_holds"] == []
+
+
+def test_evaluate_scores_a_training_model_without_dropout_and_takes_plain_unrelated_facts(
+    tiny_tokenizer: PreTrainedTokenizerFast, tmp_path: Path
+) -> None:
+    model = MODEL_FACTORIES["gpt2"]()  # dropout 0.1 in train mode
+    request = _request(model, tiny_tokenizer, new_is_best=False)
+    settings = {**SMALL_EVALUATION, "unrelated": [{"prompt": "w7 w8", "target": "w9"}]}
+    reference = evaluate(model, tiny_tokenizer, [request], **settings)
+    model.train()
+    trained = evaluate(model, tiny_tokenizer, [request], **settings)
+    assert trained["metrics"] == reference["metrics"] and model.training  # its mode given back
+    facts = tmp_path / "unrelated.jsonl"
+    facts.write_text('{"prompt": "w7 w8", "target": "w9"}\n')
+    from_file = evaluate(model, tiny_tokenizer, [request], **{**settings, "unrelated": facts})
+    assert from_file["metrics"] == reference["metrics"]
+    with pytest.raises(InvalidRequestError, match=r"unrelated\[0\]: expected Neighbor\(prompt, target\)"):
+        evaluate(model, tiny_tokenizer, [request], **{**settings, "unrelated": [("w7 w8", "w9")]})
