@@ -55,6 +55,13 @@ def _main(
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    import huggingface_hub.utils.logging  # noqa: F401  (sets up its logger, with a handler of its own)
+
+    hub = logging.getLogger("huggingface_hub")
+    for handler in list(hub.handlers):  # its records reach the handler above: printed once, not twice
+        hub.removeHandler(handler)
+    # its retry notices ("Retrying in 1s [Retry 1/5]") are summed up by our one error line; -v shows them
+    hub.setLevel(logging.INFO if verbose else logging.ERROR)
 
 
 def _register() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import pickle
 import re
 import shutil
@@ -383,6 +384,8 @@ def test_cli_push_and_pull(hub, two_patches, tmp_path, monkeypatch, capsys, capl
     again = runner.invoke(app, ["push", str(a.path), str(b.path), "user/cli-pack", "--token", TOKEN])
     assert again.exit_code == 0, again.output
     assert "already holds this pack of 2 patch(es), nothing pushed" in again.stdout and head in again.stdout
+    caplog.set_level(logging.WARNING, logger="huggingface_hub")  # the CLI keeps it at ERROR unless -v
+    assert push_pack([a.path, b.path], "user/cli-pack", token=TOKEN).changed is False
     # huggingface_hub's own notice would say it twice
     assert not [r for r in caplog.records if "No files have been modified" in r.getMessage()]
     assert hub.repos["user/cli-pack"].branches["main"] == head
