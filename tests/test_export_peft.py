@@ -27,7 +27,7 @@ import pytest
 import torch
 from conftest import MODEL_FACTORIES, random_patch, save_tiny
 from peft import LoraConfig, PeftModel, get_peft_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save
 from typer.testing import CliRunner
 
 from nmke_patch.architectures import spec_for_model
@@ -465,3 +465,29 @@ def test_cli_export_peft_check_uses_the_default_model_without_model(
     result = runner.invoke(app, ["export-peft", str(patch.path), "--check", "-o", str(tmp_path / "a")])
     assert result.exit_code == 0, result.output
     assert "ok 1 patch(es) fit the embedded default model" in " ".join(result.output.split())
+
+
+def test_adapter_bytes_do_not_depend_on_the_order_safetensors_wrote_metadata_in() -> None:
+    """safetensors writes metadata in hash-map order, different between processes: a pack pushed again
+    with --with-peft made a new commit about half the time."""
+    import json as _json
+
+    from safetensors.torch import load
+
+    from nmke_patch.export.peft import _stable_metadata
+
+    tensors = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+
+    def written(metadata_order: list[tuple[str, str]]) -> bytes:
+        data = save(tensors, metadata={"format": "pt"})
+        size = int.from_bytes(data[:8], "little")
+        header = _json.loads(data[8 : 8 + size])
+        header["__metadata__"] = dict(metadata_order)
+        text = _json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        return len(text).to_bytes(8, "little") + text + data[8 + size :]
+
+    one = written([("format", "pt"), ("nmke_patches", "[]")])
+    other = written([("nmke_patches", "[]"), ("format", "pt")])
+    assert one != other and _stable_metadata(one) == _stable_metadata(other)
+    assert torch.equal(load(_stable_metadata(other))["w"], tensors["w"])

@@ -290,13 +290,28 @@ def _check_adapter_dir(out: Path) -> None:
             )
 
 
+def _stable_metadata(data: bytes) -> bytes:
+    """safetensors bytes with the header's ``__metadata__`` keys in sorted order. safetensors writes them
+    in hash-map order, which differs between processes: the same adapter would get other bytes, and a pack
+    pushed again with ``--with-peft`` a new commit. Tensor offsets are relative to the data, so they hold."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + size :]
+
+
 def _write(out: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], provenance: str) -> int:
     out.mkdir(parents=True, exist_ok=True)
     weights, cfg = out / WEIGHTS_FILE, out / CONFIG_FILE
     tmp_weights, tmp_cfg = out / f".{WEIGHTS_FILE}.tmp", out / f".{CONFIG_FILE}.tmp"
     try:
         # written from Python so the file gets the umask's permissions (safetensors' save_file makes 0600)
-        tmp_weights.write_bytes(save(tensors, metadata={"format": "pt", "nmke_patches": provenance}))
+        tmp_weights.write_bytes(
+            _stable_metadata(save(tensors, metadata={"format": "pt", "nmke_patches": provenance}))
+        )
         tmp_cfg.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp_weights, weights)
         os.replace(tmp_cfg, cfg)
