@@ -36,6 +36,7 @@ from .patch import (
     DELTAS_FILE,
     MANIFEST_FILE,
     MAX_NAME_CHARS,
+    PATCH_FILES,
     PATCH_SUFFIX,
     STATE_FILE,
     Patch,
@@ -111,6 +112,8 @@ def _cached_commit(repo_id: str, short: str) -> str | None:
 
 def parse_ref(ref: str, revision: str | None = None) -> tuple[str, str | None]:
     """``hf://user/pack@rev``, ``hf://user/pack`` or ``user/pack`` -> ``(repo_id, revision)``."""
+    if not isinstance(ref, str) or not (revision is None or isinstance(revision, str)):
+        raise TypeError(f"a pack's repository is a string such as 'user/pack', not {type(ref).__name__}")
     text = ref.removeprefix(HF_PREFIX)
     repo_id, sep, rev = text.partition("@")
     repo_id = repo_id.strip("/")
@@ -506,6 +509,7 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 HUB_TIMEOUT_ENV = "NMKE_PATCH_HUB_TIMEOUT"
 DEFAULT_HUB_TIMEOUT_S = 60.0
 """How long a Hub request may wait for the server (connect, each read or write), in seconds."""
+_MAX_HUB_TIMEOUT_S = 86400.0
 
 
 def hub_timeout_s() -> float:
@@ -517,9 +521,29 @@ def hub_timeout_s() -> float:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise HubError(f"{HUB_TIMEOUT_ENV}={text!r}: give a number of seconds greater than 0")
+    if not (math.isfinite(value) and 0 < value <= _MAX_HUB_TIMEOUT_S):
+        raise HubError(
+            f"{HUB_TIMEOUT_ENV}={text!r}: give a number of seconds greater than 0 and at most {_MAX_HUB_TIMEOUT_S:g}"
+        )
     return value
+
+
+def _checked_token(token: str | None) -> str | None:
+    """``token`` without surrounding whitespace (``$(cat token.txt)`` ends in a newline); an empty one or
+    one a token cannot be (non-ASCII, spaces inside) is refused, as is such an ``HF_TOKEN``."""
+    for value, name in ((token, "the token"), (os.environ.get("HF_TOKEN"), "HF_TOKEN")):
+        if value is None or (name == "HF_TOKEN" and token is not None):
+            continue
+        stripped = value.strip()
+        if not stripped and name == "the token":
+            raise HubError(
+                "the token is empty: give one, or leave --token out to use HF_TOKEN or the stored login"
+            )
+        if stripped and not (stripped.isascii() and stripped.isprintable() and " " not in stripped):
+            raise HubError(
+                f"{name} holds characters no Hub token has (non-ASCII, spaces or control characters)"
+            )
+    return token.strip() if token is not None else None
 
 
 @contextmanager
@@ -596,10 +620,21 @@ def _hub_error(
         )
     elif isinstance(exc, hf.RevisionNotFoundError):
         msg = f"revision {revision or 'main'!r} does not exist in {repo_id}: check the branch, tag or commit"
-    elif isinstance(exc, hf.EntryNotFoundError) and not isinstance(exc, hf.LocalEntryNotFoundError):
+    elif (isinstance(exc, hf.EntryNotFoundError) and not isinstance(exc, hf.LocalEntryNotFoundError)) or (
+        isinstance(exc, hf.LocalEntryNotFoundError) and _http_status(exc) == 404
+    ):
+        url = next(
+            (
+                getattr(getattr(getattr(c, "response", None), "request", None), "url", None)
+                for c in _causes(exc)
+                if getattr(c, "response", None) is not None
+            ),
+            None,
+        )
+        named = f" ({str(url).split('/resolve/', 1)[-1]})" if url is not None else ""
         msg = (
-            f"a file of {where} could not be downloaded (HTTP 404; the repository changed during the"
-            " pull?): pull again"
+            f"a file of {where}{named} is listed but could not be downloaded (HTTP 404; the repository changed"
+            " during the pull?): pull again, and if it persists, tell the pack's owner"
         )
     elif _malformed(exc):
         msg = (
@@ -610,6 +645,11 @@ def _hub_error(
         msg = f"the Hub at {endpoint} is limiting requests (HTTP 429): wait a minute, then try again"
     elif isinstance(exc, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)) and _offline():
         msg = f"{where} is not in the local Hugging Face cache and offline mode is on: pull it once with HF_HUB_OFFLINE unset"
+    elif any(isinstance(c, hf.FileMetadataError) for c in _causes(exc)):
+        msg = (
+            f"the server at {endpoint} answered without the headers the Hub sends with a file (ETag,"
+            f" X-Repo-Commit, Content-Length): a proxy in the way? {_CHECK_ENDPOINT}"
+        )
     elif isinstance(exc, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)) and _http_status(exc):
         msg = (
             f"the Hub at {endpoint} answered HTTP {_http_status(exc)} while {where} was downloaded, and it"
@@ -635,6 +675,8 @@ def _hub_error(
         msg = f"could not reach the Hub at {endpoint} ({type(exc).__name__}): {_CHECK_ENDPOINT}"
         if not push:
             msg += f"; {_OFFLINE_HINT}"
+        elif "Timeout" in type(exc).__name__:
+            msg += "; the upload may have landed all the same: push again (it says 'already holds this pack' if so)"
     return HubError(msg)
 
 
@@ -732,6 +774,7 @@ def push_pack(
     from huggingface_hub import HfApi
 
     repo_id, revision = parse_ref(repo_id, revision)
+    token = _checked_token(token)
     if revision is not None and re.fullmatch(r"[0-9a-f]{7,40}", revision):
         raise HubError(
             f"push --revision {revision!r} looks like a commit id; a push goes to a branch, and a branch of that "
@@ -792,6 +835,7 @@ def pull_verified(
         InvalidPatchError: the pack failed verification (nothing in it should be used).
     """
     repo_id, revision = parse_ref(ref, revision)
+    token = _checked_token(token)
     where = f"{HF_PREFIX}{repo_id}" + (f"@{revision}" if revision else "")
     if local_dir is None:
         folder = _download(repo_id, revision, token, endpoint)
@@ -805,7 +849,7 @@ def pull_verified(
         cached = _download(repo_id, revision, token, endpoint)
         _check_holds_pack(cached, repo_id, revision, token, endpoint, where)
         _verify_cached(cached, where)  # links checked first
-        shutil.copytree(cached, staging, symlinks=False, dirs_exist_ok=True)
+        _copy_pack(cached, staging)
         marker = staging / _PULL_MARKER
         marker.mkdir(parents=True, exist_ok=True)
         (marker / ".gitignore").write_text("*\n", encoding="utf-8")
@@ -819,6 +863,22 @@ def pull_verified(
 
 _DAMAGE_WORDS = ("sha256", "hashes to", "could not be read", "truncated")
 """Words of the refusals a download damaged on the way gives (the content, not what the pack says)."""
+
+
+def _copy_pack(src: Path, dst: Path) -> None:
+    """Copy a verified pack's own files (``pack.json``, its card, the listed patches' files, ``peft/``),
+    following the cache's links; nothing else the download holds."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in (PACK_FILE, CARD_FILE):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+    for entry in read_pack_json(src):
+        (dst / entry["path"]).mkdir(parents=True, exist_ok=True)
+        for name in PATCH_FILES:
+            if (src / entry["path"] / name).is_file():
+                shutil.copyfile(src / entry["path"] / name, dst / entry["path"] / name)
+    if (src / PEFT_DIR).is_dir():
+        shutil.copytree(src / PEFT_DIR, dst / PEFT_DIR, symlinks=False, dirs_exist_ok=True)
 
 
 def _verify_cached(folder: Path, where: str) -> list[Patch]:
@@ -946,7 +1006,8 @@ def _download(repo_id: str, revision: str | None, token: str | None, endpoint: s
     if head is not None and folder.name != head:  # it answered a failed request with an older copy
         raise HubError(
             f"the Hub at {url} holds commit {head[:12]} of {repo_id}{'@' + revision if revision else ''} but"
-            f" served {folder.name[:12]} from the local cache (a request failed on the way): try again"
+            f" served {folder.name[:12]} (a request failed on the way, or the pack changed during the pull): try"
+            " again"
         )
     return folder
 

@@ -493,9 +493,15 @@ def test_a_hub_that_never_answers_times_out_in_one_line(hub, two_patches, monkey
             pull_pack("user/pack")
         hub.faults.clear()
     hub.faults.append(Fault(r"^/api/repos/create$", hang=3.0))
-    with pytest.raises(HubError, match=r"could not reach the Hub at \S+ \(ReadTimeout\)"):
+    with pytest.raises(
+        HubError, match=r"\(ReadTimeout\): .*the upload may have landed all the same: push again"
+    ):
         push_pack([a.path], "user/other", token=TOKEN)
     hub.faults.clear()
+    for absurd in ("1e12", "0", "nan"):
+        monkeypatch.setenv("NMKE_PATCH_HUB_TIMEOUT", absurd)
+        with pytest.raises(HubError, match=r"greater than 0 and at most 86400"):
+            pull_pack("user/pack")
     monkeypatch.setenv("NMKE_PATCH_HUB_TIMEOUT", "soon")
     with pytest.raises(HubError, match=r"NMKE_PATCH_HUB_TIMEOUT='soon': give a number of seconds"):
         pull_pack("user/pack")
@@ -510,7 +516,9 @@ def test_a_failed_request_is_not_answered_with_an_older_cached_pack(hub, two_pat
     for where in ({}, {"local_dir": tmp_path / "out"}):
         # our own repo_info (/api/models/user/pack) is answered; snapshot_download's fails, once
         hub.faults.append(Fault(r"^/api/models/user/pack/revision/", status=503, times=1))
-        with pytest.raises(HubError, match=r"holds commit .* but served .* from the local cache"):
+        with pytest.raises(
+            HubError, match=r"holds commit .* but served .* \(a request failed on the way, or"
+        ):
             pull_pack("user/pack", **where)
         hub.faults.clear()
     assert not (tmp_path / "out").exists()
@@ -568,3 +576,43 @@ def test_a_download_damaged_on_the_way_says_how_to_recover(hub, two_patches):
         pull_pack("user/pack")
     shutil.rmtree(re.search(r"delete (\S+) and pull again", str(refused.value)).group(1))
     assert _ids(pull_pack("user/pack")) == [a.id]  # ... until it is deleted
+
+
+def test_tokens_no_hub_issues_are_refused_in_one_line(hub, two_patches, monkeypatch):
+    a, _ = two_patches
+    with pytest.raises(HubError, match=r"the token is empty"):
+        push_pack([a.path], "user/pack", token="")  # --token "$UNSET_VARIABLE"
+    with pytest.raises(HubError, match=r"the token holds characters no Hub token has"):
+        push_pack([a.path], "user/pack", token="hf_ü")
+    monkeypatch.setenv("HF_TOKEN", "hf_ü")
+    with pytest.raises(HubError, match=r"HF_TOKEN holds characters no Hub token has"):
+        pull_pack("user/pack")
+    monkeypatch.delenv("HF_TOKEN")
+    assert push_pack([a.path], "user/pack", token=TOKEN + "\n").changed  # as read from a file
+
+
+def test_answers_missing_a_file_or_its_headers_say_so(hub, two_patches):
+    a, _ = two_patches
+    push_pack([a.path], "user/pack", token=TOKEN)
+    hub.faults.append(Fault(r"/resolve/[^/]+/patches/capitals\.nmke/manifest\.json$", status=404))
+    with pytest.raises(
+        HubError, match=r"a file of user/pack \(\S*patches/capitals\.nmke/manifest\.json\) is listed"
+    ):
+        pull_pack("user/pack")
+    hub.faults[:] = [Fault(r"/resolve/", method="HEAD", status=200)]  # a proxy that drops ETag and the rest
+    with pytest.raises(HubError, match=r"answered without the headers the Hub sends with a file"):
+        pull_pack("user/pack")
+
+
+def test_a_pull_into_a_folder_copies_the_pack_s_own_files_only(hub, two_patches, tmp_path):
+    a, _ = two_patches
+    push_pack([a.path], "user/pack", token=TOKEN)
+    repo = hub.repos["user/pack"]
+    repo.commits[repo.branches["main"]].files["patches/capitals.nmke/extra.bin"] = b"unlisted"
+    out = pull_pack("user/pack", local_dir=tmp_path / "out")
+    assert not (out / "patches" / "capitals.nmke" / "extra.bin").exists()
+    assert sorted(f.name for f in (out / "patches" / "capitals.nmke").iterdir()) == [
+        "README.md",
+        "deltas.safetensors",
+        "manifest.json",
+    ]
