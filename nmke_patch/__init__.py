@@ -47,6 +47,12 @@ def load_model(
         ``(model, tokenizer)``; ``PatchStack.for_model(model)`` lists, unloads and adds patches.
     """
     from .merged import check_apply
+
+    if model is not None and not isinstance(model, (str, os.PathLike)):
+        raise TypeError(
+            f"load_model(model=...) takes a model directory, a Hub id or None, not {type(model).__name__}; to"
+            " patch a model already loaded, use PatchStack.for_model(model).apply(...)"
+        )
     from .models import load_base
 
     resolved = resolve_patches(patches)

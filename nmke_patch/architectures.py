@@ -112,11 +112,25 @@ def spec_for_model_type(model_type: str) -> ArchitectureSpec:
 
 def spec_for_model(model: nn.Module) -> ArchitectureSpec:
     """Architecture spec of a loaded transformers model."""
+    _refuse_wrappers(model)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if not isinstance(model_type, str):
         raise UnsupportedArchitectureError("model has no config.model_type; is it a transformers model?")
     return spec_for_model_type(model_type)
+
+
+def _refuse_wrappers(model: nn.Module) -> None:
+    """Name the wrapper around a model (DataParallel, a PEFT model) instead of an architecture problem."""
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise UnsupportedArchitectureError(
+            f"the model is wrapped in {type(model).__name__}: give the model it wraps (model.module)"
+        )
+    if callable(getattr(model, "get_base_model", None)) and hasattr(model, "peft_config"):
+        raise UnsupportedArchitectureError(
+            "the model is a PEFT model: apply patches to the base model before wrapping it, or export them as an"
+            " adapter (nmke-patch export-peft)"
+        )
 
 
 def get_submodule(root: nn.Module, dotted: str) -> nn.Module:

@@ -316,6 +316,9 @@ def read_requests(path: str | os.PathLike[str], limit: int | None = None) -> lis
     if limit is not None and limit < 1:
         raise InvalidRequestError(f"limit must be at least 1, not {limit}")
     file = Path(path)
+    if not file.exists():
+        hint = " (a prompt? give one record as a dict, or a list of them)" if "{}" in str(path) else ""
+        raise InvalidRequestError(f"{file}: no such facts file{hint}")
     text = read_user_text(file, InvalidRequestError)
     records, lines = _parse_records(text, file)
     if not records:

@@ -24,6 +24,8 @@ def resolve_patches(sources: Iterable[PatchSource] | PatchSource | None) -> list
         return []
     if isinstance(sources, (str, os.PathLike, Patch)):
         sources = [sources]
+    if isinstance(sources, (dict, set, frozenset)):
+        raise TypeError(f"patches are applied in order: give a list, not a {type(sources).__name__}")
     if isinstance(sources, (bytes, bytearray)) or not isinstance(sources, Iterable):
         raise TypeError(
             f"patches: expected paths, hf:// references or Patch objects, not {type(sources).__name__}"

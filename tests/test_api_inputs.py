@@ -146,3 +146,28 @@ def test_export_refuses_a_file_a_patch_or_a_model_as_its_folder(
         with pytest.raises(ExportError, match=named):
             export_peft([a], out)
         assert (sorted(p.name for p in out.iterdir()) if out.is_dir() else None) == before
+
+
+def test_misused_api_arguments_are_named_not_failed_deep_inside(tmp_path) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from nmke_patch import PatchStack, load_model
+    from nmke_patch.errors import InvalidRequestError, UnsupportedArchitectureError
+    from nmke_patch.requests import as_requests
+    from nmke_patch.sources import resolve_patches
+
+    model = MODEL_FACTORIES["llama"]()
+    with pytest.raises(TypeError, match=r"takes a model directory, a Hub id or None, not LlamaForCausalLM"):
+        load_model(model)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"applied in order: give a list, not a dict"):
+        resolve_patches({"a.nmke": 1})  # type: ignore[arg-type]
+    with pytest.raises(
+        InvalidRequestError, match=r"no such facts file \(a prompt\? give one record as a dict"
+    ):
+        as_requests("The capital of {} is")
+    with pytest.raises(UnsupportedArchitectureError, match=r"wrapped in DataParallel: .*model\.module"):
+        PatchStack.for_model(torch.nn.DataParallel(model))
+    wrapped = get_peft_model(MODEL_FACTORIES["llama"](), LoraConfig(target_modules=["down_proj"], r=2))
+    with pytest.raises(UnsupportedArchitectureError, match=r"a PEFT model: apply patches to the base model"):
+        PatchStack.for_model(wrapped)
