@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from nmke_patch.hub import build_pack, pull_pack, push_pack, read_pack_json
+from nmke_patch.hub import pull_pack, push_pack
+from nmke_patch.pack import build_pack, read_pack_json
 from nmke_patch.sources import resolve_patches
 
 from .common import console, err_console, labelled

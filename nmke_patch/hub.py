@@ -1,716 +1,69 @@
-"""Share edit packs on the Hugging Face Hub: build a pack folder, push it, pull it back (verified).
+"""Share edit packs on the Hugging Face Hub: push a pack, pull it back (verified).
 
-A pack is a Hub model repository laid out as::
-
-    pack.json                  {"format": "nmke-pack", "format_version": 1, "patches": [{path, name, id}, ...]}
-    README.md                  model card (base model, facts edited, measured metrics)
-    patches/NAME.nmke/         one patch directory per patch, in application order
-    peft/                      optional LoRA adapter of the whole pack (``push --with-peft``)
-
-Whatever comes from the Hub is untrusted: :func:`pull_pack` checks ``pack.json``, every path it lists
-(inside the pack, no ``..``, no absolute paths, no symlinks leading out), and loads every patch with
-:func:`nmke_patch.patch.load_patch` (schema and sha256) before returning. See ``docs/hub.md``.
+Whatever comes from the Hub is untrusted: :func:`pull_pack` verifies the pack
+(:func:`nmke_patch.pack.verify_pack`) before returning it. Building and verifying pack folders lives in
+:mod:`nmke_patch.pack`, references and the endpoint in :mod:`nmke_patch.hub_refs`, error handling in
+:mod:`nmke_patch.hub_errors`; their public names are importable from here too. See ``docs/hub.md``.
 """
 
 from __future__ import annotations
 
-import importlib
-import json
 import logging
-import math
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
-from pathlib import Path, PurePosixPath
-from typing import Any
+from pathlib import Path
 
-from .card import fmt_probability, p_new_with_patch, patch_card
-from .errors import HubError, InvalidPatchError, PatchMismatchError
-from .jsonio import load_json_text
-from .patch import (
-    CARD_FILE,
-    DELTAS_FILE,
-    MANIFEST_FILE,
-    MAX_NAME_CHARS,
-    PATCH_FILES,
-    PATCH_SUFFIX,
-    STATE_FILE,
-    Patch,
-    base_model_differences,
-    load_patch,
-    read_manifest,
+from .errors import HubError, InvalidPatchError
+from .hub_errors import bounded_requests, checked_token, hub_calls, hub_timeout_s
+from .hub_refs import (
+    LIBRARY_NAME,
+    REPO_TYPE,
+    cached_commit,
+    hub_cache_dir,
+    hub_endpoint,
+    looks_like_hub_id,
+    offline_mode,
+    parse_ref,
 )
+from .pack import (
+    PACK_FORMAT,
+    PACK_FORMAT_VERSION,
+    PATCHES_DIR,
+    PEFT_DIR,
+    build_pack,
+    cache_repo_root,
+    pack_card,
+    read_pack_json,
+    verify_pack,
+)
+from .patch import CARD_FILE, PATCH_FILES, Patch
 from .paths import move_into_place, new_folder_has_content, staging_dir
 from .sources import HF_PREFIX, PACK_FILE, PatchSource, resolve_patches
-from .stack import check_lineage
+
+__all__ = [
+    "PACK_FORMAT",
+    "PACK_FORMAT_VERSION",
+    "PushResult",
+    "build_pack",
+    "cache_repo_root",
+    "hub_endpoint",
+    "hub_timeout_s",
+    "looks_like_hub_id",
+    "pack_card",
+    "parse_ref",
+    "pull_pack",
+    "pull_verified",
+    "push_pack",
+    "read_pack_json",
+    "verify_pack",
+]
 
 logger = logging.getLogger(__name__)
-
-PACK_FORMAT = "nmke-pack"
-PACK_FORMAT_VERSION = 1
-PATCHES_DIR = "patches"
-PEFT_DIR = "peft"
-LIBRARY_NAME = "nmke-patch"
-TAGS = ["knowledge-editing", "model-patching", "nmke-patch"]
-MAX_PACK_JSON_BYTES = 4 * 1024 * 1024
-_REPO_TYPE = "model"
-_ID_RE = re.compile(r"[0-9a-f]{64}")
-# packs live in a user's or an organisation's namespace: "user/pack" (never a bare, legacy "name")
-_HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
-_HUB_MODEL_RE = re.compile(f"{_HUB_PART}/{_HUB_PART}")
-"""``user/name`` as the Hub accepts it: ASCII letters, digits, ``_.-``, not ending in ``.`` or ``-``."""
-_TRUE = {"1", "ON", "YES", "TRUE"}
-
-
-# -- configuration read at call time ------------------------------------------------------------------
-
-
-def hub_endpoint(endpoint: str | None = None) -> str:
-    """The Hub endpoint: ``endpoint``, else ``$NMKE_PATCH_HF_ENDPOINT``, else ``$HF_ENDPOINT``, else the default.
-
-    Read at call time (``huggingface_hub`` reads ``HF_ENDPOINT`` once, at import).
-    """
-    from huggingface_hub import constants
-
-    value = endpoint or os.environ.get("NMKE_PATCH_HF_ENDPOINT") or os.environ.get("HF_ENDPOINT")
-    value = (value or constants.ENDPOINT).rstrip("/")
-    if not value.startswith(("http://", "https://")):
-        raise HubError(f"invalid Hub endpoint {value!r}: expected an http:// or https:// URL")
-    return value
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE
-
-
-def _cache_dir() -> str | None:
-    """``$HF_HUB_CACHE`` or ``$HF_HOME/hub`` as set now (None: huggingface_hub's import-time default)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
-    if os.environ.get("HF_HOME"):
-        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
-    return None
-
-
-def _cached_commit(repo_id: str, short: str) -> str | None:
-    """The one commit in the Hugging Face cache of ``repo_id`` whose id starts with ``short`` (hex), if any:
-    offline, huggingface_hub finds a pinned commit by its full id only."""
-    from huggingface_hub import constants
-
-    folder = (
-        Path(_cache_dir() or constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "snapshots"
-    )
-    found = [p.name for p in folder.glob(f"{short}*")] if folder.is_dir() else []
-    return found[0] if len(found) == 1 else None
-
-
-def parse_ref(ref: str, revision: str | None = None) -> tuple[str, str | None]:
-    """``hf://user/pack@rev``, ``hf://user/pack`` or ``user/pack`` -> ``(repo_id, revision)``."""
-    if not isinstance(ref, str) or not (revision is None or isinstance(revision, str)):
-        raise TypeError(f"a pack's repository is a string such as 'user/pack', not {type(ref).__name__}")
-    text = ref.removeprefix(HF_PREFIX)
-    repo_id, sep, rev = text.partition("@")
-    repo_id = repo_id.strip("/")
-    if sep and not rev:
-        raise HubError(f"{ref!r}: empty revision after '@'; use hf://user/pack@REVISION")
-    if not _is_hub_id(repo_id):
-        raise HubError(
-            f"{ref!r} is not an edit pack's repository id; expected user/pack (or hf://user/pack[@revision])"
-        )
-    if rev and revision and rev != revision:
-        raise HubError(f"{ref!r} names revision {rev!r} but {revision!r} was also given; pass only one")
-    return repo_id, rev or revision
-
-
-def looks_like_hub_id(name: str) -> bool:
-    """Whether a base model's ``name_or_path`` reads as a Hub model id (``org/name``), not a local path."""
-    return _is_hub_id(name) and not os.path.exists(name)
-
-
-def _is_hub_id(name: str) -> bool:
-    """The Hub's own rules for a repository id, so that no id passes here that huggingface_hub refuses."""
-    return (
-        bool(_HUB_MODEL_RE.fullmatch(name))
-        and ".." not in name
-        and "--" not in name
-        and not name.endswith(".git")
-    )
-
-
-# -- building ----------------------------------------------------------------------------------------
-
-
-def _dir_name(name: str, taken: set[str]) -> str:
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-")[:64] or "patch"
-    candidate, n = stem, 1
-    while candidate.lower() in taken:
-        n += 1
-        candidate = f"{stem}-{n}"
-    taken.add(candidate.lower())
-    return candidate + PATCH_SUFFIX
-
-
-def _write_patch(patch: Patch, target: Path) -> Patch:
-    """Copy a saved patch's checked files verbatim (its id is the hash of those bytes), else save it.
-
-    Only what :func:`load_patch` validates is copied (the manifest, the deltas and the state the manifest
-    declares, each read through any link, as a pulled pack's files are links into the Hub cache) and then
-    checked again; the card is written anew from the manifest. A stranger's patch folder cannot carry other
-    files into a pack.
-    """
-    if patch.path is None:
-        return patch.save(target)
-    root = Path(patch.path)
-    files = [MANIFEST_FILE, DELTAS_FILE] + ([STATE_FILE] if "state_sha256" in read_manifest(root) else [])
-    target.mkdir(parents=True)
-    for fname in files:
-        shutil.copyfile(root / fname, target / fname)
-    copied = load_patch(target)
-    if copied.id != patch.id:
-        raise InvalidPatchError(f"{patch.path}: changed on disk while building the pack")
-    (target / CARD_FILE).write_text(patch_card(copied), encoding="utf-8")
-    return copied
-
-
-def _base_names(patches: Sequence[Patch]) -> list[str]:
-    names: list[str] = []
-    for p in patches:
-        name = str(p.manifest.base_model.get("name_or_path") or "?")
-        if name not in names:
-            names.append(name)
-    return names
-
-
-def _cell(value: Any) -> str:
-    return str(value).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").replace("`", "'")
-
-
-def pack_card(patches: Sequence[Patch], *, repo_id: str | None = None, with_peft: bool = False) -> str:
-    """The model card (``README.md``) of a pack: Hub metadata, usage, patches and the facts edited."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    bases = _base_names(patches)
-    hub_bases = [b for b in bases if looks_like_hub_id(b)]
-    declared = hub_bases[0] if len(hub_bases) == 1 == len(bases) else (hub_bases or None)
-    card_data = ModelCardData(base_model=declared, library_name=LIBRARY_NAME, tags=list(TAGS))
-    ref = f"hf://{repo_id}" if repo_id else "hf://USER/PACK"
-    base_text = ", ".join(f"`{_cell(b)}`" for b in bases)
-    model_arg = f'"{bases[0]}"' if len(hub_bases) == 1 == len(bases) else "BASE_MODEL"
-    lines = [
-        f"# {repo_id.split('/')[-1] if repo_id else 'nmke-patch edit pack'}",
-        "",
-        f"An edit pack of {len(patches)} [nmke-patch](https://pypi.org/project/nmke-patch/) knowledge-editing"
-        f" patch(es) for {base_text}. Each patch is a sparse, neuron-masked weight delta: apply the patches in"
-        " order, unload any of them, or revert to the base weights bit for bit.",
-        "",
-    ]
-    if not declared or len(hub_bases) != len(bases):
-        lines += [
-            f"The base model ({base_text}) is not a Hugging Face Hub model id, so no `base_model` is declared"
-            " in this card's metadata. The patches fit only the exact weights they were made on (every edited"
-            " tensor is fingerprinted in the patch manifests).",
-            "",
-        ]
-    lines += [
-        "## Use",
-        "",
-        "```bash",
-        f"nmke-patch apply {ref} --out merged-model/"
-        + ("" if model_arg == "BASE_MODEL" else f" --model {bases[0]}"),
-        "```",
-        "",
-        "```python",
-        "from nmke_patch import load_model",
-        "",
-        f'model, tokenizer = load_model({model_arg}, patches=["{ref}"])',
-        "```",
-        "",
-        "Pulled packs are verified before anything touches a model: `pack.json` and every path it lists,"
-        " and each patch's manifest and sha256.",
-        "",
-    ]
-    if with_peft:
-        lines += [
-            f"`{PEFT_DIR}/` holds the whole pack as one LoRA adapter for PEFT: "
-            f'`PeftModel.from_pretrained(model, "{repo_id or "USER/PACK"}", subfolder="{PEFT_DIR}")`.',
-            "",
-        ]
-    lines += [
-        "## Patches (applied in this order)",
-        "",
-        "| # | patch | id | method | tensors | neurons | parents |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for i, p in enumerate(patches):
-        parents = ", ".join(_cell(x.name) for x in p.manifest.parents) or "none"
-        method = _cell(p.manifest.method.get("name", "?"))
-        lines.append(
-            f"| {i} | {_cell(p.name)} | `{p.id[:12]}` | {method} | {len(p.deltas)} | {p.num_neurons} | {parents} |"
-        )
-    lines += [
-        "",
-        "## Facts edited",
-        "",
-        "| patch | # | prompt | new target | P(new) before | P(new) with the patch |",
-        "|---|---|---|---|---|---|",
-    ]
-    for p in patches:
-        metrics: dict[int, dict[str, Any]] = {}
-        for i, m in enumerate(p.manifest.metrics):
-            if isinstance(m, dict):
-                index = m.get("index", i)
-                metrics[int(index) if isinstance(index, int) else i] = m
-        for i, r in enumerate(p.manifest.requests):
-            r = r if isinstance(r, dict) else {}
-            prompt = str(r.get("prompt", "")).replace("{}", str(r.get("subject", "")))
-            mx = metrics.get(i, {})
-            lines.append(
-                f"| {_cell(p.name)} | {i} | {_cell(prompt)} | {_cell(r.get('target_new', ''))} |"
-                f" {fmt_probability(mx.get('p_new_before'))} | {fmt_probability(p_new_with_patch(mx))} |"
-            )
-    body = "\n".join(lines)
-    template = "---\n{{ card_data }}\n---\n\n{{ body }}\n"
-    return str(ModelCard.from_template(card_data, template_str=template, body=body))
-
-
-def build_pack(
-    patches: Iterable[PatchSource] | PatchSource,
-    folder: str | os.PathLike[str],
-    *,
-    repo_id: str | None = None,
-    with_peft: bool = False,
-) -> Path:
-    """Lay out a pack folder: ``patches/NAME.nmke/`` per patch (in order), ``pack.json``, ``README.md``.
-
-    Saved patches are copied byte for byte (their ids stay the same). ``with_peft`` adds ``peft/``, a LoRA
-    adapter of the whole pack (:func:`nmke_patch.export.peft.export_peft`). ``folder`` must not exist or
-    be an empty directory; the pack is built next to it and renamed into place, so a failed build leaves
-    nothing. ``patches``: ``Patch`` objects, patch or pack folders, ``hf://`` references, or one alone.
-    """
-    patches = resolve_patches(patches)
-    if not patches:
-        raise InvalidPatchError("a pack needs at least one patch")
-    ids = [p.id for p in patches]
-    dupes = {p.describe() for p in patches if ids.count(p.id) > 1}
-    if dupes:
-        raise InvalidPatchError(f"patch listed more than once: {', '.join(sorted(dupes))}")
-    check_lineage(patches)  # a pack is applied in its order: every chain whole, oldest first
-    for p in patches[1:]:
-        for key in base_model_differences(patches[0], p):
-            ours, theirs = patches[0].manifest.base_model.get(key), p.manifest.base_model.get(key)
-            differ = f"patches {patches[0].describe()} and {p.describe()} were made on different base models"
-            if key in ("model_type", "architecture"):
-                raise PatchMismatchError(
-                    f"{differ} ({key} {ours!r} vs {theirs!r}); a pack holds one base model's"
-                )
-            # the same weights can be reached by two paths or names: said, not refused (apply checks weights)
-            logger.warning(
-                "%s (%s %r vs %r), or on one model named two ways; packed as asked", differ, key, ours, theirs
-            )
-    target = Path(folder)
-    if new_folder_has_content(target, "build a pack into a new folder"):
-        raise FileExistsError(f"{target} is not empty; build a pack into a new folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    root = staging_dir(target)  # built aside and renamed in: a failed build leaves no half-built pack
-    try:
-        _lay_out_pack(patches, root, repo_id=repo_id, with_peft=with_peft)
-        move_into_place(root, target)  # an empty target folder is replaced
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    return target
-
-
-def _lay_out_pack(patches: Sequence[Patch], root: Path, *, repo_id: str | None, with_peft: bool) -> None:
-    (root / PATCHES_DIR).mkdir()
-    taken: set[str] = set()
-    entries, written = [], []
-    for patch in patches:
-        rel = f"{PATCHES_DIR}/{_dir_name(patch.name, taken)}"
-        saved = _write_patch(patch, root / rel)
-        written.append(saved)
-        entries.append({"path": rel, "name": saved.name, "id": saved.id})
-    pack = {"format": PACK_FORMAT, "format_version": PACK_FORMAT_VERSION, "patches": entries}
-    (root / PACK_FILE).write_text(json.dumps(pack, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    if with_peft:
-        from .export.peft import export_peft
-
-        bases = _base_names(written)
-        hub_base = bases[0] if len(bases) == 1 and looks_like_hub_id(bases[0]) else None
-        export_peft(written, root / PEFT_DIR, fmt="lora", base_model_name_or_path=hub_base)
-    card = pack_card(written, repo_id=repo_id, with_peft=with_peft)
-    (root / CARD_FILE).write_text(card, encoding="utf-8")
-
-
-# -- verifying ---------------------------------------------------------------------------------------
-
-
-def _inside(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
-
-
-def _link_target(path: Path, where: str, shown: Path | str) -> Path:
-    """Where the link ``path`` leads; a link that loops is refused (``shown``: its name in the message)."""
-    try:
-        return path.resolve()
-    except (RuntimeError, OSError) as exc:  # Python < 3.13 raises on a loop
-        raise InvalidPatchError(f"{where}: {shown} is a link that loops or cannot be followed") from exc
-
-
-def _safe_rel(rel: Any, where: str) -> str:
-    if not isinstance(rel, str) or not rel:
-        raise InvalidPatchError(f"{where}: each {PACK_FILE} entry needs a non-empty 'path' string")
-    if len(rel) > 1024:
-        raise InvalidPatchError(f"{where}: a {PACK_FILE} path is {len(rel):,} characters long; at most 1024")
-    parts = PurePosixPath(rel).parts
-    if (
-        rel.startswith(("/", "~"))
-        or "\\" in rel
-        or ":" in rel
-        or "\0" in rel
-        or any(part in ("..", ".") for part in parts)
-        or rel != "/".join(parts)
-    ):
-        raise InvalidPatchError(
-            f"{where}: {PACK_FILE} path {rel!r} is not a plain relative path inside the pack"
-        )
-    return rel
-
-
-def read_pack_json(pack_dir: Path, *, where: str | None = None) -> list[dict[str, str]]:
-    """Read and validate ``pack.json``: format, version and ``{path, name, id}`` entries with safe paths."""
-    where = where or str(pack_dir)
-    file = pack_dir / PACK_FILE
-    if not file.is_file():
-        raise InvalidPatchError(f"{where}: not an nmke-patch pack ({PACK_FILE} is missing)")
-    if file.stat().st_size > MAX_PACK_JSON_BYTES:
-        raise InvalidPatchError(f"{where}: {PACK_FILE} is larger than {MAX_PACK_JSON_BYTES} bytes")
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidPatchError(f"{where}: {PACK_FILE} is not valid JSON ({exc})") from exc
-    data = load_json_text(text, f"{where}: {PACK_FILE}")
-    if not isinstance(data, dict) or data.get("format") != PACK_FORMAT:
-        raise InvalidPatchError(
-            f"{where}: {PACK_FILE} is not an nmke-patch pack (format must be {PACK_FORMAT!r})"
-        )
-    version = data.get("format_version")
-    if type(version) is not int or version != PACK_FORMAT_VERSION:  # not True, not 1.0
-        raise InvalidPatchError(
-            f"{where}: pack format version {version!r} is not supported (reads v{PACK_FORMAT_VERSION});"
-            " upgrade nmke-patch"
-        )
-    entries = data.get("patches")
-    if not isinstance(entries, list) or not entries:
-        raise InvalidPatchError(f"{where}: {PACK_FILE} must list at least one patch under 'patches'")
-    out: list[dict[str, str]] = []
-    for entry in entries:
-        if not isinstance(entry, dict):
-            raise InvalidPatchError(f"{where}: each {PACK_FILE} entry must be an object")
-        rel = _safe_rel(entry.get("path"), where)
-        name, pid = entry.get("name"), entry.get("id")
-        if not isinstance(name, str) or not isinstance(pid, str) or not _ID_RE.fullmatch(pid):
-            raise InvalidPatchError(
-                f"{where}: {PACK_FILE} entry {rel!r} needs a 'name' and an 'id' (a sha256 in 64 lowercase hex digits)"
-            )
-        if len(name) > MAX_NAME_CHARS:
-            raise InvalidPatchError(
-                f"{where}: {PACK_FILE} entry {rel!r} has a name of {len(name):,} characters; at most {MAX_NAME_CHARS}"
-            )
-        out.append({"path": rel, "name": name, "id": pid})
-    paths = [e["path"] for e in out]
-    if len(set(paths)) != len(paths) or len({e["id"] for e in out}) != len(out):
-        raise InvalidPatchError(f"{where}: {PACK_FILE} lists the same patch path or id twice")
-    return out
-
-
-def cache_repo_root(folder: str | os.PathLike[str]) -> Path | None:
-    """The Hugging Face cache folder of the repository whose snapshot ``folder`` is
-    (``.../models--user--pack`` for ``.../models--user--pack/snapshots/<commit>``), else ``None``. Files of a
-    snapshot are links into that folder's ``blobs/``."""
-    path = Path(folder).resolve()
-    repo = path.parent.parent
-    cached = path.parent.name == "snapshots" and (repo / "blobs").is_dir()
-    return repo if cached and repo.name.startswith(("models--", "datasets--", "spaces--")) else None
-
-
-def verify_pack(
-    folder: str | os.PathLike[str],
-    *,
-    trusted_root: str | os.PathLike[str] | None = None,
-    where: str | None = None,
-) -> list[Patch]:
-    """Verify a pack folder as untrusted input and return its patches, in order.
-
-    Every file under the pack must be a regular file, or a symlink resolving inside ``trusted_root``
-    (default: the pack itself; the Hub cache keeps files as symlinks into its ``blobs/`` folder). Every
-    listed patch must load with :func:`~nmke_patch.patch.load_patch` and hash to the id ``pack.json`` gives.
-
-    Raises:
-        InvalidPatchError: naming the first problem found.
-    """
-    pack_dir = Path(folder)
-    where = where or str(pack_dir)
-    root = pack_dir.resolve()
-    trusted = Path(trusted_root).resolve() if trusted_root is not None else root
-    for dirpath, dirnames, filenames in os.walk(pack_dir):
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            if path.is_symlink() and not _inside(
-                _link_target(path, where, path.relative_to(pack_dir)), trusted
-            ):
-                raise InvalidPatchError(
-                    f"{where}: {path.relative_to(pack_dir)} is a link leading out of the pack"
-                )
-    entries = read_pack_json(pack_dir, where=where)
-    patches: list[Patch] = []
-    for entry in entries:
-        patch_dir = pack_dir / entry["path"]
-        if patch_dir.is_symlink():  # one name per patch directory: pack.json names real folders
-            raise InvalidPatchError(f"{where}: {entry['path']} is a link; pack.json must name a real folder")
-        if not patch_dir.is_dir() or not _inside(_link_target(patch_dir, where, entry["path"]), root):
-            raise InvalidPatchError(f"{where}: {entry['path']} is not a patch directory inside the pack")
-        try:
-            patch = load_patch(patch_dir)
-        except InvalidPatchError as exc:
-            raise InvalidPatchError(f"{where}: {entry['path']}: {exc}") from exc
-        if patch.id != entry["id"]:
-            raise InvalidPatchError(
-                f"{where}: {entry['path']} hashes to {patch.id[:16]}… but {PACK_FILE} lists {entry['id'][:16]}…"
-                " (the pack was modified)"
-            )
-        if patch.name != entry["name"]:
-            raise InvalidPatchError(
-                f"{where}: {entry['path']} is named {patch.name!r} but {PACK_FILE} calls it {entry['name']!r}"
-            )
-        patches.append(patch)
-    return patches
-
-
-# -- Hub I/O -----------------------------------------------------------------------------------------
-
-
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    """The HTTP client's own errors (timeouts, refused connections, redirect loops, ...)."""
-    found: list[type[BaseException]] = []
-    for module in ("httpx2", "httpx"):
-        try:
-            found.append(importlib.import_module(module).HTTPError)
-        except (ImportError, AttributeError):
-            continue
-    return tuple(found)
-
-
-HUB_TIMEOUT_ENV = "NMKE_PATCH_HUB_TIMEOUT"
-DEFAULT_HUB_TIMEOUT_S = 60.0
-"""How long a Hub request may wait for the server (connect, each read or write), in seconds."""
-_MAX_HUB_TIMEOUT_S = 86400.0
-
-
-def hub_timeout_s() -> float:
-    """``$NMKE_PATCH_HUB_TIMEOUT`` (seconds, > 0), else :data:`DEFAULT_HUB_TIMEOUT_S`."""
-    text = os.environ.get(HUB_TIMEOUT_ENV, "").strip()
-    if not text:
-        return DEFAULT_HUB_TIMEOUT_S
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and 0 < value <= _MAX_HUB_TIMEOUT_S):
-        raise HubError(
-            f"{HUB_TIMEOUT_ENV}={text!r}: give a number of seconds greater than 0 and at most {_MAX_HUB_TIMEOUT_S:g}"
-        )
-    return value
-
-
-def _checked_token(token: str | None) -> str | None:
-    """``token`` without surrounding whitespace (``$(cat token.txt)`` ends in a newline); an empty one or
-    one a token cannot be (non-ASCII, spaces inside) is refused, as is such an ``HF_TOKEN``."""
-    for value, name in ((token, "the token"), (os.environ.get("HF_TOKEN"), "HF_TOKEN")):
-        if value is None or (name == "HF_TOKEN" and token is not None):
-            continue
-        stripped = value.strip()
-        if not stripped and name == "the token":
-            raise HubError(
-                "the token is empty: give one, or leave --token out to use HF_TOKEN or the stored login"
-            )
-        if stripped and not (stripped.isascii() and stripped.isprintable() and " " not in stripped):
-            raise HubError(
-                f"{name} holds characters no Hub token has (non-ASCII, spaces or control characters)"
-            )
-    return token.strip() if token is not None else None
-
-
-@contextmanager
-def _bounded_requests() -> Iterator[None]:
-    """huggingface_hub asks many API requests to wait for an answer forever (``timeout=None``; its file
-    downloads do not): a server that accepts the connection and never answers would hang a pull or a
-    push. Within this block every request of its shared client that would wait forever waits at most
-    :func:`hub_timeout_s` (per connect, read or write); requests with a timeout of their own keep it."""
-    from huggingface_hub.utils import get_session
-
-    seconds = hub_timeout_s()
-
-    def bound(request: Any) -> None:
-        timeout = request.extensions.get("timeout")
-        if not timeout or all(v is None for v in timeout.values()):
-            request.extensions["timeout"] = dict.fromkeys(("connect", "read", "write", "pool"), seconds)
-
-    hooks = get_session().event_hooks["request"]
-    hooks.append(bound)
-    try:
-        yield
-    finally:
-        hooks.remove(bound)
-
-
-def _malformed(exc: BaseException) -> bool:
-    """A huggingface_hub call that failed on the server's answer itself (not JSON, fields missing): an
-    endpoint that is not the Hub API, or a proxy in the way."""
-    return (
-        isinstance(exc, (json.JSONDecodeError, KeyError, TypeError))
-        or type(exc).__name__ == "HFValidationError"
-    )
-
-
-@contextmanager
-def _hub_calls(*, push: bool, repo_id: str, revision: str | None, endpoint: str) -> Iterator[None]:
-    """Hub requests with a bounded wait, their failures as one :class:`HubError` line."""
-    try:
-        with _bounded_requests():
-            yield
-    except HubError:
-        raise
-    except Exception as exc:
-        if _is_hub_failure(exc) or _malformed(exc):
-            raise _hub_error(exc, push=push, repo_id=repo_id, revision=revision, endpoint=endpoint) from exc
-        if isinstance(exc, OSError) and "Consistency check failed" in str(exc):  # huggingface_hub's words
-            raise HubError(
-                f"a download from {endpoint} was cut short (a file's size is not the one the Hub announced):"
-                " pull again"
-            ) from exc
-        raise
-
-
-_CHECK_ENDPOINT = "check the network or the endpoint (NMKE_PATCH_HF_ENDPOINT, else HF_ENDPOINT)"
-_TOKEN_SOURCES = "HF_TOKEN, `hf auth login`, or --token with push and pull"
-_OFFLINE_HINT = "a pack pulled before is served from the cache with HF_HUB_OFFLINE=1"
-
-
-def _hub_error(
-    exc: BaseException, *, push: bool, repo_id: str, revision: str | None, endpoint: str
-) -> HubError:
-    """One actionable line for a huggingface_hub / network failure."""
-    from huggingface_hub import errors as hf
-
-    where = repo_id + (f"@{revision}" if revision else "")
-    access = "write" if push else "read"
-    status = getattr(getattr(exc, "response", None), "status_code", None)
-    if isinstance(exc, hf.GatedRepoError):
-        msg = f"{where} is gated: accept its conditions on the Hub page, then give a token ({_TOKEN_SOURCES})"
-    elif isinstance(exc, hf.RepositoryNotFoundError):
-        msg = (
-            f"{where} was not found on {endpoint}, or it is private and no valid token was given:"
-            f" check the name, or give a token ({_TOKEN_SOURCES})"
-        )
-    elif isinstance(exc, hf.RevisionNotFoundError):
-        msg = f"revision {revision or 'main'!r} does not exist in {repo_id}: check the branch, tag or commit"
-    elif (isinstance(exc, hf.EntryNotFoundError) and not isinstance(exc, hf.LocalEntryNotFoundError)) or (
-        isinstance(exc, hf.LocalEntryNotFoundError) and _http_status(exc) == 404
-    ):
-        url = next(
-            (
-                getattr(getattr(getattr(c, "response", None), "request", None), "url", None)
-                for c in _causes(exc)
-                if getattr(c, "response", None) is not None
-            ),
-            None,
-        )
-        named = f" ({str(url).split('/resolve/', 1)[-1]})" if url is not None else ""
-        msg = (
-            f"a file of {where}{named} is listed but could not be downloaded (HTTP 404; the repository changed"
-            " during the pull?): pull again, and if it persists, tell the pack's owner"
-        )
-    elif _malformed(exc):
-        msg = (
-            f"the server at {endpoint} did not answer as the Hugging Face Hub API does ({type(exc).__name__}):"
-            f" {_CHECK_ENDPOINT}"
-        )
-    elif status == 429 or _http_status(exc) == 429:
-        msg = f"the Hub at {endpoint} is limiting requests (HTTP 429): wait a minute, then try again"
-    elif isinstance(exc, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)) and _offline():
-        msg = f"{where} is not in the local Hugging Face cache and offline mode is on: pull it once with HF_HUB_OFFLINE unset"
-    elif any(isinstance(c, hf.FileMetadataError) for c in _causes(exc)):
-        msg = (
-            f"the server at {endpoint} answered without the headers the Hub sends with a file (ETag,"
-            f" X-Repo-Commit, Content-Length): a proxy in the way? {_CHECK_ENDPOINT}"
-        )
-    elif isinstance(exc, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)) and _http_status(exc):
-        msg = (
-            f"the Hub at {endpoint} answered HTTP {_http_status(exc)} while {where} was downloaded, and it"
-            f" is not in the local Hugging Face cache: try again later; {_OFFLINE_HINT}"
-        )
-    elif isinstance(exc, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)):
-        cause = _transport_cause(exc)
-        msg = (
-            f"could not reach the Hub at {endpoint}{f' ({cause})' if cause else ''} and {where} is not in the"
-            f" local Hugging Face cache: {_CHECK_ENDPOINT}"
-        )
-    elif isinstance(exc, hf.HfHubHTTPError) and status in (401, 403):
-        msg = (
-            f"not authorized to {'push to' if push else 'pull'} {where} (HTTP {status}): pass a token with"
-            f" {access} access ({_TOKEN_SOURCES})"
-        )
-    elif isinstance(exc, hf.HfHubHTTPError):
-        detail = (str(exc).strip().splitlines() or [""])[0]
-        msg = f"{'push to' if push else 'pull of'} {where} failed: {detail}"
-        if not push and isinstance(status, int) and status >= 500:
-            msg += f"; {_OFFLINE_HINT}"
-    else:
-        msg = f"could not reach the Hub at {endpoint} ({type(exc).__name__}): {_CHECK_ENDPOINT}"
-        if not push:
-            msg += f"; {_OFFLINE_HINT}"
-        elif "Timeout" in type(exc).__name__:
-            msg += "; the upload may have landed all the same: push again (it says 'already holds this pack' if so)"
-    return HubError(msg)
-
-
-def _causes(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and the exceptions it was raised from or while handling, in turn."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
-
-
-def _transport_cause(exc: BaseException) -> str | None:
-    """The name of the network error (a timeout, a refused connection) behind ``exc``, if any."""
-    errors = _transport_errors()
-    return next((type(c).__name__ for c in _causes(exc) if isinstance(c, errors)), None)
-
-
-def _http_status(exc: BaseException) -> int | None:
-    """The HTTP status of the first error with a response in ``exc``'s chain of causes, if any."""
-    for cause in _causes(exc):
-        status = getattr(getattr(cause, "response", None), "status_code", None)
-        if isinstance(status, int):
-            return status
-    return None
-
-
-def _is_hub_failure(exc: BaseException) -> bool:
-    from huggingface_hub import errors as hf
-
-    return isinstance(
-        exc, (hf.HfHubHTTPError, hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled, *_transport_errors())
-    )
 
 
 class _DropEmptyCommitNotice(logging.Filter):
@@ -774,7 +127,7 @@ def push_pack(
     from huggingface_hub import HfApi
 
     repo_id, revision = parse_ref(repo_id, revision)
-    token = _checked_token(token)
+    token = checked_token(token)
     if revision is not None and re.fullmatch(r"[0-9a-f]{7,40}", revision):
         raise HubError(
             f"push --revision {revision!r} looks like a commit id; a push goes to a branch, and a branch of that "
@@ -782,21 +135,21 @@ def push_pack(
         )
     patches = resolve_patches(sources)  # validate everything before any network call
     url = hub_endpoint(endpoint)
-    if _offline():
+    if offline_mode():
         raise HubError("offline mode is on (HF_HUB_OFFLINE=1): unset it to push to the Hub")
     api = HfApi(endpoint=url, token=token, library_name=LIBRARY_NAME)
     with tempfile.TemporaryDirectory(prefix="nmke-pack-") as tmp:
         folder = build_pack(patches, Path(tmp) / "pack", repo_id=repo_id, with_peft=with_peft)
-        with _hub_calls(push=True, repo_id=repo_id, revision=revision, endpoint=url):
-            api.create_repo(repo_id, repo_type=_REPO_TYPE, private=True if private else None, exist_ok=True)
-            if private and not api.repo_info(repo_id, repo_type=_REPO_TYPE).private:
+        with hub_calls(push=True, repo_id=repo_id, revision=revision, endpoint=url):
+            api.create_repo(repo_id, repo_type=REPO_TYPE, private=True if private else None, exist_ok=True)
+            if private and not api.repo_info(repo_id, repo_type=REPO_TYPE).private:
                 raise HubError(
                     f"{repo_id} already exists and is public; make it private on the Hub or pick a new name"
                 )
             if revision and revision != "main":
-                api.create_branch(repo_id, branch=revision, repo_type=_REPO_TYPE, exist_ok=True)
-            head = api.repo_info(repo_id, repo_type=_REPO_TYPE, revision=revision).sha
-            present = api.list_repo_files(repo_id, repo_type=_REPO_TYPE, revision=revision)
+                api.create_branch(repo_id, branch=revision, repo_type=REPO_TYPE, exist_ok=True)
+            head = api.repo_info(repo_id, repo_type=REPO_TYPE, revision=revision).sha
+            present = api.list_repo_files(repo_id, repo_type=REPO_TYPE, revision=revision)
             theirs = sorted(f for f in present if f != ".gitattributes")
             if PACK_FILE not in present and theirs:
                 raise HubError(  # a model or data repository: its card and files are not ours to replace
@@ -807,7 +160,7 @@ def push_pack(
                 info = api.upload_folder(
                     repo_id=repo_id,
                     folder_path=folder,
-                    repo_type=_REPO_TYPE,
+                    repo_type=REPO_TYPE,
                     revision=revision,
                     commit_message=f"Upload nmke-patch pack ({len(patches)} patch{'es' if len(patches) != 1 else ''})",
                     delete_patterns=[f"{PATCHES_DIR}/**", f"{PEFT_DIR}/**"],
@@ -835,7 +188,7 @@ def pull_verified(
         InvalidPatchError: the pack failed verification (nothing in it should be used).
     """
     repo_id, revision = parse_ref(ref, revision)
-    token = _checked_token(token)
+    token = checked_token(token)
     where = f"{HF_PREFIX}{repo_id}" + (f"@{revision}" if revision else "")
     if local_dir is None:
         folder = _download(repo_id, revision, token, endpoint)
@@ -905,14 +258,14 @@ def _check_holds_pack(
     if (folder / PACK_FILE).is_file() or folder.joinpath(PACK_FILE).is_symlink():
         return  # present (a link is the cache's way; verify_pack checks where it leads)
     hint = ""
-    if revision is None and not _offline():
+    if revision is None and not offline_mode():
         from huggingface_hub import HfApi
 
         try:
-            with _bounded_requests():
+            with bounded_requests():
                 refs = HfApi(
                     endpoint=hub_endpoint(endpoint), token=token, library_name=LIBRARY_NAME
-                ).list_repo_refs(repo_id, repo_type=_REPO_TYPE)
+                ).list_repo_refs(repo_id, repo_type=REPO_TYPE)
             others = [r.name for r in [*refs.branches, *refs.tags] if r.name != "main"]
         except Exception as exc:  # only a hint: the refusal below stands without it
             logger.debug("listing the branches of %s failed: %s", repo_id, exc)
@@ -958,7 +311,7 @@ def _check_read_access(repo_id: str, revision: str | None, token: str | None, en
     from huggingface_hub import errors as hf
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
-    url = hf_hub_url(repo_id, PACK_FILE, repo_type=_REPO_TYPE, revision=revision, endpoint=endpoint)
+    url = hf_hub_url(repo_id, PACK_FILE, repo_type=REPO_TYPE, revision=revision, endpoint=endpoint)
     try:
         get_hf_file_metadata(url, token=token, library_name=LIBRARY_NAME, endpoint=endpoint)
     except hf.EntryNotFoundError:
@@ -979,26 +332,26 @@ def _download(repo_id: str, revision: str | None, token: str | None, endpoint: s
     from huggingface_hub import HfApi, snapshot_download
 
     url = hub_endpoint(endpoint)
-    if _offline() and revision and re.fullmatch(r"[0-9a-f]{7,39}", revision):
-        revision = _cached_commit(repo_id, revision) or revision
-    with _hub_calls(push=False, repo_id=repo_id, revision=revision, endpoint=url):
+    if offline_mode() and revision and re.fullmatch(r"[0-9a-f]{7,39}", revision):
+        revision = cached_commit(repo_id, revision) or revision
+    with hub_calls(push=False, repo_id=repo_id, revision=revision, endpoint=url):
         head = None
-        if not _offline():
+        if not offline_mode():
             head = (
                 HfApi(endpoint=url, token=token, library_name=LIBRARY_NAME)
-                .repo_info(repo_id, repo_type=_REPO_TYPE, revision=revision)
+                .repo_info(repo_id, repo_type=REPO_TYPE, revision=revision)
                 .sha
             )
             _check_read_access(repo_id, revision, token, url)
         folder = Path(
             snapshot_download(
                 repo_id,
-                repo_type=_REPO_TYPE,
+                repo_type=REPO_TYPE,
                 revision=revision,
-                cache_dir=_cache_dir(),
+                cache_dir=hub_cache_dir(),
                 token=token,
                 endpoint=url,
-                local_files_only=_offline(),
+                local_files_only=offline_mode(),
                 library_name=LIBRARY_NAME,
                 allow_patterns=_PACK_PATTERNS,
             )

@@ -49,7 +49,7 @@ def resolve_patches(sources: Iterable[PatchSource] | PatchSource | None) -> list
             continue
         path = Path(text)
         if is_pack(path):
-            from .hub import cache_repo_root, verify_pack  # a local pack is as untrusted as a pulled one
+            from .pack import cache_repo_root, verify_pack  # a local pack is as untrusted as a pulled one
 
             # the folder `pull` prints is a cache snapshot: its files are links into the repository's blobs/
             patches.extend(verify_pack(path, trusted_root=cache_repo_root(path)))

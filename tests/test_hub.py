@@ -133,7 +133,7 @@ def test_packs_that_could_never_be_applied_are_refused_before_any_upload(hub, tw
     # one model named two ways (a path and a name, say) is said, not refused: apply checks the weights
     named = {**made.manifest.base_model, "name_or_path": "/models/tiny"}
     renamed = replace(made, manifest=replace(made.manifest, base_model=named))
-    with caplog.at_level("WARNING", logger="nmke_patch.hub"):
+    with caplog.at_level("WARNING", logger="nmke_patch.pack"):
         build_pack([a, renamed], tmp_path / "named")
     assert "or on one model named two ways" in caplog.text and (tmp_path / "named" / "pack.json").is_file()
 
