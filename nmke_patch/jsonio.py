@@ -140,3 +140,17 @@ def read_user_text(path: str | os.PathLike[str], error: type[NmkePatchError] = I
             f"{path}: not UTF-8 text (it holds NUL characters: UTF-16 without a byte-order mark, or binary?)"
         )
     return text
+
+
+def read_json_file(
+    file: Path, where: str, max_bytes: int, error: type[NmkePatchError] = InvalidPatchError
+) -> Any:
+    """A JSON file from a stranger (a manifest, ``pack.json``): at most ``max_bytes``, UTF-8, read by
+    :func:`load_json_text`; ``error("{where}: {file name} ...")`` otherwise."""
+    if file.stat().st_size > max_bytes:
+        raise error(f"{where}: {file.name} is larger than {max_bytes} bytes")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{where}: {file.name} is not valid JSON ({exc})") from exc
+    return load_json_text(text, f"{where}: {file.name}", error)

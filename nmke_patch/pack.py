@@ -26,7 +26,7 @@ from typing import Any
 from .card import fmt_probability, p_new_with_patch, patch_card
 from .errors import InvalidPatchError, PatchMismatchError
 from .hub_refs import LIBRARY_NAME, looks_like_hub_id
-from .jsonio import load_json_text
+from .jsonio import read_json_file
 from .patch import (
     CARD_FILE,
     DELTAS_FILE,
@@ -299,13 +299,7 @@ def read_pack_json(pack_dir: Path, *, where: str | None = None) -> list[dict[str
     file = pack_dir / PACK_FILE
     if not file.is_file():
         raise InvalidPatchError(f"{where}: not an nmke-patch pack ({PACK_FILE} is missing)")
-    if file.stat().st_size > MAX_PACK_JSON_BYTES:
-        raise InvalidPatchError(f"{where}: {PACK_FILE} is larger than {MAX_PACK_JSON_BYTES} bytes")
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidPatchError(f"{where}: {PACK_FILE} is not valid JSON ({exc})") from exc
-    data = load_json_text(text, f"{where}: {PACK_FILE}")
+    data = read_json_file(file, where, MAX_PACK_JSON_BYTES)
     if not isinstance(data, dict) or data.get("format") != PACK_FORMAT:
         raise InvalidPatchError(
             f"{where}: {PACK_FILE} is not an nmke-patch pack (format must be {PACK_FORMAT!r})"

@@ -27,7 +27,7 @@ from safetensors.torch import save
 
 from .delta import TensorDelta
 from .errors import InvalidPatchError
-from .jsonio import load_json_text
+from .jsonio import read_json_file
 from .paths import check_parents, move_into_place, staging_dir
 from .threads import one_thread
 from .version import __version__
@@ -400,13 +400,7 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
             f" Python, resolve_patches([{str(root)!r}]) gives its patches"
         )
     _require_file(file, str(root))
-    if file.stat().st_size > MAX_MANIFEST_BYTES:
-        raise InvalidPatchError(f"{root}: {MANIFEST_FILE} is larger than {MAX_MANIFEST_BYTES} bytes")
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidPatchError(f"{root}: {MANIFEST_FILE} is not valid JSON ({exc})") from exc
-    data = load_json_text(text, f"{root}: {MANIFEST_FILE}")
+    data = read_json_file(file, str(root), MAX_MANIFEST_BYTES)
     where = str(root)
     if not isinstance(data, dict):
         raise InvalidPatchError(f"{where}: {MANIFEST_FILE} must hold a JSON object")
