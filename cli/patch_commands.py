@@ -151,7 +151,9 @@ def _load(model: str | None, device: str | None, dtype: str | None) -> tuple[Any
         return load_base(model, device=device, dtype=dtype)
 
 
-def _save(model: Any, tokenizer: Any, out: Path, merged: list[MergedPatch] | None) -> None:
+def _save(
+    model: Any, tokenizer: Any, out: Path, merged: list[MergedPatch] | None, *, overwrite: bool
+) -> None:
     """Save the model with its record of ``merged`` patches (none where that is not known).
 
     A new ``out`` is written in a staging folder beside it and renamed into place: an interrupted save
@@ -164,10 +166,15 @@ def _save(model: Any, tokenizer: Any, out: Path, merged: list[MergedPatch] | Non
             staging = staging_dir(out)
             try:
                 _write_model(model, tokenizer, staging, merged)
-                move_into_place(staging, out)
+                move_into_place(staging, out, replace=False)  # another writer's folder meanwhile: refused
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
             return
+        if not overwrite and any(out.iterdir()):  # empty when checked; something else wrote there since
+            raise FileExistsError(
+                f"{out} was written by something else while this ran (another process?); it was left as it is"
+                " and nothing was written: choose another output, or --overwrite"
+            )
         staging = staging_dir(out / "model")
         try:
             _write_model(model, tokenizer, staging, merged)
@@ -257,7 +264,13 @@ def apply(
                     f"{by_id[o.other_id].name if o.other_id in by_id else o.other})",
                 )
             )
-    _save(loaded, tokenizer, out, None if forced else held + [MergedPatch.of(p) for p in resolved])
+    _save(
+        loaded,
+        tokenizer,
+        out,
+        None if forced else held + [MergedPatch.of(p) for p in resolved],
+        overwrite=overwrite,
+    )
     console.print(f"applied {len(resolved)} patch(es); merged model saved to {out}")
     if forced:
         console.print(
@@ -357,7 +370,7 @@ def revert(
         exact = False
     stack.unload_all()
     if not exact:
-        _save(loaded, tokenizer, out, None)
+        _save(loaded, tokenizer, out, None, overwrite=overwrite)
         console.print(
             labelled(
                 "warning:",
@@ -367,7 +380,7 @@ def revert(
             )
         )
         return
-    _save(loaded, tokenizer, out, left)
+    _save(loaded, tokenizer, out, left, overwrite=overwrite)
     if left is None:
         why = "kept no nmke_patches.json" if record is None else "lists in nmke_patches.json not all of them"
         console.print(

@@ -196,6 +196,7 @@ def pull_verified(
         return folder, _verify_cached(folder, where)
     target = Path(local_dir)
     _check_pull_target(target)
+    replacing = target.exists() and _pulled_here(target)  # an earlier pull's folder is replaced whole
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_dir(target)  # downloaded and verified aside: a refused pack leaves nothing behind
     try:  # through the cache: a second pull of the same revision downloads nothing
@@ -207,7 +208,7 @@ def pull_verified(
         marker.mkdir(parents=True, exist_ok=True)
         (marker / ".gitignore").write_text("*\n", encoding="utf-8")
         patches = verify_pack(staging, trusted_root=staging, where=where)
-        move_into_place(staging, target)
+        move_into_place(staging, target, replace=replacing)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     moved = [replace(p, path=target / p.path.relative_to(staging)) if p.path else p for p in patches]

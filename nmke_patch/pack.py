@@ -231,7 +231,7 @@ def build_pack(
     root = staging_dir(target)  # built aside and renamed in: a failed build leaves no half-built pack
     try:
         _lay_out_pack(patches, root, repo_id=repo_id, with_peft=with_peft)
-        move_into_place(root, target)  # an empty target folder is replaced
+        move_into_place(root, target, replace=False)  # an empty folder is replaced, nothing else
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return target

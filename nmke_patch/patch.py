@@ -247,7 +247,7 @@ class Patch:
                 from .card import patch_card
 
                 (staging / CARD_FILE).write_text(patch_card(saved), encoding="utf-8")
-            move_into_place(staging, target)
+            move_into_place(staging, target, replace=overwrite)
             return saved
         finally:
             shutil.rmtree(staging, ignore_errors=True)

@@ -102,10 +102,25 @@ def staging_dir(target: Path) -> Path:
     raise FileExistsError(f"could not create a staging directory next to {target}")
 
 
-def move_into_place(staging: Path, target: Path) -> None:
+def move_into_place(staging: Path, target: Path, *, replace: bool = True) -> None:
     """Rename the finished ``staging`` directory to ``target``. Something already at ``target`` is moved aside
     first and deleted only once the new directory is in place (put back if the rename fails), so an
-    interrupted write leaves either the old directory or the new one, never a mix."""
+    interrupted write leaves either the old directory or the new one, never a mix.
+
+    With ``replace=False`` (the caller checked that ``target`` was new or an empty folder) nothing is moved
+    aside: a ``target`` that another process filled meanwhile is left as it is and this write is refused
+    (``FileExistsError``), in the same atomic rename."""
+    if not replace:
+        try:
+            os.rename(staging, target)  # onto nothing or an empty folder; refused onto anything else
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise FileExistsError(
+                    f"{target} was written by something else while this ran (another process?); it was left"
+                    " as it is and nothing was written: choose another output, or --overwrite"
+                ) from exc
+            raise
+        return
     if not (target.exists() or target.is_symlink()):
         os.rename(staging, target)
         return

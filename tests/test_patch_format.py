@@ -948,3 +948,39 @@ def test_a_place_nothing_can_be_written_in_is_refused_before_any_work(tmp_path: 
         check_patch_target(Path("/proc/x.nmke"))
     check_patch_target(tmp_path / "new" / "x.nmke")  # a folder that will be created in a writable one
     assert list(tmp_path.iterdir()) == []  # the check leaves nothing behind
+
+
+def test_a_writer_that_finds_its_output_filled_meanwhile_leaves_it_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes writing one -o at once: the check at the start passed for both; the later one used to
+    move the first one's output aside and delete it, and both said they had written it."""
+    from nmke_patch import pack as pack_module
+    from nmke_patch.hub import build_pack
+    from nmke_patch.paths import move_into_place
+
+    staging, target = tmp_path / "staging", tmp_path / "target"
+    staging.mkdir()
+    (staging / "new").write_text("mine")
+    target.mkdir()
+    (target / "theirs").write_text("theirs")
+    with pytest.raises(FileExistsError, match="written by something else while this ran"):
+        move_into_place(staging, target, replace=False)
+    assert [f.name for f in target.iterdir()] == ["theirs"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    move_into_place(staging, empty, replace=False)  # an empty folder is what the check allowed
+    assert [f.name for f in empty.iterdir()] == ["new"]
+
+    patch = random_patch(MODEL_FACTORIES["llama"](), name="p")
+    lay_out = pack_module._lay_out_pack
+
+    def meanwhile(*args: Any, **kwargs: Any) -> None:
+        lay_out(*args, **kwargs)
+        monkeypatch.setattr(pack_module, "_lay_out_pack", lay_out)
+        build_pack([patch], tmp_path / "pack")  # another process, finishing first
+
+    monkeypatch.setattr(pack_module, "_lay_out_pack", meanwhile)
+    with pytest.raises(FileExistsError, match="written by something else"):
+        build_pack([patch], tmp_path / "pack")
+    assert (tmp_path / "pack" / "pack.json").is_file()  # the first one's pack, whole
