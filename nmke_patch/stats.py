@@ -9,6 +9,7 @@ computing the same statistics at once never leave a corrupt file (the last renam
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -59,11 +60,15 @@ SAMPLE_STARTS = (
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """sha256 over the model's config and every parameter's bytes (cached on the model object)."""
+    """sha256 over the model's config and every parameter's bytes (cached on the model object). Where the
+    model was loaded from (the config's ``_name_or_path``) is left out: one folder given as ``m``, ``./m``
+    or its absolute path is one model, with one statistics cache and one resumable run."""
     cached = model.__dict__.get("_nmke_fingerprint")
     if cached:
         return cached
-    digest = hashlib.sha256(cast(Any, model).config.to_json_string(use_diff=False).encode())
+    config = cast(Any, model).config.to_dict()
+    config.pop("_name_or_path", None)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, p in sorted(model.state_dict().items()):
         t = p.detach().to("cpu").contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())

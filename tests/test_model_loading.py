@@ -85,3 +85,20 @@ def test_unreachable_hub_means_cache_only_and_a_clear_error(monkeypatch: pytest.
     ) as err:
         load_base("nmke-patch-tests/no-such-model")
     assert str(err.value).split("cache was tried: ", 1)[1].strip()  # the loader's own reason follows
+
+
+def test_one_folder_named_three_ways_is_one_model(
+    tmp_path, tiny_tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fingerprint keyed the statistics cache and resumable runs on the path as typed (config's
+    _name_or_path): `m`, `./m` and `/abs/m` sampled the statistics three times and refused to resume."""
+    from conftest import MODEL_FACTORIES, save_tiny
+
+    from nmke_patch.stats import model_fingerprint
+
+    save_tiny(MODEL_FACTORIES["llama"](), tiny_tokenizer, tmp_path / "m")
+    monkeypatch.chdir(tmp_path)
+    prints = {model_fingerprint(load_base(name)[0]) for name in ("m", "./m", str(tmp_path / "m"))}
+    assert len(prints) == 1
+    other = save_tiny(MODEL_FACTORIES["llama"](seed=1), tiny_tokenizer, tmp_path / "other")
+    assert model_fingerprint(load_base(str(other))[0]) not in prints
