@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 
 from .errors import InvalidRequestError
 from .methods.nmke.config import EditConfig
@@ -47,10 +47,16 @@ def save_checkpoint(folder: Path, editor: Editor, next_index: int, run_key: str)
     """Replace ``folder`` atomically with the editor's state and the index of the next request."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    save_file(editor.state_tensors(), str(staging / "state.safetensors"))
+    state = save(editor.state_tensors())
+    (staging / "state.safetensors").write_bytes(state)
     (staging / "progress.json").write_text(
         json.dumps(
-            {"run_key": run_key, "next_index": next_index, "records": [r.to_json() for r in editor.records]}
+            {
+                "run_key": run_key,
+                "next_index": next_index,
+                "records": [r.to_json() for r in editor.records],
+                "state_sha256": hashlib.sha256(state).hexdigest(),  # binds the state to this progress
+            }
         )
     )
     old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
@@ -109,8 +115,10 @@ def load_checkpoint(
             raise ValueError(f"next_index {next_index} is beyond the run's {total} requests")
         if len(records) != next_index:
             raise ValueError(f"{len(records)} edit records for {next_index} edits done")
-        with safe_open(str(folder / "state.safetensors"), framework="pt") as fh:
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        state = (folder / "state.safetensors").read_bytes()
+        if hashlib.sha256(state).hexdigest() != data["state_sha256"]:
+            raise ValueError("state.safetensors is not the state progress.json was saved with")
+        tensors = load(state)
     except (ValueError, KeyError, TypeError, FileNotFoundError, SafetensorError) as exc:
         if isinstance(exc, InvalidRequestError):
             raise

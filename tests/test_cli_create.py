@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -267,6 +268,9 @@ def test_a_damaged_checkpoint_is_named_on_resume(
             json.dumps({**progress, "records": [1]})
         ),
         "no state": lambda: (checkpoint / "state.safetensors").unlink(),
+        "state bytes changed on disk": lambda: (checkpoint / "state.safetensors").write_bytes(
+            state[:-1] + bytes([state[-1] ^ 1])
+        ),
         "a state tensor missing": lambda: (checkpoint / "state.safetensors").write_bytes(
             _changed_state(state, lambda t: t.pop(sorted(t)[0]))
         ),
@@ -285,6 +289,10 @@ def test_a_damaged_checkpoint_is_named_on_resume(
         (checkpoint / "progress.json").write_text(json.dumps(progress))
         (checkpoint / "state.safetensors").write_bytes(state)
         damage()
+        written = checkpoint / "state.safetensors"
+        if what.startswith("a state") or what.startswith("non-finite"):  # past the hash, to the tensor checks
+            sha = hashlib.sha256(written.read_bytes()).hexdigest()
+            (checkpoint / "progress.json").write_text(json.dumps({**progress, "state_sha256": sha}))
         result = CliRunner().invoke(app, [*setup, "-o", str(out), "--resume"])
         assert isinstance(result.exception, InvalidRequestError), (what, result.output)
         assert f"checkpoint {checkpoint} is damaged" in str(result.exception), what
