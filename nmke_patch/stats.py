@@ -492,6 +492,36 @@ class PreservedText:
         return self._rows
 
 
+def _tensor_sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _cached_statistics(file: Path, d_ff: int) -> torch.Tensor | None:
+    """The statistics cached in ``file``, or None (with a warning) where it cannot be trusted: unreadable,
+    bytes changed since it was written (the sha256 it records), not ``[n, d_ff]``, or not finite. A damaged
+    cache file is computed again, never used."""
+    try:
+        with safe_open(str(file), framework="pt") as fh:
+            recorded = (fh.metadata() or {}).get("sha256")
+            tensor = fh.get_tensor("c0")
+    except Exception:  # unreadable in any way
+        logger.warning("ignoring unreadable statistics cache %s", file)
+        return None
+    problem = (
+        "it does not match the sha256 it was written with"
+        if recorded != _tensor_sha256(tensor)
+        else f"its shape {list(tensor.shape)} is not [n, {d_ff}]"
+        if tensor.dim() != 2 or tensor.shape[1] != d_ff
+        else "it is not finite"
+        if not bool(torch.isfinite(tensor).all())
+        else None
+    )
+    if problem:
+        logger.warning("ignoring the statistics cache %s: %s; computing it again", file, problem)
+        return None
+    return tensor
+
+
 def _load_or_compute(
     model: PreTrainedModel,
     layers: Sequence[int],
@@ -509,15 +539,14 @@ def _load_or_compute(
     folder = home() / "stats" / model_fingerprint(model)[:24] / key
     result: dict[int, torch.Tensor] = {}
     missing = []
+    params = dict(model.named_parameters())
     for l in layers:
         file = folder / f"{kind}{l}.safetensors"
         if cache and file.is_file():
-            try:
-                with safe_open(str(file), framework="pt") as fh:
-                    result[l] = fh.get_tensor("c0")
+            cached = _cached_statistics(file, int(params[spec.weight_name(l)].shape[spec.neuron_axis]))
+            if cached is not None:
+                result[l] = cached
                 continue
-            except Exception:  # a damaged cache file is recomputed, never trusted
-                logger.warning("ignoring unreadable statistics cache %s", file)
         missing.append(l)
     if missing:
         logger.info("computing %s key statistics for layers %s from %s", kind, missing, key)
@@ -528,7 +557,9 @@ def _load_or_compute(
             if cache:
                 fd, tmp = tempfile.mkstemp(prefix=f".{kind}{l}.", suffix=".tmp", dir=folder)
                 os.close(fd)
-                save_file({"c0": c0.contiguous()}, tmp, metadata={"layer": str(l), "source": key})
+                c0 = c0.contiguous()
+                metadata = {"layer": str(l), "source": key, "sha256": _tensor_sha256(c0)}
+                save_file({"c0": c0}, tmp, metadata=metadata)
                 os.replace(tmp, folder / f"{kind}{l}.safetensors")
     return result
 

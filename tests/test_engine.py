@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 import torch
 from conftest import COUNTERFACT_RECORD, MODEL_FACTORIES, assert_state_equal, random_patch, state_copy
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 
 from nmke_patch import stats as stats_module
 from nmke_patch.architectures import spec_for_model
@@ -517,9 +519,24 @@ def test_key_statistics_are_cached(monkeypatch: pytest.MonkeyPatch, tiny_tokeniz
 
     monkeypatch.setattr(stats_module, "key_second_moments", counting)
     lm = loaded("gpt2", tiny_tokenizer)
-    create_patch(requests()[:1], loaded=lm, config=TINY_CONFIG, name="a")
+    first = create_patch(requests()[:1], loaded=lm, config=TINY_CONFIG, name="a")
     create_patch(requests()[:1], loaded=lm, config=TINY_CONFIG, name="b")
     assert calls == [[1, 2]]
+    # a damaged cache file is computed again, never used (it used to give another patch, or a traceback)
+    from nmke_patch.paths import home
+
+    (cached,) = (home() / "stats").rglob("layer1.safetensors")
+    good = cached.read_bytes()
+    tensor = safetensors_load(good)["c0"]
+    for damage in (
+        good[:-1] + bytes([good[-1] ^ 1]),  # a byte changed on disk
+        safetensors_save({"c0": tensor[:-1].contiguous()}),  # another shape (and no sha256 of its own)
+        safetensors_save({"c0": tensor * float("nan")}, metadata={"sha256": "0" * 64}),
+    ):
+        cached.write_bytes(damage)
+        calls.clear()
+        again = create_patch(requests()[:1], loaded=lm, config=TINY_CONFIG, name="a")
+        assert calls == [[1]] and again.id == first.id
 
 
 def test_parents_continue_key_state(tiny_tokenizer) -> None:
