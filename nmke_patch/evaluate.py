@@ -377,6 +377,20 @@ def _jsonable(obj: Any) -> Any:
     return asdict(obj) if is_dataclass(obj) and not isinstance(obj, type) else str(obj)
 
 
+def _shaped_like(cached: Any, fresh: dict[str, Any]) -> bool:
+    """Whether a cached result has the fields, and the kinds of value, of a result computed now (a damaged or
+    foreign cache file is evaluated again, not read into a KeyError)."""
+    if not isinstance(cached, dict) or cached.keys() != fresh.keys():
+        return False
+    for part in ("metrics", "details", "counts"):
+        mine, theirs = cached.get(part), fresh.get(part)
+        if not isinstance(mine, dict) or not isinstance(theirs, dict) or mine.keys() != theirs.keys():
+            return False
+        if any(type(mine[k]) is not type(v) for k, v in theirs.items() if part == "details"):
+            return False
+    return True
+
+
 def _base_cache_file(
     model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], settings: dict[str, Any]
 ) -> Path:
@@ -459,9 +473,13 @@ def evaluate_pair(
     if file is not None and file.is_file():
         try:
             base = json.loads(file.read_text(encoding="utf-8"))
-            say("base: reusing the cached result")
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):
             base = None
+        if base is not None and not _shaped_like(base, patched):
+            logger.warning("ignoring the damaged cached base result %s; evaluating the base again", file)
+            base = None
+        if base is not None:
+            say("base: reusing the cached result")
     cached = base is not None
     if base is None:
         base = evaluate(model, tokenizer, requests, progress=lambda s: say(f"base: {s}"), **kwargs)

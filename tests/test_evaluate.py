@@ -257,6 +257,11 @@ def test_evaluate_pair_restores_base_and_counts_footprint(
         model, tiny_tokenizer, [request], [a, b], force=True, max_batch_tokens=512, **kwargs
     )
     assert explicit["base_cached"]
+    (cache_file,) = (tmp_path / "home" / "eval").glob("base-*.json")
+    for damaged in ('{"metrics": 1}', "[]", "{"):  # a damaged cache file is evaluated again, not a KeyError
+        cache_file.write_text(damaged)
+        fresh = evaluate_pair(model, tiny_tokenizer, [request], [a, b], force=True, **kwargs)
+        assert not fresh["base_cached"] and fresh["base"]["metrics"] == result["base"]["metrics"]
     assert not evaluate_pair(model, tiny_tokenizer, [request], [a], max_batch_tokens=64, **kwargs)[
         "base_cached"
     ]
