@@ -491,3 +491,22 @@ def test_adapter_bytes_do_not_depend_on_the_order_safetensors_wrote_metadata_in(
     other = written([("nmke_patches", "[]"), ("format", "pt")])
     assert one != other and _stable_metadata(one) == _stable_metadata(other)
     assert torch.equal(load(_stable_metadata(other))["w"], tensors["w"])
+
+
+def test_an_interrupted_export_leaves_nothing_that_blocks_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A killed export used to leave OUT with a lone temp file, and the rerun was refused as not empty."""
+    from nmke_patch.export import peft as peft_module
+
+    patch = random_patch(MODEL_FACTORIES["llama"](), name="p")
+
+    def killed(*_: object, **__: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(peft_module, "move_into_place", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export_peft([patch], tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no OUT, no staging folder beside it
+    monkeypatch.undo()
+    assert export_peft([patch], tmp_path / "out").exact

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
+import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ from ..architectures import ArchitectureSpec, spec_for_model_type
 from ..delta import TensorDelta
 from ..errors import ExportError, InvalidPatchError, PatchMismatchError
 from ..patch import Patch, base_model_differences, check_shape
+from ..paths import move_into_place, staging_dir
 from ..sources import PatchSource, resolve_patches
 from ..stack import check_lineage
 
@@ -304,21 +307,34 @@ def _stable_metadata(data: bytes) -> bytes:
 
 
 def _write(out: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], provenance: str) -> int:
-    out.mkdir(parents=True, exist_ok=True)
+    """Write the adapter. A new ``out`` is written beside it and renamed into place whole (an interrupted
+    export leaves nothing; another process's folder there meanwhile is left alone); into an existing
+    adapter folder each file is written aside and renamed over the old one."""
+    # written from Python so the file gets the umask's permissions (safetensors' save_file makes 0600)
+    payload = _stable_metadata(save(tensors, metadata={"format": "pt", "nmke_patches": provenance}))
+    text = json.dumps(config, indent=2) + "\n"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = staging_dir(out)
+        try:
+            (staging / WEIGHTS_FILE).write_bytes(payload)
+            (staging / CONFIG_FILE).write_text(text, encoding="utf-8")
+            move_into_place(staging, out, replace=False)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return len(payload)
     weights, cfg = out / WEIGHTS_FILE, out / CONFIG_FILE
-    tmp_weights, tmp_cfg = out / f".{WEIGHTS_FILE}.tmp", out / f".{CONFIG_FILE}.tmp"
+    tag = f"{os.getpid()}-{secrets.token_hex(4)}"  # two exports into one folder never share a file
+    tmp_weights, tmp_cfg = out / f".{WEIGHTS_FILE}.{tag}.tmp", out / f".{CONFIG_FILE}.{tag}.tmp"
     try:
-        # written from Python so the file gets the umask's permissions (safetensors' save_file makes 0600)
-        tmp_weights.write_bytes(
-            _stable_metadata(save(tensors, metadata={"format": "pt", "nmke_patches": provenance}))
-        )
-        tmp_cfg.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        tmp_weights.write_bytes(payload)
+        tmp_cfg.write_text(text, encoding="utf-8")
         os.replace(tmp_weights, weights)
         os.replace(tmp_cfg, cfg)
     finally:
         tmp_weights.unlink(missing_ok=True)
         tmp_cfg.unlink(missing_ok=True)
-    return weights.stat().st_size
+    return len(payload)
 
 
 def export_peft(
