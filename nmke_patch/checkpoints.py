@@ -86,6 +86,24 @@ def refuse_interrupted_run(folder: Path, run_key: str | None = None, total: int 
     )
 
 
+def _different_run(folder: Path) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"checkpoint {folder} belongs to a different run (facts, settings, parents or base model differ);"
+        " delete it to start over"
+    )
+
+
+def check_run_key(folder: Path, run_key: str) -> None:
+    """Refuse ``folder``'s checkpoint at once if it is another run's (cheap: before the statistics); one
+    that cannot be read is left to :func:`load_checkpoint`, which names it damaged."""
+    try:
+        data = json.loads((folder / "progress.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if isinstance(data, dict) and isinstance(data.get("run_key"), str) and data["run_key"] != run_key:
+        raise _different_run(folder)
+
+
 def load_checkpoint(
     folder: Path, run_key: str, total: int | None = None
 ) -> tuple[int, dict[str, torch.Tensor], list[EditRecord]] | None:
@@ -103,10 +121,7 @@ def load_checkpoint(
         if not isinstance(data, dict):
             raise ValueError("progress.json is not an object")
         if data.get("run_key") != run_key:
-            raise InvalidRequestError(
-                f"checkpoint {folder} belongs to a different run (facts, settings, parents or base model "
-                "differ); delete it to start over"
-            )
+            raise _different_run(folder)
         records = [EditRecord.from_json(r) for r in data["records"]]
         next_index = data["next_index"]
         if not isinstance(next_index, int) or isinstance(next_index, bool) or next_index < 0:

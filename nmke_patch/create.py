@@ -14,7 +14,14 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .architectures import check_edited_layers, decoder_layers, spec_for_model
-from .checkpoints import damaged_checkpoint, load_checkpoint, refuse_interrupted_run, run_key, save_checkpoint
+from .checkpoints import (
+    check_run_key,
+    damaged_checkpoint,
+    load_checkpoint,
+    refuse_interrupted_run,
+    run_key,
+    save_checkpoint,
+)
 from .errors import InvalidPatchError, InvalidRequestError
 from .inference import inference_state
 from .lengths import check_fits, context_length
@@ -201,6 +208,12 @@ def _create(
             uncovered,
         )
     base_fingerprint = model_fingerprint(model)  # weights and dtype, before the parents go on
+    key = run_key(requests, config, parents, base_fingerprint)
+    folder = Path(checkpoint_dir) if checkpoint_dir else None
+    if folder is not None and not resume:
+        refuse_interrupted_run(folder, key, len(requests))  # a finished run of the same key may go again
+    if folder is not None and resume:
+        check_run_key(folder, key)  # another run's checkpoint: refused before minutes of statistics
     stats = load_statistics(model, tokenizer, layers, [config], progress=stats_progress)
     fingerprints: dict[str, str | None] = {spec.weight_name(l): None for l in layers}
     for p in parents:
@@ -217,11 +230,7 @@ def _create(
             c_first=stats.c_first,
             bank=stats.bank,
         )
-        key = run_key(requests, config, parents, base_fingerprint)
-        folder = Path(checkpoint_dir) if checkpoint_dir else None
         start = 0
-        if folder is not None and not resume:
-            refuse_interrupted_run(folder, key, len(requests))  # a finished run of the same key may go again
         if folder is not None and resume:
             restored = load_checkpoint(folder, key, len(requests))
             if restored is not None:

@@ -7,6 +7,7 @@ import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -490,6 +491,11 @@ def test_resume_equals_uninterrupted_run(tmp_path: Path, tiny_tokenizer, overrid
     other_lm = LoadedModel(other, tiny_tokenizer, lm.info)
     with pytest.raises(InvalidRequestError, match="different run"):
         create_patch(reqs, loaded=other_lm, config=config, name="t", checkpoint_dir=ckpt, resume=True)
+    # other statistics settings: refused before the statistics (minutes on a real model) are sampled
+    statistics_first = mock.patch("nmke_patch.create.load_statistics", side_effect=AssertionError("first"))
+    other_text = config.with_overrides(stats_tokens=301)
+    with statistics_first, pytest.raises(InvalidRequestError, match="different run"):
+        create_patch(reqs, loaded=lm, config=other_text, name="t", checkpoint_dir=ckpt, resume=True)
 
 
 def test_a_chain_is_given_whole_and_oldest_first(tmp_path: Path, tiny_tokenizer, monkeypatch) -> None:
