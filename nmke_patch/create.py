@@ -210,6 +210,10 @@ def _create(
     base_fingerprint = model_fingerprint(model)  # weights and dtype, before the parents go on
     key = run_key(requests, config, parents, base_fingerprint)
     folder = Path(checkpoint_dir) if checkpoint_dir else None
+    if folder is not None and (folder.exists() or folder.is_symlink()) and not folder.is_dir():
+        raise InvalidRequestError(
+            f"{folder} is a file where the run keeps its checkpoint folder: move it away"
+        )
     if folder is not None and not resume:
         refuse_interrupted_run(folder, key, len(requests))  # a finished run of the same key may go again
     if folder is not None and resume:

@@ -352,3 +352,14 @@ def test_no_budget_and_python_spellings_reach_the_config(setup: list[str], tmp_p
     assert "--max-neurons takes a fraction of a layer's neurons, e.g. 0.1, or none (got 'a tenth')" in str(
         result.exception
     )
+
+
+def test_a_file_where_the_checkpoint_folder_goes_is_refused_before_any_edit(
+    setup: list[str], tmp_path: Path
+) -> None:
+    """It used to fail at the first checkpoint write, after the statistics and the first edits."""
+    (tmp_path / "p.nmke.checkpoint").write_text("notes")
+    result = CliRunner().invoke(app, [*setup, "-o", str(tmp_path / "p.nmke")])
+    assert isinstance(result.exception, InvalidRequestError)
+    assert "p.nmke.checkpoint is a file where the run keeps its checkpoint folder" in str(result.exception)
+    assert not (tmp_path / "home" / "stats").exists()  # refused before the statistics
