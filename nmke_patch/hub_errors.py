@@ -92,10 +92,7 @@ def bounded_requests() -> Iterator[None]:
 def _malformed(exc: BaseException) -> bool:
     """A huggingface_hub call that failed on the server's answer itself (not JSON, fields missing): an
     endpoint that is not the Hub API, or a proxy in the way."""
-    return (
-        isinstance(exc, (json.JSONDecodeError, KeyError, TypeError))
-        or type(exc).__name__ == "HFValidationError"
-    )
+    return isinstance(exc, (json.JSONDecodeError, KeyError)) or type(exc).__name__ == "HFValidationError"
 
 
 @contextmanager
