@@ -30,6 +30,7 @@ from .dataset_corpus import DatasetCorpus, is_dataset
 from .errors import ModelLoadError
 from .jsonio import read_user_text
 from .lengths import context_length
+from .models import tensor_fingerprint
 from .paths import home
 from .sampling import end_token_ids, sample_continuations
 from .tracing import capture, stop_after
@@ -492,34 +493,27 @@ class PreservedText:
         return self._rows
 
 
-def _tensor_sha256(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
 def _cached_statistics(file: Path, d_ff: int) -> torch.Tensor | None:
     """The statistics cached in ``file``, or None (with a warning) where it cannot be trusted: unreadable,
-    bytes changed since it was written (the sha256 it records), not ``[n, d_ff]``, or not finite. A damaged
-    cache file is computed again, never used."""
+    not the tensor it was written with (the fingerprint it records), not ``[n, d_ff]``, or not finite. A
+    damaged cache file is computed again, never used."""
     try:
         with safe_open(str(file), framework="pt") as fh:
-            recorded = (fh.metadata() or {}).get("sha256")
+            recorded = (fh.metadata() or {}).get("fingerprint")
             tensor = fh.get_tensor("c0")
     except Exception:  # unreadable in any way
         logger.warning("ignoring unreadable statistics cache %s", file)
         return None
-    problem = (
-        "it does not match the sha256 it was written with"
-        if recorded != _tensor_sha256(tensor)
-        else f"its shape {list(tensor.shape)} is not [n, {d_ff}]"
-        if tensor.dim() != 2 or tensor.shape[1] != d_ff
-        else "it is not finite"
-        if not bool(torch.isfinite(tensor).all())
-        else None
-    )
-    if problem:
-        logger.warning("ignoring the statistics cache %s: %s; computing it again", file, problem)
-        return None
-    return tensor
+    if recorded != tensor_fingerprint(tensor):
+        problem = "it is not the tensor it was written with (its fingerprint differs)"
+    elif tensor.dim() != 2 or tensor.shape[1] != d_ff:
+        problem = f"its shape {list(tensor.shape)} is not [n, {d_ff}]"
+    elif not bool(torch.isfinite(tensor).all()):
+        problem = "it is not finite"
+    else:
+        return tensor
+    logger.warning("ignoring the statistics cache %s: %s; computing it again", file, problem)
+    return None
 
 
 def _load_or_compute(
@@ -558,7 +552,7 @@ def _load_or_compute(
                 fd, tmp = tempfile.mkstemp(prefix=f".{kind}{l}.", suffix=".tmp", dir=folder)
                 os.close(fd)
                 c0 = c0.contiguous()
-                metadata = {"layer": str(l), "source": key, "sha256": _tensor_sha256(c0)}
+                metadata = {"layer": str(l), "source": key, "fingerprint": tensor_fingerprint(c0)}
                 save_file({"c0": c0}, tmp, metadata=metadata)
                 os.replace(tmp, folder / f"{kind}{l}.safetensors")
     return result

@@ -28,7 +28,7 @@ from nmke_patch.methods.nmke.mask import apply_budget, hybrid_mask, mask_ratios,
 from nmke_patch.methods.nmke.prompts import encode, split_subjects
 from nmke_patch.methods.nmke.solve import solve_layer
 from nmke_patch.methods.nmke.values import NormalizedDescent, compute_target_value, reached
-from nmke_patch.models import BaseModelInfo
+from nmke_patch.models import BaseModelInfo, tensor_fingerprint
 from nmke_patch.requests import EditRequest, read_requests
 from nmke_patch.stack import PatchStack
 from nmke_patch.tracing import capture, edit_output
@@ -534,10 +534,13 @@ def test_key_statistics_are_cached(monkeypatch: pytest.MonkeyPatch, tiny_tokeniz
     (cached,) = (home() / "stats").rglob("layer1.safetensors")
     good = cached.read_bytes()
     tensor = safetensors_load(good)["c0"]
+    nan = tensor * float("nan")
     for damage in (
         good[:-1] + bytes([good[-1] ^ 1]),  # a byte changed on disk
         safetensors_save({"c0": tensor[:-1].contiguous()}),  # another shape (and no sha256 of its own)
-        safetensors_save({"c0": tensor * float("nan")}, metadata={"sha256": "0" * 64}),
+        safetensors_save(
+            {"c0": nan}, metadata={"fingerprint": tensor_fingerprint(nan)}
+        ),  # its own fingerprint
     ):
         cached.write_bytes(damage)
         calls.clear()
