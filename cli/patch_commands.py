@@ -24,7 +24,7 @@ from nmke_patch.merged import (
     write_record,
 )
 from nmke_patch.patch import Patch
-from nmke_patch.paths import give_umask_permissions, move_into_place, staging_dir
+from nmke_patch.paths import give_umask_permissions, move_into_place, staging_dir, written_meanwhile
 from nmke_patch.sources import is_pack, resolve_patches
 from nmke_patch.stack import PatchStack, check_lineage
 
@@ -171,10 +171,7 @@ def _save(
                 shutil.rmtree(staging, ignore_errors=True)
             return
         if not overwrite and any(out.iterdir()):  # empty when checked; something else wrote there since
-            raise FileExistsError(
-                f"{out} was written by something else while this ran (another process?); it was left as it is"
-                " and nothing was written: choose another output, or --overwrite"
-            )
+            raise written_meanwhile(out)
         staging = staging_dir(out / "model")
         try:
             _write_model(model, tokenizer, staging, merged)

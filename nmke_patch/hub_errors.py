@@ -128,6 +128,8 @@ def _hub_error(
     where = repo_id + (f"@{revision}" if revision else "")
     access = "write" if push else "read"
     status = getattr(getattr(exc, "response", None), "status_code", None)
+    answered = _first_response(exc)  # an HTTP answer somewhere behind exc (a cache miss hides it)
+    chained = getattr(answered, "status_code", None)
     if isinstance(exc, hf.GatedRepoError):
         msg = f"{where} is gated: accept its conditions on the Hub page, then give a token ({_TOKEN_SOURCES})"
     elif isinstance(exc, hf.RepositoryNotFoundError):
@@ -138,16 +140,9 @@ def _hub_error(
     elif isinstance(exc, hf.RevisionNotFoundError):
         msg = f"revision {revision or 'main'!r} does not exist in {repo_id}: check the branch, tag or commit"
     elif (isinstance(exc, hf.EntryNotFoundError) and not isinstance(exc, hf.LocalEntryNotFoundError)) or (
-        isinstance(exc, hf.LocalEntryNotFoundError) and _http_status(exc) == 404
+        isinstance(exc, hf.LocalEntryNotFoundError) and chained == 404
     ):
-        url = next(
-            (
-                getattr(getattr(getattr(c, "response", None), "request", None), "url", None)
-                for c in _causes(exc)
-                if getattr(c, "response", None) is not None
-            ),
-            None,
-        )
+        url = getattr(getattr(answered, "request", None), "url", None)
         named = f" ({str(url).split('/resolve/', 1)[-1]})" if url is not None else ""
         msg = (
             f"a file of {where}{named} is listed but could not be downloaded (HTTP 404; the repository changed"
@@ -158,7 +153,7 @@ def _hub_error(
             f"the server at {endpoint} did not answer as the Hugging Face Hub API does ({type(exc).__name__}):"
             f" {_CHECK_ENDPOINT}"
         )
-    elif status == 429 or _http_status(exc) == 429:
+    elif status == 429 or chained == 429:
         msg = f"the Hub at {endpoint} is limiting requests (HTTP 429): wait a minute, then try again"
     elif isinstance(exc, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)) and offline_mode():
         msg = f"{where} is not in the local Hugging Face cache and offline mode is on: pull it once with HF_HUB_OFFLINE unset"
@@ -167,9 +162,9 @@ def _hub_error(
             f"the server at {endpoint} answered without the headers the Hub sends with a file (ETag,"
             f" X-Repo-Commit, Content-Length): a proxy in the way? {_CHECK_ENDPOINT}"
         )
-    elif isinstance(exc, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)) and _http_status(exc):
+    elif isinstance(exc, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)) and chained:
         msg = (
-            f"the Hub at {endpoint} answered HTTP {_http_status(exc)} while {where} was downloaded, and it"
+            f"the Hub at {endpoint} answered HTTP {chained} while {where} was downloaded, and it"
             f" is not in the local Hugging Face cache: try again later; {_OFFLINE_HINT}"
         )
     elif isinstance(exc, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)):
@@ -213,12 +208,12 @@ def _transport_cause(exc: BaseException) -> str | None:
     return next((type(c).__name__ for c in _causes(exc) if isinstance(c, errors)), None)
 
 
-def _http_status(exc: BaseException) -> int | None:
-    """The HTTP status of the first error with a response in ``exc``'s chain of causes, if any."""
+def _first_response(exc: BaseException) -> Any:
+    """The HTTP response (with a status) of the first error in ``exc``'s chain of causes that has one."""
     for cause in _causes(exc):
-        status = getattr(getattr(cause, "response", None), "status_code", None)
-        if isinstance(status, int):
-            return status
+        response = getattr(cause, "response", None)
+        if isinstance(getattr(response, "status_code", None), int):
+            return response
     return None
 
 

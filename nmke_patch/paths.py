@@ -102,6 +102,14 @@ def staging_dir(target: Path) -> Path:
     raise FileExistsError(f"could not create a staging directory next to {target}")
 
 
+def written_meanwhile(target: Path) -> FileExistsError:
+    """The refusal for an output that was new or empty when checked and that something else wrote since."""
+    return FileExistsError(
+        f"{target} was written by something else while this ran (another process?); it was left as it is"
+        " and nothing was written: choose another output, or --overwrite"
+    )
+
+
 def move_into_place(staging: Path, target: Path, *, replace: bool = True) -> None:
     """Rename the finished ``staging`` directory to ``target``. Something already at ``target`` is moved aside
     first and deleted only once the new directory is in place (put back if the rename fails), so an
@@ -115,10 +123,7 @@ def move_into_place(staging: Path, target: Path, *, replace: bool = True) -> Non
             os.rename(staging, target)  # onto nothing or an empty folder; refused onto anything else
         except OSError as exc:
             if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
-                raise FileExistsError(
-                    f"{target} was written by something else while this ran (another process?); it was left"
-                    " as it is and nothing was written: choose another output, or --overwrite"
-                ) from exc
+                raise written_meanwhile(target) from exc
             raise
         return
     if not (target.exists() or target.is_symlink()):
