@@ -16,6 +16,11 @@ class InvalidPatchError(NmkePatchError, ValueError):
     """A patch directory or file is malformed, tampered with, or inconsistent."""
 
 
+class DamagedFileError(InvalidPatchError):
+    """A patch file's bytes are not the ones its manifest records (truncated, damaged on the way, or
+    tampered with)."""
+
+
 class PatchMismatchError(NmkePatchError, ValueError):
     """A patch does not fit the model it is applied to (shapes, originals, parents)."""
 

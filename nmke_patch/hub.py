@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from .errors import HubError, InvalidPatchError
+from .errors import DamagedFileError, HubError, InvalidPatchError
 from .hub_errors import bounded_requests, checked_token, hub_calls, hub_timeout_s
 from .hub_refs import (
     LIBRARY_NAME,
@@ -215,10 +215,6 @@ def pull_verified(
     return target, moved
 
 
-_DAMAGE_WORDS = ("sha256", "hashes to", "could not be read", "truncated")
-"""Words of the refusals a download damaged on the way gives (the content, not what the pack says)."""
-
-
 def _copy_pack(src: Path, dst: Path) -> None:
     """Copy a verified pack's own files (``pack.json``, its card, the listed patches' files, ``peft/``),
     following the cache's links; nothing else the download holds."""
@@ -242,10 +238,10 @@ def _verify_cached(folder: Path, where: str) -> list[Patch]:
     root = cache_repo_root(folder)
     try:
         return verify_pack(folder, trusted_root=root or folder, where=where)
-    except InvalidPatchError as exc:
-        if root is None or not any(w in str(exc) for w in _DAMAGE_WORDS):
+    except DamagedFileError as exc:  # a file's bytes, not what the pack says
+        if root is None:
             raise
-        raise InvalidPatchError(
+        raise DamagedFileError(
             f"{exc} (checked in the Hugging Face cache; if the Hub's copy is intact, this copy was damaged on"
             f" the way: delete {root} and pull again)"
         ) from exc

@@ -382,8 +382,8 @@ def verify_pack(
             raise InvalidPatchError(f"{where}: {entry['path']} is not a patch directory inside the pack")
         try:
             patch = load_patch(patch_dir)
-        except InvalidPatchError as exc:
-            raise InvalidPatchError(f"{where}: {entry['path']}: {exc}") from exc
+        except InvalidPatchError as exc:  # the same kind of error (a damaged file stays one), placed
+            raise type(exc)(f"{where}: {entry['path']}: {exc}") from exc
         if patch.id != entry["id"]:
             raise InvalidPatchError(
                 f"{where}: {entry['path']} hashes to {patch.id[:16]}… but {PACK_FILE} lists {entry['id'][:16]}…"

@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from .delta import TensorDelta
-from .errors import InvalidPatchError
+from .errors import DamagedFileError, InvalidPatchError
 from .jsonio import read_json_file
 from .paths import check_parents, move_into_place, staging_dir
 from .threads import one_thread
@@ -486,7 +486,7 @@ def load_patch(path: str | os.PathLike[str]) -> Patch:
     _require_file(deltas_path, where)
     sha = _sha256_file(deltas_path)
     if sha != data["deltas_sha256"]:
-        raise InvalidPatchError(
+        raise DamagedFileError(
             f"{where}: {DELTAS_FILE} does not match the manifest's sha256 (file tampered with or truncated)"
         )
     entries = [_validate_tensor_entry(e, i, where) for i, e in enumerate(data["tensors"])]
@@ -548,7 +548,7 @@ def _load_state(root: Path, data: dict[str, Any]) -> dict[str, torch.Tensor]:
     path = root / STATE_FILE
     _require_file(path, where)
     if _sha256_file(path) != data["state_sha256"]:
-        raise InvalidPatchError(
+        raise DamagedFileError(
             f"{where}: {STATE_FILE} does not match the manifest's sha256 (tampered or truncated)"
         )
     state: dict[str, torch.Tensor] = {}

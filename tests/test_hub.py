@@ -576,6 +576,12 @@ def test_a_download_damaged_on_the_way_says_how_to_recover(hub, two_patches):
         pull_pack("user/pack")
     shutil.rmtree(re.search(r"delete (\S+) and pull again", str(refused.value)).group(1))
     assert _ids(pull_pack("user/pack")) == [a.id]  # ... until it is deleted
+    push_pack([a.path], "user/badid", token=TOKEN)  # what a pack says is wrong: no copy to delete
+    pack = json.loads(hub.files("user/badid")["pack.json"])
+    pack["patches"][0]["id"] = "sha256:" + pack["patches"][0]["id"][7:]
+    hub.files("user/badid")["pack.json"] = json.dumps(pack).encode()
+    with pytest.raises(InvalidPatchError, match=r"a sha256 in 64 lowercase hex digits\)$"):
+        pull_pack("user/badid")
 
 
 def test_tokens_no_hub_issues_are_refused_in_one_line(hub, two_patches, monkeypatch):
