@@ -31,7 +31,15 @@ from torch import nn
 from .delta import TensorDelta
 from .errors import InvalidRequestError, PatchMismatchError
 from .footprint import footprint, layer_index
-from .health import greedy_generate, load_heldout, load_unrelated, ngram_entropy, perplexity, words
+from .health import (
+    as_unrelated,
+    greedy_generate,
+    load_heldout,
+    load_unrelated,
+    ngram_entropy,
+    perplexity,
+    words,
+)
 from .inference import in_inference_state
 from .lengths import check_facts_fit, check_fits, context_length
 from .patch import Patch
@@ -140,30 +148,6 @@ def _check_counts(
             raise InvalidRequestError(f"{name} must be an integer >= {least} (got {value!r})")
 
 
-def _as_unrelated(unrelated: str | os.PathLike[str] | Iterable[Any] | None) -> list[Neighbor]:
-    """``evaluate``'s ``unrelated``: the packaged set (None), a JSONL file, or facts given as
-    :class:`Neighbor` or ``{"prompt", "target"}`` objects."""
-    if unrelated is None:
-        return load_unrelated()
-    if isinstance(unrelated, str | os.PathLike):
-        return load_unrelated(os.fspath(unrelated))
-    facts = []
-    for i, fact in enumerate(unrelated):
-        if (
-            isinstance(fact, dict)
-            and isinstance(fact.get("prompt"), str)
-            and isinstance(fact.get("target"), str)
-        ):
-            fact = Neighbor(fact["prompt"], fact["target"])
-        if not isinstance(fact, Neighbor):
-            raise InvalidRequestError(
-                f"unrelated[{i}]: expected Neighbor(prompt, target) or {{'prompt': ..., 'target': ...}}, not"
-                f" {type(fact).__name__}"
-            )
-        facts.append(fact)
-    return facts
-
-
 @in_inference_state  # dropout off whatever mode the user's model is in; restored afterwards
 def evaluate(
     model: nn.Module,
@@ -204,7 +188,7 @@ def evaluate(
     say = progress or (lambda _stage: None)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    unrelated = _as_unrelated(unrelated)
+    unrelated = as_unrelated(unrelated)
     _check_lengths(model, tokenizer, requests, unrelated)
     if heldout_text is None:
         paragraphs = load_heldout()
@@ -437,6 +421,8 @@ def evaluate_pair(
         "forced": [names of the patches applied only by force, each checked on top of those before it]}``.
     """
     # every argument checked before any patch touches the model
+    if kwargs.get("unrelated") is not None:  # a file or records: their facts (and the cache key with them)
+        kwargs["unrelated"] = as_unrelated(kwargs["unrelated"])
     bound = inspect.signature(evaluate).bind(model, tokenizer, requests, **kwargs)  # TypeError: unknown
     bound.apply_defaults()  # the cache key holds every setting: given or left at its default, the same
     settings = {

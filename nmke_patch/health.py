@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from importlib import resources
 from typing import Any
 
@@ -46,18 +47,39 @@ def load_unrelated(path: str | None = None) -> list[Neighbor]:
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        record = load_json_text(
-            line, f"{path or 'unrelated_facts.jsonl'}: line {lineno}", InvalidRequestError
-        )
-        if not isinstance(record, dict) or not all(
-            isinstance(record.get(k), str) and record[k].strip() for k in ("prompt", "target")
-        ):
-            raise InvalidRequestError(
-                f"{path or 'unrelated_facts.jsonl'}: line {lineno} needs non-empty 'prompt' and 'target' strings"
-            )
-        facts.append(Neighbor(record["prompt"], record["target"]))
+        where = f"{path or 'unrelated_facts.jsonl'}: line {lineno}"
+        facts.append(_unrelated_fact(load_json_text(line, where, InvalidRequestError), where))
     if path is not None and not facts:
         raise InvalidRequestError(f"{path} holds no facts (one JSON object per line: prompt, target)")
+    return facts
+
+
+def _unrelated_fact(record: Any, where: str) -> Neighbor:
+    """One unrelated fact: a :class:`Neighbor`, or a ``{"prompt", "target"}`` object of non-empty strings."""
+    if isinstance(record, Neighbor):
+        return record
+    if not isinstance(record, dict) or not all(
+        isinstance(record.get(k), str) and record[k].strip() for k in ("prompt", "target")
+    ):
+        raise InvalidRequestError(f"{where} needs non-empty 'prompt' and 'target' strings")
+    return Neighbor(record["prompt"], record["target"])
+
+
+def as_unrelated(unrelated: str | os.PathLike[str] | Iterable[Any] | None) -> list[Neighbor]:
+    """Unrelated facts as given to ``evaluate``: ``None`` for the packaged set, a JSONL file, or facts as
+    :class:`Neighbor` or ``{"prompt", "target"}`` objects."""
+    if unrelated is None:
+        return load_unrelated()
+    if isinstance(unrelated, str | os.PathLike):
+        return load_unrelated(os.fspath(unrelated))
+    facts = []
+    for i, fact in enumerate(unrelated):
+        if not isinstance(fact, (Neighbor, dict)):
+            raise InvalidRequestError(
+                f"unrelated[{i}]: expected Neighbor(prompt, target) or {{'prompt': ..., 'target': ...}}, not"
+                f" {type(fact).__name__}"
+            )
+        facts.append(_unrelated_fact(fact, f"unrelated[{i}]"))
     return facts
 
 

@@ -500,3 +500,8 @@ def test_evaluate_scores_a_training_model_without_dropout_and_takes_plain_unrela
     assert from_file["metrics"] == reference["metrics"]
     with pytest.raises(InvalidRequestError, match=r"unrelated\[0\]: expected Neighbor\(prompt, target\)"):
         evaluate(model, tiny_tokenizer, [request], **{**settings, "unrelated": [("w7 w8", "w9")]})
+    patch = random_patch(model, name="p")  # evaluate_pair takes them too (it checked lengths on raw records)
+    pair = evaluate_pair(
+        model, tiny_tokenizer, [request], [patch], cache=False, **{**settings, "unrelated": facts}
+    )
+    assert pair["base"]["metrics"] == reference["metrics"]
