@@ -27,6 +27,7 @@ from nmke_patch.merged import RECORD_FILE, read_record
 from nmke_patch.methods.nmke.config import EditConfig
 from nmke_patch.methods.nmke.prompts import encode
 from nmke_patch.patch import MAX_NAME_CHARS, PATCH_SUFFIX, check_patch_target
+from nmke_patch.paths import sole_writer
 from nmke_patch.requests import read_requests
 
 if TYPE_CHECKING:
@@ -243,73 +244,75 @@ def create(
             raise FileExistsError(
                 f"--out {out} is (or holds) the parent {p.describe()}; write the child elsewhere"
             )
-    checkpoint = out.with_name(out.name + ".checkpoint")
-    if not resume:
-        refuse_interrupted_run(checkpoint)  # before the model loads
-    elif (checkpoint / "progress.json").is_file():
-        console.print(
-            f"resuming from {checkpoint} if it is this run's (same facts, settings, model)", highlight=False
-        )
-    else:
-        console.print(f"no checkpoint in {checkpoint}: starting from the first edit", highlight=False)
-    with console.status("loading model"):
-        loaded = LoadedModel(*load_base(model, device=device, dtype=dtype, device_map=device_map))
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("editing", total=len(requests))
-        status = console.status("preparing key statistics (cached after the first run)")
-        status.start()
-        sampling: list[TaskID] = []
-
-        def stats_progress(done: int, total: int) -> None:
-            if not sampling:  # the first call: the statistics are not cached, and this takes a while
-                status.stop()
-                console.print(
-                    f"sampling {total:,} tokens of preservation text from the model for the key statistics "
-                    "(once per model and settings; cached afterwards)"
-                )
-                sampling.append(bar.add_task("statistics", total=total))
-            bar.update(sampling[0], completed=done, total=total)
-
-        def progress(done: int, total: int) -> None:
-            status.stop()
-            if sampling:
-                bar.remove_task(sampling.pop())
-            bar.update(task, completed=done, total=total)
-
-        try:
-            patch = create_patch(
-                requests,
-                loaded=loaded,
-                config=config,
-                name=patch_name,
-                on=parents,
-                checkpoint_dir=checkpoint,
-                resume=resume,
-                checkpoint_every=checkpoint_every,
-                progress=progress,
-                stats_progress=stats_progress,
+    with sole_writer(out, "nmke-patch create"):  # held to the end: the checkpoint and -o are this run's
+        checkpoint = out.with_name(out.name + ".checkpoint")
+        if not resume:
+            refuse_interrupted_run(checkpoint)  # before the model loads
+        elif (checkpoint / "progress.json").is_file():
+            console.print(
+                f"resuming from {checkpoint} if it is this run's (same facts, settings, model)",
+                highlight=False,
             )
-        except TooLongError as exc:
-            raise TooLongError(f"{facts}: {exc}") from None
-        except KeyboardInterrupt:
-            if checkpoint.exists():
-                err_console.print(
-                    f"checkpoint kept in {checkpoint}: the same command with --resume continues from it",
-                    soft_wrap=True,
+        else:
+            console.print(f"no checkpoint in {checkpoint}: starting from the first edit", highlight=False)
+        with console.status("loading model"):
+            loaded = LoadedModel(*load_base(model, device=device, dtype=dtype, device_map=device_map))
+        columns = (
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=console, transient=True) as bar:
+            task = bar.add_task("editing", total=len(requests))
+            status = console.status("preparing key statistics (cached after the first run)")
+            status.start()
+            sampling: list[TaskID] = []
+
+            def stats_progress(done: int, total: int) -> None:
+                if not sampling:  # the first call: the statistics are not cached, and this takes a while
+                    status.stop()
+                    console.print(
+                        f"sampling {total:,} tokens of preservation text from the model for the key statistics "
+                        "(once per model and settings; cached afterwards)"
+                    )
+                    sampling.append(bar.add_task("statistics", total=total))
+                bar.update(sampling[0], completed=done, total=total)
+
+            def progress(done: int, total: int) -> None:
+                status.stop()
+                if sampling:
+                    bar.remove_task(sampling.pop())
+                bar.update(task, completed=done, total=total)
+
+            try:
+                patch = create_patch(
+                    requests,
+                    loaded=loaded,
+                    config=config,
+                    name=patch_name,
+                    on=parents,
+                    checkpoint_dir=checkpoint,
+                    resume=resume,
+                    checkpoint_every=checkpoint_every,
+                    progress=progress,
+                    stats_progress=stats_progress,
                 )
+            except TooLongError as exc:
+                raise TooLongError(f"{facts}: {exc}") from None
+            except KeyboardInterrupt:
+                _resume_hint(checkpoint)
+                raise
+            finally:
+                status.stop()
+        try:
+            saved = patch.save(out, overwrite=overwrite)
+        except KeyboardInterrupt:  # every edit is in the checkpoint: --resume only writes the patch
+            _resume_hint(checkpoint)
             raise
-        finally:
-            status.stop()
-    saved = patch.save(out, overwrite=overwrite)
-    shutil.rmtree(checkpoint, ignore_errors=True)
+        shutil.rmtree(checkpoint, ignore_errors=True)
     table = Table(
         title=f"{saved.name}: {len(requests)} edit(s), {saved.num_neurons} neuron vectors, "
         f"{saved.nbytes:,} bytes"
@@ -339,6 +342,15 @@ def create(
             _report_health(loaded, [*parents, saved])
         except Exception as exc:  # the patch is written; a failed check must not read as a failed create
             err_console.print(f"warning: could not measure held-out perplexity ({exc})", soft_wrap=True)
+
+
+def _resume_hint(checkpoint: Path) -> None:
+    """Say, on an interrupted ``create``, that the checkpoint it leaves lets ``--resume`` go on."""
+    if checkpoint.exists():
+        err_console.print(
+            f"checkpoint kept in {checkpoint}: the same command with --resume continues from it",
+            soft_wrap=True,
+        )
 
 
 def _report_health(loaded: LoadedModel, chain: list[Patch]) -> None:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import secrets
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 
 def home() -> Path:
@@ -16,6 +21,29 @@ def home() -> Path:
     root = Path(env).expanduser() if env else Path.home() / ".cache" / "nmke-patch"
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+@contextmanager
+def sole_writer(target: Path, command: str) -> Iterator[None]:
+    """Hold, while the body runs, the lock on writing ``target`` that long writers (``create``, with its
+    checkpoint beside the output) take: a second ``command`` on the same output is refused at once instead of
+    racing the first to the checkpoint and the output. The lock file lives in the cache (``locks/``, named by
+    the output's absolute path), not beside the output; the operating system drops the lock of a process that
+    dies."""
+    spelled = target.absolute().parent.resolve() / target.name  # ./a, a and /abs/a are one output
+    folder = home() / "locks"
+    folder.mkdir(exist_ok=True)
+    lock = FileLock(folder / f"{hashlib.sha256(str(spelled).encode()).hexdigest()[:32]}.lock", timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise FileExistsError(
+            f"another {command} is writing {target} right now: wait for it to finish, or choose another output"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def current_umask() -> int:

@@ -363,3 +363,44 @@ def test_a_file_where_the_checkpoint_folder_goes_is_refused_before_any_edit(
     assert isinstance(result.exception, InvalidRequestError)
     assert "p.nmke.checkpoint is a file where the run keeps its checkpoint folder" in str(result.exception)
     assert not (tmp_path / "home" / "stats").exists()  # refused before the statistics
+
+
+def test_a_second_create_on_an_output_being_written_is_refused_at_once(
+    setup: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs on one -o raced to the checkpoint: the second was told to --resume the first's, and the
+    loser's checkpoint blocked later runs. The output's lock is taken before anything else."""
+    from nmke_patch.paths import sole_writer
+
+    out = tmp_path / "p.nmke"
+    monkeypatch.chdir(tmp_path)
+    with sole_writer(Path("p.nmke"), "nmke-patch create"):  # the first run, holding the output as spelled
+        result = CliRunner().invoke(app, [*setup, "-o", str(out)])
+    assert isinstance(result.exception, FileExistsError), result.output
+    assert f"another nmke-patch create is writing {out} right now" in str(result.exception)
+    assert not out.exists() and not (tmp_path / "p.nmke.checkpoint").exists()
+    result = CliRunner().invoke(app, [*setup, "-o", str(out)])  # the lock goes with the first run
+    assert result.exit_code == 0, result.output
+    assert load_patch(out).manifest.metrics
+
+
+def test_ctrl_c_while_the_patch_is_saved_keeps_the_checkpoint_and_says_so(
+    setup: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nmke_patch.patch import Patch
+
+    out = tmp_path / "p.nmke"
+
+    def interrupted(*_: object, **__: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(Patch, "save", interrupted)
+        result = CliRunner().invoke(app, [*setup, "-o", str(out)])
+    assert result.exit_code == 130 and not out.exists()
+    checkpoint = tmp_path / "p.nmke.checkpoint"
+    assert "--resume continues from it" in " ".join(result.output.split())
+    assert json.loads((checkpoint / "progress.json").read_text())["next_index"] == 2
+    result = CliRunner().invoke(app, [*setup, "-o", str(out), "--resume"])
+    assert result.exit_code == 0 and load_patch(out).manifest.metrics, result.output
+    assert not checkpoint.exists()
