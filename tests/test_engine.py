@@ -712,6 +712,9 @@ def test_default_layers_leave_out_the_last_layer() -> None:
     for n in (2, 4, 5, 6, 8, 12, 30, 80):
         assert check_edited_layers(spec.default_layers(n), n) is None, n
     assert "at least 2" in str(check_edited_layers(spec.default_layers(1), 1))
+    assert spec.default_layers(32) == [4, 5, 6, 7, 8]  # the references: Llama-3-8B's ...
+    gpt2 = spec_for_model(MODEL_FACTORIES["gpt2"]())
+    assert gpt2.default_layers(48) == [13, 14, 15, 16, 17]  # ... and GPT-2 XL's
 
 
 @pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
@@ -733,7 +736,9 @@ def test_context_key_columns_fit_bare_and_prefixed_prompts_separately(arch: str,
     mean = Editor(lm.model, tiny_tokenizer, TINY_CONFIG.with_overrides(key_columns="mean"), c0=c0)._columns(
         owner, 2
     )
-    assert torch.allclose(mean.key_map.sum(dim=1), torch.ones(2)) and mean.residual_map[1, 3] == 1
+    reference = torch.tensor([[0.5, 0.25, 0.25, 0, 0, 0], [0, 0, 0, 0.5, 0.25, 0.25]])  # MEMIT's compute_ks:
+    assert torch.equal(mean.key_map, reference)  # the bare prompt, then the prefixed ones' mean, averaged
+    assert torch.equal(mean.residual_map, expected[[0, 2]])  # the residual is the bare prompt's
     editor.edit(requests(), 0)
     editor.release()
     assert editor.keys_state()[1].shape == (4, d_ff)  # both columns of both requests are protected later
@@ -1290,6 +1295,10 @@ def test_unused_names_the_settings_a_method_does_not_read() -> None:
     assert list(EditConfig(contrast_subjects=0).unused(contrast)) == sorted(
         contrast
     )  # no contrast keys at all
+    ranking = ["neuron_score", "reuse_touched", "contrast_score", "grow_budget_to"]
+    assert list(EditConfig().unused(ranking)) == []
+    assert list(EditConfig(max_neurons=None).unused(ranking)) == sorted(ranking)  # no budget: no ranking
+    assert list(EditConfig(neuron_score="hybrid").unused(ranking)) == ["contrast_score"]
     prefixes = ["bare_weight", "prefix_tokens", "stats_prefix"]
     assert list(EditConfig().unused(prefixes)) == []
     assert list(EditConfig(n_prefixes=0, stats_corpus="text.txt").unused(prefixes)) == prefixes
@@ -1367,3 +1376,13 @@ def test_create_runs_a_training_model_in_eval_mode_and_gives_it_back_as_it_was(t
     assert lm.model.training and not lm.model.transformer.h[0].training and lm.model.transformer.h[1].training
     assert all(p.grad is None for p in lm.model.parameters())
     assert not lm.model.lm_head.weight.requires_grad and lm.model.transformer.wpe.weight.requires_grad
+
+
+def test_the_null_space_kept_is_reported_per_layer(tiny_tokenizer, caplog) -> None:
+    """The projector's threshold is relative to C0 (design note section 6), so its kept dimension is logged."""
+    lm = loaded("llama", tiny_tokenizer)
+    config = TINY_CONFIG.with_overrides(method="alphaedit")
+    with caplog.at_level("INFO", logger="nmke_patch.methods.nmke.engine"):
+        create_patch(requests()[:1], loaded=lm, config=config, name="a")
+    kept = re.findall(r"layer (\d+): the null space of C0 keeps (\d+) of 48 dimensions", caplog.text)
+    assert [int(layer) for layer, _ in kept] == [1, 2] and all(0 < int(dim) < 48 for _, dim in kept)

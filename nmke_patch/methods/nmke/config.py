@@ -173,7 +173,7 @@ class EditConfig:
         False,
         "Early stop on the whole target's probability (the product over its tokens, what P(new) reports) "
         "instead of the geometric mean per token: a target of n tokens then stops at z_stop_prob, not at "
-        "about z_stop_prob^n (0.24 for 5 tokens at 0.75).",
+        "about z_stop_prob^n (0.24 for 5 tokens at 0.75). NMKE only.",
     )
     z_stop_bare: bool = _f(
         True,
@@ -189,7 +189,8 @@ class EditConfig:
     # [2] keys
     key_columns: Literal["mean", "contexts"] = _f(
         "contexts",
-        "mean: one key per request, the mean over its prompts (the reference). contexts: two, the bare "
+        "mean: one key per request, the mean of the bare prompt's key and the prefixed prompts' mean key "
+        "(the reference's average). contexts: two, the bare "
         "prompt's and the mean of the prefixed ones, each fitted to its own residual with weights "
         "bare_weight and 1 - bare_weight. A subject at the very start of a prompt has a key unlike its "
         "prefixed ones (the first token of a text is special), so the mean fits neither. NMKE only.",
@@ -224,7 +225,7 @@ class EditConfig:
     max_neurons: float | None = _f(
         0.1,
         "Sparsity budget: at most this fraction of a layer's neurons per edit "
-        "(None = the published mask size). Ignored by the dense baselines.",
+        "(None = the published mask size). NMKE only: the dense baselines change every neuron.",
     )
     grow_budget_to: float | None = _f(
         None,
@@ -289,8 +290,8 @@ class EditConfig:
     )
     landing: float = _f(
         0.9,
-        "'soft' masked solve: share of each layer's residual the update must realise; the preservation "
-        "weight is the largest that reaches it.",
+        "'soft' masked solve: share of each layer's residual the update must realise (the weighted mean over "
+        "the batch's key columns); the preservation weight is the largest that reaches it.",
     )
     min_preservation: float = _f(
         100.0,
@@ -374,7 +375,7 @@ class EditConfig:
     mode: Literal["sequential", "batch"] = _f(
         "sequential", "sequential: one edit at a time; batch: batch_size at once."
     )
-    batch_size: int = _f(1, "Requests per solve in batch mode.")
+    batch_size: int = _f(1, "Requests per solve in batch mode (the CLI's --mode batch defaults to 10).")
     seed: int = _f(0, "Seed for prefix sampling and preservation text.")
 
     def __post_init__(self) -> None:
@@ -508,6 +509,13 @@ class EditConfig:
                 )
             if self.key_columns == "mean":
                 why["bare_weight"] = "key_columns 'contexts' only (this is 'mean')"
+            if self.max_neurons is None:
+                why |= dict.fromkeys(
+                    ("neuron_score", "reuse_touched", "contrast_score", "grow_budget_to"),
+                    "a neuron budget only (max_neurons is None: the whole mask is edited, in no order)",
+                )
+            elif self.neuron_score == "hybrid":
+                why["contrast_score"] = "neuron_score 'specificity' or 'combined' only (this is 'hybrid')"
             if self.contrast_bank == 0:
                 why["bank_size"] = "contrast_bank > 0 only"
             if self.contrast_keep == 0:

@@ -169,6 +169,14 @@ class Editor:
             if config.method == "alphaedit" or (config.method == "nmke" and config.masked_solve == "post")
             else {}
         )
+        for l, basis in self.basis.items():  # the threshold is relative, so say what it kept (-v)
+            logger.info(
+                "layer %d: the null space of C0 keeps %d of %d dimensions (projector_energy %g)",
+                l,
+                basis.shape[1],
+                self.d_ff,
+                config.projector_energy,
+            )
         self.past_keys = {
             l: (past_keys or {}).get(l, torch.zeros(0, self.d_ff)).float().cpu() for l in self.layers
         }
@@ -377,8 +385,9 @@ class Editor:
     # -- one batch --------------------------------------------------------------------------------
 
     def _columns(self, owner: list[int], n_requests: int) -> _Columns:
-        """Key columns of a batch. ``key_columns="mean"``: one per request, the mean key of its rows with
-        the residual of its bare row. ``"contexts"``: the bare row and the mean of the prefixed rows, each
+        """Key columns of a batch. ``key_columns="mean"``: one per request with the residual of its bare row,
+        its key the mean of the bare row's and the prefixed rows' mean (MEMIT's and AlphaEdit's key: the
+        bare prompt weighs as much as all the prefixed ones together). ``"contexts"``: the bare row and the mean of the prefixed rows, each
         with its own residual, weighted ``bare_weight`` and ``1 - bare_weight``.
         """
         rows = len(owner)
@@ -387,16 +396,15 @@ class Editor:
         for i in range(n_requests):
             mine = torch.nonzero(own == i).flatten()
             bare, prefixed = mine[0], mine[1:]
-            mean = torch.zeros(rows).index_fill_(0, mine, 1.0 / len(mine))
             first = torch.zeros(rows).index_fill_(0, bare, 1.0)
+            rest = torch.zeros(rows).index_fill_(0, prefixed, 1.0 / max(len(prefixed), 1))
             if self.config.key_columns == "mean" or len(prefixed) == 0:
-                maps.append(mean)
+                maps.append(first if len(prefixed) == 0 else 0.5 * first + 0.5 * rest)
                 residual_maps.append(first)
                 weights.append(1.0)
                 column_owner.append(i)
                 peers.append(torch.zeros(rows))
             else:
-                rest = torch.zeros(rows).index_fill_(0, prefixed, 1.0 / len(prefixed))
                 maps += [first, rest]
                 residual_maps += [first, rest]
                 weights += [self.config.bare_weight, 1.0 - self.config.bare_weight]
