@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +18,7 @@ from .errors import InvalidRequestError
 from .methods.nmke.config import EditConfig
 from .methods.nmke.engine import Editor, EditRecord
 from .patch import Patch
+from .paths import move_into_place, staging_dir
 from .requests import EditRequest
 
 
@@ -46,7 +44,7 @@ def run_key(
 def save_checkpoint(folder: Path, editor: Editor, next_index: int, run_key: str) -> None:
     """Replace ``folder`` atomically with the editor's state and the index of the next request."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    staging = staging_dir(folder)
     state = save(editor.state_tensors())
     (staging / "state.safetensors").write_bytes(state)
     (staging / "progress.json").write_text(
@@ -59,11 +57,7 @@ def save_checkpoint(folder: Path, editor: Editor, next_index: int, run_key: str)
             }
         )
     )
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    if folder.exists():
-        os.rename(folder, old)
-    os.rename(staging, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    move_into_place(staging, folder)
 
 
 def refuse_interrupted_run(folder: Path, run_key: str | None = None, total: int | None = None) -> None:

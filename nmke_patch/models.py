@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 import threading
 import urllib.request
 from collections.abc import Iterable
@@ -30,7 +29,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 from .errors import ModelLoadError
-from .paths import home
+from .paths import home, staging_dir
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +90,7 @@ def default_model_dir() -> Path:
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    staging = staging_dir(target)  # removes what killed conversions left
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
+import re
 import secrets
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from filelock import FileLock, Timeout
+
+logger = logging.getLogger(__name__)
 
 
 def home() -> Path:
@@ -117,11 +122,56 @@ def new_folder_has_content(target: Path, hint: str) -> bool:
     return target.exists() and any(target.iterdir())
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:32] or "host"
+
+
+def aside_name(stem: str) -> str:
+    """``STEM-HOST-PID-XXXXXXXX``: the name of a file or folder a write keeps aside until it is done, saying
+    which process made it, so that what a killed process left can be told from what a running one is using
+    (:func:`remove_leftovers`)."""
+    return f"{stem}-{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process, or cannot tell
+        return True
+    return True
+
+
+def remove_leftovers(folder: Path, stem: str, *, suffix: str = "") -> None:
+    """Delete what writes killed on this machine left in ``folder`` under :func:`aside_name` names of
+    ``stem`` (+ ``suffix``): those whose process no longer runs. Another machine's (a shared file system)
+    and a running process's are left alone; so is everything on a system without POSIX process checks."""
+    if os.name != "posix":
+        return  # os.kill(pid, 0) would not be a question there
+    pattern = re.compile(rf"{re.escape(stem)}-{re.escape(_host())}-(\d+)-[0-9a-f]{{8}}{re.escape(suffix)}")
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        found = pattern.fullmatch(entry.name)
+        if found is None or _running(int(found.group(1))):
+            continue
+        logger.info("removing %s, left by an interrupted write", entry)
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
 def staging_dir(target: Path) -> Path:
-    """A new hidden ``.NAME.tmp-XXXXXXXX`` directory next to ``target``, with the permissions the umask gives
-    (``tempfile.mkdtemp`` makes it 0700, and the directory moved into place would keep that)."""
+    """A new hidden ``.NAME.tmp-HOST-PID-XXXXXXXX`` directory next to ``target``, with the permissions the
+    umask gives (``tempfile.mkdtemp`` makes it 0700, and the directory moved into place would keep that).
+    Staging directories that killed writes to ``target`` left are removed first."""
+    remove_leftovers(target.parent, f".{target.name}.tmp")
     for _ in range(100):
-        path = target.parent / f".{target.name}.tmp-{secrets.token_hex(4)}"
+        path = target.parent / aside_name(f".{target.name}.tmp")
         try:
             path.mkdir()
         except FileExistsError:
@@ -157,7 +207,8 @@ def move_into_place(staging: Path, target: Path, *, replace: bool = True) -> Non
     if not (target.exists() or target.is_symlink()):
         os.rename(staging, target)
         return
-    backup = target.with_name(f".{target.name}.old-{secrets.token_hex(4)}")
+    remove_leftovers(target.parent, f".{target.name}.old")  # an earlier replace killed after its swap
+    backup = target.with_name(aside_name(f".{target.name}.old"))
     os.rename(target, backup)
     try:
         os.rename(staging, target)

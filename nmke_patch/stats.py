@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from .errors import ModelLoadError
 from .jsonio import read_user_text
 from .lengths import context_length
 from .models import tensor_fingerprint
-from .paths import home
+from .paths import aside_name, home, remove_leftovers
 from .sampling import end_token_ids, sample_continuations
 from .tracing import capture, stop_after
 
@@ -549,8 +548,8 @@ def _load_or_compute(
         for l, c0 in computed.items():
             result[l] = c0
             if cache:
-                fd, tmp = tempfile.mkstemp(prefix=f".{kind}{l}.", suffix=".tmp", dir=folder)
-                os.close(fd)
+                remove_leftovers(folder, f".{kind}{l}", suffix=".tmp")  # of writers killed before
+                tmp = folder / f"{aside_name(f'.{kind}{l}')}.tmp"
                 c0 = c0.contiguous()
                 metadata = {"layer": str(l), "source": key, "fingerprint": tensor_fingerprint(c0)}
                 save_file({"c0": c0}, tmp, metadata=metadata)

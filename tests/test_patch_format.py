@@ -409,6 +409,45 @@ def test_failed_final_rename_on_overwrite_keeps_the_old_patch(
     assert load_patch(tmp_path / "p.nmke").id == old.id
 
 
+
+def test_a_write_removes_what_killed_writes_to_the_same_output_left(tmp_path: Path) -> None:
+    """A killed save leaves its hidden staging folder (for `apply`, a whole model copy); the next write to that
+    output removes it, and leaves a running process's, another machine's and a look-alike name alone."""
+    import subprocess
+    import sys
+
+    from nmke_patch.paths import aside_name, remove_leftovers
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    dead = int(done.stdout)  # a process that has ended
+    mine = aside_name(".p.nmke.tmp")  # this process: running
+    host, pid = mine.split("-")[-3], str(os.getpid())
+    names = {
+        "killed": mine.replace(f"-{pid}-", f"-{dead}-"),
+        "killed backup": aside_name(".p.nmke.old").replace(f"-{pid}-", f"-{dead}-"),
+        "running": mine,
+        "another machine": mine.replace(f"-{host}-", "-elsewhere-").replace(f"-{pid}-", f"-{dead}-"),
+        "another output": aside_name(".q.nmke.tmp").replace(f"-{pid}-", f"-{dead}-"),
+        "not ours": f".p.nmke.tmp-{dead}",
+    }
+    for name in names.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"x" * 100)
+    model = MODEL_FACTORIES["llama"]()
+    random_patch(model, name="a", seed=1).save(tmp_path / "p.nmke")
+    assert not (tmp_path / names["killed"]).exists()
+    assert (tmp_path / names["killed backup"]).exists()  # only a replace sweeps backups: the output existed
+    random_patch(model, name="b", seed=2).save(tmp_path / "p.nmke", overwrite=True)
+    assert not (tmp_path / names["killed backup"]).exists()
+    left = {what for what, name in names.items() if (tmp_path / name).exists()}
+    assert left == {"running", "another machine", "another output", "not ours"}
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["p.nmke"]
+    stats = tmp_path / (aside_name(".c04").replace(f"-{pid}-", f"-{dead}-") + ".tmp")  # a statistics file
+    stats.write_bytes(b"x")
+    remove_leftovers(tmp_path, ".c04", suffix=".tmp")
+    assert not stats.exists() and (tmp_path / names["running"]).exists()
+
+
 # -- validation of untrusted files -----------------------------------------------------------------------
 
 T1 = "model.layers.1.mlp.down_proj.weight"  # first tensor of the patch under test (tiny Llama: [32, 48])
