@@ -7,6 +7,8 @@ import platform
 from collections.abc import Iterable
 from pathlib import Path
 
+from nmke_patch.methods.nmke.config import EditConfig
+
 
 def update_section(path: Path, section: str, body: str) -> None:
     """Replace (or append) the section headed ``section`` (a ``## `` line) of ``path`` with ``body``."""
@@ -41,3 +43,17 @@ def parse_settings(pairs: Iterable[str]) -> dict[str, object]:
         key, _, value = pair.partition("=")
         settings[key.strip()] = json.loads(value)
     return settings
+
+
+def refuse_unread(configs: Iterable[EditConfig], names: Iterable[str]) -> None:
+    """Stop, as ``nmke-patch create`` does, on a ``--set`` that none of ``configs`` reads (one run may hold
+    several methods): it would do nothing, and the results would be filed under settings they did not have."""
+    asked = set(names) - {"method"}
+    unread, reasons = set(asked), {}
+    for config in configs:
+        unused = config.unused(asked)
+        unread &= set(unused)
+        reasons.update(unused)
+    if unread:
+        given = "; ".join(f"{name} ({reasons[name]})" for name in sorted(unread))
+        raise SystemExit(f"--set of a setting these runs never read, so it would do nothing: {given}")

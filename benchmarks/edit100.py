@@ -5,7 +5,7 @@ Usage (one process per method; they can run side by side)::
     python benchmarks/edit100.py --method nmke --n 100
     python benchmarks/edit100.py --summarize   # writes the table into BENCHMARKS.md
 
-Each run checkpoints (``--resume`` continues), writes the patch to ``benchmarks/results/edit<N>-<method>.nmke``
+Each run checkpoints (a rerun of the same command continues from it), writes the patch to ``benchmarks/results/edit<N>-<method>.nmke``
 and the evaluation to ``benchmarks/results/edit<N>-<method>.json``.
 """
 
@@ -20,7 +20,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from _report import parse_settings, update_section
+from _report import parse_settings, refuse_unread, update_section
 
 from nmke_patch.create import LoadedModel, create_patch
 from nmke_patch.evaluate import evaluate_pair
@@ -37,6 +37,7 @@ def run(method: str, n: int, facts: Path, overrides: dict[str, object], tag: str
     requests = read_requests(facts)[:n]
     loaded = LoadedModel(*load_base())
     config = EditConfig().with_overrides(method=method, **overrides)
+    refuse_unread([config], overrides)
     stem = RESULTS / f"edit{n}-{tag}"
     start = time.perf_counter()
     patch = create_patch(

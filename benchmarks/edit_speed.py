@@ -21,7 +21,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from _report import cpu_name, parse_settings, update_section
+from _report import cpu_name, parse_settings, refuse_unread, update_section
 
 from nmke_patch.create import LoadedModel, create_patch
 from nmke_patch.methods.nmke.config import EditConfig
@@ -74,6 +74,8 @@ def main() -> None:
     overrides = parse_settings(args.set)
     runs = [(method, method, overrides) for method in args.methods.split(",")]
     runs += [("nmke", *parse_variant(v, overrides)) for v in args.variant]
+    for method, _label, settings in runs:
+        refuse_unread([EditConfig().with_overrides(method=method, **settings)], settings)
     rows = []
     for method, label, settings in runs:
         r = measure(method, args.n, args.start, settings)

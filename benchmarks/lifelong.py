@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 import transformers
-from _report import cpu_name, update_section
+from _report import cpu_name, refuse_unread, update_section
 
 import nmke_patch
 from nmke_patch.architectures import decoder_layers, spec_for_model
@@ -162,6 +162,9 @@ class Benchmark:
                     batch_size=size,
                 )
                 self.runs.append(Run(method, size, points, config))
+        refuse_unread([run.config for run in self.runs], args.overrides)
+        if args.resume:
+            refuse_other_settings(self.results_file, self.runs)  # before the statistics
         self.stats = load_statistics(model, tokenizer, self.layers, [run.config for run in self.runs])
         self.rows: list[dict[str, Any]] = []
         self.stopped: str | None = None
@@ -304,6 +307,28 @@ class Benchmark:
                 due = target in run.milestones and target not in run.finished
                 if due and not self.advance(run, target, base):
                     return
+
+
+def refuse_other_settings(results_file: Path, runs: list[Run]) -> None:
+    """Stop a ``--resume`` whose settings are not those ``results_file`` records for its runs (the defaults
+    move between sessions), naming the ``--set`` options that continue the recorded runs."""
+    if not results_file.is_file():
+        return
+    recorded = json.loads(results_file.read_text(encoding="utf-8")).get("configs", {})
+    needed: dict[str, Any] = {}
+    for run in runs:
+        if run.name not in recorded:
+            continue
+        then = EditConfig.from_json(recorded[run.name]).resolved().to_json()
+        now = run.config.resolved().to_json()
+        unread = run.config.unused(then)  # in the run key, yet not what the run computes: not asked for
+        needed |= {k: v for k, v in then.items() if now.get(k) != v and k not in unread}
+    if needed:
+        given = " ".join(f"--set {shlex.quote(f'{k}={json.dumps(v)}')}" for k, v in sorted(needed.items()))
+        raise SystemExit(
+            f"{results_file} records these runs with other settings than today's defaults and options; "
+            f"to continue them add: {given}"
+        )
 
 
 # -- report ------------------------------------------------------------------------------------------------

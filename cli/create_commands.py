@@ -339,7 +339,7 @@ def create(
     _report_landing(saved.manifest.metrics, config, multi_token)
     with console.status("measuring held-out perplexity"):
         try:
-            _report_health(loaded, [*parents, saved])
+            _report_health(loaded, [*parents, saved], config)
         except Exception as exc:  # the patch is written; a failed check must not read as a failed create
             err_console.print(f"warning: could not measure held-out perplexity ({exc})", soft_wrap=True)
 
@@ -353,7 +353,7 @@ def _resume_hint(checkpoint: Path) -> None:
         )
 
 
-def _report_health(loaded: LoadedModel, chain: list[Patch]) -> None:
+def _report_health(loaded: LoadedModel, chain: list[Patch], config: EditConfig) -> None:
     """Held-out perplexity (the text ``eval`` uses, first 1,024 tokens) without and with the new patch, and a
     warning when it rises more than 10%: a patch that changes the model beyond its facts should not look
     fine."""
@@ -378,8 +378,14 @@ def _report_health(loaded: LoadedModel, chain: list[Patch]) -> None:
     if not drift <= 10.0:  # also NaN
         err_console.print(
             f"warning: held-out perplexity rose {drift:+.1f}%: the patch changes the model beyond its facts. "
-            "`nmke-patch eval` shows where; fewer edits per patch, `--set min_preservation=300` or other "
-            "`--layers` may help (docs/method.md)",
+            "`nmke-patch eval` shows where; fewer edits per patch, "
+            + (
+                "`--set min_preservation=300`, "
+                if "min_preservation" not in config.unused(["min_preservation"])
+                and config.min_preservation < 300
+                else ""
+            )
+            + "or other `--layers` may help (docs/method.md)",
             soft_wrap=True,
         )
 
@@ -401,7 +407,7 @@ def _report_landing(metrics: list[dict[str, Any]], config: EditConfig, multi_tok
             "them fully"
             + (
                 "; `--set grow_budget_to=0.4` lets an edit that does not land use more neurons (docs/method.md)"
-                if config.method == "nmke"
+                if "grow_budget_to" not in config.unused(["grow_budget_to"]) and config.grow_budget_to is None
                 else ""
             )
             + (

@@ -404,3 +404,22 @@ def test_ctrl_c_while_the_patch_is_saved_keeps_the_checkpoint_and_says_so(
     result = CliRunner().invoke(app, [*setup, "-o", str(out), "--resume"])
     assert result.exit_code == 0 and load_patch(out).manifest.metrics, result.output
     assert not checkpoint.exists()
+
+
+def test_warnings_suggest_only_settings_not_already_given(
+    setup: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import nmke_patch.health
+
+    def run(out: str, *extra: str) -> str:
+        readings = iter([(20.0, 1024), (31.0, 1024)])  # a perplexity rise, for its warning
+        monkeypatch.setattr(nmke_patch.health, "perplexity", lambda *a, **k: next(readings))
+        result = CliRunner().invoke(app, [*setup, "-o", str(tmp_path / out), "--set", "sweep_until=1.0", *extra])
+        assert result.exit_code == 0, result.output
+        return " ".join(result.output.split())
+
+    plain = run("a.nmke")
+    assert "--set grow_budget_to=0.4" in plain and "--set min_preservation=300" in plain
+    given = run("b.nmke", "--set", "grow_budget_to=0.3", "--set", "min_preservation=300")
+    assert "warning: 2 edit(s) below P(new) 1" in given and "warning: held-out perplexity rose" in given
+    assert "grow_budget_to=0.4" not in given and "min_preservation=300`" not in given
