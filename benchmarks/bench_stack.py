@@ -1,20 +1,20 @@
 """Patch stack figures for issue 2, on the embedded default model (SmolLM2-135M-Instruct, fp32, CPU).
 
-Measures
+Measures the package as it is:
   (a) ``PatchStack.apply`` and (b) ``PatchStack.unload`` of a patch touching 1,000 neuron columns spread over
-      5 layers (median of ``--runs`` runs each, after warm-up);
+      5 layers (median of ``--runs`` runs each, after ``--warmup`` runs);
   (c) wall time of ``load_model()`` bare vs ``load_model(patches=[10 patches])``, interleaved (alternating
-      order), ``--reps`` repetitions: in this process, and in fresh processes;
+      order), ``--reps`` repetitions: in this process, in this process with every weight page read
+      afterwards (ready to run), and in fresh processes; and what reading + validating and applying the
+      10 patches take on their own;
+  (profile) single small tensor ops of an apply, with PyTorch's default intra-op threads vs one thread
+      (``nmke_patch.threads.one_thread``, which the stack and the patch validator run their ops under);
   (d) patch size on disk vs the theoretical minimum (indices + deltas + originals) and the header overhead.
 
-(a)-(c) are measured twice: as the code is, and with the stack's and the validator's small tensor ops run
-on one intra-op thread (the fix proposed in BENCHMARKS.md, simulated here by wrapping ``PatchStack.apply``,
-``PatchStack.unload``, ``PatchStack.unload_all`` and ``nmke_patch.patch._check_tensors``).
+Prints a Markdown table and notes and writes them to the section "## Patch stack (issue 2)" of
+``BENCHMARKS.md`` (created if missing). Usage::
 
-Prints a Markdown table and writes it to the section "## Patch stack (issue 2)" of ``BENCHMARKS.md``
-(created if missing). Usage::
-
-    python benchmarks/bench_stack.py [--runs 30] [--reps 7] [--no-write]
+    python benchmarks/bench_stack.py [--runs 30] [--warmup 5] [--reps 7] [--no-write]
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -41,13 +40,13 @@ from _report import cpu_name, update_section
 from torch import nn
 
 import nmke_patch
-import nmke_patch.patch as patch_module
 from nmke_patch.architectures import spec_for_model
 from nmke_patch.delta import add_delta, gather_neurons, make_delta, scatter_neurons
 from nmke_patch.models import load_base, tensor_fingerprint
 from nmke_patch.patch import CARD_FILE, DELTAS_FILE, MANIFEST_FILE, Manifest, Patch, load_patch
 from nmke_patch.sources import resolve_patches
 from nmke_patch.stack import PatchStack
+from nmke_patch.threads import one_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Patch stack (issue 2)"
@@ -57,46 +56,6 @@ NUM_STACKED = 10
 APPLY_TARGET_MS = 20.0
 LOAD_TARGET = 0.10
 QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-# -- the proposed fix, simulated ------------------------------------------------------------------------
-
-
-def _one_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def inner(*args: Any, **kwargs: Any) -> Any:
-        threads = torch.get_num_threads()
-        if threads == 1:
-            return fn(*args, **kwargs)
-        torch.set_num_threads(1)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(threads)
-
-    return inner
-
-
-_FIX_TARGETS: list[tuple[Any, str]] = [
-    (PatchStack, "apply"),
-    (PatchStack, "unload"),
-    (PatchStack, "unload_all"),
-    (patch_module, "_check_tensors"),
-]
-
-
-@contextmanager
-def patch_ops(mode: str) -> Iterator[None]:
-    """``mode == "fix"``: run the patch ops on one intra-op thread; ``"as-is"``: leave the code alone."""
-    saved = [(owner, name, owner.__dict__[name]) for owner, name in _FIX_TARGETS]
-    if mode == "fix":
-        for owner, name, fn in saved:
-            setattr(owner, name, _one_thread(fn))
-    try:
-        yield
-    finally:
-        for owner, name, fn in saved:
-            setattr(owner, name, fn)
 
 
 # -- patches ----------------------------------------------------------------------------------------------
@@ -152,20 +111,19 @@ def timed(fn: Callable[[], Any]) -> float:
 
 
 def bench_apply_unload(
-    model: nn.Module, patch: Patch, runs: int, warmup: int, modes: tuple[str, ...]
-) -> dict[str, tuple[list[float], list[float]]]:
-    """Apply and unload times per mode; the modes take turns run by run, so they see the same machine."""
+    model: nn.Module, patch: Patch, runs: int, warmup: int
+) -> tuple[list[float], list[float]]:
+    """Seconds of each timed ``PatchStack.apply`` and ``PatchStack.unload`` (after ``warmup`` untimed pairs)."""
     stack = PatchStack.for_model(model)
-    times: dict[str, tuple[list[float], list[float]]] = {mode: ([], []) for mode in modes}
+    applies: list[float] = []
+    unloads: list[float] = []
     for i in range(warmup + runs):
-        for mode in modes:
-            with patch_ops(mode):
-                applied = timed(lambda: stack.apply(patch))
-                unloaded = timed(lambda: stack.unload(patch))
-            if i >= warmup:
-                times[mode][0].append(applied)
-                times[mode][1].append(unloaded)
-    return times
+        applied = timed(lambda: stack.apply(patch))
+        unloaded = timed(lambda: stack.unload(patch))
+        if i >= warmup:
+            applies.append(applied)
+            unloads.append(unloaded)
+    return applies, unloads
 
 
 def bench_breakdown(model: nn.Module, dirs: list[Path]) -> tuple[float, float]:
@@ -180,11 +138,11 @@ def bench_breakdown(model: nn.Module, dirs: list[Path]) -> tuple[float, float]:
     return statistics.median(reads), statistics.median(applies)
 
 
-@_one_thread
 def touch_every_page(model: nn.Module) -> None:
     """Read one value per 4 KiB page of every weight: what the first forward pass makes the OS do."""
-    for param in model.parameters():
-        float(param.detach().reshape(-1)[::1024].sum())
+    with one_thread():
+        for param in model.parameters():
+            float(param.detach().reshape(-1)[::1024].sum())
 
 
 def _load(patches: list[Path], touch: bool = False) -> None:
@@ -196,23 +154,30 @@ def _load(patches: list[Path], touch: bool = False) -> None:
 
 
 def bench_load_in_process(
-    dirs: list[Path], reps: int, mode: str, touch: bool = False
+    dirs: list[Path], reps: int, touch: bool = False
 ) -> tuple[list[float], list[float]]:
     """``load_model()`` bare and with ``dirs`` in this process, interleaved, order alternating."""
     bare: list[float] = []
     patched: list[float] = []
-    with patch_ops(mode):
-        _load([], touch)  # warm-up: page cache, first-call allocations
-        _load(dirs, touch)
-        for rep in range(reps):
-            pairs: list[tuple[list[Path], list[float]]] = [([], bare), (dirs, patched)]
-            for patches, out in pairs[:: 1 if rep % 2 == 0 else -1]:
-                out.append(timed(functools.partial(_load, patches, touch)))
+    _load([], touch)  # warm-up: page cache, first-call allocations
+    _load(dirs, touch)
+    for rep in range(reps):
+        pairs: list[tuple[list[Path], list[float]]] = [([], bare), (dirs, patched)]
+        for patches, out in pairs[:: 1 if rep % 2 == 0 else -1]:
+            out.append(timed(functools.partial(_load, patches, touch)))
     return bare, patched
 
 
-def bench_small_ops(model: nn.Module, patch: Patch) -> dict[str, dict[str, float]]:
-    """Median seconds of single ops an apply is made of, on the first tensor: default threads vs one thread."""
+def _on_one_thread(fn: Callable[[], Any]) -> Callable[[], Any]:
+    def run() -> Any:
+        with one_thread():
+            return fn()
+
+    return run
+
+
+def bench_small_ops(model: nn.Module, patch: Patch) -> dict[str, tuple[float, float]]:
+    """Median seconds of single ops an apply is made of, on the first tensor: (default threads, one thread)."""
     spec = spec_for_model(model)
     d = patch.deltas[0]
     weight = dict(model.named_parameters())[d.name].detach().clone()
@@ -223,25 +188,25 @@ def bench_small_ops(model: nn.Module, patch: Patch) -> dict[str, dict[str, float
         "`torch.equal`": lambda: torch.equal(current, d.original),
         "`isfinite().all()`": lambda: bool(torch.isfinite(d.delta).all()),
     }
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, tuple[float, float]] = {}
     for name, fn in ops.items():
-        runs: dict[str, Callable[[], Any]] = {"as-is": fn, "fix": _one_thread(fn)}
-        times: dict[str, list[float]] = {"as-is": [], "fix": []}
-        for i in range(33):  # the two modes take turns; the first 3 rounds are warm-up
-            for mode, run in runs.items():
+        variants = (fn, _on_one_thread(fn))
+        times: tuple[list[float], list[float]] = ([], [])
+        for i in range(33):  # the two take turns; the first 3 rounds are warm-up
+            for run, t in zip(variants, times, strict=True):
                 elapsed = timed(run)
                 if i >= 3:
-                    times[mode].append(elapsed)
-        out[name] = {mode: statistics.median(t) for mode, t in times.items()}
+                    t.append(elapsed)
+        out[name] = (statistics.median(times[0]), statistics.median(times[1]))
     return out
 
 
-def bench_load_fresh(dirs: list[Path], reps: int, mode: str) -> tuple[list[float], list[float]]:
+def bench_load_fresh(dirs: list[Path], reps: int) -> tuple[list[float], list[float]]:
     """The same in fresh Python processes (imports included), interleaved, order alternating."""
     env = {**os.environ, **QUIET_ENV}
 
     def run(patches: list[Path]) -> None:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child-load", mode, *map(str, patches)]
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child-load", *map(str, patches)]
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     bare: list[float] = []
@@ -271,59 +236,72 @@ def update_benchmarks_md(section_body: str, path: Path) -> None:
 
 
 def notes_text(
-    results: dict[str, dict[str, Any]], small_ops: dict[str, dict[str, float]], stacked_bytes: int
+    results: dict[str, Any],
+    small_ops: dict[str, tuple[float, float]],
+    add_shape: tuple[int, int],
+    stacked_bytes: int,
+    touched_weights: int,
 ) -> str:
-    """What the rows mean; the numbers are this run's."""
-    med = {m: {k: statistics.median(results[m][k]) for k in ("apply", "unload")} for m in results}
-    load = {m: [statistics.median(x) for x in results[m]["load"]] for m in results}
-    ready = {m: [statistics.median(x) for x in results[m]["ready"]] for m in results}
-    fresh = {m: [statistics.median(x) for x in results[m]["fresh"]] for m in results}
-    add = small_ops["`add_delta`"]
-    profile_line = (
-        f"one `add_delta` of 200 x 576 values took {ms(add['as-is'])} with the default threads and "
-        f"{ms(add['fix'])} on one thread in this run (profile rows; the two alternate)"
+    """What the rows mean; every number is this run's."""
+    apply_med, unload_med = (statistics.median(results[k]) for k in ("apply", "unload"))
+    load, ready, fresh = ([statistics.median(x) for x in results[k]] for k in ("load", "ready", "fresh"))
+    threads = results["threads"]
+    add_default, add_one = small_ops["`add_delta`"]
+    ratios = {op: default / one for op, (default, one) in small_ops.items()}
+    slow = [op for op, r in ratios.items() if r >= 2]
+    ops_line = (
+        f"The profile rows time single ops of an apply on the first tensor, with the default {threads} "
+        f"intra-op threads and with one thread, taking turns: one `add_delta` of {add_shape[0]} x "
+        f"{add_shape[1]} values took {ms(add_default)} vs {ms(add_one)}"
     )
-    if add["as-is"] < 5 * add["fix"]:
-        profile_line += (
-            ", so the stall was intermittent in this run; in fresh processes on this machine it reproduces as "
-            "~16 ms vs 0.02 ms"
+    if threads == 1:
+        ops_line += "; the default here is one thread, so both columns time the same thing."
+    elif len(slow) == len(ratios):
+        ops_line += (
+            f", and each of the {len(ratios)} ops was {min(ratios.values()):.0f}x to {max(ratios.values()):.0f}x "
+            "slower on the default "
+            "threads than on one, which is why the package runs them on one thread."
         )
+    else:
+        ops_line += (
+            "; default-thread time / one-thread time per op in this run: "
+            f"{', '.join(f'{op} {r:.2f}x' for op, r in ratios.items())}."
+        )
+    reps = len(results["fresh"][0])
+    if reps > 1:
+        bare_spread = max(results["fresh"][0]) - min(results["fresh"][0])
+        patched_spread = max(results["fresh"][1]) - min(results["fresh"][1])
+        noise_line = (
+            f"over the {reps} repetitions the bare loads spread over {bare_spread:.2f} s and the patched ones "
+            f"over {patched_spread:.2f} s (min-max), so a difference smaller than those spreads is within the noise."
+        )
+    else:
+        noise_line = "with one repetition this run has no spread to judge that difference by (use --reps 7)."
+    read_share = results["read"] / load[0]
+    read_line = (
+        f"Reading and validating the {stacked_bytes / 1e6:.0f} MB of patches alone took {ms(results['read'])}, "
+        f"{read_share:.0%} of the bare in-process load"
+    )
+    if read_share > LOAD_TARGET:
+        read_line += f": on its own more than the +{LOAD_TARGET:.0%} target for the patched in-process load."
+    else:
+        read_line += "."
     return (
         "Notes:\n\n"
-        f"- The as-is apply/unload ({ms(med['as-is']['apply'])} / {ms(med['as-is']['unload'])}) is not the "
-        "algorithm: an apply or unload is about ten small tensor ops (gathers and scatters of 200 columns, "
-        "a float32 add, a comparison), and PyTorch splits each over its OpenMP threads. With the second "
-        "core busy (this machine is shared), every parallel region can wait for a spin-waiting worker "
-        f"that is not running: {profile_line}. "
-        "cProfile of as-is apply/unload shows about the same cost per call for `index_copy_`, `add_delta`, "
-        "`torch.equal` and `_base_values`; of as-is `load_model(patches=...)`, most of the time in "
-        "`torch.isfinite` / `.all()` of `nmke_patch.patch._check_tensors`. "
-        "`OMP_WAIT_POLICY=PASSIVE` or `OMP_NUM_THREADS=1` make it disappear too.\n"
-        "- Proposed fix (simulated in the rows marked so; not applied to the package): run the stack's and "
-        "the validator's tensor ops on one intra-op thread, e.g. a context manager in `nmke_patch/stack.py` "
-        "that saves `torch.get_num_threads()`, calls `torch.set_num_threads(1)` and restores it, around the "
-        "bodies of `PatchStack.apply`, `unload`, `unload_all`, `adopt` and `check`, and around the tensor "
-        "checks of `load_patch` in `nmke_patch/patch.py`. These ops are memory-bound and tiny; "
-        f"one thread gives apply {ms(med['fix']['apply'])} and unload {ms(med['fix']['unload'])}.\n"
-        f"- In-process `load_model()` is lazy: transformers memory-maps the safetensors file, so the bare "
-        f"load ({load['fix'][0]:.3f} s) reads no weights, while the patched one reads, hashes and validates "
-        f"{stacked_bytes / 1e6:.0f} MB of patches and copies on write every page of the weights they "
-        f"touch (30 of them here). Even with the fix that is {load['fix'][1] - load['fix'][0]:+.3f} s against a bare load that "
-        "has not read the model yet. Once the weights are read (what the first forward pass does; "
-        f"'ready to run' rows) the difference is {ready['fix'][1] - ready['fix'][0]:+.3f} s on "
-        f"{ready['fix'][0]:.3f} s ({ready['fix'][1] / ready['fix'][0] - 1:+.1%}), and in a fresh process "
-        f"(what a user of `nmke-patch` or a script waits for) {fresh['fix'][1] - fresh['fix'][0]:+.3f} s on "
-        f"{fresh['fix'][0]:.3f} s ({fresh['fix'][1] / fresh['fix'][0] - 1:+.1%}); fresh-process times swing "
-        "by seconds with the load other jobs put on the 2 cores (see min-max), so only differences of that "
-        "size mean anything there.\n"
-        "- What is left in-process with the fix is real work: sha256 + safetensors parse + finiteness check "
-        "of every patch byte, 3 gathers of the same columns per tensor per apply (check, snapshot, current; "
-        "one would do), and the copy-on-write of each touched weight's pages. Reading each file once "
-        "(hash the bytes in memory, then `safetensors.torch.load(bytes)`) and gathering once would trim "
-        "it; the copy-on-write is inherent to editing a memory-mapped model in place. Here reading and "
-        f"validating the {stacked_bytes / 1e6:.0f} MB of patches alone takes {ms(results['fix']['read'])}, "
-        f"{results['fix']['read'] / load['fix'][0]:.0%} of the bare in-process load, so <= +10% in-process "
-        "needs smaller patches than 10 x 1,000 columns.\n"
+        f"- `PatchStack.apply` / `unload` took {ms(apply_med)} / {ms(unload_med)} (median). The stack "
+        "(`apply`, `unload`, `unload_all`, `adopt`, `check` in `nmke_patch/stack.py`) and the tensor reading "
+        "and checks of `load_patch` (`nmke_patch/patch.py`) run on one intra-op thread, under `one_thread` "
+        f"of `nmke_patch/threads.py`, which restores the thread count afterwards. {ops_line}\n"
+        "- In-process `load_model()` is lazy: transformers memory-maps the safetensors file, so the bare "
+        f"load ({load[0]:.3f} s) reads no weights, while the patched one ({load[1]:.3f} s) reads, hashes and "
+        f"validates {stacked_bytes / 1e6:.0f} MB of patches and copies on write every page of the "
+        f"{touched_weights} weights they touch: {load[1] - load[0]:+.3f} s against a bare load that has not "
+        "read the model yet. Once every weight page is read (what the first forward pass does; 'ready to "
+        f"run' rows) the difference is {ready[1] - ready[0]:+.3f} s on {ready[0]:.3f} s "
+        f"({ready[1] / ready[0] - 1:+.1%}). {read_line}\n"
+        "- In a fresh process (imports included: what a user of `nmke-patch` or a script waits for) the "
+        f"difference is {fresh[1] - fresh[0]:+.3f} s on {fresh[0]:.3f} s ({fresh[1] / fresh[0] - 1:+.1%}). "
+        f"Fresh-process times are noisy, as the machine's cores are shared with other jobs: {noise_line}\n"
     )
 
 
@@ -335,13 +313,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--reps", type=int, default=7, help="interleaved load_model repetitions")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
-    parser.add_argument("--child-load", nargs="+", metavar=("MODE", "PATCH"), help=argparse.SUPPRESS)
+    # internal: one load_model() with the given patch directories (none: bare), timed by the parent process
+    parser.add_argument("--child-load", nargs="*", metavar="PATCH", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.update(QUIET_ENV)
     transformers.utils.logging.disable_progress_bar()
-    if args.child_load:
-        with patch_ops(args.child_load[0]):
-            nmke_patch.load_model(patches=[Path(p) for p in args.child_load[1:]])
+    if args.child_load is not None:
+        nmke_patch.load_model(patches=[Path(p) for p in args.child_load])
         return
     if args.runs < 20:
         parser.error("--runs must be at least 20")
@@ -354,8 +332,8 @@ def main() -> None:
     d_ff = dict(model.named_parameters())[spec.weight_name(0)].shape[spec.neuron_axis]
     first = spec.default_layers(num_layers)[0]
     layouts = stacked_layout(num_layers, d_ff, first, seed=0)
-    modes = ("as-is", "fix")
-    results: dict[str, dict[str, Any]] = {mode: {} for mode in modes}
+    touched_weights = len({layer for layout in layouts for layer in layout})
+    results: dict[str, Any] = {"threads": torch.get_num_threads()}
 
     with tempfile.TemporaryDirectory(prefix="nmke-bench-") as tmp:
         dirs = []
@@ -366,21 +344,13 @@ def main() -> None:
         patch = load_patch(dirs[0])  # 1,000 columns over 5 consecutive layers
 
         small_ops = bench_small_ops(model, patch)
-        for mode, (applies, unloads) in bench_apply_unload(
-            model, patch, args.runs, args.warmup, modes
-        ).items():
-            results[mode]["apply"], results[mode]["unload"] = applies, unloads
-        for mode in modes:
-            with patch_ops(mode):
-                results[mode]["read"], results[mode]["apply10"] = bench_breakdown(model, dirs)
+        results["apply"], results["unload"] = bench_apply_unload(model, patch, args.runs, args.warmup)
+        results["read"], results["apply10"] = bench_breakdown(model, dirs)
         del model
         gc.collect()
-        for mode in modes:
-            results[mode]["load"] = bench_load_in_process(dirs, args.reps, mode)
-        for mode in modes:
-            results[mode]["ready"] = bench_load_in_process(dirs, args.reps, mode, touch=True)
-        for mode in modes:
-            results[mode]["fresh"] = bench_load_fresh(dirs, args.reps, mode)
+        results["load"] = bench_load_in_process(dirs, args.reps)
+        results["ready"] = bench_load_in_process(dirs, args.reps, touch=True)
+        results["fresh"] = bench_load_fresh(dirs, args.reps)
 
         root = dirs[0]
         file_size = (root / DELTAS_FILE).stat().st_size
@@ -392,56 +362,50 @@ def main() -> None:
 
     per_layer = NEURONS // NUM_LAYERS_TOUCHED
     layers = sorted(int(d.name.split(".")[2]) for d in patch.deltas)
-    label = {"as-is": "as-is", "fix": "one-thread patch ops (proposed fix)"}
     rows = [("measurement", "result", "target", "met")]
     for what in ("apply", "unload"):
-        for mode in modes:
-            times = results[mode][what]
-            med = statistics.median(times)
-            rows.append(
-                (
-                    f"({'a' if what == 'apply' else 'b'}) `PatchStack.{what}`, {NEURONS:,} columns "
-                    f"({per_layer} x layers {layers[0]}-{layers[-1]}), median of {args.runs} "
-                    f"(modes alternating), {label[mode]}",
-                    f"{ms(med)} (min {ms(min(times))}, max {ms(max(times))})",
-                    f"<= {APPLY_TARGET_MS:.0f} ms",
-                    ok(med * 1e3 <= APPLY_TARGET_MS),
-                )
+        times = results[what]
+        med = statistics.median(times)
+        rows.append(
+            (
+                f"({'a' if what == 'apply' else 'b'}) `PatchStack.{what}`, {NEURONS:,} columns "
+                f"({per_layer} x layers {layers[0]}-{layers[-1]}), median of {args.runs}",
+                f"{ms(med)} (min {ms(min(times))}, max {ms(max(times))})",
+                f"<= {APPLY_TARGET_MS:.0f} ms",
+                ok(med * 1e3 <= APPLY_TARGET_MS),
             )
+        )
     for key, where in (
         ("load", "in this process"),
         ("ready", "in this process, then every weight page read (ready to run)"),
         ("fresh", "fresh process, imports included"),
     ):
-        for mode in modes:
-            bare, patched = results[mode][key]
-            mb, mp = statistics.median(bare), statistics.median(patched)
-            rows.append(
-                (
-                    f"(c) `load_model()` bare vs `load_model(patches=[{NUM_STACKED} x {NEURONS:,} columns])`, "
-                    f"{where}, median (min-max) of {args.reps}, {label[mode]}",
-                    f"{mb:.3f} s ({min(bare):.2f}-{max(bare):.2f}) vs {mp:.3f} s ({min(patched):.2f}-"
-                    f"{max(patched):.2f}): {mp / mb - 1:+.1%} ({(mp - mb) * 1e3:+.0f} ms, ratio {mp / mb:.3f})",
-                    f"<= +{LOAD_TARGET:.0%}",
-                    ok(mp / mb - 1 <= LOAD_TARGET),
-                )
-            )
-    for mode in modes:
+        bare, patched = results[key]
+        mb, mp = statistics.median(bare), statistics.median(patched)
         rows.append(
             (
-                f"(c) of which: read + validate / apply the {NUM_STACKED} patches on a loaded model, "
-                f"median of 5, {label[mode]}",
-                f"{ms(results[mode]['read'])} / {ms(results[mode]['apply10'])}",
-                "",
-                "",
+                f"(c) `load_model()` bare vs `load_model(patches=[{NUM_STACKED} x {NEURONS:,} columns])`, "
+                f"{where}, median (min-max) of {args.reps}",
+                f"{mb:.3f} s ({min(bare):.2f}-{max(bare):.2f}) vs {mp:.3f} s ({min(patched):.2f}-"
+                f"{max(patched):.2f}): {mp / mb - 1:+.1%} ({(mp - mb) * 1e3:+.0f} ms, ratio {mp / mb:.3f})",
+                f"<= +{LOAD_TARGET:.0%}",
+                ok(mp / mb - 1 <= LOAD_TARGET),
             )
         )
-    for op, times in small_ops.items():
+    rows.append(
+        (
+            f"(c) of which: read + validate / apply the {NUM_STACKED} patches on a loaded model, median of 5",
+            f"{ms(results['read'])} / {ms(results['apply10'])}",
+            "",
+            "",
+        )
+    )
+    for op, (default, one) in small_ops.items():
         rows.append(
             (
                 f"(profile) one {op} of {patch.deltas[0].num_neurons} value vectors, median of 30, "
-                "alternating: default threads / one thread",
-                f"{ms(times['as-is'])} / {ms(times['fix'])}",
+                f"alternating: default threads ({results['threads']}) / one thread",
+                f"{ms(default)} / {ms(one)}",
                 "",
                 "",
             )
@@ -473,9 +437,9 @@ def main() -> None:
         "| " + " | ".join(r) + " |" + ("\n|---|---|---|---|" if i == 0 else "") for i, r in enumerate(rows)
     )
     now = datetime.now(timezone.utc)
-    notes = notes_text(results, small_ops, stacked_bytes)
+    notes = notes_text(results, small_ops, tuple(patch.deltas[0].delta.shape), stacked_bytes, touched_weights)
     body = (
-        f"Command: `python benchmarks/bench_stack.py --runs {args.runs} --reps {args.reps}` "
+        f"Command: `python benchmarks/bench_stack.py --runs {args.runs} --warmup {args.warmup} --reps {args.reps}` "
         f"({time.perf_counter() - started:.0f} s)\n\n"
         f"Machine: 2-core CPU ({cpu_name()}; {os.cpu_count()} logical CPUs, shared with other jobs: "
         f"load average {load_avg[0]:.2f} at start), {platform.system()} {platform.machine()}, "
