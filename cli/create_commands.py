@@ -354,27 +354,40 @@ def _resume_hint(checkpoint: Path) -> None:
 
 
 def _report_health(loaded: LoadedModel, chain: list[Patch], config: EditConfig) -> None:
-    """Held-out perplexity (the text ``eval`` uses, first 1,024 tokens) without and with the new patch, and a
-    warning when it rises more than 10%: a patch that changes the model beyond its facts should not look
-    fine."""
+    """Held-out perplexity (the text ``eval`` uses, first 1,024 tokens) and the unrelated facts the model
+    answers (``eval``'s set), without and with the new patch, and a warning when perplexity rises more than
+    10%: a patch that changes the model beyond its facts should not look fine."""
+    from nmke_patch.evaluate import evaluate
     from nmke_patch.health import load_heldout, perplexity
     from nmke_patch.stack import PatchStack
 
+    def answered() -> dict[str, bool]:
+        only_facts = evaluate(loaded.model, loaded.tokenizer, [], heldout_text=[], generations=0)
+        return dict(only_facts["details"]["unrelated_answered"])
+
     text = load_heldout()
+    what = "with its parents, " if len(chain) > 1 else ""
     stack = PatchStack.for_model(loaded.model)
     try:
         for p in chain[:-1]:
             stack.apply(p)
         before, _ = perplexity(loaded.model, loaded.tokenizer, text, max_tokens=1024)
+        known = [fact for fact, ok in answered().items() if ok]
         stack.apply(chain[-1])
         after, _ = perplexity(loaded.model, loaded.tokenizer, text, max_tokens=1024)
+        still = answered()
     finally:
         stack.unload_all()
     drift = 100.0 * (after / before - 1.0)
-    what = "with its parents, " if len(chain) > 1 else ""
     console.print(
         f"held-out perplexity ({what}without -> with this patch): {before:.2f} -> {after:.2f} ({drift:+.1f}%)"
     )
+    if known:
+        kept = sum(still[fact] for fact in known)
+        console.print(
+            f"unrelated facts kept: {kept} of the {len(known)} the model {'with its parents ' if what else ''}"
+            f"answers without this patch ({kept / len(known):.0%}; `nmke-patch eval` measures more)"
+        )
     if not drift <= 10.0:  # also NaN
         err_console.print(
             f"warning: held-out perplexity rose {drift:+.1f}%: the patch changes the model beyond its facts. "

@@ -109,6 +109,21 @@ def _change(key: str, base: float | None, patched: float | None) -> str:
     return f"{diff:+.4g}"
 
 
+def _spans(numbers: list[int]) -> str:
+    """``4-8`` for consecutive numbers, ``2-3, 7`` otherwise."""
+    runs: list[list[int]] = []
+    for n in sorted(set(numbers)):
+        if runs and n == runs[-1][-1] + 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+
+
+def _range(values: list[int]) -> str:
+    return f"{min(values)}-{max(values)}" if min(values) != max(values) else str(values[0])
+
+
 def _print_table(result: dict[str, Any], title: str) -> None:
     from nmke_patch.evaluate import layer_index
 
@@ -118,30 +133,25 @@ def _print_table(result: dict[str, Any], title: str) -> None:
     for key, label, base, patched in _rows(result):
         if key in ("fluency_change", "perplexity_drift_pct"):  # shown as the change of their metric
             continue
-        drift = key in result["comparison"]
-        table.add_row(
-            label,
-            "" if drift else _fmt(key, base),
-            _fmt(key, patched) if not drift else "",
-            _fmt(key, patched) if drift else _change(key, base, patched),
-        )
+        # agreement and retention compare with the base, which agrees with itself: 100% -> patched
+        table.add_row(label, _fmt(key, base), _fmt(key, patched), _change(key, base, patched))
     fp = result["comparison"]["footprint"]
     table.add_section()
     tensors = list(fp["tensors"].items())
     label, touched = "neurons touched per layer", "none"
     if tensors:
-        counts = [t["neurons"] for _, t in tensors]
-        first, last = layer_index(tensors[0][0]), layer_index(tensors[-1][0])
-        label = f"neurons/layer, layers {first}-{last}" if len(tensors) > 1 else f"neurons, layer {first}"
-        span = f"{min(counts)}-{max(counts)}" if min(counts) != max(counts) else str(counts[0])
-        touched = f"{span} of {tensors[0][1]['of_neurons']}"
+        layers = _spans([i for name, _ in tensors if (i := layer_index(name)) is not None])
+        label = f"neurons/layer, layers {layers}" if len(tensors) > 1 else f"neurons, layer {layers}"
+        touched = (
+            f"{_range([t['neurons'] for _, t in tensors])} of {_range([t['of_neurons'] for _, t in tensors])}"
+        )
     table.add_row(label, "", touched, f"{fp['mean_share']:.1%} mean")
     table.add_row("parameters changed", "", f"{fp['parameters_changed']:,}", "")
     table.add_row(
         "patch bytes",
         "",
         f"{fp['patch_bytes']:,}",
-        f"{fp['patch_bytes'] / max(1, fp['dense_bytes']):.1%} of dense",
+        f"{fp['patch_bytes'] / max(1, fp['dense_bytes']):.1%} of a dense patch",
     )
     console.print(table)
     counts = result["patched"]["counts"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,6 +47,10 @@ def test_create_writes_a_patch_and_reports_every_edit(setup: list[str], tmp_path
     assert "patch written to" in result.output and "w3 w5 w4" in result.output
     assert "2 of 2 edit(s) reach P(new) >= 0 after all edits" in result.output
     assert "held-out perplexity (without -> with this patch): " in result.output
+    kept = re.search(
+        r"unrelated facts kept: (\d+) of the (\d+) the model answers without this patch", result.output
+    )
+    assert kept and int(kept[1]) <= int(kept[2]), result.output
     assert "warning" not in result.output
 
 
@@ -414,7 +419,9 @@ def test_warnings_suggest_only_settings_not_already_given(
     def run(out: str, *extra: str) -> str:
         readings = iter([(20.0, 1024), (31.0, 1024)])  # a perplexity rise, for its warning
         monkeypatch.setattr(nmke_patch.health, "perplexity", lambda *a, **k: next(readings))
-        result = CliRunner().invoke(app, [*setup, "-o", str(tmp_path / out), "--set", "sweep_until=1.0", *extra])
+        result = CliRunner().invoke(
+            app, [*setup, "-o", str(tmp_path / out), "--set", "sweep_until=1.0", *extra]
+        )
         assert result.exit_code == 0, result.output
         return " ".join(result.output.split())
 

@@ -337,6 +337,10 @@ def test_cli_eval_json_and_plot(tiny_tokenizer: PreTrainedTokenizerFast, tmp_pat
     table = CliRunner().invoke(app, [*args, "--plot", str(tmp_path / "chart")])  # no extension: .png added
     assert table.exit_code == 0, table.output
     assert "efficacy" in table.output and "patch bytes" in table.output
+    agree = next(line for line in table.output.splitlines() if "agree with base" in line)
+    share = out["comparison"]["zsre_neighborhood_agreement"]  # the base agrees with itself
+    cells = [cell.strip() for cell in agree.split("│")]
+    assert cells[2:5] == ["100.0%", f"{share:.1%}", f"{(share - 1) * 100:+.1f} pt"], agree
     assert "records have target_true" not in table.output  # all three have one
     records[1].pop("target_true")
     facts.write_text("\n".join(json.dumps(r) for r in records))
@@ -505,3 +509,10 @@ def test_evaluate_scores_a_training_model_without_dropout_and_takes_plain_unrela
         model, tiny_tokenizer, [request], [patch], cache=False, **{**settings, "unrelated": facts}
     )
     assert pair["base"]["metrics"] == reference["metrics"]
+
+
+def test_layer_lists_in_the_table_name_every_layer() -> None:
+    from nmke_patch.cli.eval_commands import _spans
+
+    assert _spans([4, 5, 6, 7, 8]) == "4-8"
+    assert _spans([8, 2, 3, 7]) == "2-3, 7-8" and _spans([5]) == "5" and _spans([1, 3]) == "1, 3"

@@ -409,7 +409,6 @@ def test_failed_final_rename_on_overwrite_keeps_the_old_patch(
     assert load_patch(tmp_path / "p.nmke").id == old.id
 
 
-
 def test_a_write_removes_what_killed_writes_to_the_same_output_left(tmp_path: Path) -> None:
     """A killed save leaves its hidden staging folder (for `apply`, a whole model copy); the next write to that
     output removes it, and leaves a running process's, another machine's and a look-alike name alone."""
