@@ -9,6 +9,7 @@ Usage: ``python benchmarks/bench_portable.py PATCH_DIR`` (e.g. a patch written b
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import tempfile
@@ -22,7 +23,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 def main() -> None:
-    patch_dir = Path(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("patch", type=Path, help="a patch directory made on the default model")
+    patch_dir = parser.parse_args().patch
     from peft import PeftModel
 
     from nmke_patch.export.peft import export_peft
