@@ -64,18 +64,24 @@ def check_fits(
 ) -> None:
     """Refuse the first record with a prompt that, fed with its answer (all but the answer's last token)
     and, where ``create`` puts them, ``reserve`` more tokens for ``what``, needs more than ``limit``
-    positions. ``scored``: every prompt ``eval`` scores; else those ``create`` feeds. No-op when ``limit``
-    is None."""
-    if limit is None:
-        return
-    if reserve >= limit:
+    positions (no limit: None), or that the tokenizer turns into fewer than two tokens, one for the prompt
+    and one for the answer (a tokenizer that does not know the text). ``scored``: every prompt ``eval``
+    scores; else those ``create`` feeds."""
+    if limit is not None and reserve >= limit:
         raise InvalidRequestError(
             f"{what} take {reserve} of the model's {limit} positions; make them shorter"
         )
     for i, request in enumerate(requests):
         texts = _texts(request, scored)
         lengths = [len(ids) - 1 for ids in tokenizer([t for _, t, _ in texts]).input_ids]
-        for (name, _, with_reserve), n in zip(texts, lengths, strict=True):
+        for (name, text, with_reserve), n in zip(texts, lengths, strict=True):
+            if n < 1:
+                raise InvalidRequestError(
+                    f"record {i}: the tokenizer turns {name} with its answer, {text!r}, into {n + 1} token(s);"
+                    " a prompt and its answer need one each: is it this model's tokenizer?"
+                )
+            if limit is None:
+                continue
             room = limit - reserve if with_reserve else limit
             if n > room:
                 kept = f" ({reserve} of them kept for {what})" if with_reserve else ""

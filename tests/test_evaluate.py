@@ -516,3 +516,20 @@ def test_layer_lists_in_the_table_name_every_layer() -> None:
 
     assert _spans([4, 5, 6, 7, 8]) == "4-8"
     assert _spans([8, 2, 3, 7]) == "2-3, 7-8" and _spans([5]) == "5" and _spans([1, 3]) == "1, 3"
+
+
+def test_a_tokenizer_that_gives_no_tokens_is_named_not_an_index_error(
+    tiny_tokenizer: PreTrainedTokenizerFast,
+) -> None:
+    """A tokenizer that does not know the text (another model's, or one transformers rebuilt from a config)
+    turned every prompt into nothing, and create failed with an IndexError deep in the engine."""
+
+    class Silent:
+        def __call__(self, texts: list[str]) -> Any:
+            return type("Encoding", (), {"input_ids": [[] for _ in texts]})()
+
+    request = EditRequest("w3 w4 {} w5", "w10", "w20")
+    for limit in (None, 64):
+        with pytest.raises(InvalidRequestError, match=r"^record 0: the tokenizer turns its prompt with its"):
+            check_fits([request], Silent(), limit, scored=False)
+    check_fits([request], tiny_tokenizer, None, scored=False)  # a tokenizer that knows the words passes
