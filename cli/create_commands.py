@@ -33,6 +33,7 @@ from nmke_patch.requests import read_requests
 if TYPE_CHECKING:
     from nmke_patch.create import LoadedModel
     from nmke_patch.patch import Patch
+    from nmke_patch.requests import EditRequest
 
 from .common import DeviceMapOpt, DeviceOpt, DtypeOpt, ModelOpt, console, err_console, shown
 
@@ -182,7 +183,7 @@ def create(
     device_map: DeviceMapOpt = None,
 ) -> None:
     """Compute edits for FACTS with NMKE (or a dense baseline) and write them as a patch."""
-    from nmke_patch.create import LoadedModel, create_patch
+    from nmke_patch.create import LoadedModel
     from nmke_patch.models import load_base
     from nmke_patch.sources import resolve_patches
     from nmke_patch.stack import check_lineage
@@ -257,56 +258,17 @@ def create(
             console.print(f"no checkpoint in {checkpoint}: starting from the first edit", highlight=False)
         with console.status("loading model"):
             loaded = LoadedModel(*load_base(model, device=device, dtype=dtype, device_map=device_map))
-        columns = (
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
+        patch = _edit_with_progress(
+            requests,
+            loaded,
+            facts=facts,
+            config=config,
+            name=patch_name,
+            parents=parents,
+            checkpoint=checkpoint,
+            resume=resume,
+            checkpoint_every=checkpoint_every,
         )
-        with Progress(*columns, console=console, transient=True) as bar:
-            task = bar.add_task("editing", total=len(requests))
-            status = console.status("preparing key statistics (cached after the first run)")
-            status.start()
-            sampling: list[TaskID] = []
-
-            def stats_progress(done: int, total: int) -> None:
-                if not sampling:  # the first call: the statistics are not cached, and this takes a while
-                    status.stop()
-                    console.print(
-                        f"sampling {total:,} tokens of preservation text from the model for the key statistics "
-                        "(once per model and settings; cached afterwards)"
-                    )
-                    sampling.append(bar.add_task("statistics", total=total))
-                bar.update(sampling[0], completed=done, total=total)
-
-            def progress(done: int, total: int) -> None:
-                status.stop()
-                if sampling:
-                    bar.remove_task(sampling.pop())
-                bar.update(task, completed=done, total=total)
-
-            try:
-                patch = create_patch(
-                    requests,
-                    loaded=loaded,
-                    config=config,
-                    name=patch_name,
-                    on=parents,
-                    checkpoint_dir=checkpoint,
-                    resume=resume,
-                    checkpoint_every=checkpoint_every,
-                    progress=progress,
-                    stats_progress=stats_progress,
-                )
-            except TooLongError as exc:
-                raise TooLongError(f"{facts}: {exc}") from None
-            except KeyboardInterrupt:
-                _resume_hint(checkpoint)
-                raise
-            finally:
-                status.stop()
         try:
             saved = patch.save(out, overwrite=overwrite)
         except KeyboardInterrupt:  # every edit is in the checkpoint: --resume only writes the patch
@@ -342,6 +304,75 @@ def create(
             _report_health(loaded, [*parents, saved], config)
         except Exception as exc:  # the patch is written; a failed check must not read as a failed create
             err_console.print(f"warning: could not measure held-out perplexity ({exc})", soft_wrap=True)
+
+
+def _edit_with_progress(
+    requests: list[EditRequest],
+    loaded: LoadedModel,
+    *,
+    facts: Path,
+    config: EditConfig,
+    name: str,
+    parents: list[Patch],
+    checkpoint: Path,
+    resume: bool,
+    checkpoint_every: int,
+) -> Patch:
+    """``create_patch`` with a progress bar (and one for the statistics when they are sampled), and the
+    ``--resume`` hint on Ctrl-C."""
+    from nmke_patch.create import create_patch
+
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("editing", total=len(requests))
+        status = console.status("preparing key statistics (cached after the first run)")
+        status.start()
+        sampling: list[TaskID] = []
+
+        def stats_progress(done: int, total: int) -> None:
+            if not sampling:  # the first call: the statistics are not cached, and this takes a while
+                status.stop()
+                console.print(
+                    f"sampling {total:,} tokens of preservation text from the model for the key statistics "
+                    "(once per model and settings; cached afterwards)"
+                )
+                sampling.append(bar.add_task("statistics", total=total))
+            bar.update(sampling[0], completed=done, total=total)
+
+        def progress(done: int, total: int) -> None:
+            status.stop()
+            if sampling:
+                bar.remove_task(sampling.pop())
+            bar.update(task, completed=done, total=total)
+
+        try:
+            patch = create_patch(
+                requests,
+                loaded=loaded,
+                config=config,
+                name=name,
+                on=parents,
+                checkpoint_dir=checkpoint,
+                resume=resume,
+                checkpoint_every=checkpoint_every,
+                progress=progress,
+                stats_progress=stats_progress,
+            )
+        except TooLongError as exc:
+            raise TooLongError(f"{facts}: {exc}") from None
+        except KeyboardInterrupt:
+            _resume_hint(checkpoint)
+            raise
+        finally:
+            status.stop()
+    return patch
 
 
 def _resume_hint(checkpoint: Path) -> None:
