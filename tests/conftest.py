@@ -17,24 +17,26 @@ from nmke_patch.patch import Manifest, ParentRef, Patch
 VOCAB = 64
 
 
+LLAMA_SIZES: dict[str, Any] = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=True,
+    pad_token_id=1,
+    bos_token_id=None,
+    eos_token_id=2,
+)
+"""The tiny Llama's configuration (other Llama-family configs take it too), less depth and init range."""
+
+
 def tiny_llama(
     seed: int = 0, dtype: torch.dtype = torch.float32, init_range: float = 0.02, layers: int = 4
 ) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-        initializer_range=init_range,
-        pad_token_id=1,
-        bos_token_id=None,
-        eos_token_id=2,
-    )
+    config = LlamaConfig(**LLAMA_SIZES, num_hidden_layers=layers, initializer_range=init_range)
     return LlamaForCausalLM(config).to(dtype).eval()
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB
+from conftest import LLAMA_SIZES
 from peft import PeftModel
 from transformers import (
     AutoModelForCausalLM,
@@ -28,20 +28,6 @@ from nmke_patch.patch import load_patch
 from nmke_patch.requests import EditRequest
 from nmke_patch.stack import PatchStack
 
-SIZES = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    tie_word_embeddings=True,
-    initializer_range=0.2,
-    pad_token_id=1,
-    bos_token_id=None,
-    eos_token_id=2,
-)
 CONFIGS: dict[str, type[PretrainedConfig]] = {
     "mistral": MistralConfig,
     "qwen2": Qwen2Config,
@@ -52,7 +38,9 @@ CONFIGS: dict[str, type[PretrainedConfig]] = {
 def tiny(model_type: str) -> torch.nn.Module:
     torch.manual_seed(0)
     extra = {"head_dim": 8} if model_type == "qwen3" else {}
-    model = AutoModelForCausalLM.from_config(CONFIGS[model_type](**SIZES, **extra))
+    model = AutoModelForCausalLM.from_config(
+        CONFIGS[model_type](**LLAMA_SIZES, num_hidden_layers=4, initializer_range=0.2, **extra)
+    )
     assert model.config.model_type == model_type
     return model.float().eval()
 
