@@ -387,8 +387,8 @@ class Editor:
     def _columns(self, owner: list[int], n_requests: int) -> _Columns:
         """Key columns of a batch. ``key_columns="mean"``: one per request with the residual of its bare row,
         its key the mean of the bare row's and the prefixed rows' mean (MEMIT's and AlphaEdit's key: the
-        bare prompt weighs as much as all the prefixed ones together). ``"contexts"``: the bare row and the mean of the prefixed rows, each
-        with its own residual, weighted ``bare_weight`` and ``1 - bare_weight``.
+        bare prompt weighs as much as all the prefixed ones together). ``"contexts"``: the bare row and the
+        mean of the prefixed rows, each with its own residual, weighted ``bare_weight`` and ``1 - bare_weight``.
         """
         rows = len(owner)
         own = torch.tensor(owner)
