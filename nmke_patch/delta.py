@@ -7,6 +7,7 @@ between that form and a weight whose neuron axis is given by the architecture ta
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,20 @@ def scatter_neurons(
     idx = indices.to(device=weight.device, dtype=torch.long)
     vals = values.to(device=weight.device, dtype=weight.dtype)
     weight.index_copy_(neuron_axis, idx, vals if neuron_axis == 0 else vals.t())
+
+
+def all_finite(values: torch.Tensor) -> bool:
+    """Whether every value is finite, by one float64 sum: finite float32/16 values cannot overflow it, and a
+    NaN or an infinity makes it non-finite. Several times faster on a CPU than ``isfinite().all()``, which
+    builds a mask first; checks of every patch tensor on every apply made that most of an apply's time."""
+    if values.device.type == "mps":  # no float64 there
+        return bool(torch.isfinite(values).all())
+    return math.isfinite(float(torch.sum(values, dtype=torch.float64)))
+
+
+def finite_where(new: torch.Tensor, old: torch.Tensor) -> bool:
+    """Whether ``new`` is finite wherever ``old`` is (a weight already non-finite may stay so)."""
+    return all_finite(new) or bool((torch.isfinite(new) | ~torch.isfinite(old)).all())
 
 
 def add_delta(values: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

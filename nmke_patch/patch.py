@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from .delta import TensorDelta
+from .delta import TensorDelta, all_finite
 from .errors import DamagedFileError, InvalidPatchError
 from .jsonio import read_json_file
 from .paths import check_parents, move_into_place, staging_dir
@@ -561,7 +561,7 @@ def _load_state(root: Path, data: dict[str, Any]) -> dict[str, torch.Tensor]:
                         f"contrast.<layer>, layer 0-{MAX_LAYER})"
                     )
                 t = fh.get_tensor(key)
-                if t.dtype != torch.float32 or t.dim() != 2 or not bool(torch.isfinite(t).all()):
+                if t.dtype != torch.float32 or t.dim() != 2 or not all_finite(t):
                     raise InvalidPatchError(
                         f"{where}: {STATE_FILE} tensor {key!r} must be finite float32 [T, D]"
                     )
@@ -633,7 +633,7 @@ def check_delta(d: TensorDelta, where: str) -> None:
         raise InvalidPatchError(
             f"{what}: original must be float32, bfloat16 or float16 of shape [{k}, {width}]"
         )
-    if not bool(torch.isfinite(d.delta).all()) or not bool(torch.isfinite(d.original.float()).all()):
+    if not all_finite(d.delta) or not all_finite(d.original):
         raise InvalidPatchError(f"{what}: non-finite values")
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .architectures import ArchitectureSpec, decoder_layers, spec_for_model
-from .delta import TensorDelta, add_delta, gather_neurons, scatter_neurons
+from .delta import TensorDelta, add_delta, finite_where, gather_neurons, scatter_neurons
 from .errors import PatchMismatchError, PatchNotAppliedError
 from .models import check_resident, tensor_fingerprint
 from .patch import ParentRef, Patch, check_deltas
@@ -122,9 +122,9 @@ class PatchStack:
         self.model = model
         self._lock = threading.RLock()
         self.spec: ArchitectureSpec = spec_for_model(model)
-        self._params = dict(model.named_parameters(remove_duplicate=False))
         num_layers = len(decoder_layers(model, self.spec))
         self._editable = {self.spec.weight_name(i) for i in range(num_layers)}
+        self._params: dict[str, torch.Tensor] = {}  # the weights this stack has met, as last looked up
         self._applied: list[Patch] = []
         self._base: dict[str, _Snapshot] = {}
         self._merged: list[ParentRef] = []
@@ -177,10 +177,18 @@ class PatchStack:
             raise PatchMismatchError("declare_merged(): a patch is listed twice")
         self._merged = refs
 
+    def _lookup(self, name: str) -> torch.Tensor | None:
+        """The model's parameter ``name`` as it is now, by its path (a walk over every parameter of the model
+        took longer than the rest of an apply); None where there is none (quantized, wrapped)."""
+        try:
+            return self.model.get_parameter(name)
+        except AttributeError:
+            return None
+
     def _refresh(self) -> None:
         """Follow the model's current parameters (``load_state_dict(..., assign=True)`` replaces them); refuse
         if a weight that applied patches changed was replaced, since the patches are not in it any more."""
-        live = dict(self.model.named_parameters(remove_duplicate=False))
+        live = {name: param for name in self._base if (param := self._lookup(name)) is not None}
         replaced = sorted(n for n in self._base if live.get(n) is not self._params.get(n))
         if replaced and self._applied:
             raise PatchMismatchError(
@@ -204,7 +212,9 @@ class PatchStack:
                 f"patch {patch.describe()}: tensor {delta.name!r} is not an editable MLP output projection of this "
                 f"{self.spec.model_type} model (wrong model?)"
             )
-        param = self._params.get(delta.name)
+        param = self._lookup(delta.name)
+        if param is not None:
+            self._params[delta.name] = param
         if param is None:
             raise PatchMismatchError(
                 f"patch {patch.describe()}: the model has no parameter {delta.name!r} (quantized, or wrapped, e.g."
@@ -390,14 +400,14 @@ class PatchStack:
             param = self._params[delta.name]
             current = gather_neurons(param.detach(), self.spec.neuron_axis, delta.indices)
             new = add_delta(current, delta.delta)
-            if not bool((torch.isfinite(new) | ~torch.isfinite(current)).all()):
+            if not finite_where(new, current):
                 raise PatchMismatchError(
                     f"patch {patch.describe()}: applied to {delta.name!r} it gives values beyond the range of "
                     f"{param.dtype}; {_overflow_advice(param.dtype)}"
                 )
-            updates.append((delta, param, new))
-        for delta, param, new in updates:
-            self._snapshot(delta.name, param, delta.indices)
+            updates.append((delta, param, current, new))
+        for delta, param, current, new in updates:
+            self._snapshot(delta.name, param, delta.indices, current)  # the live values, gathered once
             scatter_neurons(param.data, self.spec.neuron_axis, delta.indices, new)
         self._applied.append(patch)
         return overlaps
@@ -434,7 +444,7 @@ class PatchStack:
             param = self._params[delta.name]
             base = self._base_values(delta.name, param, delta.indices)
             values = self._replay(delta.name, delta.indices, base.clone(), remaining)
-            if not bool((torch.isfinite(values) | ~torch.isfinite(base)).all()):
+            if not finite_where(values, base):
                 raise PatchMismatchError(
                     f"unloading {removed.describe()} would leave {delta.name!r} with values beyond the range of "
                     f"{param.dtype}: the patches that stay overflow it without this one; unload them as well "

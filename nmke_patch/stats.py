@@ -26,6 +26,7 @@ from transformers import PreTrainedModel
 
 from .architectures import ArchitectureSpec, decoder_layers, spec_for_model
 from .dataset_corpus import DatasetCorpus, is_dataset
+from .delta import all_finite
 from .errors import ModelLoadError
 from .jsonio import read_user_text
 from .lengths import context_length
@@ -507,7 +508,7 @@ def _cached_statistics(file: Path, d_ff: int) -> torch.Tensor | None:
         problem = "it is not the tensor it was written with (its fingerprint differs)"
     elif tensor.dim() != 2 or tensor.shape[1] != d_ff:
         problem = f"its shape {list(tensor.shape)} is not [n, {d_ff}]"
-    elif not bool(torch.isfinite(tensor).all()):
+    elif not all_finite(tensor):
         problem = "it is not finite"
     else:
         return tensor

@@ -483,3 +483,26 @@ def test_one_stack_per_model_and_one_caller_at_a_time() -> None:
         assert_state_equal(twin, base)
         stack.unload_all()
         assert_state_equal(model, base)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_fast_finiteness_check_agrees_with_isfinite(dtype: torch.dtype) -> None:
+    """all_finite sums in float64 instead of building a mask: the same answer for NaN, either infinity, both
+    (their sum is NaN), the largest finite values (their float64 sum does not overflow) and nothing at all."""
+    from nmke_patch.delta import all_finite, finite_where
+
+    big = torch.finfo(dtype).max
+    cases = [
+        torch.zeros(0),
+        torch.full((200, 576), big),
+        torch.full((200, 576), -big),
+        torch.tensor([1.0, float("nan")]),
+        torch.tensor([1.0, float("inf")]),
+        torch.tensor([float("-inf"), 2.0]),
+        torch.tensor([float("inf"), float("-inf")]),
+    ]
+    for values in (c.to(dtype) for c in cases):
+        assert all_finite(values) == bool(torch.isfinite(values).all()), values
+    old = torch.tensor([1.0, float("inf"), 3.0], dtype=dtype)
+    assert finite_where(torch.tensor([2.0, float("inf"), 4.0], dtype=dtype), old)  # non-finite where it was
+    assert not finite_where(torch.tensor([2.0, 1.0, float("nan")], dtype=dtype), old)
