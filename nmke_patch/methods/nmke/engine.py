@@ -20,7 +20,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ...architectures import check_edited_layers, decoder_layers, get_submodule, spec_for_model
-from ...delta import TensorDelta, gather_neurons, make_delta
+from ...delta import TensorDelta, all_finite, gather_neurons, make_delta
 from ...errors import EditError
 from ...patch import Manifest, Patch
 from ...requests import EditRequest
@@ -336,7 +336,7 @@ class Editor:
         out = []
         for l in self.layers:
             idx = torch.nonzero(self.touched[l]).flatten()
-            if idx.numel() and not bool(torch.isfinite(self.cum[l][idx]).all()):
+            if idx.numel() and not all_finite(self.cum[l][idx]):
                 raise EditError(
                     f"the update of layer {l} ({self.spec.weight_name(l)}) is not finite: the solve diverged. "
                     "Nothing was written; try --dtype fp32, --set min_preservation=300 or smaller batches"
@@ -734,7 +734,7 @@ class Editor:
                 )
                 if wrong and not (name.startswith("keys.") and t.numel() == 0):
                     raise ValueError(f"{name} has shape {list(t.shape)}, this run's is {list(shape)}")
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                if t.is_floating_point() and not all_finite(t):
                     raise ValueError(f"{name} holds non-finite values")
         for l in self.layers:
             self.cum[l] = tensors[f"cum.{l}"].float().clone()
