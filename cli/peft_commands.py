@@ -89,7 +89,7 @@ def export_peft_command(
     )
     if report.relative_error == 0:
         console.print(
-            f"not truncated: --rank {rank} is at least every module's touched-neuron count, so ranks were "
+            f"not truncated: --rank {rank} is at least every module's exact rank (touched neurons, or the residual width if fewer), so ranks were "
             f"capped at {rank_text}; as exact as a full-rank export"
         )
     if report.exact:

@@ -114,6 +114,35 @@ def test_lora_export_is_exact(arch: str, tmp_path: Path) -> None:
     assert torch.equal(logits(merged), logits(ref))
 
 
+@pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
+def test_more_neurons_than_residual_width_export_at_that_rank_exactly(arch: str, tmp_path: Path) -> None:
+    """A module touched on k > d_model neurons (a lifetime patch) is exported as A = delta, B = identity:
+    rank d_model instead of k, still bit-exact after merging."""
+    base = MODEL_FACTORIES[arch]()
+    spec = spec_for_model(base)
+    d_model = base.config.hidden_size
+    patch = random_patch(base, neurons=40, layers=(1, 2))  # of 48 neurons, residual width 32
+    ref = patched_copy(arch, [patch])
+    report = export_peft([patch], tmp_path / "a")
+    assert report.exact and report.rank == d_model and set(report.ranks.values()) == {d_model}
+    tensors = adapter_tensors(tmp_path / "a")
+    for d in patch.deltas:
+        prefix = f"base_model.model.{d.name.removesuffix('.weight')}"
+        a, b = tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"]
+        assert a.shape == (d_model, d.shape[spec.neuron_axis]) and torch.equal(b, torch.eye(d_model))
+        assert torch.equal(a[:, d.indices.long()], d.delta.t())
+    one_hot_bytes = 2 * 40 * (48 + d_model) * 4  # what the rank-k form would have stored
+    assert report.adapter_bytes < one_hot_bytes
+    peft_model = PeftModel.from_pretrained(MODEL_FACTORIES[arch](), tmp_path / "a")
+    torch.testing.assert_close(logits(peft_model), logits(ref), rtol=0, atol=LOGITS_ATOL)
+    assert_state_equal(peft_model.merge_and_unload(), ref)
+
+    kept = export_peft([patch], tmp_path / "b", rank=d_model)  # the exact rank: nothing cut
+    assert kept.relative_error == 0.0 and kept.exact and kept.rank == d_model
+    cut = export_peft([patch], tmp_path / "c", rank=d_model - 1)  # below it: truncated, error reported
+    assert cut.relative_error is not None and cut.relative_error > 0 and cut.rank == d_model - 1
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize(("arch", "fmt"), [("llama", "lora"), ("llama", "shira"), ("gpt2", "lora")])
 def test_merge_is_exact_in_half_precision(arch: str, fmt: str, dtype: torch.dtype, tmp_path: Path) -> None:

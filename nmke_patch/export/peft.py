@@ -2,8 +2,10 @@
 
 A neuron-masked delta touching ``k`` neurons of an MLP output projection is exactly a rank-``k`` LoRA:
 ``lora_A`` holds ``k`` one-hot rows selecting those neurons (input features), ``lora_B`` holds the ``k``
-value-vector changes as columns, and ``r = lora_alpha = k`` gives scaling 1. ``B @ A`` then reproduces the
-delta bit for bit, so ``merge_and_unload()`` gives the same fp32 weights as applying the patch (within
+value-vector changes as columns, and ``r = lora_alpha = k`` gives scaling 1. Where ``k`` exceeds the
+residual width ``d`` (a lifetime patch touches most neurons), the rank-``d`` form is smaller: ``lora_A``
+holds the delta itself and ``lora_B`` the identity. Either way ``B @ A`` reproduces the
+delta bit for bit (one non-zero product per sum), so ``merge_and_unload()`` gives the same fp32 weights as applying the patch (within
 rounding where stacked patches share a neuron: their deltas are summed before the merge adds them). SHiRA
 stores the same entries as a sparse (index, value) list. ``rank`` asks for a smaller, lossy LoRA
 (truncated SVD per module). See ``docs/peft.md``.
@@ -51,7 +53,8 @@ class ExportReport:
         path: the adapter directory.
         format: ``"lora"`` or ``"shira"``.
         modules: target module names, e.g. ``model.layers.4.mlp.down_proj``.
-        ranks: rank per module (LoRA: neurons touched, or the truncated rank; SHiRA: the common ``r``).
+        ranks: rank per module (LoRA: neurons touched or, if fewer, the residual width; or the truncated
+            rank; SHiRA: the common ``r``).
         rank: the config's ``r`` (LoRA: the largest per-module rank).
         adapter_bytes: size of ``adapter_model.safetensors``.
         relative_error: for a lossy (``rank``) export, ``||approx - delta||_F / ||delta||_F`` over all
@@ -213,6 +216,17 @@ def _one_hot(indices: torch.Tensor, d_ff: int) -> torch.Tensor:
     return a
 
 
+def _exact_factors(c: _Composed) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA factors whose product is ``c``'s delta bit for bit, of rank ``min(k, d_model)``: one-hot ``A``
+    and the value vectors as ``B``, or (more neurons than residual dimensions) the delta as ``A`` and the
+    identity as ``B``, the smaller of the two."""
+    if c.indices.numel() <= c.d_model:
+        return _one_hot(c.indices, c.d_ff), c.delta.t().contiguous()
+    a = torch.zeros(c.d_model, c.d_ff, dtype=torch.float32)
+    a[:, c.indices] = c.delta.t()
+    return a, torch.eye(c.d_model, dtype=torch.float32)
+
+
 def _truncated(c: _Composed, rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """Rank-``rank`` LoRA factors of ``c`` by SVD, with squared residual and squared norm (float64)."""
     m = c.delta.t().to(torch.float64)  # [d_model, k]
@@ -234,9 +248,8 @@ def _lora(
     errors: dict[str, float] = {}
     total_residual = total_norm = 0.0
     for c in composed:
-        k = int(c.indices.numel())
-        if rank is None or rank >= k:
-            a, b = _one_hot(c.indices, c.d_ff), c.delta.t().contiguous()
+        if rank is None or rank >= min(int(c.indices.numel()), c.d_model):
+            a, b = _exact_factors(c)
             residual, norm = 0.0, float(c.delta.double().square().sum())
         else:
             a, b, residual, norm = _truncated(c, rank)
@@ -354,8 +367,8 @@ def export_peft(
         out_dir: adapter directory (created; ``adapter_config.json`` and ``adapter_model.safetensors``
             in it are replaced).
         fmt: ``"lora"`` (exact, any architecture) or ``"shira"`` (exact, ``nn.Linear`` models only).
-        rank: LoRA only: truncate each module's delta to rank ``min(rank, k)`` by SVD (lossy; the error
-            is reported).
+        rank: LoRA only: truncate each module's delta to rank ``rank`` by SVD where that is below
+            ``min(k, d_model)``, its exact rank (lossy; the error is reported).
         base_model_name_or_path: recorded in the config; default: the patches' base model. Giving it also
             asserts that the patches share that base: a ``name_or_path`` or revision that differs between
             them is then a warning in the report instead of an error (architectures must still match).
