@@ -13,6 +13,11 @@ from rich.text import Text
 from nmke_patch.paths import check_parents, check_writable
 
 _CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)]}
+# Unicode's bidirectional controls reorder what follows them on screen: a name holding U+202E shows
+# other text than it is ("Trojan Source"). Shown as \uNNNN like the control characters.
+_CONTROLS.update(
+    {c: f"\\u{c:04x}" for c in [0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)]}
+)
 _CONTROLS_BUT_LAYOUT = {c: e for c, e in _CONTROLS.items() if c not in (0x09, 0x0A)}
 
 
@@ -33,8 +38,9 @@ err_console = SafeConsole(stderr=True, markup=False, highlight=False)
 
 
 def shown(text: object) -> str:
-    """``text`` safe for a terminal: control characters (ESC, CR, ...) as visible ``\\xNN`` escapes, lone
-    surrogates replaced; a stranger's patch name cannot move the cursor or recolour the screen."""
+    """``text`` safe for a terminal: control characters (ESC, CR, ...) as visible ``\\xNN`` escapes and
+    bidirectional controls as ``\\uNNNN``, lone surrogates replaced; a stranger's patch name cannot move the
+    cursor, recolour the screen or reorder what is shown."""
     return str(text).translate(_CONTROLS).encode("utf-8", "replace").decode("utf-8")
 
 

@@ -13,6 +13,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from nmke_patch.card import filled_prompt
 from nmke_patch.errors import PatchMismatchError
 from nmke_patch.merged import (
     RECORD_FILE,
@@ -120,7 +121,7 @@ def _print_summary(patch: Patch) -> None:
         fmt = lambda v: "" if v is None else f"{float(v):.3f}"  # noqa: E731
         facts.add_row(
             str(i),
-            shown(str(r.get("prompt", "")).replace("{}", str(r.get("subject", "")))),
+            shown(filled_prompt(r)),
             shown(r.get("target_new", "")),
             fmt(mx.get("p_new_before")),
             fmt(mx.get("p_new_after")),

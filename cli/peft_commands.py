@@ -89,11 +89,12 @@ def export_peft_command(
     )
     if report.relative_error == 0:
         console.print(
-            f"not truncated: --rank {rank} is at least every module's exact rank (touched neurons, or the residual width if fewer), so ranks were "
-            f"capped at {rank_text}; as exact as a full-rank export"
+            f"not truncated: --rank {rank} is at least every module's exact rank (touched neurons, or the "
+            f"residual width if fewer), so ranks were capped at {rank_text}; as exact as a full-rank export"
         )
     if report.exact:
-        console.print("exact: merge_and_unload() reproduces the patched weights bit for bit")
+        unchecked = "" if loaded is not None else " on a base they fit (not checked: add --check or --model)"
+        console.print(f"exact: merge_and_unload() reproduces the patched weights bit for bit{unchecked}")
     elif not report.relative_error:
         shared = sum(report.shared_neurons.values())
         console.print(

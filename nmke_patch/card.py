@@ -7,6 +7,13 @@ from typing import Any
 from .patch import Patch, is_finite_number
 
 
+def filled_prompt(request: dict[str, Any]) -> str:
+    """A manifest request's prompt with its subject written in, for display. Only the first ``{}`` is
+    filled (``create`` writes exactly one): a stranger's manifest with thousands of ``{}`` and a long
+    subject must not turn a few kilobytes into a card of hundreds of megabytes."""
+    return str(request.get("prompt", "")).replace("{}", str(request.get("subject", "")), 1)
+
+
 def _index(metric: Any, default: int) -> int:
     index = metric.get("index", default) if isinstance(metric, dict) else default
     return index if isinstance(index, int) else default
@@ -46,7 +53,7 @@ def patch_card(patch: Patch) -> str:
     ]
     metrics = {_index(x, i): x for i, x in enumerate(m.metrics)}
     for i, r in enumerate(m.requests):
-        prompt = str(r.get("prompt", "")).replace("{}", str(r.get("subject", ""))).replace("|", "\\|")
+        prompt = filled_prompt(r).replace("|", "\\|")
         mx = metrics.get(i, {})
         before = mx.get("p_new_before")
         after = p_new_with_patch(mx)

@@ -39,6 +39,7 @@ from .pack import (
     cache_repo_root,
     pack_card,
     read_pack_json,
+    safe_rel,
     verify_pack,
 )
 from .patch import CARD_FILE, PATCH_FILES, Patch
@@ -319,6 +320,20 @@ _PACK_PATTERNS = [PACK_FILE, "README.md", f"{PATCHES_DIR}/**", f"{PEFT_DIR}/**"]
 """What a pull downloads: a pack's own files, nothing else the repository holds."""
 
 
+def _refuse_unsafe_names(names: list[str], where: str) -> None:
+    """Refuse a repository whose pack files (those a pull downloads) include a name that is not a plain
+    relative path (``..``, absolute, backslashes): a stranger's pack, refused before anything is written."""
+    for name in names:
+        if name in (PACK_FILE, "README.md") or name.startswith((f"{PATCHES_DIR}/", f"{PEFT_DIR}/")):
+            try:
+                safe_rel(name, where)
+            except InvalidPatchError as exc:
+                raise InvalidPatchError(
+                    f"{where} holds a file whose name is not a plain path inside the pack ({name!r}); it is"
+                    " not pulled"
+                ) from exc
+
+
 def _download(repo_id: str, revision: str | None, token: str | None, endpoint: str | None) -> Path:
     """``snapshot_download`` of the pack into the Hugging Face cache (from it only when offline); one-line
     errors.
@@ -331,28 +346,35 @@ def _download(repo_id: str, revision: str | None, token: str | None, endpoint: s
     url = hub_endpoint(endpoint)
     if offline_mode() and revision and re.fullmatch(r"[0-9a-f]{7,39}", revision):
         revision = cached_commit(repo_id, revision) or revision
+    where = f"pack {repo_id}{'@' + revision if revision else ''} on {url}"
     with hub_calls(push=False, repo_id=repo_id, revision=revision, endpoint=url):
         head = None
         if not offline_mode():
-            head = (
-                HfApi(endpoint=url, token=token, library_name=LIBRARY_NAME)
-                .repo_info(repo_id, repo_type=REPO_TYPE, revision=revision)
-                .sha
+            info = HfApi(endpoint=url, token=token, library_name=LIBRARY_NAME).repo_info(
+                repo_id, repo_type=REPO_TYPE, revision=revision
             )
+            head = info.sha
+            siblings = getattr(info, "siblings", None) or []  # every repo kind but kernels lists them
+            _refuse_unsafe_names([s.rfilename for s in siblings], where)
             _check_read_access(repo_id, revision, token, url)
-        folder = Path(
-            snapshot_download(
-                repo_id,
-                repo_type=REPO_TYPE,
-                revision=revision,
-                cache_dir=hub_cache_dir(),
-                token=token,
-                endpoint=url,
-                local_files_only=offline_mode(),
-                library_name=LIBRARY_NAME,
-                allow_patterns=_PACK_PATTERNS,
+        try:
+            folder = Path(
+                snapshot_download(
+                    repo_id,
+                    repo_type=REPO_TYPE,
+                    revision=revision,
+                    cache_dir=hub_cache_dir(),
+                    token=token,
+                    endpoint=url,
+                    local_files_only=offline_mode(),
+                    library_name=LIBRARY_NAME,
+                    allow_patterns=_PACK_PATTERNS,
+                )
             )
-        )
+        except ValueError as exc:  # huggingface_hub refuses a file name that would leave the cache folder
+            if type(exc) is not ValueError:  # its subclasses (bad JSON, ids) are the Hub's answers: hub_calls
+                raise
+            raise InvalidPatchError(f"{where}: the download was refused: {exc}") from exc
     if head is not None and folder.name != head:  # it answered a failed request with an older copy
         raise HubError(
             f"the Hub at {url} holds commit {head[:12]} of {repo_id}{'@' + revision if revision else ''} but"

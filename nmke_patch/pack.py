@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .card import fmt_probability, p_new_with_patch, patch_card
+from .card import filled_prompt, fmt_probability, p_new_with_patch, patch_card
 from .errors import InvalidPatchError, PatchMismatchError
 from .hub_refs import LIBRARY_NAME, looks_like_hub_id
 from .jsonio import read_json_file
@@ -179,7 +179,7 @@ def pack_card(patches: Sequence[Patch], *, repo_id: str | None = None, with_peft
                 metrics[int(index) if isinstance(index, int) else i] = m
         for i, r in enumerate(p.manifest.requests):
             r = r if isinstance(r, dict) else {}
-            prompt = str(r.get("prompt", "")).replace("{}", str(r.get("subject", "")))
+            prompt = filled_prompt(r)
             mx = metrics.get(i, {})
             lines.append(
                 f"| {_cell(p.name)} | {i} | {_cell(prompt)} | {_cell(r.get('target_new', ''))} |"
@@ -273,7 +273,9 @@ def _link_target(path: Path, where: str, shown: Path | str) -> Path:
         raise InvalidPatchError(f"{where}: {shown} is a link that loops or cannot be followed") from exc
 
 
-def _safe_rel(rel: Any, where: str) -> str:
+def safe_rel(rel: Any, where: str) -> str:
+    """``rel`` if it is a plain relative path inside a pack (no ``..``, ``.``, absolute path, ``~``,
+    backslash, drive letter or NUL), else :class:`InvalidPatchError`."""
     if not isinstance(rel, str) or not rel:
         raise InvalidPatchError(f"{where}: each {PACK_FILE} entry needs a non-empty 'path' string")
     if len(rel) > 1024:
@@ -317,7 +319,7 @@ def read_pack_json(pack_dir: Path, *, where: str | None = None) -> list[dict[str
     for entry in entries:
         if not isinstance(entry, dict):
             raise InvalidPatchError(f"{where}: each {PACK_FILE} entry must be an object")
-        rel = _safe_rel(entry.get("path"), where)
+        rel = safe_rel(entry.get("path"), where)
         name, pid = entry.get("name"), entry.get("id")
         if not isinstance(name, str) or not isinstance(pid, str) or not _ID_RE.fullmatch(pid):
             raise InvalidPatchError(

@@ -569,6 +569,30 @@ def test_control_characters_in_names_are_shown_escaped(tmp_path: Path) -> None:
     assert "base: org/\\x1b[2Jwiped" in result.output
 
 
+def test_bidirectional_controls_in_names_are_shown_escaped(tmp_path: Path) -> None:
+    """U+202E reverses what follows it on screen: "evil\u202etxt.exe" would read as "evilexe.txt"."""
+    patch = random_patch(MODEL_FACTORIES["llama"](), name="evil\u202etxt.exe\u2066x\u2069\u200f")
+    result = runner.invoke(app, ["inspect", _patch_dir(patch.save(tmp_path / "bidi.nmke"))])
+    assert result.exit_code == 0, result.output
+    assert not any(c in result.output for c in "\u202e\u2066\u2069\u200f")
+    assert "evil\\u202etxt.exe\\u2066x\\u2069\\u200f" in result.output
+
+
+def test_a_manifest_cannot_make_its_display_grow_quadratically(tmp_path: Path) -> None:
+    """Each request's prompt gets its subject in the first ``{}`` only: 2,000 ``{}`` and a 5,000-character
+    subject (a 14 KB manifest) would otherwise print and write cards of 10 MB each."""
+    patch = random_patch(MODEL_FACTORIES["llama"](), name="amp")
+    patch.manifest.requests[:] = [{"prompt": "{}" * 2000, "subject": "S" * 5000, "target_new": "x"}]
+    folder = patch.save(tmp_path / "amp.nmke").path
+    result = runner.invoke(app, ["inspect", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert len(result.output) < 40_000
+    card = (folder / "README.md").read_text()
+    pack_card = (build_pack([folder], tmp_path / "pack") / "README.md").read_text()
+    for text in (card, pack_card):
+        assert len(text) < 40_000 and text.count("S" * 5000) == 1 and "S" * 5000 + "{}" * 1999 in text
+
+
 def test_every_message_shows_control_characters_escaped(
     llama_setup: tuple[Path, Patch], tmp_path: Path
 ) -> None:

@@ -34,7 +34,7 @@ from nmke_patch.architectures import spec_for_model
 from nmke_patch.delta import scatter_neurons
 from nmke_patch.errors import ExportError, InvalidPatchError, PatchMismatchError
 from nmke_patch.export.peft import CONFIG_FILE, WEIGHTS_FILE, export_peft
-from nmke_patch.patch import Patch
+from nmke_patch.patch import Patch, load_patch
 from nmke_patch.stack import PatchStack
 
 LOGITS_ATOL = 1e-5
@@ -340,6 +340,31 @@ def test_refuses_shapes_no_weight_has_before_allocating(
     with pytest.raises(InvalidPatchError, match=message):
         export_peft([patch], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _filled(patch: Patch, value: float, path: Path) -> Patch:
+    """``patch`` with every delta entry ``value`` (finite), saved and loaded back as a stranger's would be."""
+    deltas = tuple(replace(d, delta=torch.full_like(d.delta, value)) for d in patch.deltas)
+    return load_patch(replace(patch, deltas=deltas, id="").save(path).path)
+
+
+def test_refuses_deltas_beyond_float32_instead_of_writing_infinities(tmp_path: Path) -> None:
+    model = MODEL_FACTORIES["llama"]()
+    a = _filled(random_patch(model, name="a", indices=[3, 7], layers=(1,)), 2e38, tmp_path / "a.nmke")
+    b = _filled(random_patch(model, name="b", indices=[3, 7], layers=(1,)), 1.9e38, tmp_path / "b.nmke")
+    with pytest.raises(ExportError, match="summed per neuron are beyond the range of float32"):
+        export_peft([a, b], tmp_path / "ab")  # each is finite, their sum is not
+    wide = _filled(random_patch(model, name="wide", neurons=5, layers=(1,)), 2e38, tmp_path / "w.nmke")
+    with pytest.raises(ExportError, match="rank-1 factors of its delta are beyond the range of float32"):
+        export_peft([wide], tmp_path / "r1", rank=1)  # B = u * s: 2e38 * sqrt(5 * 32) / sqrt(32) > 3.4e38
+    half = MODEL_FACTORIES["llama"](dtype=torch.float16)
+    big = _filled(random_patch(model, name="big", layers=(1,)), 1e5, tmp_path / "big.nmke")
+    with pytest.raises(ExportError, match=r"beyond the range of torch.float16"):
+        export_peft([big], tmp_path / "half", model=half)  # fine in fp32, overflows an fp16 base
+    assert not any((tmp_path / n).exists() for n in ("ab", "r1", "half"))
+    export_peft([big], tmp_path / "fp32", model=model)  # the same patch on an fp32 base is exported
+    with pytest.raises(PatchMismatchError, match="beyond the range"):  # as the stack refuses it on fp16
+        PatchStack.for_model(half).apply(big)
 
 
 def test_refuses_contradicting_widths_and_checks_against_the_model(tmp_path: Path) -> None:

@@ -560,6 +560,27 @@ def test_a_pull_downloads_the_pack_s_files_only(hub, two_patches):
     assert not (folder / "junk").exists() and (folder / "pack.json").is_file()
 
 
+@pytest.mark.parametrize("name", ["patches/../../evil.txt", "peft/../x", "patches/a\\b"])
+def test_a_pack_file_whose_name_leaves_the_pack_is_refused_in_one_line(
+    hub, two_patches, tmp_path, monkeypatch, capsys, name
+):
+    a, _ = two_patches
+    push_pack([a.path], "user/pack", token=TOKEN)
+    hub.files("user/pack")[name] = b"x"  # not even listed in pack.json
+    with pytest.raises(InvalidPatchError, match="not a plain path inside the pack"):
+        pull_pack("user/pack", local_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "evil.txt").exists()
+    with pytest.raises(InvalidPatchError, match="not a plain path inside the pack"):  # apply, eval, ...
+        resolve_patches(["hf://user/pack"])
+    from nmke_patch.cli.main import run
+
+    monkeypatch.setattr(sys, "argv", ["nmke-patch", "pull", "user/pack"])
+    with pytest.raises(SystemExit) as exc:  # was huggingface_hub's ValueError, with a traceback
+        run()
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 1 and err.startswith("error:") and len(err.splitlines()) == 1
+
+
 def test_a_download_damaged_on_the_way_says_how_to_recover(hub, two_patches):
     a, _ = two_patches
     push_pack([a.path], "user/pack", token=TOKEN)

@@ -28,7 +28,7 @@ from safetensors.torch import save
 from torch import nn
 
 from ..architectures import ArchitectureSpec, spec_for_model_type
-from ..delta import TensorDelta
+from ..delta import TensorDelta, add_delta, all_finite, finite_where, gather_neurons
 from ..errors import ExportError, InvalidPatchError, PatchMismatchError
 from ..patch import Patch, base_model_differences, check_shape
 from ..paths import move_into_place, staging_dir
@@ -195,6 +195,11 @@ def _compose(patches: Sequence[Patch], model_type: str) -> list[_Composed]:
         for d in group:
             pos = torch.searchsorted(union, d.indices.to(torch.long))
             acc[pos] = acc[pos] + d.delta.to(torch.float32)
+        if not all_finite(acc):
+            raise ExportError(
+                f"tensor {name!r}: the patches' deltas summed per neuron are beyond the range of float32 "
+                "(the patch stack refuses to apply them in this order too); nothing was exported"
+            )
         composed.append(
             _Composed(
                 module=name.removesuffix(".weight"),
@@ -234,10 +239,31 @@ def _truncated(c: _Composed, rank: int) -> tuple[torch.Tensor, torch.Tensor, flo
     r = min(rank, int(s.numel()))
     b = (u[:, :r] * s[:r]).to(torch.float32).contiguous()
     a_small = vh[:r].to(torch.float32)
+    if not all_finite(b):
+        raise ExportError(
+            f"{c.module}: the rank-{r} factors of its delta are beyond the range of float32; export it at "
+            "full rank (without --rank)"
+        )
     residual = float(((b.double() @ a_small.double()) - m).square().sum())
     a = torch.zeros(r, c.d_ff, dtype=torch.float32)
     a[:, c.indices] = a_small
     return a, b, residual, float(m.square().sum())
+
+
+def _check_merge_finite(composed: list[_Composed], spec: ArchitectureSpec, model: nn.Module) -> None:
+    """Refuse deltas that would make a finite weight of ``model`` non-finite when merged (``W + delta``
+    in the weight's dtype, as PEFT merges and as the stack refuses to apply)."""
+    params = dict(model.named_parameters())
+    for c in composed:
+        weight = params[f"{c.module}.weight"].detach()
+        if weight.device.type == "meta":
+            continue
+        old = gather_neurons(weight, spec.neuron_axis, c.indices)
+        if not finite_where(add_delta(old, c.delta), old):
+            raise ExportError(
+                f"{c.module}: merged into the model, the patches' deltas give values beyond the range of "
+                f"{weight.dtype} (the patch stack refuses to apply them too); nothing was exported"
+            )
 
 
 def _lora(
@@ -378,7 +404,8 @@ def export_peft(
     Raises:
         PatchMismatchError: a patch listed before, or without, a patch it was made on top of (checked
             first), or a declared shape that differs from ``model``'s parameter.
-        ExportError: mixed base models or architectures, SHiRA on a Conv1D model, a bad ``rank``.
+        ExportError: mixed base models or architectures, SHiRA on a Conv1D model, a bad ``rank``, deltas
+            (summed, truncated, or merged into ``model``) beyond the range of the weights' dtype.
         InvalidPatchError: a declared shape no real weight has (checked before anything is allocated).
     """
     if fmt not in ("lora", "shira"):
@@ -406,6 +433,8 @@ def export_peft(
         )
     _check_shapes(patches, spec, model)
     composed = _compose(patches, model_type)
+    if model is not None:
+        _check_merge_finite(composed, spec, model)
     modules = [c.module for c in composed]
     config: dict[str, Any] = {
         "peft_type": fmt.upper(),
