@@ -21,6 +21,7 @@ from .jsonio import load_json_text, read_user_text
 from .lengths import context_length, windows
 from .requests import Neighbor
 from .scoring import backbone, length_buckets, lm_head, pad_rows
+from .tokens import MASKED_ID, text_ids
 
 logger = logging.getLogger(__name__)
 
@@ -113,14 +114,13 @@ def greedy_generate(
     if not prompts:
         return []
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    encoded = [tokenizer(p).input_ids for p in prompts]
+    encoded = [text_ids(tokenizer, p) for p in prompts]
     limit = context_length(model)
     if limit is not None:
         max_new_tokens = min(max_new_tokens, limit - 1)
         encoded = [e[-(limit - max_new_tokens) :] for e in encoded]
     width = max(len(e) for e in encoded)
-    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    ids = torch.full((len(encoded), width), MASKED_ID, dtype=torch.long)
     mask = torch.zeros((len(encoded), width), dtype=torch.long)
     for i, e in enumerate(encoded):
         ids[i, width - len(e) :] = torch.tensor(e)
@@ -170,7 +170,7 @@ def perplexity(
     total = 0
     limit = context_length(model)
     for text in paragraphs:
-        ids = list(tokenizer(text).input_ids)
+        ids = text_ids(tokenizer, text)
         if max_tokens is not None:
             ids = ids[: max(0, max_tokens - total)]
         if len(ids) >= 2:
@@ -181,7 +181,7 @@ def perplexity(
     if not rows:
         return float("nan"), 0
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = MASKED_ID
     unembed = lm_head(model)
     nll, count = 0.0, 0
     for batch in length_buckets(list(range(len(rows))), lambda r: len(rows[r]), max_batch_tokens):

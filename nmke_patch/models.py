@@ -203,6 +203,13 @@ def load_base(
                 f"here, so only the Hugging Face cache was tried: {reason}"
             ) from exc
         raise ModelLoadError(f"could not load model {str(source)!r}: {exc}".splitlines()[0]) from exc
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelLoadError(
+            f"{str(source)!r} loads with a slow (Python) tokenizer, {type(tokenizer).__name__}; nmke-patch needs a"
+            " fast one (it locates subjects and answers by character offsets): save the model with its"
+            " tokenizer.json, or install what transformers converts it with (`pip install sentencepiece"
+            " protobuf` for SentencePiece models)"
+        )
     if device_map is None and target is not None:
         cast(Any, loaded).to(target)
     loaded.eval()

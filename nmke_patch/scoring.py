@@ -17,6 +17,7 @@ from torch import nn
 
 from .compat import cache_argument, returned_cache
 from .methods.nmke.prompts import encode
+from .tokens import MASKED_ID
 
 
 @dataclass(frozen=True)
@@ -225,7 +226,7 @@ def score_targets(
     for i, row in enumerate(assign):
         users[row].append(i)
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = MASKED_ID
     unembed = lm_head(model)
     logprob = torch.zeros(n, dtype=torch.float64)
     correct = torch.zeros(n, dtype=torch.float64)

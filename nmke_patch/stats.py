@@ -33,6 +33,7 @@ from .lengths import context_length
 from .models import tensor_fingerprint
 from .paths import aside_name, home, remove_leftovers
 from .sampling import end_token_ids, sample_continuations
+from .tokens import last_text_id, leading_specials, text_ids
 from .tracing import capture, stop_after
 
 logger = logging.getLogger(__name__)
@@ -92,13 +93,15 @@ def sample_text(
 ) -> list[list[int]]:
     """About ``tokens`` tokens of text sampled from the model (top-k 40, seeded), as token-id rows.
 
-    Each row starts with one of :data:`SAMPLE_STARTS`; ``prefix`` (e.g. an encyclopedia header) is text the
+    Each row starts with the tokenizer's leading special tokens (a BOS, where it puts one in front of every
+    text, as in the prompts edited) and one of :data:`SAMPLE_STARTS`; ``prefix`` (e.g. an encyclopedia header) is text the
     model continues from, left out of the rows. The draws come from a CPU generator
     (:mod:`nmke_patch.sampling`): the same text on any device. ``progress(done, total)`` is called with
     the tokens drawn so far after every step.
     """
     limit = context_length(model) or seq_len
-    prefix_ids = tokenizer(prefix).input_ids if prefix else []
+    lead = leading_specials(tokenizer)  # a BOS: the text is sampled, and read, as the model reads prompts
+    prefix_ids = text_ids(tokenizer, prefix) if prefix else lead
     seq_len = min(seq_len, limit - len(prefix_ids))  # the prefix takes positions too
     if seq_len < 2:
         raise ModelLoadError(f"stats_prefix takes {len(prefix_ids)} of the model's {limit} positions")
@@ -107,7 +110,7 @@ def sample_text(
     rows: list[list[int]] = []
     while (done := sum(len(r) for r in rows)) < tokens:
         starts = [
-            tokenizer(SAMPLE_STARTS[(len(rows) + i) % len(SAMPLE_STARTS)]).input_ids[-1] for i in range(batch)
+            last_text_id(tokenizer, SAMPLE_STARTS[(len(rows) + i) % len(SAMPLE_STARTS)]) for i in range(batch)
         ]
 
         def report(drawn: int, before: int = done) -> None:  # each row: its start token and `drawn` more
@@ -126,7 +129,7 @@ def sample_text(
                 on_step=report if progress is not None else None,
             )
         )
-    return rows
+    return [[*lead, *r] for r in rows] if lead else rows
 
 
 def _corpus_error(path: str, exc: OSError | None) -> ModelLoadError:
@@ -200,11 +203,14 @@ def corpus_rows(tokenizer: Any, corpus: str, tokens: int, *, seq_len: int = 128)
         texts = _file_texts(corpus.split(os.pathsep))
     rows: list[list[int]] = []
     total = 0
+    lead = leading_specials(tokenizer)  # every row starts as the model's prompts do (a BOS)
+    width = max(1, seq_len - len(lead))
     for text in texts:
         for piece in _pieces(text):
-            ids = tokenizer(piece).input_ids
-            for s in range(0, len(ids), seq_len):
-                rows.append(ids[s : s + seq_len])
+            ids = text_ids(tokenizer, piece)
+            ids = ids[len(lead) :] if lead and ids[: len(lead)] == lead else ids
+            for s in range(0, len(ids), width):
+                rows.append([*lead, *ids[s : s + width]])
                 total += len(rows[-1])
                 if total >= tokens:
                     return rows
@@ -530,6 +536,8 @@ def _load_or_compute(
 ) -> dict[int, torch.Tensor]:
     spec = spec_for_model(model)
     key = source.key  # hashes a corpus's files: once per call
+    if leading_specials(text.tokenizer):  # rows open with the BOS: not the statistics cached before they did
+        key += "-bos"
     folder = home() / "stats" / model_fingerprint(model)[:24] / key
     result: dict[int, torch.Tensor] = {}
     missing = []

@@ -102,3 +102,21 @@ def test_one_folder_named_three_ways_is_one_model(
     assert len(prints) == 1
     other = save_tiny(MODEL_FACTORIES["llama"](seed=1), tiny_tokenizer, tmp_path / "other")
     assert model_fingerprint(load_base(str(other))[0]) not in prints
+
+
+def test_a_slow_tokenizer_is_refused_with_what_to_do(
+    tmp_path, tiny_tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Subjects and answers are found by character offsets, which only fast tokenizers give: a model
+    whose tokenizer transformers cannot convert is refused at load, not with a NotImplementedError later."""
+    import transformers
+    from conftest import MODEL_FACTORIES, save_tiny
+
+    class SlowTokenizer:
+        is_fast = False
+
+    save_tiny(MODEL_FACTORIES["llama"](), tiny_tokenizer, tmp_path / "m")
+    assert load_base(str(tmp_path / "m"))[1].is_fast
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: SlowTokenizer())
+    with pytest.raises(ModelLoadError, match=r"slow \(Python\) tokenizer, SlowTokenizer; .* tokenizer.json"):
+        load_base(str(tmp_path / "m"))

@@ -15,6 +15,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ...requests import EditRequest
+from ...tokens import text_ids
 from .config import EditConfig
 
 
@@ -60,7 +61,7 @@ class LookAlikeSubjects:
         """Names the model lists after ``subject`` ("Vancouver," -> Toronto, Seattle, ...), each completed
         greedily to a whole word and then put at the start of a text, as the subject of a prompt that opens
         with it is: ``(rows, last)`` as :meth:`_complete_words`, or None if the model lists no name."""
-        ids = self.tokenizer(subject + ",", return_tensors="pt").input_ids.to(self.device)
+        ids = torch.tensor([text_ids(self.tokenizer, subject + ",")], dtype=torch.long, device=self.device)
         logits = self.model(input_ids=ids, use_cache=False).logits[0, -1]
         pool = logits.topk(min(len(logits), 8 * count)).indices
         rows, last = self._complete_words(ids, self._like_subject(ids, pool, subject, 2 * count))
@@ -76,7 +77,7 @@ class LookAlikeSubjects:
         ][:count]
         if not names:
             return None
-        encoded = [self.tokenizer(w).input_ids for w in names]
+        encoded = [text_ids(self.tokenizer, w) for w in names]
         width = max(len(e) for e in encoded)
         # right-padded by repeating the last token: causal attention, so padding cannot move a key before it
         padded = [e + [e[-1]] * (width - len(e)) for e in encoded]

@@ -26,6 +26,7 @@ from ...patch import Manifest, Patch
 from ...requests import EditRequest
 from ...stack import PatchStack
 from ...stats import nullspace_basis
+from ...tokens import text_ids
 from ...tracing import capture, replay_prefix, stop_after
 from .attribution import neuron_scores
 from .config import EditConfig
@@ -300,8 +301,10 @@ class Editor:
         for r in requests:
             before = r.prompt.split("{}", 1)[0]
             # without its trailing space: tokenizers attach that space to the next word (" France")
-            ids = self.tokenizer(before.rstrip(" "), return_tensors="pt").input_ids.to(self.device)
-            own = self.tokenizer(before + r.subject).input_ids[ids.shape[1] : ids.shape[1] + 1]
+            ids = torch.tensor(
+                [text_ids(self.tokenizer, before.rstrip(" "))], dtype=torch.long, device=self.device
+            )
+            own = text_ids(self.tokenizer, before + r.subject)[ids.shape[1] : ids.shape[1] + 1]
             if not own or not (before.strip() or cfg.contrast_subject_first):
                 continue
             rows, last = self._look_alikes.rows(r, ids, own[0], opens=not before.strip())

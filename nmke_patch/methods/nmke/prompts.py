@@ -10,6 +10,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ...sampling import end_token_ids, sample_continuations
+from ...tokens import MASKED_ID, last_text_id, without_appended
 
 PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You", "In", "It", "When")
 
@@ -21,7 +22,7 @@ def sample_prefixes(model: PreTrainedModel, tokenizer: Any, n: int, length: int,
     """
     if n == 0:
         return []
-    starts = [tokenizer(PREFIX_STARTS[i % len(PREFIX_STARTS)]).input_ids[-1] for i in range(n)]
+    starts = [last_text_id(tokenizer, PREFIX_STARTS[i % len(PREFIX_STARTS)]) for i in range(n)]
     generator = torch.Generator().manual_seed(seed)
     out = sample_continuations(
         model, starts, length, top_k=5, generator=generator, banned=end_token_ids(model, tokenizer)
@@ -79,7 +80,7 @@ def split_subjects(tokenizer: Any, requests: Sequence[Any]) -> list[tuple[int, s
     for i, r in enumerate(requests):
         text = r.text
         enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
-        offsets = [tuple(o) for o in enc["offset_mapping"]]
+        offsets = without_appended(tokenizer, [tuple(o) for o in enc["offset_mapping"]])
         end = text.rfind(r.subject) + len(r.subject)
         at = _token_at(offsets, end - 1)
         if offsets[at][1] > end:
@@ -103,8 +104,8 @@ def encode(
     for prompt, subject, target in zip(prompts, subjects, targets, strict=True):
         text = prompt + (" " + target if target else "")
         enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
-        ids: list[int] = list(enc["input_ids"])
-        offsets = [tuple(o) for o in enc["offset_mapping"]]
+        ids: list[int] = without_appended(tokenizer, list(enc["input_ids"]))  # no EOS in a target
+        offsets = without_appended(tokenizer, [tuple(o) for o in enc["offset_mapping"]])
         n_prompt = max(
             1, next((i for i, (a, _b) in enumerate(offsets) if a >= len(prompt) and i > 0), len(ids))
         )
@@ -119,8 +120,7 @@ def encode(
         else:
             subject_pos.append(-1)
     width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    input_ids = torch.full((len(rows), width), MASKED_ID, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         input_ids[i, : len(r)] = torch.tensor(r)
