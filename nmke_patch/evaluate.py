@@ -83,7 +83,7 @@ FLUENCY_PROMPTS = (
 )
 """Prompts that top up the fluency prompts when there are fewer requests than generations."""
 
-EVAL_VERSION = 2
+EVAL_VERSION = 3
 """Bumped whenever a metric's computation changes (invalidates cached base results)."""
 
 METRICS: dict[str, str] = {
