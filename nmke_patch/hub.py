@@ -321,17 +321,19 @@ _PACK_PATTERNS = [PACK_FILE, "README.md", f"{PATCHES_DIR}/**", f"{PEFT_DIR}/**"]
 
 
 def _refuse_unsafe_names(names: list[str], where: str) -> None:
-    """Refuse a repository whose pack files (those a pull downloads) include a name that is not a plain
-    relative path (``..``, absolute, backslashes): a stranger's pack, refused before anything is written."""
-    for name in names:
-        if name in (PACK_FILE, "README.md") or name.startswith((f"{PATCHES_DIR}/", f"{PEFT_DIR}/")):
-            try:
-                safe_rel(name, where)
-            except InvalidPatchError as exc:
-                raise InvalidPatchError(
-                    f"{where} holds a file whose name is not a plain path inside the pack ({name!r}); it is"
-                    " not pulled"
-                ) from exc
+    """Refuse a repository whose pack files (those a pull downloads: :data:`_PACK_PATTERNS`, matched as
+    ``snapshot_download`` matches them) include a name that is not a plain relative path (``..``, absolute,
+    backslashes): a stranger's pack, refused before anything is written."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    for name in filter_repo_objects(names, allow_patterns=_PACK_PATTERNS):
+        try:
+            safe_rel(name, where)
+        except InvalidPatchError as exc:
+            raise InvalidPatchError(
+                f"{where} holds a file whose name is not a plain path inside the pack ({name!r}); it is not"
+                " pulled"
+            ) from exc
 
 
 def _download(repo_id: str, revision: str | None, token: str | None, endpoint: str | None) -> Path:

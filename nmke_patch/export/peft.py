@@ -4,9 +4,10 @@ A neuron-masked delta touching ``k`` neurons of an MLP output projection is exac
 ``lora_A`` holds ``k`` one-hot rows selecting those neurons (input features), ``lora_B`` holds the ``k``
 value-vector changes as columns, and ``r = lora_alpha = k`` gives scaling 1. Where ``k`` exceeds the
 residual width ``d`` (a lifetime patch touches most neurons), the rank-``d`` form is smaller: ``lora_A``
-holds the delta itself and ``lora_B`` the identity. Either way ``B @ A`` reproduces the
-delta bit for bit (one non-zero product per sum), so ``merge_and_unload()`` gives the same fp32 weights as applying the patch (within
-rounding where stacked patches share a neuron: their deltas are summed before the merge adds them). SHiRA
+holds the delta itself and ``lora_B`` the identity. Either way ``B @ A`` reproduces the delta bit for bit
+(one non-zero product per sum), so ``merge_and_unload()`` gives the same fp32 weights as applying the
+patch (within rounding where stacked patches share a neuron: their deltas are summed before the merge
+adds them). SHiRA
 stores the same entries as a sparse (index, value) list. ``rank`` asks for a smaller, lossy LoRA
 (truncated SVD per module). See ``docs/peft.md``.
 """
