@@ -94,8 +94,8 @@ def sample_text(
     """About ``tokens`` tokens of text sampled from the model (top-k 40, seeded), as token-id rows.
 
     Each row starts with the tokenizer's leading special tokens (a BOS, where it puts one in front of every
-    text, as in the prompts edited) and one of :data:`SAMPLE_STARTS`; ``prefix`` (e.g. an encyclopedia header) is text the
-    model continues from, left out of the rows. The draws come from a CPU generator
+    text, as in the prompts edited) and one of :data:`SAMPLE_STARTS`; ``prefix`` (e.g. an encyclopedia
+    header) is text the model continues from, left out of the rows. The draws come from a CPU generator
     (:mod:`nmke_patch.sampling`): the same text on any device. ``progress(done, total)`` is called with
     the tokens drawn so far after every step.
     """
