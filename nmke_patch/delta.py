@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors have no truth value: compared by identity
 class TensorDelta:
     """The change a patch makes to one weight tensor.
 

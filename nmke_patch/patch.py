@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import save
 
 from .delta import TensorDelta, all_finite
@@ -115,9 +116,12 @@ def _tensor_key(name: str, part: str) -> str:
     return f"{name}::{part}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Patch:
-    """A validated patch: a manifest and one :class:`TensorDelta` per edited weight."""
+    """A validated patch: a manifest and one :class:`TensorDelta` per edited weight.
+
+    Two patches are equal when they are the same patch: the same id (the sha256 of its deltas) and name,
+    however they were loaded (``load_patch(folder) in stack.applied``); they hash by id."""
 
     manifest: Manifest
     deltas: tuple[TensorDelta, ...]
@@ -135,6 +139,14 @@ class Patch:
     def __post_init__(self) -> None:
         if not self.id:
             object.__setattr__(self, "id", hashlib.sha256(serialize_deltas(self.deltas)).hexdigest())
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Patch):
+            return NotImplemented
+        return self is other or (self.id == other.id and self.name == other.name)
+
+    def __hash__(self) -> int:
+        return hash(self.id)
 
     @property
     def name(self) -> str:
@@ -484,34 +496,39 @@ def load_patch(path: str | os.PathLike[str]) -> Patch:
     where = str(root)
     deltas_path = root / DELTAS_FILE
     _require_file(deltas_path, where)
-    sha = _sha256_file(deltas_path)
-    if sha != data["deltas_sha256"]:
-        raise DamagedFileError(
-            f"{where}: {DELTAS_FILE} does not match the manifest's sha256 (file tampered with or truncated)"
-        )
     entries = [_validate_tensor_entry(e, i, where) for i, e in enumerate(data["tensors"])]
     names = [e[0] for e in entries]
     if len(set(names)) != len(names):
         raise InvalidPatchError(f"{where}: a tensor is listed twice in the manifest")
+    # read once, into memory: the hash checks the very bytes the tensors come from, and a file changed or
+    # truncated later cannot change (or, memory-mapped, crash) a patch already loaded
+    blob = _read_bounded(deltas_path, _most_bytes(entries), where)
+    sha = hashlib.sha256(blob).hexdigest()
+    if sha != data["deltas_sha256"]:
+        raise DamagedFileError(
+            f"{where}: {DELTAS_FILE} does not match the manifest's sha256 (file tampered with or truncated)"
+        )
     expected_keys = {_tensor_key(n, part) for n in names for part in ("indices", "delta", "original")}
     deltas: list[TensorDelta] = []
     try:
-        with one_thread(), safe_open(str(deltas_path), framework="pt") as fh:
-            keys = set(fh.keys())
-            if keys != expected_keys:
-                extra, missing = sorted(keys - expected_keys), sorted(expected_keys - keys)
-                raise InvalidPatchError(
-                    f"{where}: {DELTAS_FILE} tensors do not match the manifest (unexpected {extra[:3]}, missing {missing[:3]})"
+        with one_thread():
+            tensors = safetensors_load(blob)
+        del blob
+        keys = set(tensors)
+        if keys != expected_keys:
+            extra, missing = sorted(keys - expected_keys), sorted(expected_keys - keys)
+            raise InvalidPatchError(
+                f"{where}: {DELTAS_FILE} tensors do not match the manifest (unexpected {extra[:3]}, missing {missing[:3]})"
+            )
+        for (name, shape, axis, dtype, k), entry in zip(entries, data["tensors"], strict=True):
+            indices = tensors.pop(_tensor_key(name, "indices"))
+            delta = tensors.pop(_tensor_key(name, "delta"))
+            original = tensors.pop(_tensor_key(name, "original"))
+            deltas.append(
+                _check_tensors(
+                    where, name, shape, axis, dtype, k, indices, delta, original, entry["fingerprint"]
                 )
-            for (name, shape, axis, dtype, k), entry in zip(entries, data["tensors"], strict=True):
-                indices = fh.get_tensor(_tensor_key(name, "indices"))
-                delta = fh.get_tensor(_tensor_key(name, "delta"))
-                original = fh.get_tensor(_tensor_key(name, "original"))
-                deltas.append(
-                    _check_tensors(
-                        where, name, shape, axis, dtype, k, indices, delta, original, entry["fingerprint"]
-                    )
-                )
+            )
     except InvalidPatchError:
         raise
     except Exception as exc:  # safetensors raises its own error types on corrupt headers
@@ -534,6 +551,29 @@ def load_patch(path: str | os.PathLike[str]) -> Patch:
         notes=str(data.get("notes", "")),
     )
     return Patch(manifest=manifest, deltas=tuple(deltas), id=sha, path=root, state=_load_state(root, data))
+
+
+def _most_bytes(entries: Sequence[tuple[str, tuple[int, int], int, torch.dtype, int]]) -> int:
+    """The most bytes a deltas file of these manifest entries can hold: each tensor's int32 indices, float32
+    deltas and originals of at most 8 bytes per value, plus a generous header."""
+    payload = sum(k * (4 + (4 + 8) * shape[1 - axis]) for _name, shape, axis, _dtype, k in entries)
+    return payload + (1 << 20) + 4096 * len(entries)
+
+
+def _read_bounded(path: Path, most: int, where: str) -> bytes:
+    """``path``'s bytes, refused unread where it is larger than ``most`` (what its manifest allows)."""
+    size = path.stat().st_size
+    if size > most:
+        raise InvalidPatchError(
+            f"{where}: {path.name} holds {size:,} bytes, more than the {most:,} its manifest's tensors can take"
+        )
+    with open(path, "rb") as fh:
+        data = fh.read(most + 1)
+    if len(data) > most:  # grew since
+        raise InvalidPatchError(
+            f"{where}: {path.name} holds more than the {most:,} bytes its manifest allows"
+        )
+    return data
 
 
 def _load_state(root: Path, data: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -560,7 +600,7 @@ def _load_state(root: Path, data: dict[str, Any]) -> dict[str, torch.Tensor]:
                         f"{where}: unexpected tensor {key!r} in {STATE_FILE} (expected keys.<layer> or "
                         f"contrast.<layer>, layer 0-{MAX_LAYER})"
                     )
-                t = fh.get_tensor(key)
+                t = fh.get_tensor(key).clone()  # its own memory, not the file's: later changes to it stay out
                 if t.dtype != torch.float32 or t.dim() != 2 or not all_finite(t):
                     raise InvalidPatchError(
                         f"{where}: {STATE_FILE} tensor {key!r} must be finite float32 [T, D]"

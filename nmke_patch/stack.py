@@ -9,6 +9,7 @@ remaining patches in order with :func:`nmke_patch.delta.add_delta`.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from .threads import one_thread
 
 logger = logging.getLogger(__name__)
 _ATTR = "_nmke_patch_stack"
+_ATTACHING = threading.Lock()
+"""Held while a stack is looked up or attached: two threads' first ``for_model`` must find one stack."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,26 @@ def _overflow_advice(dtype: torch.dtype) -> str:
     return "no dtype holds them: the patch is not a credible edit of this model"
 
 
+def _refuse_shared_weights(model: nn.Module, names: Sequence[str]) -> None:
+    """Refuse a model whose editable weights share storage (one tied to another): a patch touching both
+    would compute both updates from the same values and the second write would undo the first."""
+    seen: dict[int, str] = {}
+    for name in names:
+        try:
+            param = model.get_parameter(name)
+        except AttributeError:
+            continue
+        if param.device.type == "meta" or param.numel() == 0:
+            continue
+        ptr = param.untyped_storage().data_ptr()
+        if ptr in seen:
+            raise PatchMismatchError(
+                f"the model's {seen[ptr]!r} and {name!r} share their storage (tied weights); a patch could not "
+                "change one without the other, so this model cannot be patched"
+            )
+        seen[ptr] = name
+
+
 class PatchStack:
     """The patches applied to one live model, in order.
 
@@ -116,19 +139,23 @@ class PatchStack:
     """
 
     def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"PatchStack needs a torch model (nn.Module), got {type(model).__name__}")
         model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: edit the model it wraps
-        if _ATTR in model.__dict__:
-            raise ValueError("this model has a patch stack already: use PatchStack.for_model(model)")
         self.model = model
         self._lock = threading.RLock()
         self.spec: ArchitectureSpec = spec_for_model(model)
         num_layers = len(decoder_layers(model, self.spec))
         self._editable = {self.spec.weight_name(i) for i in range(num_layers)}
+        _refuse_shared_weights(model, sorted(self._editable))
         self._params: dict[str, torch.Tensor] = {}  # the weights this stack has met, as last looked up
         self._applied: list[Patch] = []
         self._base: dict[str, _Snapshot] = {}
         self._merged: list[ParentRef] = []
-        model.__dict__[_ATTR] = self  # one stack per model: a second would not know this one's snapshots
+        with _ATTACHING:  # one stack per model: a second would not know this one's snapshots
+            if _ATTR in model.__dict__:
+                raise ValueError("this model has a patch stack already: use PatchStack.for_model(model)")
+            model.__dict__[_ATTR] = self
 
     def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy / pickle of a patched model
         state = self.__dict__.copy()
@@ -143,9 +170,19 @@ class PatchStack:
     def for_model(cls, model: nn.Module) -> PatchStack:
         """The stack attached to ``model`` (created on first use); a ``torch.compile``d model shares the
         stack of the model it wraps."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"PatchStack needs a torch model (nn.Module), got {type(model).__name__}")
         model = getattr(model, "_orig_mod", model)
         stack = model.__dict__.get(_ATTR)
-        return stack if stack is not None else cls(model)
+        if stack is not None:
+            return stack
+        try:
+            return cls(model)  # attaches under _ATTACHING, refusing if another thread attached one first
+        except ValueError:
+            found = model.__dict__.get(_ATTR)
+            if found is None:
+                raise
+            return found  # that thread's stack: both callers use one
 
     @property
     def applied(self) -> list[Patch]:
@@ -412,7 +449,13 @@ class PatchStack:
         self._applied.append(patch)
         return overlaps
 
-    def _find(self, patch: Patch | str) -> int:
+    def _find(self, patch: Patch | str | os.PathLike[str]) -> int:
+        if isinstance(patch, os.PathLike) or (
+            isinstance(patch, str)
+            and not any(p.name == patch or p.id == patch for p in self._applied)
+            and os.path.isdir(patch)
+        ):
+            patch = resolve_one(patch)  # the folder it was applied from: found by the patch's id
         if isinstance(patch, Patch):
             found = [i for i, p in enumerate(self._applied) if p.id == patch.id]
             key = patch.describe()
@@ -427,7 +470,7 @@ class PatchStack:
                     if p.name == key or (short and p.id.startswith(key))
                 ]
         else:
-            raise TypeError(f"unload takes a Patch, an id or a name, not {type(patch).__name__}")
+            raise TypeError(f"unload takes a Patch, its folder, an id or a name, not {type(patch).__name__}")
         if len(found) > 1:
             named = ", ".join(self._applied[i].describe() for i in found)
             raise PatchNotAppliedError(f"{key!r} names {len(found)} applied patches ({named}); give the id")
@@ -435,7 +478,7 @@ class PatchStack:
             raise PatchNotAppliedError(f"patch {key!r} is not applied to this model")
         return found[0]
 
-    def _unload_impl(self, patch: Patch | str) -> Patch:
+    def _unload_impl(self, patch: Patch | str | os.PathLike[str]) -> Patch:
         index = self._find(patch)
         removed = self._applied[index]
         remaining = self._applied[:index] + self._applied[index + 1 :]
@@ -538,9 +581,9 @@ class PatchStack:
             self._refresh()
             return self._apply_impl(resolved, force=force)
 
-    def unload(self, patch: Patch | str) -> Patch:
-        """Remove one patch (by object, id, the id's first 12 or more digits, or a name that only it has)
-        from any position; later patches keep their effect.
+    def unload(self, patch: Patch | str | os.PathLike[str]) -> Patch:
+        """Remove one patch (by object, its folder, id, the id's first 12 or more digits, or a name that only
+        it has) from any position; later patches keep their effect.
 
         The touched neurons are rebuilt from the base snapshot by replaying the remaining patches in
         order, so the result is bit-identical to applying only those patches to the base.

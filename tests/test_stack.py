@@ -506,3 +506,103 @@ def test_the_fast_finiteness_check_agrees_with_isfinite(dtype: torch.dtype) -> N
     old = torch.tensor([1.0, float("inf"), 3.0], dtype=dtype)
     assert finite_where(torch.tensor([2.0, float("inf"), 4.0], dtype=dtype), old)  # non-finite where it was
     assert not finite_where(torch.tensor([2.0, 1.0, float("nan")], dtype=dtype), old)
+
+
+def _attach(model, patch, barrier, stacks, i) -> None:  # type: ignore[no-untyped-def]
+    barrier.wait()
+    stacks[i] = PatchStack.for_model(model)
+    stacks[i].apply(patch)
+
+
+def test_threads_attaching_at_once_share_one_stack() -> None:
+    """Two threads' first ``for_model`` on a fresh model (two request handlers): one stack, both patches
+    in it, and ``unload_all`` restores the base. Before, about half the trials made two stacks."""
+    import sys
+    import threading
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(20):
+            model = MODEL_FACTORIES["llama"]()
+            before = state_copy(model)
+            patches = [random_patch(model, layers=(i,), seed=i, name=f"p{i}") for i in (1, 2)]
+            barrier = threading.Barrier(2)
+            stacks: list[PatchStack | None] = [None, None]
+            threads = [
+                threading.Thread(target=_attach, args=(model, patches[i], barrier, stacks, i)) for i in (0, 1)
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            stack = PatchStack.for_model(model)
+            assert stacks[0] is stacks[1] is stack
+            assert sorted(p.name for p in stack.applied) == ["p1", "p2"]
+            stack.unload_all()
+            assert_state_equal(model, before)
+    finally:
+        sys.setswitchinterval(old)
+
+
+def test_tied_editable_weights_and_non_models_are_refused() -> None:
+    model = MODEL_FACTORIES["llama"]()
+    model.model.layers[2].mlp.down_proj.weight = model.model.layers[1].mlp.down_proj.weight
+    with pytest.raises(PatchMismatchError, match="share their storage"):
+        PatchStack.for_model(model)  # a patch on both would lose one of its two deltas
+    with pytest.raises(TypeError, match="needs a torch model"):
+        PatchStack.for_model(None)  # type: ignore[arg-type]
+
+
+def test_a_loaded_patch_does_not_follow_its_files(tmp_path) -> None:
+    """load_patch reads the deltas once into memory: a file rewritten (or truncated) afterwards cannot
+    change a patch already checked, nor crash an apply (memory-mapped tensors did both)."""
+    import os
+    import shutil
+
+    from nmke_patch.patch import DELTAS_FILE, load_patch
+
+    model = MODEL_FACTORIES["llama"]()
+    before = state_copy(model)
+    a = load_patch(saved(random_patch(model, seed=1, name="a", indices=[0, 1, 2]), tmp_path).path)
+    other = saved(random_patch(model, seed=2, name="x", indices=[0, 1, 2]), tmp_path)
+    kept = a.deltas[0].delta.clone()
+    shutil.copyfile(other.path / DELTAS_FILE, a.path / DELTAS_FILE)  # same size, written in place
+    assert torch.equal(a.deltas[0].delta, kept)
+    os.truncate(a.path / DELTAS_FILE, 0)
+    stack = PatchStack.for_model(model)
+    stack.apply(a)
+    stack.unload(a)
+    assert_state_equal(model, before)
+    b = saved(random_patch(model, seed=3, name="b"), tmp_path)
+    stack.apply(b.path)
+    for way in (b.path, str(b.path)):  # by the folder it was applied from (was "not applied" / TypeError)
+        stack.unload(way)
+        assert stack.applied == []
+        stack.apply(b)
+
+
+def test_a_deltas_file_larger_than_its_manifest_allows_is_refused_unread(tmp_path) -> None:
+    from nmke_patch.errors import InvalidPatchError
+    from nmke_patch.patch import DELTAS_FILE, load_patch
+
+    folder = saved(random_patch(MODEL_FACTORIES["llama"](), name="big"), tmp_path).path
+    with open(folder / DELTAS_FILE, "ab") as fh:
+        fh.truncate(64 << 20)  # 64 MB for 2 x 5 neurons of width 32
+    with pytest.raises(InvalidPatchError, match=r"more than the .* its manifest's tensors can take"):
+        load_patch(folder)
+
+
+def test_patches_compare_by_identity_of_content_not_tensor_truth(tmp_path) -> None:
+    from nmke_patch.patch import load_patch
+
+    model = MODEL_FACTORIES["llama"]()
+    p = saved(random_patch(model, name="p"), tmp_path)
+    stack = PatchStack.for_model(model)
+    stack.apply(p)
+    again = load_patch(p.path)
+    assert again in stack.applied and again == p and hash(again) == hash(p)  # raised RuntimeError/TypeError
+    assert stack.applied.index(again) == 0 and len({again, p}) == 1
+    renamed = replace(p, manifest=replace(p.manifest, name="other"))
+    assert renamed != p and random_patch(model, seed=9, name="p") != p
+    assert p.deltas[0] in list(p.deltas)  # deltas compare by identity instead of raising
