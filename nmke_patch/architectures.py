@@ -145,6 +145,12 @@ def get_submodule(root: nn.Module, dotted: str) -> nn.Module:
 
 def decoder_layers(model: nn.Module, spec: ArchitectureSpec) -> nn.ModuleList:
     """The model's list of decoder layers."""
+    last = spec.layers.rsplit(".", 1)[-1]
+    if "." in spec.layers and isinstance(getattr(model, last, None), nn.ModuleList):
+        raise UnsupportedArchitectureError(
+            f"this is the backbone of a {spec.model_type} model (it holds {last!r} itself, where the causal-LM model "
+            f"holds {spec.layers!r}): give the whole model, as AutoModelForCausalLM loads it"
+        )
     layers = get_submodule(model, spec.layers)
     if not isinstance(layers, nn.ModuleList):
         raise UnsupportedArchitectureError(f"{spec.layers!r} is not a list of layers")

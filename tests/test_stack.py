@@ -606,3 +606,12 @@ def test_patches_compare_by_identity_of_content_not_tensor_truth(tmp_path) -> No
     renamed = replace(p, manifest=replace(p.manifest, name="other"))
     assert renamed != p and random_patch(model, seed=9, name="p") != p
     assert p.deltas[0] in list(p.deltas)  # deltas compare by identity instead of raising
+
+
+@pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))
+def test_the_backbone_alone_is_refused_with_what_to_give(arch: str) -> None:
+    from nmke_patch.errors import UnsupportedArchitectureError
+
+    model = MODEL_FACTORIES[arch]()
+    with pytest.raises(UnsupportedArchitectureError, match=r"backbone .* give the whole model"):
+        PatchStack.for_model(model.base_model)  # model.model (Llama) / model.transformer (GPT-2)
