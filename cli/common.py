@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -42,6 +43,13 @@ def shown(text: object) -> str:
     bidirectional controls as ``\\uNNNN``, lone surrogates replaced; a stranger's patch name cannot move the
     cursor, recolour the screen or reorder what is shown."""
     return str(text).translate(_CONTROLS).encode("utf-8", "replace").decode("utf-8")
+
+
+class ShownFormatter(logging.Formatter):
+    """Log records as :func:`shown` text: a warning may quote a stranger's patch name or file name."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).translate(_CONTROLS_BUT_LAYOUT)
 
 
 def labelled(label: str, style: str, message: str) -> Text:

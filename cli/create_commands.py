@@ -276,8 +276,9 @@ def create(
             raise
         shutil.rmtree(checkpoint, ignore_errors=True)
     table = Table(
-        title=f"{saved.name}: {len(requests)} edit(s), {saved.num_neurons} neuron vectors, "
-        f"{saved.nbytes:,} bytes"
+        title=shown(
+            f"{saved.name}: {len(requests)} edit(s), {saved.num_neurons} neuron vectors, {saved.nbytes:,} bytes"
+        )
     )
     for col in ("#", "prompt", "target", "P(new) before", "after edit", "after all"):
         table.add_column(col)

@@ -16,6 +16,7 @@ from nmke_patch.errors import InvalidRequestError, NmkePatchError
 from nmke_patch.lengths import TooLongError
 from nmke_patch.merged import RECORD_FILE, check_apply, names
 from nmke_patch.patch import Patch
+from nmke_patch.paths import check_writable
 from nmke_patch.requests import read_requests
 from nmke_patch.sources import resolve_patches
 from nmke_patch.stack import PatchStack, check_lineage
@@ -174,8 +175,10 @@ def _chart_path(path: Path) -> Path:
         raise NmkePatchError(f"--plot {path}: {folder} is a file, not a folder")
     if not folder.is_dir():
         raise NmkePatchError(f"--plot {path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise NmkePatchError(f"--plot {path}: folder {folder} is not writable")
+    try:  # by trying: os.access is true for root on read-only and virtual file systems (/proc)
+        check_writable(Path(f"--plot {path}"), folder)
+    except OSError as exc:
+        raise NmkePatchError(str(exc)) from exc
     if path.suffix.lower() in {".png", ".svg", ".pdf", ".jpg", ".jpeg"}:
         return path
     return path.with_name(path.name + ".png")

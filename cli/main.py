@@ -12,7 +12,7 @@ import typer
 
 from nmke_patch.errors import NmkePatchError
 
-from .common import err_console, labelled
+from .common import ShownFormatter, err_console, labelled
 
 app = typer.Typer(
     name="nmke-patch",
@@ -52,9 +52,9 @@ def _main(
         help="Print the versions of nmke-patch, its patch format and the libraries it runs on, and exit.",
     ),
 ) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+    stderr = logging.StreamHandler()  # library warnings name strangers' patches and files too: shown()
+    stderr.setFormatter(ShownFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[stderr])
     import huggingface_hub.utils.logging  # noqa: F401  (sets up its logger, with a handler of its own)
 
     hub = logging.getLogger("huggingface_hub")

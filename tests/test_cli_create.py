@@ -54,6 +54,14 @@ def test_create_writes_a_patch_and_reports_every_edit(setup: list[str], tmp_path
     assert "warning" not in result.output
 
 
+def test_create_shows_a_stranger_s_name_escaped(setup: list[str], tmp_path: Path) -> None:
+    name = "ab\x1b[2Jcd\u202exyz"
+    result = CliRunner().invoke(app, [*setup, "-o", str(tmp_path / "p.nmke"), "--name", name])
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output and "\u202e" not in result.output  # the table's title had them raw
+    assert "ab\\x1b[2Jcd\\u202exyz: 2 edit(s)" in result.output
+
+
 def test_create_warns_when_held_out_perplexity_rises(
     setup: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

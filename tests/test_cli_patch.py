@@ -559,6 +559,19 @@ def test_apply_notes_a_patch_recorded_in_a_narrower_dtype(
     assert result.exit_code == 0 and "narrower dtype" not in result.output
 
 
+def test_library_warnings_are_shown_escaped() -> None:
+    """Library warnings (logging) quote patch and file names: they reached the terminal with raw ESC and
+    U+202E."""
+    import logging
+
+    from nmke_patch.cli.common import ShownFormatter
+
+    record = logging.LogRecord(
+        "nmke_patch.pack", logging.WARNING, "", 0, "patches %s", ("a\x1b[2J\u202eb",), None
+    )
+    assert ShownFormatter("%(message)s").format(record) == "patches a\\x1b[2J\\u202eb"
+
+
 def test_control_characters_in_names_are_shown_escaped(tmp_path: Path) -> None:
     patch = random_patch(MODEL_FACTORIES["llama"](), name="a\x1b[31mRED\x1b[0m\r\nforged line")
     patch.manifest.base_model["name_or_path"] = "org/\x1b[2Jwiped"

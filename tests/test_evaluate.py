@@ -394,6 +394,7 @@ def test_cli_plot_into_a_missing_folder_fails_before_evaluating(tmp_path: Path, 
     for plot, message in (
         (str(tmp_path / "afile" / "x.png"), "afile is a file, not a folder"),
         ("", "needs a file"),
+        ("/proc/chart.png", "cannot write in /proc"),  # os.access said yes (root): failed after evaluating
     ):
         result = CliRunner().invoke(app, ["eval", str(patch.path), "--facts", str(facts), "--plot", plot])
         assert isinstance(result.exception, NmkePatchError) and message in str(result.exception), (
