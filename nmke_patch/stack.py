@@ -29,7 +29,7 @@ from .threads import one_thread
 logger = logging.getLogger(__name__)
 _ATTR = "_nmke_patch_stack"
 _ATTACHING = threading.Lock()
-"""Held while a stack is looked up or attached: two threads' first ``for_model`` must find one stack."""
+"""Held while a stack is attached: two threads' first ``for_model`` at once must end with one stack."""
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def _overflow_advice(dtype: torch.dtype) -> str:
 def _refuse_shared_weights(model: nn.Module, names: Sequence[str]) -> None:
     """Refuse a model whose editable weights share storage (one tied to another): a patch touching both
     would compute both updates from the same values and the second write would undo the first."""
-    seen: dict[int, str] = {}
+    seen: dict[tuple[str, int], str] = {}
     for name in names:
         try:
             param = model.get_parameter(name)
@@ -120,7 +120,7 @@ def _refuse_shared_weights(model: nn.Module, names: Sequence[str]) -> None:
             continue
         if param.device.type == "meta" or param.numel() == 0:
             continue
-        ptr = param.untyped_storage().data_ptr()
+        ptr = (str(param.device), param.untyped_storage().data_ptr())  # per device: addresses may repeat
         if ptr in seen:
             raise PatchMismatchError(
                 f"the model's {seen[ptr]!r} and {name!r} share their storage (tied weights); a patch could not "
