@@ -263,7 +263,13 @@ def eval_command(
             dir_okay=False,
         ),
     ] = None,
-    generations: Annotated[int, typer.Option(min=0, help="Greedy generations for fluency (0 = skip).")] = 8,
+    generations: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Greedy generations for fluency (0 = skip); at most one per record plus 8 fixed prompts.",
+        ),
+    ] = 8,
     cache: Annotated[
         bool, typer.Option(help="Reuse the base model's cached result for the same facts.")
     ] = True,

@@ -271,9 +271,18 @@ def evaluate(
     t1 = time.perf_counter()
     texts_out: list[str] = []
     if generations > 0:
-        say(f"generating {generations} x {generation_tokens} tokens")
         gen_prompts = [r.text for r in requests[:generations]]
         gen_prompts += list(FLUENCY_PROMPTS[: max(0, generations - len(gen_prompts))])
+        if len(gen_prompts) < generations:  # greedy: a prompt used twice would give the same text twice
+            logger.warning(
+                "%d generations asked, but there are only %d distinct prompts (the records' edit prompts and %d "
+                "fixed ones): %d made",
+                generations,
+                len(gen_prompts),
+                len(FLUENCY_PROMPTS),
+                len(gen_prompts),
+            )
+        say(f"generating {len(gen_prompts)} x {generation_tokens} tokens")
         texts_out = greedy_generate(model, tokenizer, gen_prompts, generation_tokens)
         metrics["fluency"] = _mean(ngram_entropy(words(t)) for t in texts_out)
     else:

@@ -534,3 +534,25 @@ def test_a_tokenizer_that_gives_no_tokens_is_named_not_an_index_error(
         with pytest.raises(InvalidRequestError, match=r"^record 0: the tokenizer turns its prompt with its"):
             check_fits([request], Silent(), limit, scored=False)
     check_fits([request], tiny_tokenizer, None, scored=False)  # a tokenizer that knows the words passes
+
+
+def test_more_generations_than_distinct_prompts_are_said_not_silently_capped(
+    tiny_tokenizer: PreTrainedTokenizerFast, caplog: pytest.LogCaptureFixture
+) -> None:
+    from nmke_patch.evaluate import FLUENCY_PROMPTS
+
+    model = MODEL_FACTORIES["llama"]()
+    requests = [EditRequest("w1 w2 {}", "w3", "w4"), EditRequest("w5 {}", "w6", "w7")]
+    with caplog.at_level("WARNING", logger="nmke_patch.evaluate"):
+        result = evaluate(
+            model,
+            tiny_tokenizer,
+            requests,
+            heldout_text=(),
+            unrelated=(),
+            generations=100,
+            generation_tokens=2,
+        )
+    made = len(requests) + len(FLUENCY_PROMPTS)
+    assert result["counts"]["generations"] == len(result["details"]["generations"]) == made
+    assert f"100 generations asked, but there are only {made} distinct prompts" in caplog.text
