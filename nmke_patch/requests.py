@@ -257,14 +257,20 @@ def _warn_unknown_fields(records: Sequence[Any], where: str) -> None:
             for key in r:
                 if key in NATIVE_FIELDS:
                     continue
+                same = [f for f in _SUGGESTED_FIELDS if f == str(key).lower()]  # "Target_New"
                 missing = [f for f in _SUGGESTED_FIELDS if f not in r]
-                close = difflib.get_close_matches(str(key).lower(), missing, n=1, cutoff=0.75)
+                close = same or difflib.get_close_matches(str(key).lower(), missing, n=1, cutoff=0.75)
                 if close:
                     unknown.setdefault((str(key), close[0]), []).append(i)
     for (key, meant), indices in unknown.items():
         shown = ", ".join(map(str, indices[:5])) + (", ..." if len(indices) > 5 else "")
         logger.warning(
-            "%s: ignoring unknown field %r in record(s) %s; did you mean %r?", where, key, shown, meant
+            "%s: ignoring unknown field %r in record(s) %s; did you mean %r?%s",
+            where,
+            key,
+            shown,
+            meant,
+            " (field names are lower case)" if key.lower() == meant else "",
         )
 
 

@@ -326,6 +326,11 @@ def test_a_misspelled_field_is_named_with_a_suggestion(
     assert "'target_ture' in record(s) 0; did you mean 'target_true'?" in said
     assert "'paraphrase' in record(s) 0; did you mean 'paraphrases'?" in said
     caplog.clear()
+    with caplog.at_level("WARNING", logger="nmke_patch.requests"):  # beside the field itself: named, not
+        read_requests(_write(tmp_path, json.dumps([{**RECORD, "Target_New": "Lima"}])))  # target_true
+    said = "\n".join(r.getMessage() for r in caplog.records)
+    assert "'Target_New' in record(s) 0; did you mean 'target_new'? (field names are lower case)" in said
+    caplog.clear()
     with caplog.at_level("WARNING", logger="nmke_patch.requests"):
         read_requests(
             _write(
