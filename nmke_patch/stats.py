@@ -8,6 +8,7 @@ computing the same statistics at once never leave a corrupt file (the last renam
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -216,6 +217,12 @@ def corpus_rows(tokenizer: Any, corpus: str, tokens: int, *, seq_len: int = 128)
                     return rows
     if not rows:
         raise ModelLoadError(f"stats corpus {corpus!r} holds no text")
+    warn_short_corpus(corpus, total, tokens)
+    return rows
+
+
+def warn_short_corpus(corpus: str, total: int, tokens: int) -> None:
+    """Say that the statistics come from fewer tokens than asked (when computed, and on every cache hit)."""
     logger.warning(
         "stats corpus %r holds only %d of the %d tokens asked for (stats_tokens): the key statistics come "
         "from those; add text for statistics that represent the model's use",
@@ -223,7 +230,6 @@ def corpus_rows(tokenizer: Any, corpus: str, tokens: int, *, seq_len: int = 128)
         total,
         tokens,
     )
-    return rows
 
 
 def _pieces(text: str, size: int = 1 << 20) -> Iterable[str]:
@@ -499,6 +505,16 @@ class PreservedText:
         return self._rows
 
 
+def _warn_if_short(file: Path, source: StatsSource) -> None:
+    """On a cache hit, the short-corpus warning the computing run gave (its token count is recorded)."""
+    if source.corpus is None:
+        return
+    with contextlib.suppress(Exception), safe_open(str(file), framework="pt") as fh:
+        recorded = (fh.metadata() or {}).get("tokens", "")
+        if recorded.isdigit() and int(recorded) < source.tokens:
+            warn_short_corpus(source.corpus, int(recorded), source.tokens)
+
+
 def _cached_statistics(file: Path, d_ff: int) -> torch.Tensor | None:
     """The statistics cached in ``file``, or None (with a warning) where it cannot be trusted: unreadable,
     not the tensor it was written with (the fingerprint it records), not ``[n, d_ff]``, or not finite. A
@@ -550,6 +566,8 @@ def _load_or_compute(
                 result[l] = cached
                 continue
         missing.append(l)
+    if layers and not missing:  # all from the cache: say what computing them said, once
+        _warn_if_short(folder / f"{kind}{layers[0]}.safetensors", source)
     if missing:
         logger.info("computing %s key statistics for layers %s from %s", kind, missing, key)
         computed = compute(model, spec, text.rows(), missing)
@@ -561,6 +579,7 @@ def _load_or_compute(
                 tmp = folder / f"{aside_name(f'.{kind}{l}')}.tmp"
                 c0 = c0.contiguous()
                 metadata = {"layer": str(l), "source": key, "fingerprint": tensor_fingerprint(c0)}
+                metadata["tokens"] = str(sum(len(r) for r in text.rows()))  # a short corpus is said on reuse
                 save_file({"c0": c0}, tmp, metadata=metadata)
                 os.replace(tmp, folder / f"{kind}{l}.safetensors")
     return result

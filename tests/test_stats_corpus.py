@@ -218,3 +218,19 @@ def test_corpus_files_are_read_as_far_as_needed_and_a_short_one_is_said(
     assert (
         sum(len(r) for r in rows) < 200 and "holds only" in caplog.text and "of the 200 tokens" in caplog.text
     )
+
+
+def test_a_short_corpus_is_said_again_when_its_statistics_come_from_the_cache(
+    tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerFast, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    monkeypatch.setenv("NMKE_PATCH_HOME", str(tmp_path / "home"))
+    short = tmp_path / "short.txt"
+    short.write_text("w3 w4 w5 w6 w7 w8")
+    config = EditConfig().with_overrides(stats_corpus=str(short), stats_tokens=200)
+    model = tiny_llama()
+    for run in ("computed", "cached"):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="nmke_patch.stats"):
+            load_statistics(model, tiny_tokenizer, [1, 2], [config])
+        said = [r.getMessage() for r in caplog.records if "holds only" in r.getMessage()]
+        assert len(said) == 1 and "of the 200 tokens asked for" in said[0], (run, caplog.text)
