@@ -217,11 +217,11 @@ def corpus_rows(tokenizer: Any, corpus: str, tokens: int, *, seq_len: int = 128)
                     return rows
     if not rows:
         raise ModelLoadError(f"stats corpus {corpus!r} holds no text")
-    warn_short_corpus(corpus, total, tokens)
+    _warn_short_corpus(corpus, total, tokens)
     return rows
 
 
-def warn_short_corpus(corpus: str, total: int, tokens: int) -> None:
+def _warn_short_corpus(corpus: str, total: int, tokens: int) -> None:
     """Say that the statistics come from fewer tokens than asked (when computed, and on every cache hit)."""
     logger.warning(
         "stats corpus %r holds only %d of the %d tokens asked for (stats_tokens): the key statistics come "
@@ -512,7 +512,7 @@ def _warn_if_short(file: Path, source: StatsSource) -> None:
     with contextlib.suppress(Exception), safe_open(str(file), framework="pt") as fh:
         recorded = (fh.metadata() or {}).get("tokens", "")
         if recorded.isdigit() and int(recorded) < source.tokens:
-            warn_short_corpus(source.corpus, int(recorded), source.tokens)
+            _warn_short_corpus(source.corpus, int(recorded), source.tokens)
 
 
 def _cached_statistics(file: Path, d_ff: int) -> torch.Tensor | None:
