@@ -252,7 +252,8 @@ def eval_command(
     unrelated: Annotated[
         Path | None,
         typer.Option(
-            help="Unrelated facts, JSONL of {prompt, target} (default: the packaged set).", exists=True
+            help="Unrelated facts: {prompt, target} objects, JSONL or a JSON list (default: the packaged set).",
+            exists=True,
         ),
     ] = None,
     heldout: Annotated[

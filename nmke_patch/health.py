@@ -35,7 +35,8 @@ def load_heldout() -> list[str]:
 
 
 def load_unrelated(path: str | None = None) -> list[Neighbor]:
-    """Unrelated facts (``{"prompt", "target"}`` JSONL): ``path``, or the packaged set (empty if absent)."""
+    """Unrelated facts (``{"prompt", "target"}`` objects, JSONL or a JSON list): ``path``, or the packaged
+    set (empty if absent)."""
     if path is None:
         source = resources.files("nmke_patch").joinpath("_data/unrelated_facts.jsonl")
         if not source.is_file():
@@ -43,8 +44,17 @@ def load_unrelated(path: str | None = None) -> list[Neighbor]:
             return []
         text = source.read_text(encoding="utf-8")
     else:
-        text = read_user_text(path, InvalidRequestError)
+        try:
+            text = read_user_text(path, InvalidRequestError)
+        except OSError as exc:
+            raise InvalidRequestError(
+                f"cannot read the unrelated facts {path}: {exc.strerror or type(exc).__name__}"
+            ) from exc
     facts = []
+    if path is not None and text.lstrip().startswith("["):  # a JSON list, as facts files may be
+        records = load_json_text(text, str(path), InvalidRequestError)
+        facts = [_unrelated_fact(r, f"{path}: fact {i}") for i, r in enumerate(records)]
+        text = ""
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue

@@ -448,6 +448,20 @@ def test_unrelated_facts_need_a_prompt_and_an_answer(tmp_path: Path) -> None:
             load_unrelated(str(file))
 
 
+def test_unrelated_facts_may_be_a_json_list_and_a_folder_is_named(tmp_path: Path) -> None:
+    listed = tmp_path / "unrelated.json"
+    listed.write_text(json.dumps([{"prompt": "w1", "target": "w2"}, {"prompt": "w3 w4", "target": "w5"}]))
+    assert load_unrelated(str(listed)) == [
+        Neighbor("w1", "w2"),
+        Neighbor("w3 w4", "w5"),
+    ]  # was "line 1 needs"
+    listed.write_text(json.dumps([{"prompt": "w1", "target": "w2"}, {"prompt": "w3"}]))
+    with pytest.raises(InvalidRequestError, match=r"unrelated\.json: fact 1 needs non-empty 'prompt'"):
+        load_unrelated(str(listed))
+    with pytest.raises(InvalidRequestError, match=r"cannot read the unrelated facts .*: Is a directory"):
+        load_unrelated(str(tmp_path))  # was a bare "[Errno 21] Is a directory"
+
+
 def test_cli_eval_forced_says_which_patches_did_not_fit(
     tiny_tokenizer: PreTrainedTokenizerFast, tmp_path: Path
 ) -> None:
