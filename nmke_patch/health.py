@@ -10,6 +10,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,9 +18,9 @@ from torch import nn
 
 from .compat import cache_argument, returned_cache
 from .errors import InvalidRequestError
-from .jsonio import load_json_text, read_user_text
+from .jsonio import read_user_text
 from .lengths import context_length, windows
-from .requests import Neighbor
+from .requests import Neighbor, parse_records
 from .scoring import backbone, length_buckets, lm_head, pad_rows
 from .tokens import MASKED_ID, text_ids
 
@@ -50,16 +51,12 @@ def load_unrelated(path: str | None = None) -> list[Neighbor]:
             raise InvalidRequestError(
                 f"cannot read the unrelated facts {path}: {exc.strerror or type(exc).__name__}"
             ) from exc
-    facts = []
-    if path is not None and text.lstrip().startswith("["):  # a JSON list, as facts files may be
-        records = load_json_text(text, str(path), InvalidRequestError)
-        facts = [_unrelated_fact(r, f"{path}: fact {i}") for i, r in enumerate(records)]
-        text = ""
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path or 'unrelated_facts.jsonl'}: line {lineno}"
-        facts.append(_unrelated_fact(load_json_text(line, where, InvalidRequestError), where))
+    name = path or "unrelated_facts.jsonl"
+    records, lines = parse_records(text, Path(name))  # as facts files: a JSON list or JSONL
+    facts = [
+        _unrelated_fact(r, f"{name}: line {lines[i]}" if lines is not None else f"{name}: fact {i}")
+        for i, r in enumerate(records)
+    ]
     if path is not None and not facts:
         raise InvalidRequestError(f"{path} holds no facts (one JSON object per line: prompt, target)")
     return facts

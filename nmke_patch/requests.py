@@ -289,9 +289,9 @@ def parse_request(record: Any, index: int) -> EditRequest:
     return _from_native(record, index)
 
 
-def _parse_records(text: str, file: Path) -> tuple[list[Any], list[int] | None]:
-    """The records of a facts file: a JSON list, JSONL (one record per line) or one JSON object; and, for
-    JSONL, the line of each record."""
+def parse_records(text: str, file: Path) -> tuple[list[Any], list[int] | None]:
+    """The records of a facts file (or of unrelated facts): a JSON list, JSONL (one record per line) or one
+    JSON object; and, for JSONL, the line of each record."""
     if text.lstrip().startswith("["):
         records = load_json_text(text, str(file), InvalidRequestError)
         assert isinstance(records, list)
@@ -326,7 +326,7 @@ def read_requests(path: str | os.PathLike[str], limit: int | None = None) -> lis
         hint = " (a prompt? give one record as a dict, or a list of them)" if "{}" in str(path) else ""
         raise InvalidRequestError(f"{file}: no such facts file{hint}")
     text = read_user_text(file, InvalidRequestError)
-    records, lines = _parse_records(text, file)
+    records, lines = parse_records(text, file)
     if not records:
         raise InvalidRequestError(f"{file}: no records")
     records = records[:limit]

@@ -571,6 +571,7 @@ def _load_or_compute(
     if missing:
         logger.info("computing %s key statistics for layers %s from %s", kind, missing, key)
         computed = compute(model, spec, text.rows(), missing)
+        drawn = str(sum(len(r) for r in text.rows()))
         folder.mkdir(parents=True, exist_ok=True)
         for l, c0 in computed.items():
             result[l] = c0
@@ -579,7 +580,7 @@ def _load_or_compute(
                 tmp = folder / f"{aside_name(f'.{kind}{l}')}.tmp"
                 c0 = c0.contiguous()
                 metadata = {"layer": str(l), "source": key, "fingerprint": tensor_fingerprint(c0)}
-                metadata["tokens"] = str(sum(len(r) for r in text.rows()))  # a short corpus is said on reuse
+                metadata["tokens"] = drawn  # a short corpus is said again on reuse
                 save_file({"c0": c0}, tmp, metadata=metadata)
                 os.replace(tmp, folder / f"{kind}{l}.safetensors")
     return result
