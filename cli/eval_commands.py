@@ -82,7 +82,9 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, str, float | None, float | 
     rows = []
     for key, label in METRICS.items():
         if key in comp:
+            # the base agrees with itself: 100%, where there is anything to agree on
             reference = {"zsre_neighborhood_agreement": 1.0, "unrelated_retention": 1.0}.get(key)
+            reference = None if comp[key] is None else reference
             rows.append((key, label, reference, comp[key]))
         elif key in patched:
             rows.append((key, label, base.get(key), patched.get(key)))

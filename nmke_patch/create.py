@@ -177,7 +177,9 @@ def _create(
     if problem:
         raise InvalidRequestError(problem)
     prefix_room = config.prefix_tokens + 4 if config.n_prefixes else 0  # re-tokenized, a prefix grows a bit
-    check_fits(requests, tokenizer, context_length(model), scored=False, reserve=prefix_room)
+    limit = context_length(model)
+    check_fits(requests, tokenizer, limit, scored=False, reserve=prefix_room)
+    check_fits(requests, tokenizer, limit)  # and what eval scores: no patch whose own facts eval refuses
     for i, token in split_subjects(tokenizer, requests)[:5]:
         logger.warning(
             "record %d: the subject %r ends inside the token %r of %r; the edit is keyed at that token, so it "

@@ -41,7 +41,7 @@ from .health import (
     words,
 )
 from .inference import in_inference_state
-from .lengths import check_facts_fit, check_fits, context_length
+from .lengths import check_facts_fit, check_fits, context_length, fitting_facts
 from .patch import Patch
 from .requests import EditRequest, Neighbor, RequestsLike, as_requests
 from .scoring import Scores, score_targets
@@ -108,13 +108,33 @@ METRICS: dict[str, str] = {
 """Short labels of every metric, in display order (definitions: docs/evaluation.md)."""
 
 
-def _check_lengths(
-    model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], unrelated: Sequence[Neighbor]
-) -> None:
-    """Every scored prompt, with its answer, fits the model's context (one error naming it, else)."""
+def _fitted(
+    model: nn.Module,
+    tokenizer: Any,
+    requests: Sequence[EditRequest],
+    unrelated: Sequence[Neighbor],
+    *,
+    packaged: bool,
+) -> list[Neighbor]:
+    """Refuse a scored prompt that, with its answer, does not fit the model's context (one error naming
+    it). Of the packaged unrelated-fact set, the facts that fit (a warning says how many do not); facts the
+    caller gave must all fit."""
     limit = context_length(model)
     check_fits(requests, tokenizer, limit)
-    check_facts_fit(unrelated, tokenizer, limit, "unrelated facts")
+    if not packaged:
+        check_facts_fit(unrelated, tokenizer, limit, "unrelated facts")
+        return list(unrelated)
+    kept = fitting_facts(unrelated, tokenizer, limit)
+    if len(kept) < len(unrelated):
+        logger.warning(
+            "%d of the %d packaged unrelated facts do not fit this model's %s positions with their answers; "
+            "retention uses the other %d",
+            len(unrelated) - len(kept),
+            len(unrelated),
+            limit,
+            len(kept),
+        )
+    return kept
 
 
 # -- evaluation --------------------------------------------------------------------------------------------
@@ -188,8 +208,8 @@ def evaluate(
     say = progress or (lambda _stage: None)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    unrelated = as_unrelated(unrelated)
-    _check_lengths(model, tokenizer, requests, unrelated)
+    packaged = unrelated is None
+    unrelated = _fitted(model, tokenizer, requests, as_unrelated(unrelated), packaged=packaged)
     if heldout_text is None:
         paragraphs = load_heldout()
     elif isinstance(heldout_text, str):
@@ -446,11 +466,11 @@ def evaluate_pair(
     if stack.applied:
         raise InvalidRequestError("evaluate_pair needs the base model: unload the applied patches first")
     say = progress or (lambda _stage: None)
-    if kwargs.get("unrelated") is None:
-        kwargs["unrelated"] = load_unrelated()
+    packaged = kwargs.get("unrelated") is None
     if kwargs.get("heldout_text") is None:
         kwargs["heldout_text"] = load_heldout()
-    _check_lengths(model, tokenizer, requests, kwargs["unrelated"])
+    unrelated = load_unrelated() if packaged else kwargs["unrelated"]
+    kwargs["unrelated"] = _fitted(model, tokenizer, requests, unrelated, packaged=packaged)
     forced = []
     try:  # the patched model first: a patch that does not fit fails before any evaluation
         for p in resolved:

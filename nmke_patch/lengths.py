@@ -90,17 +90,27 @@ def check_fits(
                 )
 
 
+def _fact_lengths(facts: Sequence[Neighbor], tokenizer: Any) -> list[int]:
+    return [len(ids) - 1 for ids in tokenizer([f"{f.prompt} {f.target}" for f in facts]).input_ids]
+
+
 def check_facts_fit(facts: Sequence[Neighbor], tokenizer: Any, limit: int | None, where: str) -> None:
     """The same for ``{"prompt", "target"}`` facts (the unrelated-fact set), named by 1-based line order."""
     if limit is None or not facts:
         return
-    lengths = [len(ids) - 1 for ids in tokenizer([f"{f.prompt} {f.target}" for f in facts]).input_ids]
-    for i, n in enumerate(lengths):
+    for i, n in enumerate(_fact_lengths(facts, tokenizer)):
         if n > limit:
             raise TooLongError(
                 f"{where}: fact {i + 1}, with its answer, needs {n} positions; the model has {limit}",
                 unrelated=True,
             )
+
+
+def fitting_facts(facts: Sequence[Neighbor], tokenizer: Any, limit: int | None) -> list[Neighbor]:
+    """The facts that, with their answers, fit ``limit`` positions (all when there is no limit)."""
+    if limit is None or not facts:
+        return list(facts)
+    return [f for f, n in zip(facts, _fact_lengths(facts, tokenizer), strict=True) if n <= limit]
 
 
 def windows(ids: list[int], limit: int | None) -> list[list[int]]:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .consistency import check_consistent
 from .errors import InvalidRequestError
 from .jsonio import load_json_text, read_user_text
 
@@ -339,6 +340,7 @@ def read_requests(path: str | os.PathLike[str], limit: int | None = None) -> lis
             where = f" (line {lines[i]})" if lines is not None else ""
             raise InvalidRequestError(f"{file}: {exc}{where}") from None
     _warn_no_change(parsed, str(file))
+    check_consistent(parsed, str(file))
     return parsed
 
 
@@ -385,4 +387,5 @@ def as_requests(requests: RequestsLike) -> list[EditRequest]:
     ]
     records = [i for i, r in enumerate(requests) if not isinstance(r, EditRequest)]  # warned about once
     _warn_no_change([parsed[i] for i in records], "requests", records)
+    check_consistent(parsed, "requests")
     return parsed

@@ -232,6 +232,30 @@ def test_texts_longer_than_the_context(family: str, tiny_tokenizer: PreTrainedTo
     assert_state_equal(model, before)
 
 
+def test_packaged_unrelated_facts_too_long_for_the_model_are_skipped(
+    tiny_tokenizer: PreTrainedTokenizerFast, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The shipped set is not the user's input: facts a small-context model cannot take are left out of
+    retention with a warning, where the user's own set is refused (above)."""
+    model = MODEL_FACTORIES["llama"]()  # 64 positions
+    long_text = " ".join(f"w{i % 60}" for i in range(150))
+    packaged = [Neighbor("w7 w8", "w9"), Neighbor(long_text, "w9"), Neighbor("w3 w4", "w5")]
+    monkeypatch.setattr("nmke_patch.health.load_unrelated", lambda *_: list(packaged))
+    monkeypatch.setattr("nmke_patch.evaluate.load_unrelated", lambda *_: list(packaged))
+    settings = {**SMALL_EVALUATION, "unrelated": None}
+    short = EditRequest("w3 w4 {} w5", "w10", "w20", "w21")
+    with caplog.at_level("WARNING", logger="nmke_patch.evaluate"):
+        alone = evaluate(model, tiny_tokenizer, [short], **settings)
+    assert "1 of the 3 packaged unrelated facts do not fit this model's 64 positions" in caplog.text
+    assert alone["counts"]["unrelated"] == 2
+    assert sorted(alone["details"]["unrelated_answered"]) == ["w3 w4\tw5", "w7 w8\tw9"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="nmke_patch.evaluate"):
+        pair = evaluate_pair(model, tiny_tokenizer, [short], [random_patch(model)], cache=False, **settings)
+    assert caplog.text.count("do not fit this model's 64 positions") == 1
+    assert pair["patched"]["counts"]["unrelated"] == pair["base"]["counts"]["unrelated"] == 2
+
+
 def test_evaluate_pair_restores_base_and_counts_footprint(
     tiny_tokenizer: PreTrainedTokenizerFast, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -531,6 +555,22 @@ def test_layer_lists_in_the_table_name_every_layer() -> None:
 
     assert _spans([4, 5, 6, 7, 8]) == "4-8"
     assert _spans([8, 2, 3, 7]) == "2-3, 7-8" and _spans([5]) == "5" and _spans([1, 3]) == "1, 3"
+
+
+def test_drift_rows_show_no_base_figure_where_there_is_nothing_to_compare() -> None:
+    """With no unrelated fact the base answers, retention is n/a on both sides, not 100% against n/a."""
+    from nmke_patch.cli.eval_commands import _rows
+
+    metrics = {"unrelated_accuracy": 0.0}
+    comparison = {"zsre_neighborhood_agreement": 0.5, "unrelated_retention": None}
+    rows = {
+        k: (b, p)
+        for k, _, b, p in _rows(
+            {"base": {"metrics": metrics}, "patched": {"metrics": metrics}, "comparison": comparison}
+        )
+    }
+    assert rows["unrelated_retention"] == (None, None)
+    assert rows["zsre_neighborhood_agreement"] == (1.0, 0.5)
 
 
 def test_a_tokenizer_that_gives_no_tokens_is_named_not_an_index_error(

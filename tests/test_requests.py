@@ -338,7 +338,13 @@ def test_a_misspelled_field_is_named_with_a_suggestion(
                 json.dumps(
                     [
                         {**RECORD, "relation": "capital", "subject_id": 7, "prompt_id": 2, "uid": "a1"},
-                        {**RECORD, "target": "Rome", "neighborhoods": "v2", "neighborhood": []},
+                        {
+                            **RECORD,
+                            "subject": "Peru",
+                            "target": "Rome",
+                            "neighborhoods": "v2",
+                            "neighborhood": [],
+                        },
                         ZSRE,
                         COUNTERFACT_RECORD,
                     ]
@@ -358,7 +364,7 @@ def test_a_paraphrase_with_a_placeholder_is_refused(tmp_path: Path) -> None:
 def test_a_record_asking_for_its_true_answer_is_named(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    same = {**RECORD, "target_new": " Paris", "target_true": "Paris"}
+    same = {**RECORD, "subject": "Peru", "target_new": " Lima", "target_true": "Lima"}
     with caplog.at_level("WARNING", logger="nmke_patch.requests"):
         assert len(read_requests(_write(tmp_path, json.dumps([RECORD, same])))) == 2  # kept, with a word
         as_requests([same])
@@ -378,8 +384,8 @@ def test_a_record_asking_for_its_true_answer_is_named(
 def test_a_limit_reads_and_warns_about_the_records_it_keeps_only(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    same = {**RECORD, "target_new": "Paris"}
-    typo = {**RECORD, "target_ture": "Paris"}
+    same = {**RECORD, "subject": "Peru", "target_new": "Lima", "target_true": "Lima"}
+    typo = {**RECORD, "subject": "Chile", "target_ture": "Santiago"}
     del typo["target_true"]
     bad = {**RECORD, "subject": ""}
     file = _write(tmp_path, "\n".join(json.dumps(r) for r in [RECORD, same, typo, bad]))
@@ -409,3 +415,43 @@ def test_python_built_requests_are_checked_like_records() -> None:
         InvalidRequestError, match=r"record 0: ZsRE field 'subject' must be a non-empty string"
     ):
         parse_request({"src": "w1 w2", "subject": "", "alt": "w3"}, 0)
+
+
+def test_two_answers_for_one_prompt_are_refused_and_overlaps_warned(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One patch cannot make one prompt give two answers: refused at reading, naming both records. Repeats
+    and neighbourhood prompts about edited facts are warned about (the metric would count a legitimate
+    change against the patch); files without them read quietly."""
+    other = {**RECORD, "subject": "Spain", "target_new": "Oslo", "target_true": "Madrid"}
+    berlin = {**RECORD, "prompt": "The  capital of {} is ", "target_new": " Berlin"}  # spacing differs
+    file = _write(tmp_path, json.dumps([RECORD, other, berlin]))
+    with pytest.raises(
+        InvalidRequestError,
+        match=r"facts.json: records 0 and 2 edit the same prompt, 'The  capital of France is', to different "
+        r"answers \('Rome' and 'Berlin'\)",
+    ):
+        read_requests(file)
+    with pytest.raises(InvalidRequestError, match="records 0 and 2 edit the same prompt"):
+        as_requests([RECORD, other, berlin])
+    assert len(read_requests(file, limit=2)) == 2  # the conflict is past the limit
+    # a repeat, and neighbourhood prompts that are an edited prompt or name an edited subject
+    neighbours = [
+        {"prompt": "The capital of Spain is", "target": "Madrid"},
+        {"prompt": "Flights to Spain land in", "target": "Madrid"},
+        {"prompt": "The capital of Spainland is", "target": "X"},  # a longer word: not Spain
+        {"prompt": "The capital of Italy is", "target": "Rome"},
+    ]
+    with caplog.at_level("WARNING", logger="nmke_patch.consistency"):
+        read = read_requests(
+            _write(tmp_path, json.dumps([{**RECORD, "neighborhood": neighbours}, other, RECORD]))
+        )
+    assert len(read) == 3
+    assert "record(s) repeated (the repeat edits nothing new): 2 repeats 0" in caplog.text
+    assert "2 neighbourhood prompt(s) are about facts these records edit" in caplog.text
+    assert "record 0's neighbourhood prompt 0 is record 1's edit prompt" in caplog.text
+    assert "record 0's neighbourhood prompt 1 names record 1's subject 'Spain'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="nmke_patch.consistency"):
+        read_requests(_write(tmp_path, json.dumps([{**RECORD, "neighborhood": neighbours[2:]}, other])))
+    assert caplog.text == ""
