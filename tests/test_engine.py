@@ -684,7 +684,7 @@ def test_layers_beyond_the_model_are_refused_before_statistics(tiny_tokenizer, m
     wordy = [*requests(), replace(requests()[0], subject="w9", paraphrases=(" ".join(["w5"] * 70),))]
     with pytest.raises(
         InvalidRequestError,
-        match=r"^record 2: its paraphrase 0, with its answer, needs 71 positions; the model has 64$",
+        match=r"^record 2: its paraphrase 0, with its answer, needs 70 positions; the model has 64$",
     ):
         create_patch(wordy, loaded=lm, config=TINY_CONFIG, name="t")
     assert_state_equal(lm.model, before)
