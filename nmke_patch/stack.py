@@ -229,8 +229,9 @@ class PatchStack:
         replaced = sorted(n for n in self._base if live.get(n) is not self._params.get(n))
         if replaced and self._applied:
             raise PatchMismatchError(
-                f"the model's {replaced[0]!r} was replaced (load_state_dict(..., assign=True)?) while patches were "
-                "applied to it; the stack no longer knows its weights: reload the model"
+                f"the model's {replaced[0]!r} was replaced (load_state_dict(..., assign=True), to_empty() or"
+                " a move to the meta device and back?) while patches were applied to it; the stack no longer knows"
+                " its weights: reload the model"
             )
         self._params = live
         for name, snap in self._base.items():  # model.to(dtype or device) converts the weights in place
