@@ -67,25 +67,23 @@ def _warn_edited_neighbours(requests: Sequence[EditRequest], edited: dict[str, i
     subjects: dict[tuple[str, ...], int] = {}
     for i, r in enumerate(requests):
         subjects.setdefault(_words(r.subject), i)
-    longest = max((len(s) for s in subjects), default=0)
+    lengths = sorted({len(s) for s in subjects}, reverse=True)  # longest first: "South Sudan", not "Sudan"
+    named: dict[str, int | None] = {}  # per distinct prompt: records share neighbourhood prompts
+
+    def subject_in(prompt: str) -> int | None:
+        if prompt not in named:
+            words = _words(prompt)
+            spans = (words[s : s + m] for m in lengths for s in range(len(words) - m + 1))
+            named[prompt] = next((subjects[w] for w in spans if w in subjects), None)
+        return named[prompt]
+
     found: list[str] = []
     for i, r in enumerate(requests):
         for k, n in enumerate(r.neighborhood):
             j = edited.get(_norm(n.prompt))
             if j is not None:
                 found.append(f"record {i}'s neighbourhood prompt {k} is record {j}'s edit prompt")
-                continue
-            words = _words(n.prompt)
-            hit = next(
-                (
-                    subjects[words[s : s + m]]
-                    for m in range(longest, 0, -1)
-                    for s in range(len(words) - m + 1)
-                    if words[s : s + m] in subjects
-                ),
-                None,
-            )
-            if hit is not None:
+            elif (hit := subject_in(n.prompt)) is not None:
                 found.append(
                     f"record {i}'s neighbourhood prompt {k} names record {hit}'s subject {requests[hit].subject!r}"
                 )
