@@ -389,12 +389,16 @@ def _report_health(loaded: LoadedModel, chain: list[Patch], config: EditConfig) 
     """Held-out perplexity (the text ``eval`` uses, first 1,024 tokens) and the unrelated facts the model
     answers (``eval``'s set), without and with the new patch, and a warning when perplexity rises more than
     10%: a patch that changes the model beyond its facts should not look fine."""
-    from nmke_patch.evaluate import evaluate
+    from nmke_patch.evaluate import evaluate, packaged_unrelated
     from nmke_patch.health import load_heldout, perplexity
     from nmke_patch.stack import PatchStack
 
+    facts = packaged_unrelated(loaded.model, loaded.tokenizer)  # read (and warned about) once
+
     def answered() -> dict[str, bool]:
-        only_facts = evaluate(loaded.model, loaded.tokenizer, [], heldout_text=[], generations=0)
+        only_facts = evaluate(
+            loaded.model, loaded.tokenizer, [], heldout_text=[], unrelated=facts, generations=0
+        )
         return dict(only_facts["details"]["unrelated_answered"])
 
     text = load_heldout()

@@ -61,6 +61,7 @@ __all__ = [
     "load_heldout",
     "load_unrelated",
     "ngram_entropy",
+    "packaged_unrelated",
     "perplexity",
     "score_targets",
     "words",
@@ -135,6 +136,11 @@ def _fitted(
             len(kept),
         )
     return kept
+
+
+def packaged_unrelated(model: nn.Module, tokenizer: Any) -> list[Neighbor]:
+    """The packaged unrelated-fact set, less the facts too long for ``model`` (a warning says how many)."""
+    return _fitted(model, tokenizer, [], load_unrelated(), packaged=True)
 
 
 # -- evaluation --------------------------------------------------------------------------------------------

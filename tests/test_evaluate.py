@@ -25,6 +25,7 @@ from nmke_patch.evaluate import (
     greedy_generate,
     load_unrelated,
     ngram_entropy,
+    packaged_unrelated,
     perplexity,
     score_targets,
     words,
@@ -254,6 +255,7 @@ def test_packaged_unrelated_facts_too_long_for_the_model_are_skipped(
         pair = evaluate_pair(model, tiny_tokenizer, [short], [random_patch(model)], cache=False, **settings)
     assert caplog.text.count("do not fit this model's 64 positions") == 1
     assert pair["patched"]["counts"]["unrelated"] == pair["base"]["counts"]["unrelated"] == 2
+    assert packaged_unrelated(model, tiny_tokenizer) == [packaged[0], packaged[2]]  # create's health report
 
 
 def test_evaluate_pair_restores_base_and_counts_footprint(
