@@ -1387,7 +1387,7 @@ def test_create_runs_a_training_model_in_eval_mode_and_gives_it_back_as_it_was(t
 
 
 def test_the_null_space_kept_is_reported_per_layer(tiny_tokenizer, caplog) -> None:
-    """The projector's threshold is relative to C0 (design note section 6), so its kept dimension is logged."""
+    """The projector's threshold is relative to C0 (docs/method.md), so its kept dimension is logged."""
     lm = loaded("llama", tiny_tokenizer)
     config = TINY_CONFIG.with_overrides(method="alphaedit")
     with caplog.at_level("INFO", logger="nmke_patch.methods.nmke.engine"):

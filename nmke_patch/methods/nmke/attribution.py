@@ -1,4 +1,4 @@
-"""Neuron attribution [design note section 3]: how much amplifying one neuron raises the old answer.
+"""Neuron attribution (NMKE; docs/method.md): how much amplifying one neuron raises the old answer.
 
 ``S[p, i] = log softmax(f(h_mid + A m_i w_i))[y] - log softmax(f(h_mid))[y]`` with ``f`` the logit lens
 (final norm using the statistics of the real final residual, then the unembedding). With those statistics

@@ -1,7 +1,7 @@
 """Settings of the NMKE editing engine (and of its dense baselines AlphaEdit and MEMIT).
 
-Every constant of the method is a field here, with its default and meaning; see
-``../shared/design/nmke-algorithm.md`` (sections in brackets) and ``docs/method.md``.
+Every constant of the method is a field here, with its default and meaning; see ``docs/method.md`` (the
+pipeline, and where the defaults differ from the NMKE, AlphaEdit and MEMIT papers, and why).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Entropy-guided mask ratios and the hybrid neuron mask [design note sections 4 and 5], plus the budget."""
+"""Entropy-guided mask ratios and the hybrid neuron mask (NMKE; docs/method.md), plus the budget."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The weight update of one layer [design note section 7]: AlphaEdit's null-space solve with MEMIT's
+"""The weight update of one layer (docs/method.md): AlphaEdit's null-space solve with MEMIT's
 spreading, NMKE's neuron mask (soft or null-space solve on the selected neurons, or the reference post-mask),
 and MEMIT itself."""
 

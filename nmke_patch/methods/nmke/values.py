@@ -1,4 +1,4 @@
-"""Target values z [design note section 1]: the residual at the last edited layer, at the subject's last
+"""Target values z (as in MEMIT; docs/method.md): the residual at the last edited layer, at the subject's last
 token, that makes the model produce the new target (optimised by normalized descent, NMKE's default, or Adam,
 the baselines'; early stopping).
 
