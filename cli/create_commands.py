@@ -20,6 +20,7 @@ from rich.progress import (
 from rich.table import Table
 
 from nmke_patch.checkpoints import refuse_interrupted_run
+from nmke_patch.consistency import refuse_conflicts
 from nmke_patch.errors import InvalidRequestError, PatchMismatchError
 from nmke_patch.jsonio import load_json_text
 from nmke_patch.lengths import TooLongError
@@ -190,6 +191,7 @@ def create(
     from nmke_patch.stats import check_corpus
 
     requests = read_requests(facts)  # every record validated before anything is computed
+    refuse_conflicts(requests, str(facts))
     check_patch_target(out, overwrite=overwrite)  # before the model loads; save() checks again
     if name is not None and not name.strip():
         raise InvalidRequestError("--name is blank; leave it out to name the patch after --out")

@@ -1,7 +1,7 @@
 """Facts that contradict or overlap one another within one facts file.
 
 Two records that edit the same prompt to different answers cannot both hold: ``create`` would write the
-second over the first and every metric would count one as failed, so they are refused. A record repeated
+second over the first and efficacy would count one as failed, so ``create`` refuses them (``eval`` warns). A record repeated
 word for word does no harm and is warned about. A neighbourhood prompt that is itself edited by the run,
 or that names a subject the run edits, no longer measures whether the edits leave other facts alone (an
 edit may change it legitimately), so it is warned about too.
@@ -39,23 +39,59 @@ def _listed(items: Sequence[str]) -> str:
     return "; ".join(items[:_SHOWN]) + more
 
 
-def check_consistent(requests: Sequence[EditRequest], where: str) -> None:
-    """Refuse records that edit one prompt to different answers; warn about repeated records and
-    neighbourhood prompts about what the records edit. Indices are 0-based, as in every record error."""
+def _first_edits(requests: Sequence[EditRequest]) -> tuple[dict[str, int], list[tuple[int, int]]]:
+    """Each edited prompt's first record, and every later record ``i`` of a prompt as ``(first, i)``."""
     first: dict[str, int] = {}
-    repeated: list[str] = []
+    later: list[tuple[int, int]] = []
     for i, r in enumerate(requests):
-        key = _norm(r.text)
-        j = first.setdefault(key, i)
-        if j == i:
-            continue
-        ours, theirs = requests[j].target_new.strip(), r.target_new.strip()
-        if ours != theirs:
-            raise InvalidRequestError(
-                f"{where}: records {j} and {i} edit the same prompt, {r.text!r}, to different answers "
-                f"({ours!r} and {theirs!r}); one patch can hold only one of them: keep one record"
-            )
-        repeated.append(f"{i} repeats {j}")
+        j = first.setdefault(_norm(r.text), i)
+        if j != i:
+            later.append((j, i))
+    return first, later
+
+
+def _differ(requests: Sequence[EditRequest], j: int, i: int) -> bool:
+    return requests[j].target_new.strip() != requests[i].target_new.strip()
+
+
+def conflicts(requests: Sequence[EditRequest]) -> list[str]:
+    """Records that edit a prompt an earlier record edits, to a different answer, described."""
+    return [
+        f"records {j} and {i} edit {requests[i].text!r} to {requests[j].target_new.strip()!r} and "
+        f"{requests[i].target_new.strip()!r}"
+        for j, i in _first_edits(requests)[1]
+        if _differ(requests, j, i)
+    ]
+
+
+def refuse_conflicts(requests: Sequence[EditRequest], where: str | None = None) -> None:
+    """Refuse (``create``) records that edit one prompt to different answers: a patch holds one."""
+    found = conflicts(requests)
+    if found:
+        raise InvalidRequestError(
+            f"{where + ': ' if where else ''}{len(found)} pair(s) of records edit one prompt to different answers (0-based): "
+            f"{_listed(found)}; one patch holds one answer per prompt: keep one record of each"
+        )
+
+
+def warn_conflicts(requests: Sequence[EditRequest], where: str) -> None:
+    """Warn (``eval``) about records that edit one prompt to different answers: one of them must fail."""
+    found = conflicts(requests)
+    if found:
+        logger.warning(
+            "%s: %d pair(s) of records edit one prompt to different answers (0-based): %s; no model gives "
+            "both, so efficacy counts one of each pair as failed",
+            where,
+            len(found),
+            _listed(found),
+        )
+
+
+def check_consistent(requests: Sequence[EditRequest], where: str) -> None:
+    """Warn about repeated records (same prompt, same answer) and neighbourhood prompts about what the
+    records edit. Indices are 0-based, as in every record error."""
+    first, later = _first_edits(requests)
+    repeated = [f"{i} repeats {j}" for j, i in later if not _differ(requests, j, i)]
     if repeated:
         logger.warning("%s: record(s) repeated (the repeat edits nothing new): %s", where, _listed(repeated))
     _warn_edited_neighbours(requests, first, where)

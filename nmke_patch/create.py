@@ -22,6 +22,7 @@ from .checkpoints import (
     run_key,
     save_checkpoint,
 )
+from .consistency import refuse_conflicts
 from .errors import InvalidPatchError, InvalidRequestError
 from .inference import inference_state
 from .lengths import check_fits, context_length
@@ -118,6 +119,7 @@ def create_patch(
         stop_after: stop (leaving the checkpoint) once this many requests are done: for tests of resume.
     """
     requests = as_requests(requests)
+    refuse_conflicts(requests)
     if not requests:
         raise InvalidRequestError("no edit requests")
     if not isinstance(name, str) or not name.strip():

@@ -28,6 +28,7 @@ from typing import Any
 
 from torch import nn
 
+from .consistency import warn_conflicts
 from .delta import TensorDelta
 from .errors import InvalidRequestError, PatchMismatchError
 from .footprint import footprint, layer_index
@@ -464,7 +465,9 @@ def evaluate_pair(
         k: v for k, v in bound.arguments.items() if k not in ("model", "tokenizer", "requests", "progress")
     }
     _check_counts(**{k: v for k, v in kwargs.items() if k in inspect.signature(_check_counts).parameters})
+    where = os.fspath(requests) if isinstance(requests, (str, os.PathLike)) else "facts"
     requests = as_requests(requests)
+    warn_conflicts(requests, where)
     resolved = resolve_patches(patches)
     stack = PatchStack.for_model(model)
     if not force:

@@ -688,6 +688,13 @@ def test_layers_beyond_the_model_are_refused_before_statistics(tiny_tokenizer, m
     ):
         create_patch(wordy, loaded=lm, config=TINY_CONFIG, name="t")
     assert_state_equal(lm.model, before)
+    # two answers for one prompt: a patch holds one
+    twice = [*requests(), replace(requests()[0], target_new="w7")]
+    with pytest.raises(
+        InvalidRequestError, match=r"^1 pair\(s\) of records edit one prompt .* records 0 and 2 edit"
+    ):
+        create_patch(twice, loaded=lm, config=TINY_CONFIG, name="t")
+    assert_state_equal(lm.model, before)
 
 
 @pytest.mark.parametrize("arch", sorted(MODEL_FACTORIES))

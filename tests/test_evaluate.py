@@ -559,6 +559,23 @@ def test_layer_lists_in_the_table_name_every_layer() -> None:
     assert _spans([8, 2, 3, 7]) == "2-3, 7-8" and _spans([5]) == "5" and _spans([1, 3]) == "1, 3"
 
 
+def test_eval_warns_about_two_answers_for_one_prompt(
+    tiny_tokenizer: PreTrainedTokenizerFast, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = MODEL_FACTORIES["llama"]()
+    short = EditRequest("w3 w4 {} w5", "w10", "w20", "w21")
+    with caplog.at_level("WARNING", logger="nmke_patch.consistency"):
+        evaluate_pair(
+            model,
+            tiny_tokenizer,
+            [short, replace(short, target_new="w22")],
+            [],
+            cache=False,
+            **SMALL_EVALUATION,
+        )
+    assert "facts: 1 pair(s) of records edit one prompt to different answers" in caplog.text
+
+
 def test_drift_rows_show_no_base_figure_where_there_is_nothing_to_compare() -> None:
     """With no unrelated fact the base answers, retention is n/a on both sides, not 100% against n/a."""
     from nmke_patch.cli.eval_commands import _rows

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from conftest import COUNTERFACT_RECORD
 
+from nmke_patch.consistency import conflicts, refuse_conflicts, warn_conflicts
 from nmke_patch.errors import InvalidRequestError
 from nmke_patch.requests import EditRequest, Neighbor, as_requests, parse_request, read_requests
 
@@ -420,21 +421,29 @@ def test_python_built_requests_are_checked_like_records() -> None:
 def test_two_answers_for_one_prompt_are_refused_and_overlaps_warned(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """One patch cannot make one prompt give two answers: refused at reading, naming both records. Repeats
-    and neighbourhood prompts about edited facts are warned about (the metric would count a legitimate
-    change against the patch); files without them read quietly."""
+    """One patch cannot make one prompt give two answers: create refuses them, naming both records (eval
+    warns: one of them must fail). Repeats and neighbourhood prompts about edited facts are warned about
+    when read (the metric would count a legitimate change against the patch); other files read quietly."""
     other = {**RECORD, "subject": "Spain", "target_new": "Oslo", "target_true": "Madrid"}
     berlin = {**RECORD, "prompt": "The  capital of {} is ", "target_new": " Berlin"}  # spacing differs
     file = _write(tmp_path, json.dumps([RECORD, other, berlin]))
+    read = read_requests(file)
     with pytest.raises(
         InvalidRequestError,
-        match=r"facts.json: records 0 and 2 edit the same prompt, 'The  capital of France is', to different "
-        r"answers \('Rome' and 'Berlin'\)",
+        match=r"^facts.json: 1 pair\(s\) of records edit one prompt to different answers \(0-based\): records 0 "
+        r"and 2 edit "
+        r"'The  capital of France is' to 'Rome' and 'Berlin'; one patch holds one answer per prompt",
     ):
-        read_requests(file)
-    with pytest.raises(InvalidRequestError, match="records 0 and 2 edit the same prompt"):
-        as_requests([RECORD, other, berlin])
-    assert len(read_requests(file, limit=2)) == 2  # the conflict is past the limit
+        refuse_conflicts(read, "facts.json")
+    with caplog.at_level("WARNING", logger="nmke_patch.consistency"):
+        warn_conflicts(read, "facts.json")
+    assert (
+        "1 pair(s) of records edit one prompt to different answers" in caplog.text
+        and "one of each pair" in caplog.text
+    )
+    assert conflicts(read[:2]) == []
+    assert [c[:16] for c in conflicts([*read, *read])] == ["records 0 and 2 ", "records 0 and 5 "]  # not 3, 4
+    caplog.clear()
     # a repeat, and neighbourhood prompts that are an edited prompt or name an edited subject
     neighbours = [
         {"prompt": "The capital of Spain is", "target": "Madrid"},
