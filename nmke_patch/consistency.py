@@ -1,10 +1,10 @@
 """Facts that contradict or overlap one another within one facts file.
 
 Two records that edit the same prompt to different answers cannot both hold: ``create`` would write the
-second over the first and efficacy would count one as failed, so ``create`` refuses them (``eval`` warns). A record repeated
-word for word does no harm and is warned about. A neighbourhood prompt that is itself edited by the run,
-or that names a subject the run edits, no longer measures whether the edits leave other facts alone (an
-edit may change it legitimately), so it is warned about too.
+second over the first and efficacy would count one as failed, so ``create`` refuses them (``eval`` warns).
+A record repeated word for word does no harm and is warned about. A neighbourhood prompt that is itself
+edited by the run, or that names a subject the run edits, no longer measures whether the edits leave other
+facts alone (an edit may change it legitimately), so it is warned about too.
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ def refuse_conflicts(requests: Sequence[EditRequest], where: str | None = None) 
     found = conflicts(requests)
     if found:
         raise InvalidRequestError(
-            f"{where + ': ' if where else ''}{len(found)} pair(s) of records edit one prompt to different answers (0-based): "
-            f"{_listed(found)}; one patch holds one answer per prompt: keep one record of each"
+            f"{where + ': ' if where else ''}{len(found)} pair(s) of records edit one prompt to different "
+            f"answers (0-based): {_listed(found)}; one patch holds one answer per prompt: keep one record of each"
         )
 
 
@@ -120,8 +120,9 @@ def _warn_edited_neighbours(requests: Sequence[EditRequest], edited: dict[str, i
             if j is not None:
                 found.append(f"record {i}'s neighbourhood prompt {k} is record {j}'s edit prompt")
             elif (hit := subject_in(n.prompt)) is not None:
+                subject = requests[hit].subject
                 found.append(
-                    f"record {i}'s neighbourhood prompt {k} names record {hit}'s subject {requests[hit].subject!r}"
+                    f"record {i}'s neighbourhood prompt {k} names record {hit}'s subject {subject!r}"
                 )
     if found:
         logger.warning(
