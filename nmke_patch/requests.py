@@ -387,5 +387,6 @@ def as_requests(requests: RequestsLike) -> list[EditRequest]:
     ]
     records = [i for i, r in enumerate(requests) if not isinstance(r, EditRequest)]  # warned about once
     _warn_no_change([parsed[i] for i in records], "requests", records)
-    check_consistent(parsed, "requests")
+    if records:  # requests already parsed were checked together when read
+        check_consistent(parsed, "requests")
     return parsed

@@ -462,5 +462,8 @@ def test_two_answers_for_one_prompt_are_refused_and_overlaps_warned(
     assert "record 0's neighbourhood prompt 1 names record 1's subject 'Spain'" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="nmke_patch.consistency"):
+        as_requests(read)  # parsed requests (create and eval pass them on) are not warned about again
+    assert caplog.text == ""
+    with caplog.at_level("WARNING", logger="nmke_patch.consistency"):
         read_requests(_write(tmp_path, json.dumps([{**RECORD, "neighborhood": neighbours[2:]}, other])))
     assert caplog.text == ""
